@@ -1,0 +1,1 @@
+"""The gateway: auth, rate limits, response cache, canary routing and resilient upstreams."""

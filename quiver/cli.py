@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 from quiver import __version__
 from quiver.errors import NotYetAvailableError, QuiverError
+from quiver import bench
 from quiver.models import cli as models_cli
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,6 @@ _PENDING: dict[str, tuple[str, str]] = {
     "optimize": ("quantize, export or distill a checkpoint", "the optimize issue (#6)"),
     "up": ("start model server(s) and gateway locally", "the model-server issue (#4)"),
     "keys": ("create, list and revoke gateway API keys", "the gateway issue (#5)"),
-    "bench": ("run the engine and gateway benchmarks", "the native-engine issue (#3)"),
     "loadtest": ("load-test an endpoint with Locust", "the load-test issue (#9)"),
 }
 
@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     models_cli.add_parser(subparsers)
+    bench.add_parser(subparsers)
     for name, (summary, landing) in _PENDING.items():
         pending = subparsers.add_parser(name, help=summary, description=summary)
         pending.set_defaults(func=_not_yet(name, landing), accepts_any_args=True)

@@ -1,7 +1,7 @@
 """Errors the native engine raises to its callers.
 
 The API layer maps them once to HTTP codes and the OpenAI error body:
-`InvalidRequestError` -> 400, `QueueFullError` -> 429 (with Retry-After),
+`InvalidRequestError` -> 400, `QueueFullError` -> 503 (with Retry-After),
 `EngineDeadError` -> 503. Running out of KV blocks is not an error: the scheduler preempts.
 """
 

@@ -97,3 +97,27 @@ class SchedulerStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+
+
+@dataclass(frozen=True)
+class CompletionDelta:
+    """New tokens of one choice (`index` < n) since the previous `RequestOutput`."""
+
+    index: int
+    new_token_ids: list[int]
+    logprobs: list[Logprobs] | None = None
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What `AsyncEngine.generate` yields: the choices that moved in one engine step.
+
+    `finished` is True on the last output, once every choice has finished.
+    """
+
+    request_id: str
+    deltas: list[CompletionDelta]
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    finished: bool

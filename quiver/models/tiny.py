@@ -12,8 +12,8 @@ from pathlib import Path
 
 from quiver.models import corpus
 from quiver.models.marker import ModelMarker, read_marker
-from quiver.models.verify import read_config
 from quiver.models.publish import publish_dir
+from quiver.models.verify import read_config
 
 logger = logging.getLogger(__name__)
 

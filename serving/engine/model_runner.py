@@ -1,0 +1,138 @@
+"""Runs one engine step on our Llama-family model: flat batch in, sampled tokens out.
+
+Every scheduled request of a step — decodes and prefill chunks alike — goes through one
+forward pass. The batch is ordered decodes first (one token each), then prefill chunks, as
+`AttentionMetadata` expects. Logits are computed only at the last token of the requests
+whose step completes their known tokens (`is_last_chunk`), and those rows are sampled.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from serving.engine.outputs import Logprobs, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from serving.engine.sampler import Sampler, SamplingRow
+from serving.models.attention import AttentionMetadata
+from serving.models.config import ModelArchConfig
+from serving.models.loader import load_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """The flat tensors of one step, on the model's device."""
+
+    input_ids: torch.Tensor  # [num_tokens]
+    positions: torch.Tensor  # [num_tokens]
+    attn_metadata: AttentionMetadata
+    logits_indices: torch.Tensor  # [num_sampled] rows whose logits are sampled
+    sampled_requests: list[ScheduledRequest]  # in the order of logits_indices
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        num_blocks: int,
+        block_size: int,
+        sampler: Sampler,
+    ) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.block_size = block_size
+        self.sampler = sampler
+        self.model = load_model(model_dir, dtype=dtype, device=self.device)
+        self.arch: ModelArchConfig = self.model.arch
+        self.kv_caches: list[torch.Tensor] = self.model.make_kv_caches(num_blocks, block_size)
+        logger.info(
+            "model runner: %s on %s (%s), KV cache %d blocks x %d tokens",
+            model_dir,
+            self.device,
+            str(dtype).removeprefix("torch."),
+            num_blocks,
+            block_size,
+        )
+
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        self.sampler.drop(scheduler_output.finished_request_ids)
+        if scheduler_output.is_empty:
+            return ModelRunnerOutput(sampled_token_ids={})
+        model_input = self.prepare_inputs(scheduler_output.scheduled_requests)
+        hidden_states = self.model(
+            model_input.input_ids,
+            model_input.positions,
+            self.kv_caches,
+            model_input.attn_metadata,
+        )
+        if not model_input.sampled_requests:
+            return ModelRunnerOutput(sampled_token_ids={})
+        logits = self.model.compute_logits(hidden_states, model_input.logits_indices)
+        return self._sample(logits, model_input.sampled_requests)
+
+    def prepare_inputs(self, scheduled_requests: list[ScheduledRequest]) -> ModelInput:
+        """Flat input ids, positions, slot mapping and metadata; decodes first."""
+        requests = sorted(scheduled_requests, key=lambda request: request.num_tokens > 1)
+        query_lens = [request.num_tokens for request in requests]
+        start_positions = [request.start_position for request in requests]
+        input_ids = list(
+            itertools.chain.from_iterable(request.token_ids_to_compute for request in requests)
+        )
+        query_ends = list(itertools.accumulate(query_lens))
+        # position of row i = i + (start_position - query_start) of its request
+        offsets = [
+            start - (end - n)
+            for start, end, n in zip(start_positions, query_ends, query_lens, strict=True)
+        ]
+        positions = torch.arange(len(input_ids)) + torch.repeat_interleave(
+            torch.tensor(offsets), torch.tensor(query_lens)
+        )
+        sampled = [index for index, request in enumerate(requests) if request.is_last_chunk]
+        positions = positions.to(self.device)
+        attn_metadata = AttentionMetadata.build(
+            positions=positions,
+            query_lens=query_lens,
+            seq_lens=[start + n for start, n in zip(start_positions, query_lens, strict=True)],
+            block_tables=[request.block_table for request in requests],
+            block_size=self.block_size,
+            num_queries_per_kv=self.arch.num_queries_per_kv,
+            dtype=self.dtype,
+        )
+        return ModelInput(
+            input_ids=torch.tensor(input_ids, device=self.device),
+            positions=positions,
+            attn_metadata=attn_metadata,
+            logits_indices=torch.tensor([query_ends[i] - 1 for i in sampled], device=self.device),
+            sampled_requests=[requests[i] for i in sampled],
+        )
+
+    def _sample(self, logits: torch.Tensor, requests: list[ScheduledRequest]) -> ModelRunnerOutput:
+        rows = [
+            SamplingRow(
+                request_id=request.request_id,
+                params=request.sampling_params,
+                prompt_token_ids=request.prompt_token_ids,
+                output_token_ids=request.output_token_ids,
+            )
+            for request in requests
+        ]
+        output = self.sampler(logits, rows)
+        request_ids = [request.request_id for request in requests]
+        logprobs: dict[str, Logprobs] = {
+            request_id: row_logprobs
+            for request_id, row_logprobs in zip(request_ids, output.logprobs, strict=True)
+            if row_logprobs is not None
+        }
+        return ModelRunnerOutput(
+            sampled_token_ids=dict(zip(request_ids, output.token_ids, strict=True)),
+            logprobs=logprobs or None,
+        )

@@ -1,0 +1,146 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) over a paged KV cache.
+
+embed -> N x (RMSNorm -> attention -> residual, RMSNorm -> MLP -> residual) -> RMSNorm,
+then `compute_logits` applies the (tied or separate) LM head only to the rows that sample.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from serving.models.attention import AttentionMetadata, paged_attention
+from serving.models.config import ModelArchConfig
+from serving.models.layers import GatedMLP, RMSNorm, empty_parameter
+from serving.models.rope import RotaryEmbedding
+
+
+class LlamaAttention(nn.Module):
+    """Fused qkv projection (with bias for Qwen2), RoPE, paged attention, o_proj."""
+
+    def __init__(
+        self, arch: ModelArchConfig, *, dtype: torch.dtype, device: torch.device | str
+    ) -> None:
+        super().__init__()
+        self.num_heads = arch.num_attention_heads
+        self.num_kv_heads = arch.num_key_value_heads
+        self.head_dim = arch.head_dim
+        self.scale = arch.head_dim**-0.5
+        q_size = self.num_heads * self.head_dim
+        qkv_size = q_size + 2 * self.num_kv_heads * self.head_dim
+        self.qkv_proj = empty_parameter(qkv_size, arch.hidden_size, dtype=dtype, device=device)
+        self.qkv_bias = (
+            empty_parameter(qkv_size, dtype=dtype, device=device) if arch.attention_bias else None
+        )
+        self.o_proj = empty_parameter(arch.hidden_size, q_size, dtype=dtype, device=device)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        num_tokens = hidden_states.shape[0]
+        qkv = F.linear(hidden_states, self.qkv_proj, self.qkv_bias)
+        num_qk_heads = self.num_heads + self.num_kv_heads
+        qkv = qkv.view(num_tokens, num_qk_heads + self.num_kv_heads, self.head_dim)
+        # RoPE on q and k together: one set of elementwise ops per layer.
+        query_key = RotaryEmbedding.apply(qkv[:, :num_qk_heads], cos, sin)
+        query, key = query_key.split((self.num_heads, self.num_kv_heads), dim=1)
+        value = qkv[:, num_qk_heads:]
+        output = paged_attention(query, key, value, kv_cache, metadata, self.scale)
+        return F.linear(output, self.o_proj)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(
+        self, arch: ModelArchConfig, *, dtype: torch.dtype, device: torch.device | str
+    ) -> None:
+        super().__init__()
+        norm_args = {"eps": arch.rms_norm_eps, "dtype": dtype, "device": device}
+        self.input_layernorm = RMSNorm(arch.hidden_size, **norm_args)
+        self.self_attn = LlamaAttention(arch, dtype=dtype, device=device)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, **norm_args)
+        self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size, dtype=dtype, device=device)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        attn_output = self.self_attn(
+            self.input_layernorm(hidden_states), cos, sin, kv_cache, metadata
+        )
+        hidden_states = hidden_states + attn_output
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(
+        self,
+        arch: ModelArchConfig,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        max_model_len: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.arch = arch
+        self.dtype = dtype
+        self.embed_tokens = empty_parameter(
+            arch.vocab_size, arch.hidden_size, dtype=dtype, device=device
+        )
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(arch, dtype=dtype, device=device)
+            for _ in range(arch.num_hidden_layers)
+        )
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype=dtype, device=device)
+        self.lm_head = (
+            self.embed_tokens
+            if arch.tie_word_embeddings
+            else empty_parameter(arch.vocab_size, arch.hidden_size, dtype=dtype, device=device)
+        )
+        self.rotary_emb = RotaryEmbedding(
+            arch.rope,
+            arch.head_dim,
+            max_model_len or arch.max_position_embeddings,
+            dtype,
+            device,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Final-normed hidden states `[T, hidden]` of the flat batch `input_ids` `[T]`."""
+        hidden_states = F.embedding(input_ids, self.embed_tokens)
+        cos, sin = self.rotary_emb.cos_sin(positions)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden_states = layer(hidden_states, cos, sin, kv_cache, metadata)
+        return self.norm(hidden_states)
+
+    def compute_logits(
+        self, hidden_states: torch.Tensor, logits_indices: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Float32 logits `[len(logits_indices), vocab]` (all rows when None)."""
+        if logits_indices is not None:
+            hidden_states = hidden_states.index_select(0, logits_indices)
+        return F.linear(hidden_states, self.lm_head).float()
+
+    def make_kv_caches(self, num_blocks: int, block_size: int) -> list[torch.Tensor]:
+        """Zeroed per-layer caches `[2, num_blocks * block_size, kv_heads, head_dim]`."""
+        shape = (2, num_blocks * block_size, self.arch.num_key_value_heads, self.arch.head_dim)
+        device = self.embed_tokens.device
+        return [
+            torch.zeros(shape, dtype=self.dtype, device=device)
+            for _ in range(self.arch.num_hidden_layers)
+        ]

@@ -1,0 +1,180 @@
+"""A real Scheduler + ModelRunner + Sampler, greedy, against transformers' `generate`.
+
+Mixed prompt lengths, shared prefixes (prefix-cache hits), staggered arrivals, chunked
+prefill and preemption all change how each request's tokens are batched and cached; none
+may change a single greedy token.
+"""
+
+from __future__ import annotations
+
+import pydoc_data.topics
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from serving.engine import CacheConfig, Request, SamplingParams, Scheduler, SchedulerConfig
+from serving.engine.model_runner import ModelRunner
+from serving.engine.sampler import Sampler
+
+GREEDY = {"temperature": 0.0}
+
+
+@dataclass(frozen=True)
+class Arrival:
+    step: int
+    request_id: str
+    prompt_token_ids: list[int]
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class EngineRun:
+    outputs: dict[str, list[int]]
+    num_preemptions: int
+    num_prefix_cache_hits: int
+    max_batch_size: int
+
+
+def run_engine(
+    runner: ModelRunner, scheduler: Scheduler, arrivals: list[Arrival], eos_token_id: int
+) -> EngineRun:
+    pending = sorted(arrivals, key=lambda arrival: arrival.step)
+    outputs: dict[str, list[int]] = {}
+    max_batch_size = 0
+    step = 0
+    while pending or scheduler.has_unfinished_requests():
+        while pending and pending[0].step <= step:
+            arrival = pending.pop(0)
+            params = SamplingParams(max_tokens=arrival.max_tokens, **GREEDY)
+            request = Request(arrival.request_id, arrival.prompt_token_ids, params, eos_token_id)
+            scheduler.add_request(request)
+        scheduler_output = scheduler.schedule()
+        max_batch_size = max(max_batch_size, len(scheduler_output.scheduled_requests))
+        runner_output = runner.execute_model(scheduler_output)
+        for output in scheduler.update_from_output(scheduler_output, runner_output):
+            outputs.setdefault(output.request_id, []).extend(output.new_token_ids)
+        scheduler.block_manager.check_invariants()
+        step += 1
+    stats = scheduler.stats()
+    return EngineRun(outputs, stats.num_preemptions, stats.prefix_cache_hits, max_batch_size)
+
+
+def reference_outputs(model_dir: Path, arrivals: list[Arrival], dtype: torch.dtype) -> dict:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    expected = {}
+    with torch.inference_mode():
+        for arrival in arrivals:
+            input_ids = torch.tensor([arrival.prompt_token_ids])
+            generated = model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                do_sample=False,
+                max_new_tokens=arrival.max_tokens,
+            )
+            expected[arrival.request_id] = generated[0, input_ids.shape[1] :].tolist()
+    return expected
+
+
+def make_runner(model_dir: Path, dtype: torch.dtype, num_blocks: int, block_size: int):
+    return ModelRunner(
+        model_dir,
+        device=torch.device("cpu"),
+        dtype=dtype,
+        num_blocks=num_blocks,
+        block_size=block_size,
+        sampler=Sampler("cpu"),
+    )
+
+
+def make_scheduler(
+    num_blocks: int, block_size: int, max_num_batched_tokens: int, max_model_len: int
+) -> Scheduler:
+    return Scheduler(
+        SchedulerConfig(
+            max_num_seqs=16,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=max_model_len,
+        ),
+        CacheConfig(block_size=block_size, num_blocks=num_blocks),
+    )
+
+
+def mixed_arrivals(vocab_size: int, num_requests: int = 18) -> list[Arrival]:
+    """Prompts of 1..300 tokens, a third sharing a 40-token prefix, two arrivals a step."""
+    rng = random.Random(7)
+    shared_prefix = rng.choices(range(3, vocab_size), k=40)
+    lengths = [1, 300, 2, 17, 64, 129, 5, 250, 33, 48, 3, 96, 200, 11, 70, 160, 8, 41]
+    arrivals = []
+    for index, length in enumerate(lengths[:num_requests]):
+        prompt = rng.choices(range(3, vocab_size), k=length)
+        if index % 3 == 1:
+            prompt = shared_prefix + prompt[: max(length - 40, 1)]
+        arrivals.append(Arrival(index // 2, f"req-{index}", prompt, rng.randint(4, 24)))
+    return arrivals
+
+
+@pytest.fixture(scope="module")
+def tiny_arrivals_and_reference(tiny_model_dir: Path) -> tuple[list[Arrival], dict]:
+    arrivals = mixed_arrivals(vocab_size=2048)
+    return arrivals, reference_outputs(tiny_model_dir, arrivals, torch.float32)
+
+
+def test_mixed_batch_greedy_matches_transformers(
+    tiny_model_dir: Path, tiny_arrivals_and_reference
+) -> None:
+    arrivals, expected = tiny_arrivals_and_reference
+    runner = make_runner(tiny_model_dir, torch.float32, num_blocks=256, block_size=16)
+    scheduler = make_scheduler(256, 16, max_num_batched_tokens=64, max_model_len=512)
+    run = run_engine(runner, scheduler, arrivals, eos_token_id=2)
+    assert run.num_prefix_cache_hits > 0
+    assert run.max_batch_size > 4
+    assert run.num_preemptions == 0
+    assert run.outputs == expected
+
+
+def test_greedy_matches_transformers_under_preemption(
+    tiny_model_dir: Path, tiny_arrivals_and_reference
+) -> None:
+    arrivals, expected = tiny_arrivals_and_reference
+    runner = make_runner(tiny_model_dir, torch.float32, num_blocks=24, block_size=16)
+    scheduler = make_scheduler(24, 16, max_num_batched_tokens=96, max_model_len=384)
+    run = run_engine(runner, scheduler, arrivals, eos_token_id=2)
+    assert run.num_preemptions > 0
+    assert run.outputs == expected
+
+
+def test_runner_exposes_arch_and_kv_caches(tiny_model_dir: Path) -> None:
+    runner = make_runner(tiny_model_dir, torch.float32, num_blocks=8, block_size=16)
+    assert runner.arch.num_hidden_layers == len(runner.kv_caches) == 2
+    assert runner.kv_caches[0].shape == (2, 8 * 16, 2, 16)
+
+
+def text_prompts(model_dir: Path, num: int) -> list[list[int]]:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    topics = sorted(pydoc_data.topics.topics.items())
+    rng = random.Random(3)
+    prompts = []
+    for index in range(num):
+        _, text = topics[(index * 7) % len(topics)]
+        token_ids = tokenizer.encode(text).ids
+        prompts.append(token_ids[: rng.randint(4, 200)])
+    return prompts
+
+
+@pytest.mark.slow
+def test_smollm2_float32_greedy_matches_transformers(smollm2_dir: Path) -> None:
+    prompts = text_prompts(smollm2_dir, 16)
+    arrivals = [
+        Arrival(index // 4, f"req-{index}", prompt, 12) for index, prompt in enumerate(prompts)
+    ]
+    expected = reference_outputs(smollm2_dir, arrivals, torch.float32)
+    runner = make_runner(smollm2_dir, torch.float32, num_blocks=128, block_size=16)
+    scheduler = make_scheduler(128, 16, max_num_batched_tokens=256, max_model_len=1024)
+    run = run_engine(runner, scheduler, arrivals, eos_token_id=2)
+    assert run.outputs == expected

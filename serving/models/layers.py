@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serving.models.linear import linear, prepack
+
 
 def empty_parameter(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
@@ -51,8 +53,13 @@ class GatedMLP(nn.Module):
             2 * intermediate_size, hidden_size, dtype=dtype, device=device
         )
         self.down_proj = empty_parameter(hidden_size, intermediate_size, dtype=dtype, device=device)
+        self.gate_up_packed = self.down_packed = None
+
+    def prepack(self) -> None:
+        self.gate_up_packed = prepack(self.gate_up_proj)
+        self.down_packed = prepack(self.down_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = F.linear(x, self.gate_up_proj)
+        gate_up = linear(x, self.gate_up_proj, self.gate_up_packed)
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj)
+        return linear(F.silu(gate) * up, self.down_proj, self.down_packed)

@@ -13,6 +13,7 @@ from torch import nn
 from serving.models.attention import AttentionMetadata, paged_attention
 from serving.models.config import ModelArchConfig
 from serving.models.layers import GatedMLP, RMSNorm, empty_parameter
+from serving.models.linear import linear, prepack
 from serving.models.rope import RotaryEmbedding
 
 
@@ -34,6 +35,10 @@ class LlamaAttention(nn.Module):
             empty_parameter(qkv_size, dtype=dtype, device=device) if arch.attention_bias else None
         )
         self.o_proj = empty_parameter(arch.hidden_size, q_size, dtype=dtype, device=device)
+        self.qkv_packed = self.o_packed = None
+
+    def prepack(self) -> None:
+        self.qkv_packed, self.o_packed = prepack(self.qkv_proj), prepack(self.o_proj)
 
     def forward(
         self,
@@ -44,7 +49,7 @@ class LlamaAttention(nn.Module):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = hidden_states.shape[0]
-        qkv = F.linear(hidden_states, self.qkv_proj, self.qkv_bias)
+        qkv = linear(hidden_states, self.qkv_proj, self.qkv_packed, self.qkv_bias)
         num_qk_heads = self.num_heads + self.num_kv_heads
         qkv = qkv.view(num_tokens, num_qk_heads + self.num_kv_heads, self.head_dim)
         # RoPE on q and k together: one set of elementwise ops per layer.
@@ -52,7 +57,7 @@ class LlamaAttention(nn.Module):
         query, key = query_key.split((self.num_heads, self.num_kv_heads), dim=1)
         value = qkv[:, num_qk_heads:]
         output = paged_attention(query, key, value, kv_cache, metadata, self.scale)
-        return F.linear(output, self.o_proj)
+        return linear(output, self.o_proj, self.o_packed)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -113,6 +118,14 @@ class LlamaForCausalLM(nn.Module):
             dtype,
             device,
         )
+        self.lm_head_packed: torch.Tensor | None = None
+
+    def prepack(self) -> None:
+        """Reorder projection weights for the device's fastest kernel; call after loading."""
+        self.lm_head_packed = prepack(self.lm_head)
+        for layer in self.layers:
+            layer.self_attn.prepack()
+            layer.mlp.prepack()
 
     def forward(
         self,
@@ -134,7 +147,7 @@ class LlamaForCausalLM(nn.Module):
         """Float32 logits `[len(logits_indices), vocab]` (all rows when None)."""
         if logits_indices is not None:
             hidden_states = hidden_states.index_select(0, logits_indices)
-        return F.linear(hidden_states, self.lm_head).float()
+        return linear(hidden_states, self.lm_head, self.lm_head_packed).float()
 
     def make_kv_caches(self, num_blocks: int, block_size: int) -> list[torch.Tensor]:
         """Zeroed per-layer caches `[2, num_blocks * block_size, kv_heads, head_dim]`."""

@@ -58,6 +58,7 @@ def load_model(
         with torch.no_grad():
             for parameter, source_names in _parameter_sources(model):
                 _copy_fused(parameter, [read(name) for name in source_names], source_names)
+    model.prepack()
     return model.eval()
 
 

@@ -1,0 +1,1 @@
+"""One `EngineClient` per engine: native (default), vllm, onnx, triton."""

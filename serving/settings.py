@@ -1,0 +1,65 @@
+"""`ServerSettings`: everything `quiver serve` is configured by (flags or QUIVER_SERVER_* env).
+
+Validated at start with messages that name the bad value; Helm values map one-to-one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Engine = Literal["auto", "native", "vllm", "onnx", "triton"]
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QUIVER_SERVER_", extra="forbid",
+                                      protected_namespaces=())
+
+    model: Path = Field(description="model dir or artifact dir (HF safetensors, ONNX ...)")
+    engine: Engine = "auto"
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(8001, ge=1, le=65535)
+    # native engine
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    kv_cache_memory: float | None = Field(None, gt=0, description="KV cache GiB")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=1)
+    max_model_len: int | None = Field(None, ge=1)
+    max_waiting_requests: int = Field(1024, ge=1)
+    enable_prefix_caching: bool = True
+    # triton engine: the Triton server to forward to
+    triton_url: str = "127.0.0.1:8000"
+    triton_model: str | None = None
+    # HTTP
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    shutdown_grace_seconds: float = Field(30.0, ge=0)
+    log_json: bool = False
+
+    @model_validator(mode="after")
+    def _check_model(self) -> ServerSettings:
+        if self.engine != "triton" and not self.model.is_dir():
+            raise ValueError(f"model {self.model} is not a directory")
+        return self
+
+    @property
+    def name(self) -> str:
+        """The model name clients send: --served-model-name, else the model dir's name."""
+        return self.served_model_name or self.model.name
+
+    def resolved_engine(self) -> str:
+        """`auto`: the artifact's manifest decides (onnx -> onnx), else native."""
+        if self.engine != "auto":
+            return self.engine
+        manifest = self.model / "manifest.json"
+        if manifest.is_file():
+            fmt = json.loads(manifest.read_text(encoding="utf-8")).get("format")
+            if fmt == "onnx":
+                return "onnx"
+        return "native"

@@ -12,7 +12,7 @@ from serving.settings import ServerSettings
 # engine -> (module, the extra that installs it)
 BACKENDS = {
     "native": ("serving.backends.native", "quiver[serve]"),
-    "vllm": ("serving.backends.vllm", "the .venv-vllm environment (make vllm) or `pip install vllm`"),
+    "vllm": ("serving.backends.vllm", ".venv-vllm (make vllm), or `pip install vllm` on GPUs"),
     "onnx": ("serving.backends.onnx", "quiver[optimize] (onnxruntime, onnxruntime-genai)"),
     "triton": ("serving.backends.triton", "tritonclient[http]"),
 }

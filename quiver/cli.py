@@ -13,18 +13,17 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from quiver import __version__, bench
+from quiver import __version__, bench, up
 from quiver.errors import NotYetAvailableError, QuiverError
 from quiver.models import cli as models_cli
+from serving import cli as serve_cli
 
 logger = logging.getLogger(__name__)
 
 # Subcommands whose issue has not landed yet: name -> (one-line help, what brings it).
 _PENDING: dict[str, tuple[str, str]] = {
-    "serve": ("run the OpenAI-compatible model server", "the model-server issue (#4)"),
     "gateway": ("run the API gateway in front of model servers", "the gateway issue (#5)"),
     "optimize": ("quantize, export or distill a checkpoint", "the optimize issue (#6)"),
-    "up": ("start model server(s) and gateway locally", "the model-server issue (#4)"),
     "keys": ("create, list and revoke gateway API keys", "the gateway issue (#5)"),
     "loadtest": ("load-test an endpoint with Locust", "the load-test issue (#9)"),
 }
@@ -54,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     models_cli.add_parser(subparsers)
     bench.add_parser(subparsers)
+    serve_cli.add_parser(subparsers)
+    up.add_parser(subparsers)
     for name, (summary, landing) in _PENDING.items():
         pending = subparsers.add_parser(name, help=summary, description=summary)
         pending.set_defaults(func=_not_yet(name, landing), accepts_any_args=True)

@@ -1,0 +1,1 @@
+"""The model server's HTTP layer: thin routers over the handlers, middleware, app factory."""

@@ -1,0 +1,49 @@
+"""`ServerState`: everything a request needs, stored once on `app.state.server`.
+
+Routers read it as `request.app.state.server` (the KServe router too); nothing is global.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import trace
+from prometheus_client import CollectorRegistry
+
+from serving.api.middleware import HttpMetrics
+from serving.backends.base import EngineClient
+from serving.handlers import HandlerContext
+from serving.handlers.chat import ChatHandler
+from serving.handlers.completions import CompletionHandler
+from serving.settings import ServerSettings
+
+
+@dataclass
+class ServerState:
+    settings: ServerSettings
+    engine: EngineClient
+    tokenizer: Any
+    registry: CollectorRegistry
+    http_metrics: HttpMetrics
+    tracer: trace.Tracer
+    vocab_size: int
+    created: int = field(default_factory=lambda: int(time.time()))
+    # True from the moment shutdown starts: /ready says 503, new generations are refused.
+    draining: bool = False
+    chat: ChatHandler = field(init=False)
+    completions: CompletionHandler = field(init=False)
+
+    def __post_init__(self) -> None:
+        context = HandlerContext(self.engine, self.tokenizer, self.model_name, self.vocab_size)
+        self.chat = ChatHandler(context)
+        self.completions = CompletionHandler(context)
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.info.served_model_name
+
+    @property
+    def is_ready(self) -> bool:
+        return self.engine.is_ready and not self.draining

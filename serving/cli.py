@@ -99,11 +99,10 @@ async def _serve(settings, banner: str | None) -> None:
     from prometheus_client import CollectorRegistry
 
     from serving.api.app import create_app
-    from serving.api.middleware import RequestIdLogFilter
     from serving.backends.factory import create_engine_client
+    from serving.logging_setup import configure_logging
 
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(RequestIdLogFilter())
+    configure_logging(json_lines=settings.log_json)
     registry = CollectorRegistry()
     tokenizer = load_tokenizer(settings)
     try:

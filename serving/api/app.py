@@ -44,7 +44,11 @@ _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
 
 def create_app(settings: ServerSettings, engine: EngineClient, tokenizer: Any,
                registry: CollectorRegistry) -> FastAPI:
-    app = FastAPI(title="Quiver model server", docs_url=None, redoc_url=None)
+    # Our middleware owns the server span (with request id and bounded route names);
+    # FastAPI's own telemetry would add a second server span per request.
+    app = FastAPI(title="Quiver model server", docs_url=None, redoc_url=None,
+                  telemetry={"tracing": False, "metrics": False, "logs": False,
+                             "auto_configure": False})
     state = ServerState(settings=settings, engine=engine, tokenizer=tokenizer,
                         registry=registry, http_metrics=HttpMetrics(registry),
                         tracer=trace.get_tracer("quiver.serving"),

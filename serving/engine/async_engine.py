@@ -20,7 +20,12 @@ from dataclasses import dataclass, field
 from serving.engine.core import EngineCore
 from serving.engine.errors import EngineDeadError
 from serving.engine.metrics import EngineMetrics, RequestTiming
-from serving.engine.outputs import CompletionDelta, EngineCoreOutput, RequestOutput
+from serving.engine.outputs import (
+    CompletionDelta,
+    EngineCoreOutput,
+    RequestOutput,
+    RequestTimes,
+)
 from serving.engine.request import FinishReason, Request
 from serving.engine.sampling_params import SamplingParams
 
@@ -37,6 +42,7 @@ class _Stream:
     queue: asyncio.Queue[RequestOutput | BaseException] = field(default_factory=asyncio.Queue)
     timings: dict[str, RequestTiming] = field(default_factory=dict)
     num_unfinished: int = 0
+    first_token_time: float | None = None
 
     def __post_init__(self) -> None:
         self.index_of = {child.request_id: i for i, child in enumerate(self.children)}
@@ -219,12 +225,15 @@ class AsyncEngine:
         for request_id, group in grouped.items():
             stream = self._streams[request_id]
             deltas = [self._delta(stream, output, now) for output in group]
+            if stream.first_token_time is None:
+                stream.first_token_time = now
             finished = stream.num_unfinished == 0
             # Choices after the first hit the prompt blocks the first one computed: report
             # the prompt's cached tokens once, from the first choice, as OpenAI counts them.
-            ready.append((stream, RequestOutput(request_id, deltas, stream.num_prompt_tokens,
-                                                stream.children[0].num_cached_tokens,
-                                                finished)))
+            ready.append((stream, RequestOutput(
+                request_id, deltas, stream.num_prompt_tokens,
+                stream.children[0].num_cached_tokens, finished,
+                times=_times(stream, now) if finished else None)))
             if finished:
                 del self._streams[request_id]
         return ready
@@ -258,3 +267,8 @@ class AsyncEngine:
             stream.num_unfinished = 0
             stream.push(error)
 
+
+def _times(stream: _Stream, now: float) -> RequestTimes:
+    scheduled = [c.first_scheduled_time for c in stream.children if c.first_scheduled_time]
+    return RequestTimes(stream.children[0].arrival_time, min(scheduled, default=None),
+                        stream.first_token_time, now)

@@ -110,10 +110,22 @@ class CompletionDelta:
 
 
 @dataclass(frozen=True)
+class RequestTimes:
+    """Wall-clock (`time.time()`) milestones of a request: queue, prefill and decode are
+    the spans between them. `None` where the request never got that far."""
+
+    arrival_time: float
+    first_scheduled_time: float | None
+    first_token_time: float | None
+    finished_time: float
+
+
+@dataclass(frozen=True)
 class RequestOutput:
     """What `AsyncEngine.generate` yields: the choices that moved in one engine step.
 
-    `finished` is True on the last output, once every choice has finished.
+    `finished` is True on the last output, once every choice has finished; that output
+    also carries the request's `times` (engines that cannot tell leave them None).
     """
 
     request_id: str
@@ -121,3 +133,4 @@ class RequestOutput:
     num_prompt_tokens: int
     num_cached_tokens: int
     finished: bool
+    times: RequestTimes | None = None

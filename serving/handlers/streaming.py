@@ -27,6 +27,7 @@ from serving.engine.outputs import CompletionDelta, Logprobs, RequestOutput
 from serving.errors import InternalServerError, from_exception
 from serving.handlers import HandlerContext
 from serving.handlers.detokenizer import IncrementalDetokenizer, StopChecker
+from serving.handlers.tracing import record_engine_spans
 from serving.protocol.openai import PromptTokensDetails, UsageInfo
 
 logger = logging.getLogger(__name__)
@@ -157,9 +158,16 @@ async def _primed(first: RequestOutput | None,
                   rest: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
     async with contextlib.aclosing(rest):  # type: ignore[type-var]
         if first is not None:
+            _trace(first)
             yield first
         async for output in rest:
+            _trace(output)
             yield output
+
+
+def _trace(output: RequestOutput) -> None:
+    if output.times is not None:
+        record_engine_spans(output.times, request_id=output.request_id)
 
 
 async def open_streams(engine: EngineClient, requests: Sequence[GenerationRequest]

@@ -18,7 +18,6 @@ a seed when sampling. `response_format` goes through og's guidance (llguidance).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import tempfile
 import threading
@@ -31,128 +30,29 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from serving.backends.base import GenerationRequest, ModelInfo, ResponseFormat
+from serving.backends.base import GenerationRequest, ModelInfo
+from serving.backends.onnx_config import (
+    OnnxModelConfig,
+    check_request,
+    guidance_schema,
+    import_og,
+    og_config_view,
+    turn_options,
+)
 from serving.engine.errors import (
     EngineDeadError,
     InvalidRequestError,
-    PromptTooLongError,
     QueueFullError,
 )
 from serving.engine.metrics import EngineMetrics, RequestTiming
 from serving.engine.outputs import CompletionDelta, RequestOutput, SchedulerStats
 from serving.engine.request import FinishReason
-from serving.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-INSTALL_HINT = "the onnx engine needs quiver[optimize] (onnxruntime, onnxruntime-genai)"
 QUEUE_FULL_RETRY_AFTER_S = 1.0
 LENGTH_REASONS = ("MAX_GENERATED_TOKENS", "MAX_SESSION_TOKENS")
 RETRYABLE_ERRORS = ("CAPACITY_DEFERRED", "EXECUTION_CAPACITY_EXCEEDED", "RETRYABLE_EXECUTION")
-
-
-def import_og() -> Any:
-    try:
-        import onnxruntime_genai as og
-    except ImportError as exc:
-        raise ImportError(f"{INSTALL_HINT} ({exc})", name=exc.name or "og") from exc
-    return og
-
-
-@dataclass(frozen=True)
-class OnnxModelConfig:
-    """What the client needs from `genai_config.json`."""
-
-    eos_token_ids: tuple[int, ...]
-    context_length: int
-    is_paged: bool  # built for og's continuous-batching (dynamic) engine
-
-    @classmethod
-    def from_model_dir(cls, model_dir: Path) -> OnnxModelConfig:
-        path = Path(model_dir) / "genai_config.json"
-        if not path.is_file():
-            raise ValueError(f"model {model_dir} is not an onnxruntime-genai artifact (no "
-                             "genai_config.json): build one with `quiver optimize onnx`")
-        config = json.loads(path.read_text(encoding="utf-8"))
-        eos = config["model"].get("eos_token_id", [])
-        return cls(eos_token_ids=tuple(eos if isinstance(eos, list) else [eos]),
-                   context_length=int(config["model"]["context_length"]),
-                   is_paged="dynamic_batching" in config.get("engine", {}))
-
-
-def og_config_view(og: Any, model_dir: Path, config: OnnxModelConfig, view: Path, *,
-                   device: str, max_len: int, max_batch_size: int) -> Any:
-    """og's config over `view`: symlinks to the artifact's files and our own
-    genai_config.json (og's overlay cannot empty a list) with no EOS id, our length limit
-    and batch size."""
-    genai = json.loads((model_dir / "genai_config.json").read_text(encoding="utf-8"))
-    genai["model"]["eos_token_id"] = []
-    genai["search"]["max_length"] = max_len
-    if not config.is_paged:
-        genai.setdefault("engine", {})["static_batching"] = {"max_batch_size": max_batch_size}
-    for path in model_dir.iterdir():
-        if path.name != "genai_config.json":
-            (view / path.name).symlink_to(path.resolve())
-    (view / "genai_config.json").write_text(json.dumps(genai), encoding="utf-8")
-    og_config = og.Config(str(view))
-    if device in ("cpu", "cuda"):
-        og_config.clear_providers()
-    if device == "cuda":
-        og_config.append_provider("cuda")
-    return og_config
-
-
-def check_request(request: GenerationRequest, max_len: int) -> None:
-    """Reject what og cannot do (rather than ignoring it) and prompts that do not fit."""
-    params, num_prompt_tokens = request.params, len(request.prompt_token_ids)
-    if num_prompt_tokens == 0:
-        raise InvalidRequestError("the prompt must have at least one token", param="prompt")
-    if num_prompt_tokens >= max_len or (
-            params.max_tokens is not None and num_prompt_tokens + params.max_tokens > max_len):
-        raise PromptTooLongError(num_prompt_tokens, params.max_tokens, max_len)
-    unsupported = [("logprobs", params.logprobs is not None),
-                   ("presence_penalty", params.presence_penalty != 0),
-                   ("frequency_penalty", params.frequency_penalty != 0),
-                   ("min_p", params.min_p != 0),
-                   ("seed", params.seed is not None and not params.is_greedy)]
-    for param, is_set in unsupported:
-        if is_set:
-            raise InvalidRequestError(f"{param} is not supported by the onnx engine "
-                                      "(onnxruntime-genai): serve with --engine native or vllm",
-                                      param=param)
-
-
-def guidance_schema(response_format: ResponseFormat | None) -> str | None:
-    if response_format is None or response_format.type == "text":
-        return None
-    if response_format.type == "json_object":
-        return json.dumps({"type": "object"})
-    wrapper = response_format.json_schema
-    if not isinstance(wrapper, dict):
-        raise InvalidRequestError("response_format json_schema needs a json_schema object",
-                                  param="response_format")
-    inner = wrapper.get("schema")
-    is_wrapped = isinstance(inner, dict) and ("name" in wrapper or "type" not in wrapper)
-    return json.dumps(inner if is_wrapped else wrapper)
-
-
-def turn_options(og: Any, og_request: Any, params: SamplingParams, max_tokens: int,
-                 schema: str | None) -> Any:
-    options = og.TurnOptions(og_request)
-    options.set_max_generated_tokens(max_tokens)
-    if params.is_greedy:
-        options.set_do_sample(False)
-        options.set_temperature(0.0)
-    else:
-        options.set_do_sample(True)
-        options.set_temperature(params.temperature)
-        options.set_top_p(params.top_p)
-        options.set_top_k(max(params.top_k, 0))  # 0 disables (genai_config's default is 50)
-    if params.repetition_penalty != 1.0:
-        options.set_repetition_penalty(params.repetition_penalty)
-    if schema is not None:
-        options.set_guidance("json_schema", schema)
-    return options
 
 
 @dataclass(eq=False)

@@ -126,7 +126,7 @@ def _scheduler_config(settings: EngineSettings, arch: ModelArchConfig,
     max_model_len = min(settings.max_model_len or limit, num_blocks * settings.block_size)
     return SchedulerConfig(
         max_num_seqs=settings.max_num_seqs,
-        max_num_batched_tokens=max(settings.max_num_batched_tokens, settings.max_num_seqs),
+        max_num_batched_tokens=settings.max_num_batched_tokens,
         max_model_len=max_model_len,
         max_waiting_requests=settings.max_waiting_requests,
     )

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from serving.engine.outputs import SchedulerStats
+from serving.engine.request import FinishReason
 
 # Buckets as vLLM uses them, so histogram_quantile over both engines compares like with like.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
@@ -20,7 +21,7 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
                7.5, 10.0, 20.0, 40.0, 80.0)
 REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
                    50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
-FINISH_REASONS = ("stop", "length", "abort")
+FINISH_REASONS = tuple(reason.value for reason in FinishReason)
 
 
 @dataclass
@@ -35,7 +36,7 @@ class RequestTiming:
 
 
 @dataclass
-class _PrefixCounters:
+class _Cumulative:
     queries: int = 0
     hits: int = 0
     preemptions: int = 0
@@ -45,7 +46,7 @@ class _PrefixCounters:
 class EngineMetrics:
     registry: CollectorRegistry
     model_name: str
-    _last: _PrefixCounters = field(default_factory=_PrefixCounters)
+    _last: _Cumulative = field(default_factory=_Cumulative)
 
     def __post_init__(self) -> None:
         labels = ["model_name"]
@@ -93,7 +94,7 @@ class EngineMetrics:
         self.prefix_queries.inc(stats.prefix_cache_queries - last.queries)
         self.prefix_hits.inc(stats.prefix_cache_hits - last.hits)
         self.preemptions.inc(stats.num_preemptions - last.preemptions)
-        self._last = _PrefixCounters(stats.prefix_cache_queries, stats.prefix_cache_hits,
+        self._last = _Cumulative(stats.prefix_cache_queries, stats.prefix_cache_hits,
                                      stats.num_preemptions)
 
     def record_tokens(self, timing: RequestTiming, num_new_tokens: int, now: float) -> None:

@@ -130,7 +130,7 @@ async def test_n_choices_share_the_prompt_blocks(engine):
 
 
 async def test_seeded_choices_get_distinct_seeds():
-    engine, runner = make_engine(start=False)
+    engine, _ = make_engine(start=False)
     children = engine._make_children([1, 2, 3], SamplingParams(n=3, seed=7), "x")
     assert [c.sampling_params.seed for c in children] == [7, 8, 9]
     assert [c.request_id for c in children] == ["0_x", "1_x", "2_x"]

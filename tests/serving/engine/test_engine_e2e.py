@@ -130,6 +130,8 @@ def test_bad_settings_are_named(tiny_model_dir, tmp_path):
         EngineSettings(model=tiny_model_dir, dtype="float64")
     with pytest.raises(ValueError, match="is not a model dir"):
         EngineSettings(model=tmp_path)
+    with pytest.raises(ValueError, match="max_num_batched_tokens must be >= 16"):
+        start_engine(tiny_model_dir, None, max_num_seqs=16, max_num_batched_tokens=8)
     with pytest.raises(ValueError, match="larger than the model's max_position_embeddings"):
         start_engine(tiny_model_dir, None, max_model_len=1 << 20)
 

@@ -24,28 +24,11 @@ from serving.engine.errors import (
     PromptTooLongError,
     QueueFullError,
 )
-from serving.protocol.errors import ErrorResponse
+from serving.protocol.errors import ApiError
 
 
-class ServerError(Exception):
-    status_code = 500
-    error_type = "server_error"
-    code: str | None = None
-
-    def __init__(self, message: str, *, param: str | None = None,
-                 code: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        if code is not None:
-            self.code = code
-
-    def headers(self) -> dict[str, str]:
-        return {}
-
-    def to_response(self) -> ErrorResponse:
-        return ErrorResponse.of(self.message, self.error_type, param=self.param,
-                                code=self.code)
+class ServerError(ApiError):
+    """Base of the model server's errors (status, type and code per subclass)."""
 
 
 class BadRequestError(ServerError):

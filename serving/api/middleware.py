@@ -27,13 +27,13 @@ from opentelemetry import propagate, trace
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from serving.errors import InternalServerError, RequestTooLargeError, ServerError
+from serving.protocol.errors import REQUEST_ID_HEADER, send_api_error
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
 ASGIApp = Any
 
 logger = logging.getLogger(__name__)
-REQUEST_ID_HEADER = b"x-request-id"
 request_id_var: ContextVar[str | None] = ContextVar("quiver_request_id", default=None)
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -57,14 +57,7 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 async def send_error(send: Any, error: ServerError, request_id: str | None = None) -> None:
     """A complete error response in OpenAI's shape, straight onto the ASGI `send`."""
-    body = error.to_response().model_dump_json().encode()
-    headers = [(b"content-type", b"application/json"),
-               (b"content-length", str(len(body)).encode())]
-    headers += [(k.encode(), v.encode()) for k, v in error.headers().items()]
-    if request_id:
-        headers.append((REQUEST_ID_HEADER, request_id.encode()))
-    await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send_api_error(send, error, request_id)
 
 
 class RequestIdMiddleware:
@@ -141,11 +134,13 @@ class BodySizeLimitMiddleware:
 
 
 class HttpMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter("quiver_server_http_requests_total",
+    """Per-route HTTP counters; `prefix` is `quiver_server` or `quiver_gateway`."""
+
+    def __init__(self, registry: CollectorRegistry, prefix: str = "quiver_server") -> None:
+        self.requests = Counter(f"{prefix}_http_requests_total",
                                 "HTTP requests by route, method and status",
                                 ["route", "method", "status"], registry=registry)
-        self.duration = Histogram("quiver_server_http_request_duration_seconds",
+        self.duration = Histogram(f"{prefix}_http_request_duration_seconds",
                                   "HTTP request duration until the response is complete",
                                   ["route", "method"], buckets=DURATION_BUCKETS,
                                   registry=registry)
@@ -191,8 +186,9 @@ def tracing_enabled() -> bool:
 
 
 class TracingMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, tracer_name: str = "quiver.serving") -> None:
         self.app = app
+        self.tracer_name = tracer_name
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or not tracing_enabled():
@@ -200,7 +196,7 @@ class TracingMiddleware:
             return
         carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         context = propagate.extract(carrier)
-        tracer = trace.get_tracer("quiver.serving")
+        tracer = trace.get_tracer(self.tracer_name)
         method = scope["method"]
         with tracer.start_as_current_span(f"{method} {scope['path']}", context=context,
                                           kind=trace.SpanKind.SERVER) as span:

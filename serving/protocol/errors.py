@@ -1,9 +1,18 @@
 """OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`, `code` a string
-or null. Every error response of the model server and the gateway has this shape."""
+or null. Every error response of the model server and the gateway has this shape.
+
+`ApiError` is the base of both packages' error hierarchies (`serving.errors`,
+`gateway.errors`): an exception that knows its HTTP status, headers and OpenAI body, and
+`send_api_error` writes one straight onto an ASGI `send`.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel
+
+REQUEST_ID_HEADER = b"x-request-id"
 
 
 class ErrorInfo(BaseModel):
@@ -20,3 +29,43 @@ class ErrorResponse(BaseModel):
     def of(cls, message: str, type: str, *, param: str | None = None,
            code: str | None = None) -> ErrorResponse:
         return cls(error=ErrorInfo(message=message, type=type, param=param, code=code))
+
+
+class ApiError(Exception):
+    """An error with its HTTP status and OpenAI body; subclasses set the class attributes."""
+
+    status_code = 500
+    error_type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+    def to_response(self) -> ErrorResponse:
+        return ErrorResponse.of(self.message, self.error_type, param=self.param,
+                                code=self.code)
+
+    def body(self) -> bytes:
+        return self.to_response().model_dump_json().encode()
+
+
+async def send_api_error(send: Any, error: ApiError, request_id: str | None = None,
+                         extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """A complete error response in OpenAI's shape, straight onto the ASGI `send`."""
+    body = error.body()
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode())]
+    headers += [(k.encode(), v.encode()) for k, v in error.headers().items()]
+    headers += extra_headers or []
+    if request_id:
+        headers.append((REQUEST_ID_HEADER, request_id.encode()))
+    await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

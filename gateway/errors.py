@@ -1,0 +1,129 @@
+"""The gateway's errors, mapped once to an HTTP status and OpenAI's error body.
+
+| error                    | status | type                   | code                   |
+|--------------------------|--------|------------------------|------------------------|
+| BadRequestError          | 400    | invalid_request_error  | None or specific       |
+| AuthenticationError      | 401    | invalid_request_error  | invalid_api_key        |
+| PermissionDeniedError    | 403    | invalid_request_error  | model_not_allowed ...  |
+| NotFoundError            | 404    | invalid_request_error  | model_not_found ...    |
+| RequestTooLargeError     | 413    | invalid_request_error  | request_too_large      |
+| RateLimitError           | 429    | rate_limit_error       | rate_limit_exceeded    |
+| QuotaExceededError       | 429    | insufficient_quota     | insufficient_quota     |
+| UpstreamError            | 502    | upstream_error         | bad_gateway            |
+| NoUpstreamError          | 503    | service_unavailable    | no_healthy_upstream    |
+| UpstreamTimeoutError     | 504    | upstream_error         | upstream_timeout       |
+
+Keys never appear in a message: only a key's name.
+"""
+
+from __future__ import annotations
+
+import math
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from serving.protocol.errors import ApiError
+
+
+class GatewayError(ApiError):
+    """Base of every error the gateway answers with."""
+
+
+class BadRequestError(GatewayError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class AuthenticationError(GatewayError):
+    status_code = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        return {"www-authenticate": 'Bearer realm="quiver"'}
+
+
+class PermissionDeniedError(GatewayError):
+    status_code = 403
+    error_type = "invalid_request_error"
+    code = "permission_denied"
+
+
+class NotFoundError(GatewayError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class RequestTooLargeError(GatewayError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class _RetryAfter(GatewayError):
+    def __init__(self, message: str, *, retry_after_s: float | None = None,
+                 code: str | None = None, extra_headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
+        self.extra_headers = extra_headers or {}
+
+    def headers(self) -> dict[str, str]:
+        headers = dict(self.extra_headers)
+        if self.retry_after_s is not None:
+            headers["retry-after"] = str(max(1, math.ceil(self.retry_after_s)))
+        return headers
+
+
+class RateLimitError(_RetryAfter):
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class QuotaExceededError(GatewayError):
+    status_code = 429
+    error_type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
+class UpstreamError(GatewayError):
+    status_code = 502
+    error_type = "upstream_error"
+    code = "bad_gateway"
+
+
+class NoUpstreamError(_RetryAfter):
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "no_healthy_upstream"
+
+
+class UpstreamTimeoutError(GatewayError):
+    status_code = 504
+    error_type = "upstream_error"
+    code = "upstream_timeout"
+
+
+class InternalError(GatewayError):
+    status_code = 500
+    error_type = "server_error"
+    code = "internal_error"
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"The gateway had an error while processing your request "
+                         f"(request id {request_id}); it has been logged.")
+
+
+def error_response(error: ApiError, headers: dict[str, str] | None = None) -> Response:
+    """A Starlette response for `error` (routers raise; the app's handler answers)."""
+    return Response(error.body(), status_code=error.status_code,
+                    headers={**error.headers(), **(headers or {})},
+                    media_type="application/json")
+
+
+async def handle_api_error(request: Request, exc: Exception) -> Response:
+    """Exception handler the app installs for `ApiError` (FastAPI `add_exception_handler`)."""
+    assert isinstance(exc, ApiError)
+    return error_response(exc)

@@ -1,0 +1,81 @@
+"""The gateway's Prometheus metrics: `quiver_gateway_*`, units in their names.
+
+One `GatewayMetrics` per app, on the app's own registry (no global state), so several
+gateways can live in one process (tests). Labels carry a key's *name*, never the key.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from serving.api.middleware import DURATION_BUCKETS, HttpMetrics
+
+TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0, 60.0)
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.http = HttpMetrics(r, prefix="quiver_gateway")
+        # routed model traffic
+        self.requests = Counter(
+            "quiver_gateway_requests_total", "Routed model requests by outcome",
+            ["model", "variant", "status"], registry=r)
+        self.request_duration = Histogram(
+            "quiver_gateway_request_duration_seconds",
+            "Routed request duration, until the last byte", ["model", "variant"],
+            buckets=DURATION_BUCKETS, registry=r)
+        self.time_to_first_byte = Histogram(
+            "quiver_gateway_time_to_first_byte_seconds",
+            "Time until the upstream's first response byte", ["model", "variant"],
+            buckets=TTFB_BUCKETS, registry=r)
+        self.tokens = Counter(
+            "quiver_gateway_tokens_total", "Tokens used, by key name, model and kind",
+            ["key", "model", "kind"], registry=r)
+        self.stream_errors = Counter(
+            "quiver_gateway_stream_errors_total",
+            "Streams ended by an upstream failure after they started", ["model", "variant"],
+            registry=r)
+        # auth, limits, cache
+        self.auth_failures = Counter(
+            "quiver_gateway_auth_failures_total", "Rejected requests by reason", ["reason"],
+            registry=r)
+        self.rate_limited = Counter(
+            "quiver_gateway_rate_limited_total", "429s by key name and limit kind",
+            ["key", "kind"], registry=r)
+        self.cache_requests = Counter(
+            "quiver_gateway_cache_requests_total", "Cache lookups by result (hit|miss|bypass)",
+            ["result"], registry=r)
+        self.cache_entries = Gauge(
+            "quiver_gateway_cache_entries", "Entries in the memory cache", registry=r)
+        self.cache_bytes = Gauge(
+            "quiver_gateway_cache_size_bytes", "Bytes held by the memory cache", registry=r)
+        # routing
+        self.route_weight = Gauge(
+            "quiver_gateway_route_weight_percent", "Current traffic weight of each variant",
+            ["model", "variant"], registry=r)
+        self.rollbacks = Counter(
+            "quiver_gateway_rollbacks_total", "Automatic canary rollbacks",
+            ["model", "variant", "reason"], registry=r)
+        self.shadow_requests = Counter(
+            "quiver_gateway_shadow_requests_total", "Mirrored requests by outcome",
+            ["model", "variant", "outcome"], registry=r)
+        # upstreams
+        self.upstream_requests = Counter(
+            "quiver_gateway_upstream_requests_total",
+            "Attempts against replicas by outcome (ok|http_error|connect_error|timeout|"
+            "protocol_error)", ["model", "variant", "replica", "outcome"], registry=r)
+        self.upstream_retries = Counter(
+            "quiver_gateway_upstream_retries_total", "Attempts retried on another replica",
+            ["model", "variant"], registry=r)
+        self.upstream_healthy = Gauge(
+            "quiver_gateway_upstream_healthy", "1 when the replica passes health checks",
+            ["model", "variant", "replica"], registry=r)
+        self.upstream_outstanding = Gauge(
+            "quiver_gateway_upstream_outstanding_requests", "In-flight requests per replica",
+            ["model", "variant", "replica"], registry=r)
+        self.circuit_open = Gauge(
+            "quiver_gateway_circuit_open", "1 while the replica's circuit breaker is open",
+            ["model", "variant", "replica"], registry=r)

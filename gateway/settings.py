@@ -1,0 +1,209 @@
+"""`GatewaySettings`: everything `quiver gateway` is configured by.
+
+A YAML file (`--config`) validated at start, with `QUIVER_GATEWAY_*` environment variables
+overriding it (nested fields with `__`, e.g. `QUIVER_GATEWAY_CACHE__BACKEND=redis`). A bad
+value fails start-up with a message that names its key (`models.0.variants.1.weight: ...`).
+Helm values map one-to-one onto these fields.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_KEY_STORE = ".quiver/keys.db"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VariantSettings(_Section):
+    """One variant of a public model (e.g. `stable`, `canary`): a weight and its replicas."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    weight: float = Field(ge=0, le=100, description="share of traffic, percent")
+    replicas: list[str] = Field(min_length=1, description="base URLs, e.g. http://host:8001")
+    upstream_model: str | None = Field(
+        None, description="model name the replicas serve (default: the public name)")
+    api_key: SecretStr | None = Field(None, description="sent to the replicas as a Bearer key")
+
+    @model_validator(mode="after")
+    def _check_urls(self) -> VariantSettings:
+        for url in self.replicas:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"replica {url!r} must be an http:// or https:// URL")
+        return self
+
+
+class ShadowSettings(_Section):
+    """Mirror a share of a model's traffic to a variant and discard its answers."""
+
+    variant: str
+    percent: float = Field(ge=0, le=100)
+
+
+class ModelRouteSettings(_Section):
+    name: str = Field(min_length=1, description="public model name clients send")
+    stable: str = Field("stable", description="the baseline variant canaries are judged by")
+    variants: list[VariantSettings] = Field(min_length=1)
+    shadow: ShadowSettings | None = None
+
+    @model_validator(mode="after")
+    def _check_variants(self) -> ModelRouteSettings:
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variant names must be unique, got {names}")
+        if self.stable not in names:
+            raise ValueError(f"stable variant {self.stable!r} is not one of {names}")
+        if self.shadow is not None and self.shadow.variant not in names:
+            raise ValueError(f"shadow variant {self.shadow.variant!r} is not one of {names}")
+        if sum(v.weight for v in self.variants) <= 0:
+            raise ValueError("at least one variant needs a weight above 0")
+        return self
+
+
+class RollbackSettings(_Section):
+    """Automatic canary rollback: a variant's weight drops to 0 when it does worse than stable."""
+
+    enabled: bool = True
+    window_seconds: float = Field(60.0, gt=0)
+    min_samples: int = Field(20, ge=1)
+    max_error_rate_increase: float = Field(0.05, ge=0, le=1,
+                                           description="absolute, e.g. 0.05 = 5 points")
+    max_p95_latency_ratio: float = Field(2.0, ge=1)
+
+
+class TimeoutSettings(_Section):
+    connect_seconds: float = Field(2.0, gt=0)
+    first_byte_seconds: float = Field(120.0, gt=0)
+    idle_seconds: float = Field(60.0, gt=0, description="between two stream chunks")
+    total_seconds: float = Field(600.0, gt=0)
+
+
+class RetrySettings(_Section):
+    max_attempts: int = Field(3, ge=1, le=10)
+    backoff_base_seconds: float = Field(0.05, ge=0)
+    backoff_max_seconds: float = Field(1.0, ge=0)
+
+
+class HealthCheckSettings(_Section):
+    enabled: bool = True
+    path: str = "/ready"
+    interval_seconds: float = Field(2.0, gt=0)
+    timeout_seconds: float = Field(1.0, gt=0)
+    unhealthy_threshold: int = Field(2, ge=1)
+    healthy_threshold: int = Field(1, ge=1)
+
+
+class CircuitBreakerSettings(_Section):
+    failure_threshold: int = Field(5, ge=1, description="consecutive failures that open it")
+    reset_seconds: float = Field(10.0, gt=0, description="open this long, then one trial")
+
+
+class RateLimitSettings(_Section):
+    backend: Literal["memory", "redis"] = "memory"
+    default_rpm: int | None = Field(None, ge=1, description="for keys without their own rpm")
+    default_tpm: int | None = Field(None, ge=1, description="for keys without their own tpm")
+    default_max_tokens: int = Field(256, ge=1,
+                                    description="completion estimate when max_tokens is absent")
+
+
+class CacheSettings(_Section):
+    enabled: bool = True
+    backend: Literal["memory", "redis"] = "memory"
+    max_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="memory backend cap")
+    max_entry_bytes: int = Field(1024 * 1024, ge=1024)
+    ttl_seconds: float = Field(3600.0, gt=0)
+    cache_nondeterministic: bool = Field(
+        False, description="also cache requests with temperature > 0 and no seed")
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QUIVER_GATEWAY_", env_nested_delimiter="__",
+                                      extra="forbid", protected_namespaces=())
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    models: list[ModelRouteSettings] = Field(min_length=1)
+    key_store: str = Field(DEFAULT_KEY_STORE,
+                           description="SQLite file path, or a redis:// URL")
+    admin_key: SecretStr | None = Field(None, description="guards /admin; unset = no admin API")
+    redis_url: str | None = Field(None, description="for rate limits and cache in Redis")
+    key_refresh_seconds: float = Field(1.0, gt=0)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    rate_limit: RateLimitSettings = RateLimitSettings()
+    cache: CacheSettings = CacheSettings()
+    rollback: RollbackSettings = RollbackSettings()
+    timeouts: TimeoutSettings = TimeoutSettings()
+    retries: RetrySettings = RetrySettings()
+    health_checks: HealthCheckSettings = HealthCheckSettings()
+    circuit_breaker: CircuitBreakerSettings = CircuitBreakerSettings()
+    log_json: bool = False
+    shutdown_grace_seconds: float = Field(30.0, ge=0)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
+                                   init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment overrides the YAML file (passed as init kwargs).
+        return env_settings, init_settings
+
+    @model_validator(mode="after")
+    def _check(self) -> GatewaySettings:
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, got {names}")
+        needs_redis = [name for name, backend in (("rate_limit", self.rate_limit.backend),
+                                                  ("cache", self.cache.backend))
+                       if backend == "redis"]
+        if needs_redis and not self.redis_url:
+            raise ValueError(f"{', '.join(needs_redis)} backend is redis but redis_url is unset")
+        return self
+
+    @property
+    def key_store_is_redis(self) -> bool:
+        return self.key_store.startswith(("redis://", "rediss://", "unix://"))
+
+    def route(self, model: str) -> ModelRouteSettings | None:
+        return next((m for m in self.models if m.name == model), None)
+
+
+class ConfigError(ValueError):
+    """The gateway config is unreadable or invalid; the message names the bad key."""
+
+
+def format_validation_error(source: str, exc: ValidationError) -> str:
+    lines = [f"invalid gateway config {source}:"]
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        lines.append(f"  {where}: {error['msg']}")
+    return "\n".join(lines)
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> GatewaySettings:
+    """Read the YAML file (if any), apply env overrides and `overrides`, validate."""
+    data: dict[str, Any] = {}
+    source = str(path) if path is not None else "(environment)"
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read gateway config {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"gateway config {path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"gateway config {path} must be a mapping at the top level")
+        data = loaded or {}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return GatewaySettings(**data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(source, exc)) from exc

@@ -23,3 +23,7 @@ class NotYetAvailableError(QuiverError):
     """A subcommand whose capability has not landed yet."""
 
     exit_code = 3
+
+
+class ApiKeyError(QuiverError):
+    """`quiver keys` could not create, find or revoke a key, or reach the key store."""

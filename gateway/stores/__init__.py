@@ -1,0 +1,1 @@
+"""Storage backends: keys (SQLite, Redis), rate limits and the response cache (memory, Redis)."""

@@ -1,0 +1,197 @@
+"""`Router`: picks the variant of a public model that serves a request.
+
+Weighted rendezvous hashing: every variant gets the score `-ln(u) / weight`, `u` a stable
+hash of (sticky key, model, variant) mapped into (0, 1), and the lowest score wins. Over many
+keys each variant wins its weight's share; when one weight rises, only that variant's scores
+fall, so a key moves only *to* it, never between the others (and vice versa for a fall).
+
+Weights are percents. Changing a non-stable variant's weight gives or takes the difference
+from the stable variant, so weights that sum to 100 keep doing so; an automatic rollback is
+the same move to 0, with the freed share going to stable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from gateway.errors import BadRequestError, NotFoundError
+from gateway.metrics import GatewayMetrics
+from gateway.routing import RouteDecision
+from gateway.routing.rollback import RollbackMonitor, RollbackVerdict
+from gateway.settings import ModelRouteSettings, RollbackSettings
+
+logger = logging.getLogger(__name__)
+
+_HASH_SPAN = float(2**64)
+
+
+def rendezvous_score(sticky_key: str, model: str, variant: str, weight: float) -> float:
+    """Lower wins. `weight` must be > 0."""
+    digest = hashlib.blake2b(f"{sticky_key}\x00{model}\x00{variant}".encode(),
+                             digest_size=8).digest()
+    u = (int.from_bytes(digest, "big") + 0.5) / _HASH_SPAN  # strictly inside (0, 1)
+    return -math.log(u) / weight
+
+
+class Router:
+    def __init__(self, routes: list[ModelRouteSettings], rollback: RollbackSettings,
+                 metrics: GatewayMetrics, *, clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None) -> None:
+        self._routes = {route.name: route for route in routes}
+        self._configured = {route.name: {v.name: v.weight for v in route.variants}
+                            for route in routes}
+        self._weights = {name: dict(weights) for name, weights in self._configured.items()}
+        self._upstream_models = {
+            (route.name, v.name): v.upstream_model or route.name
+            for route in routes for v in route.variants}
+        self._rolled_back: dict[tuple[str, str], RollbackVerdict] = {}
+        self._monitor = RollbackMonitor(rollback, clock=clock)
+        self._metrics = metrics
+        self._rng = rng or random.Random()
+        for name in self._routes:
+            self._update_gauges(name)
+
+    def model_names(self) -> list[str]:
+        return list(self._routes)
+
+    def choose(self, model: str, sticky_key: str,
+               pinned_variant: str | None = None) -> RouteDecision:
+        """The variant for one request; a pinned variant is honoured even at weight 0."""
+        route = self._route(model)
+        if pinned_variant is None:
+            variant = self._pick(model, sticky_key)
+        elif pinned_variant in self._weights[model]:
+            variant = pinned_variant
+        else:
+            raise BadRequestError(
+                f"model {model!r} has no variant {pinned_variant!r}; "
+                f"variants: {', '.join(self._weights[model])}", code="unknown_variant")
+        return RouteDecision(model=model, variant=variant,
+                             upstream_model=self._upstream_models[(model, variant)],
+                             shadow_variant=self._shadow_for(route, variant))
+
+    def record(self, model: str, variant: str, *, is_error: bool, latency_s: float) -> None:
+        """One finished request's outcome; may roll a canary of `model` back."""
+        if (model, variant) not in self._upstream_models:
+            return
+        self._monitor.record(model, variant, is_error=is_error, latency_s=latency_s)
+        stable = self._routes[model].stable
+        for name, weight in self._weights[model].items():
+            if weight <= 0 or (model, name) in self._rolled_back:
+                continue
+            verdict = self._monitor.judge(model, name, stable)
+            if verdict is not None:
+                self._roll_back(verdict)
+
+    def weights(self) -> dict[str, dict[str, float]]:
+        return {name: dict(weights) for name, weights in self._weights.items()}
+
+    def set_weight(self, model: str, variant: str, weight: float) -> None:
+        """Set a variant's weight (an operator's act; clears a rollback of that variant)."""
+        self._route(model)
+        weights = self._weights[model]
+        if variant not in weights:
+            raise NotFoundError(f"model {model!r} has no variant {variant!r}",
+                                param="variant", code="variant_not_found")
+        if not (isinstance(weight, int | float) and 0 <= weight <= 100):
+            raise BadRequestError(f"weight must be a number from 0 to 100, got {weight!r}",
+                                  param="weight", code="invalid_weight")
+        updated = self._rebalanced(model, variant, float(weight))
+        if sum(updated.values()) <= 0:
+            raise BadRequestError("at least one variant needs a weight above 0",
+                                  param="weight", code="invalid_weight")
+        self._weights[model] = updated
+        if self._rolled_back.pop((model, variant), None) is not None:
+            self._monitor.forget(model, variant)
+        logger.info("route weights of %s set to %s", model, updated)
+        self._update_gauges(model)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Routes, weights, rollbacks and window stats, JSON-ready (`GET /admin/routes`)."""
+        return {name: self._model_snapshot(route) for name, route in self._routes.items()}
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _route(self, model: str) -> ModelRouteSettings:
+        route = self._routes.get(model)
+        if route is None:
+            raise NotFoundError(f"The model {model!r} does not exist", param="model",
+                                code="model_not_found")
+        return route
+
+    def _pick(self, model: str, sticky_key: str) -> str:
+        candidates = [(rendezvous_score(sticky_key, model, name, weight), name)
+                      for name, weight in self._weights[model].items() if weight > 0]
+        assert candidates, f"every variant of {model} has weight 0"
+        return min(candidates)[1]
+
+    def _shadow_for(self, route: ModelRouteSettings, variant: str) -> str | None:
+        shadow = route.shadow
+        if shadow is None or shadow.variant == variant or shadow.percent <= 0:
+            return None
+        return shadow.variant if self._rng.random() * 100 < shadow.percent else None
+
+    def _rebalanced(self, model: str, variant: str, weight: float) -> dict[str, float]:
+        updated = dict(self._weights[model])
+        stable = self._routes[model].stable
+        if variant != stable:
+            stable_weight = updated[stable] - (weight - updated[variant])
+            if stable_weight < 0:
+                raise BadRequestError(
+                    f"cannot set {model}/{variant} to {weight:g}: the stable variant "
+                    f"{stable!r} has only {updated[stable]:g} to give; lower it elsewhere "
+                    f"first", param="weight", code="invalid_weight")
+            updated[stable] = min(100.0, stable_weight)
+        updated[variant] = weight
+        return updated
+
+    def _roll_back(self, verdict: RollbackVerdict) -> None:
+        model, variant = verdict.model, verdict.variant
+        weights = self._weights[model]
+        stable = self._routes[model].stable
+        freed = weights[variant]
+        weights[variant] = 0.0
+        weights[stable] = min(100.0, weights[stable] + freed)
+        self._rolled_back[(model, variant)] = verdict
+        logger.warning("rolled back model %s variant %s (weight %g -> 0, to %s): %s: %s",
+                       model, variant, freed, stable, verdict.reason, verdict.detail)
+        self._metrics.rollbacks.labels(model=model, variant=variant,
+                                       reason=verdict.reason).inc()
+        self._update_gauges(model)
+
+    def _update_gauges(self, model: str) -> None:
+        for name, share in self._shares(model).items():
+            self._metrics.route_weight.labels(model=model, variant=name).set(share)
+
+    def _shares(self, model: str) -> dict[str, float]:
+        weights = self._weights[model]
+        total = sum(weights.values())
+        return {name: 100.0 * weight / total for name, weight in weights.items()}
+
+    def _model_snapshot(self, route: ModelRouteSettings) -> dict[str, Any]:
+        shares = self._shares(route.name)
+        variants: dict[str, Any] = {}
+        for name, weight in self._weights[route.name].items():
+            verdict = self._rolled_back.get((route.name, name))
+            stats = self._monitor.stats(route.name, name)
+            variants[name] = {
+                "weight": weight,
+                "configured_weight": self._configured[route.name][name],
+                "share_percent": shares[name],
+                "upstream_model": self._upstream_models[(route.name, name)],
+                "rolled_back": verdict is not None,
+                "rollback_reason": verdict.reason if verdict else None,
+                "rollback_detail": verdict.detail if verdict else None,
+                "window": {"samples": stats.num_samples, "error_rate": stats.error_rate,
+                           "p95_s": stats.p95_s},
+            }
+        shadow = route.shadow
+        return {"stable": route.stable, "variants": variants,
+                "shadow": ({"variant": shadow.variant, "percent": shadow.percent}
+                           if shadow else None)}

@@ -13,6 +13,8 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from gateway import cli as gateway_cli
+from gateway import keys_cli
 from quiver import __version__, bench, up
 from quiver.errors import NotYetAvailableError, QuiverError
 from quiver.models import cli as models_cli
@@ -22,9 +24,7 @@ logger = logging.getLogger(__name__)
 
 # Subcommands whose issue has not landed yet: name -> (one-line help, what brings it).
 _PENDING: dict[str, tuple[str, str]] = {
-    "gateway": ("run the API gateway in front of model servers", "the gateway issue (#5)"),
     "optimize": ("quantize, export or distill a checkpoint", "the optimize issue (#6)"),
-    "keys": ("create, list and revoke gateway API keys", "the gateway issue (#5)"),
     "loadtest": ("load-test an endpoint with Locust", "the load-test issue (#9)"),
 }
 
@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(subparsers)
     serve_cli.add_parser(subparsers)
     up.add_parser(subparsers)
+    gateway_cli.add_parser(subparsers)
+    keys_cli.add_parser(subparsers)
     for name, (summary, landing) in _PENDING.items():
         pending = subparsers.add_parser(name, help=summary, description=summary)
         pending.set_defaults(func=_not_yet(name, landing), accepts_any_args=True)

@@ -1,56 +1,161 @@
-"""`quiver up`: the local stack on 127.0.0.1, in this process.
+"""`quiver up`: the local stack on 127.0.0.1 — model server(s) and the gateway in front.
 
-For now that is the model server on :8001 (the gateway on :8000 lands with issue #5);
-`up` prints how to call it with curl and the OpenAI SDK, then serves until Ctrl-C.
+The model is served by `quiver serve` on :8001 (a canary, when given, on :8002), both under
+one public name; the gateway runs in this process on :8000 with the key store shared with
+`quiver keys` (`.quiver/keys.db`). The API key is `QUIVER_API_KEY` when set, else a new one
+printed at start (named `quiver-up`, replacing the previous one). Ctrl-C stops everything.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
-from quiver.errors import NotYetAvailableError
+from quiver.errors import QuiverError
 
 DEFAULT_MODEL = Path("models/smollm2-135m-instruct")
-DEFAULT_PORT = 8001
+GATEWAY_PORT = 8000
+SERVER_PORT = 8001
+UP_KEY_NAME = "quiver-up"
+API_KEY_ENV = "QUIVER_API_KEY"
+READY_TIMEOUT_S = 300
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     summary = "start model server(s) and gateway locally"
-    parser = subparsers.add_parser("up", help=summary, description=__doc__)
+    parser = subparsers.add_parser("up", help=summary, description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
                         help=f"model dir (default {DEFAULT_MODEL})")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
-                        help=f"model server port (default {DEFAULT_PORT})")
     parser.add_argument("--canary-model", type=Path, default=None,
-                        help="a second model served as canary (needs the gateway, issue #5)")
+                        help="a second model dir served as the canary variant")
     parser.add_argument("--canary-weight", type=float, default=None,
-                        help="percent of traffic to the canary (needs the gateway, issue #5)")
+                        help="percent of traffic to the canary (default 10 with a canary)")
+    parser.add_argument("--port", type=int, default=GATEWAY_PORT,
+                        help=f"gateway port (default {GATEWAY_PORT})")
+    parser.add_argument("--server-port", type=int, default=SERVER_PORT,
+                        help=f"first model server port (default {SERVER_PORT})")
+    parser.add_argument("--store", default=None,
+                        help="key store (default .quiver/keys.db, env QUIVER_GATEWAY_KEY_STORE)")
     parser.set_defaults(func=run)
 
 
-def banner(name: str, port: int) -> str:
+def banner(name: str, port: int, api_key: str | None) -> str:
     base = f"http://127.0.0.1:{port}"
-    return "\n".join([
-        f"quiver up: model server for {name!r} on {base} (OpenAI API at {base}/v1).",
-        "The gateway on :8000 lands with issue #5; until then call the model server itself:",
-        f"  curl {base}/v1/chat/completions -H 'content-type: application/json' \\",
+    shown = api_key if api_key is not None else f"${API_KEY_ENV}"
+    lines = [f"quiver up: gateway on {base} (OpenAI API at {base}/v1) for model {name!r}."]
+    if api_key is not None:
+        lines.append(f"API key (new, named {UP_KEY_NAME!r}): {api_key}")
+    else:
+        lines.append(f"API key: the one in ${API_KEY_ENV}")
+    lines += [
+        f"  curl {base}/v1/chat/completions -H 'authorization: Bearer {shown}' \\",
+        "    -H 'content-type: application/json' \\",
         f"    -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", "
         "\"content\": \"What is the capital of France?\"}]}'",
         f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{base}/v1', "
-        f"api_key='unused'); print(c.chat.completions.create(model='{name}', "
+        f"api_key='{shown}'); print(c.chat.completions.create(model='{name}', "
         "messages=[{'role': 'user', 'content': 'Hi'}]).choices[0].message.content)\"",
         "Ctrl-C stops it.",
-    ])
+    ]
+    return "\n".join(lines)
+
+
+def check_args(args: argparse.Namespace) -> float:
+    if args.canary_weight is not None and args.canary_model is None:
+        raise QuiverError("--canary-weight needs --canary-model")
+    weight = 10.0 if args.canary_weight is None else args.canary_weight
+    if args.canary_model is not None and not 0 <= weight <= 100:
+        raise QuiverError(f"--canary-weight must be between 0 and 100, got {weight}")
+    for model in (args.model, args.canary_model):
+        if model is not None and not Path(model).is_dir():
+            raise QuiverError(f"model {model} is not a directory (make model fetches SmolLM2)")
+    return weight
+
+
+def start_server(model: Path, name: str, port: int) -> subprocess.Popen:
+    command = [sys.executable, "-m", "quiver", "serve", "--model", str(model), "--port",
+               str(port), "--served-model-name", name]
+    return subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_ready(process: subprocess.Popen, port: int) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise QuiverError(f"the model server on :{port} exited with code "
+                              f"{process.returncode} (its log is above)")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as reply:
+                if reply.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    raise QuiverError(f"the model server on :{port} was not ready within {READY_TIMEOUT_S} s")
+
+
+async def ensure_key(store_location: str) -> str | None:
+    """Make `QUIVER_API_KEY` (or a new key) the active `quiver-up` key; the new one is returned."""
+    from gateway.keys import ApiKey, generate_key, hash_key, open_key_store
+
+    given = os.environ.get(API_KEY_ENV) or None
+    store = open_key_store(store_location)
+    try:
+        if given is not None and hash_key(given) in await store.active_keys():
+            return None
+        await store.revoke(UP_KEY_NAME)
+        secret = given or generate_key()
+        await store.create(ApiKey(name=UP_KEY_NAME, key_hash=hash_key(secret),
+                                  can_pin_variant=True, created_at=time.time()))
+    finally:
+        await store.close()
+    return None if given is not None else secret
+
+
+def gateway_settings(args: argparse.Namespace, name: str, weight: float, store: str):
+    from gateway.settings import load_settings
+
+    stable = {"name": "stable", "weight": 100 - weight if args.canary_model else 100,
+              "replicas": [f"http://127.0.0.1:{args.server_port}"]}
+    variants = [stable]
+    if args.canary_model is not None:
+        variants.append({"name": "canary", "weight": weight,
+                         "replicas": [f"http://127.0.0.1:{args.server_port + 1}"]})
+    return load_settings(None, host="127.0.0.1", port=args.port, key_store=store,
+                         models=[{"name": name, "variants": variants}])
 
 
 def run(args: argparse.Namespace) -> int:
-    from serving.cli import serve, settings_from_args
+    from gateway.cli import serve
+    from gateway.settings import DEFAULT_KEY_STORE
 
-    if args.canary_model is not None or args.canary_weight is not None:
-        raise NotYetAvailableError("`quiver up --canary-model` is not yet available: it lands "
-                                   "with the gateway issue (#5).")
-    settings = settings_from_args(argparse.Namespace(), model=args.model, port=args.port,
-                                  host="127.0.0.1")
-    serve(settings, banner=banner(settings.name, settings.port))
+    weight = check_args(args)
+    name = Path(args.model).name
+    store = args.store or os.environ.get("QUIVER_GATEWAY_KEY_STORE") or DEFAULT_KEY_STORE
+    models = [args.model] + ([args.canary_model] if args.canary_model is not None else [])
+    servers = [(start_server(model, name, args.server_port + i), args.server_port + i)
+               for i, model in enumerate(models)]
+    try:
+        for process, port in servers:
+            wait_ready(process, port)
+        settings = gateway_settings(args, name, weight, store)
+        api_key = asyncio.run(ensure_key(store))
+        serve(settings, banner=banner(name, args.port, api_key))
+    finally:
+        for process, _ in servers:
+            if process.poll() is None:
+                process.terminate()
+        for process, _ in servers:
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
     return 0

@@ -94,19 +94,3 @@ def test_serve_answers_ready_then_drains_on_sigterm(tiny_model_dir):
             process.kill()
             process.wait()
         process.stdout.close()
-
-
-def test_up_prints_how_to_call_the_model_server():
-    from quiver.up import banner
-
-    text = banner("smollm2-135m-instruct", 8001)
-    assert "http://127.0.0.1:8001/v1/chat/completions" in text
-    assert "OpenAI(base_url='http://127.0.0.1:8001/v1'" in text
-    assert "issue #5" in text
-
-
-def test_up_with_a_canary_is_not_yet_available(capsys):
-    from quiver.cli import main
-
-    assert main(["up", "--canary-model", "x", "--canary-weight", "10"]) == 3
-    assert "issue (#5)" in capsys.readouterr().err

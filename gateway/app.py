@@ -1,0 +1,180 @@
+"""`create_app(settings)`: the gateway's FastAPI app, its stores and its middleware stack.
+
+Outermost first: request id -> tracing -> HTTP metrics -> verdict headers -> body size
+limit -> body (parse once) -> auth -> rate limit -> response cache -> routes. The routes
+are the two proxied model calls, `/v1/models`, `/health`, `/ready`, `/metrics` and the admin
+API. Stores are opened from the settings; the lifespan starts the key refresh and the
+upstream pool's health checks and closes everything on shutdown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.routing import Route
+
+from gateway.admin import build_admin_router
+from gateway.cache import ResponseCache
+from gateway.errors import handle_api_error
+from gateway.keyring import KeyRing
+from gateway.keys import open_key_store
+from gateway.metrics import GatewayMetrics
+from gateway.middleware.auth import AuthMiddleware
+from gateway.middleware.body import BodyMiddleware
+from gateway.middleware.cache import CacheMiddleware
+from gateway.middleware.headers import ResponseHeadersMiddleware
+from gateway.middleware.ratelimit import RateLimitMiddleware
+from gateway.proxy import ProxyEndpoint
+from gateway.ratelimit import RateLimiter
+from gateway.routing.router import Router
+from gateway.settings import GatewaySettings
+from gateway.upstream.pool import UpstreamPool
+from serving.api.middleware import (
+    BodySizeLimitMiddleware,
+    MetricsMiddleware,
+    RequestIdMiddleware,
+    TracingMiddleware,
+)
+from serving.protocol.errors import ApiError
+
+
+@dataclass
+class GatewayState:
+    settings: GatewaySettings
+    metrics: GatewayMetrics
+    keyring: KeyRing
+    limiter: RateLimiter
+    cache: ResponseCache | None
+    router: Router
+    pool: UpstreamPool
+    proxy: ProxyEndpoint
+    started_at: int
+    draining: bool = False     # set on SIGTERM: /ready answers 503 while requests finish
+
+    def is_ready(self) -> bool:
+        """Not draining, and every model has a healthy replica in a variant with traffic."""
+        return not self.draining and all(any(weight > 0 and self.pool.has_healthy_replica(model, variant)
+                       for variant, weight in variants.items())
+                   for model, variants in self.router.weights().items())
+
+    async def close(self) -> None:
+        await self.proxy.close()
+        await self.pool.close()
+        await self.keyring.close()
+        await self.limiter.close()
+        if self.cache is not None:
+            await self.cache.close()
+
+
+def open_limiter(settings: GatewaySettings) -> RateLimiter:
+    if settings.rate_limit.backend == "redis":
+        from gateway.stores.redis_ratelimit import RedisRateLimiter
+
+        return RedisRateLimiter(settings.redis_url)
+    from gateway.stores.memory_ratelimit import MemoryRateLimiter
+
+    return MemoryRateLimiter()
+
+
+def open_cache(settings: GatewaySettings, metrics: GatewayMetrics) -> ResponseCache | None:
+    cache = settings.cache
+    if not cache.enabled:
+        return None
+    if cache.backend == "redis":
+        from gateway.stores.redis_cache import RedisCache
+
+        return RedisCache(settings.redis_url, ttl_seconds=cache.ttl_seconds,
+                          max_entry_bytes=cache.max_entry_bytes)
+    from gateway.stores.memory_cache import MemoryCache
+
+    return MemoryCache(max_bytes=cache.max_bytes, max_entry_bytes=cache.max_entry_bytes,
+                       ttl_seconds=cache.ttl_seconds, metrics=metrics)
+
+
+def build_state(settings: GatewaySettings) -> GatewayState:
+    metrics = GatewayMetrics()
+    router = Router(settings.models, settings.rollback, metrics)
+    pool = UpstreamPool(settings, metrics)
+    upstream_models = {(m.name, v.name): v.upstream_model or m.name
+                       for m in settings.models for v in m.variants}
+    return GatewayState(
+        settings=settings, metrics=metrics,
+        keyring=KeyRing(open_key_store(settings.key_store),
+                        refresh_seconds=settings.key_refresh_seconds),
+        limiter=open_limiter(settings), cache=open_cache(settings, metrics), router=router,
+        pool=pool, proxy=ProxyEndpoint(router=router, pool=pool, metrics=metrics,
+                                       upstream_models=upstream_models),
+        started_at=int(time.time()))
+
+
+def add_routes(app: FastAPI, state: GatewayState) -> None:
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        app.router.routes.append(Route(path, state.proxy, methods=["POST"]))
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> JSONResponse:
+        key = request.scope["state"]["quiver.gateway"].key
+        data = [{"id": name, "object": "model", "created": state.started_at,
+                 "owned_by": "quiver"}
+                for name in state.router.model_names() if key is None or key.allows_model(name)]
+        return JSONResponse({"object": "list", "data": data})
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        is_ready = state.is_ready()
+        return JSONResponse({"status": "ready" if is_ready else "unavailable"},
+                            status_code=200 if is_ready else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(state.metrics.registry),
+                        media_type=CONTENT_TYPE_LATEST)
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    state = build_state(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await state.keyring.start()
+        await state.pool.start()
+        try:
+            yield
+        finally:
+            await state.close()
+
+    app = FastAPI(title="Quiver gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.gateway = state
+    app.add_exception_handler(ApiError, handle_api_error)
+    add_routes(app, state)
+    app.include_router(build_admin_router(admin_key=settings.admin_key,
+                                          key_store=state.keyring.store, routes=state.router))
+    wrap_middleware(app, state)
+    return app
+
+
+def wrap_middleware(app: FastAPI, state: GatewayState) -> None:
+    """Starlette applies `add_middleware` last-added-outermost: listed innermost first."""
+    settings, metrics = state.settings, state.metrics
+    app.add_middleware(CacheMiddleware, cache=state.cache, settings=settings.cache,
+                       metrics=metrics)
+    app.add_middleware(RateLimitMiddleware, limiter=state.limiter,
+                       settings=settings.rate_limit, metrics=metrics)
+    app.add_middleware(AuthMiddleware, keyring=state.keyring, metrics=metrics)
+    app.add_middleware(BodyMiddleware)
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(ResponseHeadersMiddleware)
+    app.add_middleware(MetricsMiddleware, metrics=metrics.http)
+    app.add_middleware(TracingMiddleware, tracer_name="quiver.gateway")
+    app.add_middleware(RequestIdMiddleware)

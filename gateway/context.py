@@ -1,0 +1,64 @@
+"""What the middleware chain learns about one request, shared through the ASGI scope.
+
+The body middleware parses the JSON once; auth sets the key; the proxy records the variant,
+the usage and whether the response completed, which rate limiting (settle), budgets and
+the cache (store or not) read after the response.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.keys import ApiKey
+
+STATE_KEY = "quiver.gateway"
+MODEL_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+Scope = dict[str, Any]
+
+
+@dataclass
+class RequestContext:
+    raw_body: bytes = b""
+    body: dict[str, Any] | None = None        # set for model calls (MODEL_PATHS, POST)
+    key: ApiKey | None = None
+    cache_status: str = "bypass"              # hit | miss | bypass
+    variant: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    is_complete: bool = False                 # a 200 answer that ended normally
+
+    @property
+    def model(self) -> str | None:
+        return None if self.body is None else self.body.get("model")
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def is_model_call(scope: Scope) -> bool:
+    return scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in MODEL_PATHS
+
+
+def request_context(scope: Scope) -> RequestContext:
+    state = scope.setdefault("state", {})
+    context = state.get(STATE_KEY)
+    if context is None:
+        context = state[STATE_KEY] = RequestContext()
+    return context
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def with_headers(message: dict[str, Any], extra: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+    """An `http.response.start` message with `extra` headers appended (names lower-case)."""
+    names = {name for name, _ in extra}
+    headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in names]
+    return {**message, "headers": headers + extra}

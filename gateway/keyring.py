@@ -1,0 +1,75 @@
+"""`KeyRing`: the gateway's in-memory view of the key store, refreshed every second.
+
+Authentication never touches the store: it hashes the presented secret and looks the hash
+up in the last snapshot (then compares in constant time). A background task reloads the
+snapshot every `refresh_seconds`, so keys created or revoked by `quiver keys` or the admin
+API take effect within a second, without a restart. Token usage is added to the store after
+each response, and counted locally at once so a budget holds between refreshes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+
+from gateway.keys import ApiKey, KeyStore, hash_key
+
+logger = logging.getLogger(__name__)
+
+
+class KeyRing:
+    def __init__(self, store: KeyStore, *, refresh_seconds: float = 1.0) -> None:
+        self.store = store
+        self.refresh_seconds = refresh_seconds
+        self._keys: dict[str, ApiKey] = {}
+        self._pending_usage: dict[str, int] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._refresh_forever(), name="quiver-keyring")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.store.close()
+
+    async def refresh(self) -> None:
+        self._keys = await self.store.active_keys()
+        self._pending_usage.clear()
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_seconds)
+            try:
+                await self.refresh()
+            except Exception:  # the store is down: keep the last snapshot, say so
+                logger.warning("key store refresh failed; keeping the last snapshot",
+                               exc_info=True)
+
+    def lookup(self, secret: str) -> ApiKey | None:
+        digest = hash_key(secret)
+        key = self._keys.get(digest)
+        if key is None or not hmac.compare_digest(key.key_hash, digest):
+            return None
+        return key
+
+    def budget_left(self, key: ApiKey) -> int | None:
+        left = key.budget_left
+        if left is None:
+            return None
+        return left - self._pending_usage.get(key.name, 0)
+
+    async def add_usage(self, key: ApiKey, tokens: int) -> None:
+        if tokens <= 0:
+            return
+        self._pending_usage[key.name] = self._pending_usage.get(key.name, 0) + tokens
+        try:
+            await self.store.add_usage(key.name, tokens)
+        except Exception:
+            logger.warning("could not record %d tokens for key %r", tokens, key.name,
+                           exc_info=True)

@@ -1,0 +1,32 @@
+"""Puts the gateway's verdicts on every response: `x-quiver-cache` (hit|miss|bypass, from
+the cache layer) and `x-quiver-variant` (which variant served, once the router chose)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.context import Scope, request_context, with_headers
+
+CACHE_HEADER = b"x-quiver-cache"
+VARIANT_HEADER = b"x-quiver-variant"
+
+
+class ResponseHeadersMiddleware:
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        context = request_context(scope)
+
+        async def send_with_verdicts(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                extra = [(CACHE_HEADER, context.cache_status.encode())]
+                if context.variant:
+                    extra.append((VARIANT_HEADER, context.variant.encode()))
+                message = with_headers(message, extra)
+            await send(message)
+
+        await self.app(scope, receive, send_with_verdicts)

@@ -1,0 +1,148 @@
+"""The routed model calls: POST /v1/chat/completions and /v1/completions.
+
+Picks a variant (`Router.choose`: sticky per key or `user`, or pinned by `x-quiver-variant`
+for keys allowed to), rewrites only what it must (the upstream's model name; usage always
+requested on streams so limits and budgets see real tokens — the usage-only chunk is
+dropped again when the client did not ask for it), mirrors a share to a shadow variant, and
+relays through the `UpstreamPool` (`gateway.relay`). A client that disconnects cancels the
+upstream request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable
+from typing import Any
+
+from gateway.context import RequestContext, Scope, header, request_context
+from gateway.errors import GatewayError, PermissionDeniedError
+from gateway.metrics import GatewayMetrics
+from gateway.relay import Relay
+from gateway.routing import RouteDecision
+from gateway.routing.router import Router
+from gateway.upstream.pool import UpstreamPool
+from serving.api.middleware import request_id_var, trace_headers
+from serving.protocol.errors import send_api_error
+
+logger = logging.getLogger(__name__)
+PIN_HEADER = b"x-quiver-variant"
+PASSED_HEADERS = (b"traceparent", b"tracestate")
+
+
+def upstream_body(body: dict[str, Any], raw: bytes, decision: RouteDecision) -> bytes:
+    """The body for the variant's replicas; the client's bytes when nothing changes."""
+    changes: dict[str, Any] = {}
+    if decision.upstream_model != body["model"]:
+        changes["model"] = decision.upstream_model
+    if body.get("stream") is True:
+        options = body.get("stream_options")
+        if not (isinstance(options, dict) and options.get("include_usage") is True):
+            changes["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                                         "include_usage": True}
+    if not changes:
+        return raw
+    return json.dumps({**body, **changes}, separators=(",", ":")).encode()
+
+
+def forward_headers(scope: Scope) -> dict[str, str]:
+    headers = {"content-type": "application/json"}
+    request_id = request_id_var.get()
+    if request_id:
+        headers["x-request-id"] = request_id
+    injected = trace_headers()
+    if injected:
+        headers.update(injected)
+    else:
+        for name in PASSED_HEADERS:
+            value = header(scope, name)
+            if value is not None:
+                headers[name.decode()] = value
+    return headers
+
+
+async def cancel_on_disconnect(receive: Any, work: Awaitable[None]) -> None:
+    """Run `work` until it ends or the client disconnects (then cancel it)."""
+    work_task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    watch_task = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (watch_task, work_task):
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+    if not work_task.cancelled():
+        work_task.result()
+
+
+class ProxyEndpoint:
+    """The ASGI endpoint behind both model routes."""
+
+    def __init__(self, *, router: Router, pool: UpstreamPool, metrics: GatewayMetrics,
+                 upstream_models: dict[tuple[str, str], str]) -> None:
+        self.router = router
+        self.upstream_models = upstream_models
+        self.pool = pool
+        self.metrics = metrics
+        self.relay = Relay(pool=pool, router=router, metrics=metrics)
+        self._shadow_tasks: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        context = request_context(scope)
+        try:
+            decision = self.choose(scope, context)
+        except GatewayError as error:
+            await send_api_error(send, error)
+            return
+        context.variant = decision.variant
+        body = upstream_body(context.body, context.raw_body, decision)
+        headers = forward_headers(scope)
+        if decision.shadow_variant is not None:
+            self.mirror(scope["path"], context.body, decision, headers)
+        if context.body.get("stream") is True:
+            wants_usage = _wants_usage(context.body)
+            work = self.relay.stream(send, context, decision, scope["path"], body, headers,
+                                     wants_usage=wants_usage)
+        else:
+            work = self.relay.unary(send, context, decision, scope["path"], body, headers)
+        await cancel_on_disconnect(receive, work)
+
+    def choose(self, scope: Scope, context: RequestContext) -> RouteDecision:
+        key, body = context.key, context.body
+        assert key is not None and body is not None  # auth and body middleware ran
+        pinned = header(scope, PIN_HEADER)
+        if pinned is not None and not key.can_pin_variant:
+            raise PermissionDeniedError(
+                f"The API key {key.name!r} may not pin a variant with x-quiver-variant.",
+                code="variant_pinning_not_allowed")
+        user = body.get("user")
+        sticky = user if isinstance(user, str) and user else key.name
+        return self.router.choose(body["model"], sticky, pinned)
+
+    def mirror(self, path: str, body: dict[str, Any], decision: RouteDecision,
+               headers: dict[str, str]) -> None:
+        """Send a copy to the shadow variant (never streamed) and discard the answer."""
+        shadow_body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+        shadow_body["model"] = self.upstream_models[(decision.model, decision.shadow_variant)]
+        task = asyncio.create_task(self.relay.shadow(decision, path, shadow_body, headers))
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._shadow_tasks):
+            task.cancel()
+        await asyncio.gather(*self._shadow_tasks, return_exceptions=True)
+
+
+def _wants_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True

@@ -1,0 +1,181 @@
+"""Relaying one routed call through the upstream pool, unary or streamed.
+
+Unary: the pool retries across replicas; the answer must be JSON (garbage -> 502 in
+OpenAI's shape); an upstream error body in OpenAI's shape passes through with its status.
+Streamed: events pass through one by one as they arrive, never buffered; once the stream
+has started, an upstream failure (or a stream that ends without `[DONE]`) ends it with an
+error event, never a silent cut. Both record usage, the outcome for canary rollback, and
+the gateway's request metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from gateway.context import RequestContext
+from gateway.errors import GatewayError, UpstreamError
+from gateway.metrics import GatewayMetrics
+from gateway.routing import RouteDecision
+from gateway.routing.router import Router
+from gateway.sse import EventSplitter, error_event, inspect_event
+from gateway.upstream.pool import UpstreamPool, UpstreamStream, UpstreamStreamError
+from serving.protocol.errors import send_api_error
+
+logger = logging.getLogger(__name__)
+JSON = b"application/json"
+STREAM_START_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
+                        (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+
+
+def parse_json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def record_usage(context: RequestContext, usage: Any) -> None:
+    if isinstance(usage, dict):
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        context.prompt_tokens = prompt if isinstance(prompt, int) else 0
+        context.completion_tokens = completion if isinstance(completion, int) else 0
+
+
+def checked_error_body(status: int, body: bytes, variant: str) -> bytes:
+    """An upstream error answer, if it is in OpenAI's shape; else a 502."""
+    payload = parse_json_object(body)
+    if payload is None or not isinstance(payload.get("error"), dict):
+        raise UpstreamError(f"The upstream for variant {variant!r} answered {status} with a "
+                            "body that is not an OpenAI error.")
+    return body
+
+
+class Relay:
+    def __init__(self, *, pool: UpstreamPool, router: Router, metrics: GatewayMetrics) -> None:
+        self.pool = pool
+        self.router = router
+        self.metrics = metrics
+
+    def observe(self, decision: RouteDecision, status: int, started: float,
+                first_byte: float | None = None) -> None:
+        now = time.perf_counter()
+        labels = (decision.model, decision.variant)
+        self.metrics.requests.labels(*labels, str(status)).inc()
+        self.metrics.request_duration.labels(*labels).observe(now - started)
+        if first_byte is not None:
+            self.metrics.time_to_first_byte.labels(*labels).observe(first_byte - started)
+        self.router.record(decision.model, decision.variant, is_error=status >= 500,
+                           latency_s=now - started)
+
+    async def unary(self, send: Any, context: RequestContext, decision: RouteDecision,
+                    path: str, body: bytes, headers: dict[str, str]) -> None:
+        started = time.perf_counter()
+        try:
+            result = await self.pool.fetch(decision.model, decision.variant, path, body, headers)
+            answer = result.body
+            if result.status == 200:
+                payload = parse_json_object(answer)
+                if payload is None:
+                    raise UpstreamError(f"The upstream for variant {decision.variant!r} "
+                                        "answered 200 with a body that is not JSON.")
+                record_usage(context, payload.get("usage"))
+                context.is_complete = True
+            else:
+                answer = checked_error_body(result.status, answer, decision.variant)
+        except GatewayError as error:
+            self.observe(decision, error.status_code, started)
+            await send_api_error(send, error)
+            return
+        self.observe(decision, result.status, started, time.perf_counter())
+        await send({"type": "http.response.start", "status": result.status,
+                    "headers": [(b"content-type", JSON),
+                                (b"content-length", str(len(answer)).encode())]})
+        await send({"type": "http.response.body", "body": answer})
+
+    async def stream(self, send: Any, context: RequestContext, decision: RouteDecision,
+                     path: str, body: bytes, headers: dict[str, str], *,
+                     wants_usage: bool) -> None:
+        started = time.perf_counter()
+        try:
+            stream = await self.pool.open_stream(decision.model, decision.variant, path, body,
+                                                 headers)
+        except GatewayError as error:
+            self.observe(decision, error.status_code, started)
+            await send_api_error(send, error)
+            return
+        try:
+            if stream.status != 200:
+                await self.relay_error(send, decision, stream, started)
+                return
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": list(STREAM_START_HEADERS)})
+            first_byte = await self.pump(send, context, decision, stream, wants_usage)
+            status = 200 if context.is_complete else 502
+            self.observe(decision, status, started, first_byte)
+        finally:
+            await stream.aclose()
+
+    async def relay_error(self, send: Any, decision: RouteDecision, stream: UpstreamStream,
+                          started: float) -> None:
+        try:
+            answer = checked_error_body(stream.status, await stream.read(), decision.variant)
+        except (GatewayError, UpstreamStreamError) as exc:
+            error = exc if isinstance(exc, GatewayError) else UpstreamError(str(exc))
+            self.observe(decision, error.status_code, started)
+            await send_api_error(send, error)
+            return
+        self.observe(decision, stream.status, started)
+        await send({"type": "http.response.start", "status": stream.status,
+                    "headers": [(b"content-type", JSON),
+                                (b"content-length", str(len(answer)).encode())]})
+        await send({"type": "http.response.body", "body": answer})
+
+    async def pump(self, send: Any, context: RequestContext, decision: RouteDecision,
+                   stream: UpstreamStream, wants_usage: bool) -> float | None:
+        """Events out as they come; returns when the first byte arrived."""
+        splitter, first_byte, failure = EventSplitter(), None, None
+        saw_done = saw_error = False
+        try:
+            async for chunk in stream:
+                first_byte = first_byte or time.perf_counter()
+                out = []
+                for event in splitter.feed(chunk):
+                    info = inspect_event(event)
+                    saw_done = saw_done or info.is_done
+                    saw_error = saw_error or info.is_error
+                    if info.usage is not None:
+                        record_usage(context, info.usage)
+                    if not (info.is_usage_only and not wants_usage):
+                        out.append(event)
+                if out:
+                    await send({"type": "http.response.body", "body": b"".join(out),
+                                "more_body": True})
+        except UpstreamStreamError as exc:
+            failure = str(exc)
+        if failure is None and not saw_done:
+            failure = "the upstream closed the stream before it finished"
+        tail = b""
+        if failure is not None and not saw_error:
+            self.metrics.stream_errors.labels(decision.model, decision.variant).inc()
+            logger.warning("stream from variant %r failed: %s", decision.variant, failure)
+            tail = error_event(f"The upstream for variant {decision.variant!r} failed "
+                               f"mid-stream: {failure}.")
+        context.is_complete = failure is None and saw_done and not saw_error
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
+        return first_byte
+
+    async def shadow(self, decision: RouteDecision, path: str, body: dict[str, Any],
+                     headers: dict[str, str]) -> None:
+        variant = decision.shadow_variant
+        assert variant is not None
+        payload = json.dumps(body, separators=(",", ":")).encode()
+        try:
+            result = await self.pool.fetch(decision.model, variant, path, payload, headers)
+            outcome = "ok" if result.status < 500 else "error"
+        except GatewayError:
+            outcome = "error"
+        self.metrics.shadow_requests.labels(decision.model, variant, outcome).inc()

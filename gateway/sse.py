@@ -1,0 +1,64 @@
+"""Server-sent events as the gateway relays them: split upstream bytes into whole events
+(never holding back a complete one), and read the few facts it needs from each."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+DONE_EVENT = b"data: [DONE]\n\n"
+
+
+class EventSplitter:
+    """Feeds raw chunks in, gets complete events (each ending in a blank line) out."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        data = self._buffer + chunk
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
+        events = data.split(b"\n\n")
+        self._buffer = events.pop()
+        return [event + b"\n\n" for event in events if event.strip()]
+
+    @property
+    def pending(self) -> bytes:
+        return self._buffer
+
+
+@dataclass(frozen=True)
+class EventInfo:
+    is_done: bool = False
+    is_error: bool = False
+    is_usage_only: bool = False         # `choices: []` and a usage object
+    usage: dict[str, Any] | None = None
+
+
+def inspect_event(event: bytes) -> EventInfo:
+    """Cheap byte checks first; JSON is parsed only for usage and error events."""
+    data = event.removeprefix(b"data:").strip()
+    if data == b"[DONE]":
+        return EventInfo(is_done=True)
+    if b'"usage"' not in data and not data.startswith(b'{"error"'):
+        return EventInfo()
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        return EventInfo()
+    if not isinstance(payload, dict):
+        return EventInfo()
+    if "error" in payload:
+        return EventInfo(is_error=True)
+    usage = payload.get("usage")
+    if not isinstance(usage, dict):
+        return EventInfo()
+    return EventInfo(usage=usage, is_usage_only=payload.get("choices") == [])
+
+
+def error_event(message: str, *, code: str = "upstream_stream_error") -> bytes:
+    body = {"error": {"message": message, "type": "upstream_error", "param": None,
+                      "code": code}}
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.routing import Route
+from starlette.routing import Match, Route
+from starlette.types import Scope
 
 from gateway.admin import build_admin_router
 from gateway.cache import ResponseCache
@@ -59,7 +60,9 @@ class GatewayState:
 
     def is_ready(self) -> bool:
         """Not draining, and every model has a healthy replica in a variant with traffic."""
-        return not self.draining and all(any(weight > 0 and self.pool.has_healthy_replica(model, variant)
+        if self.draining:
+            return False
+        return all(any(weight > 0 and self.pool.has_healthy_replica(model, variant)
                        for variant, weight in variants.items())
                    for model, variants in self.router.weights().items())
 
@@ -113,9 +116,20 @@ def build_state(settings: GatewaySettings) -> GatewayState:
         started_at=int(time.time()))
 
 
+class ProxyRoute(Route):
+    """A plain ASGI route that, like FastAPI's, puts itself in the scope (metric and span
+    labels use its path template)."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child_scope = super().matches(scope)
+        if match is not Match.NONE:
+            child_scope["route"] = self
+        return match, child_scope
+
+
 def add_routes(app: FastAPI, state: GatewayState) -> None:
     for path in ("/v1/chat/completions", "/v1/completions"):
-        app.router.routes.append(Route(path, state.proxy, methods=["POST"]))
+        app.router.routes.append(ProxyRoute(path, state.proxy, methods=["POST"]))
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> JSONResponse:
@@ -153,8 +167,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         finally:
             await state.close()
 
+    # FastAPI's own telemetry would add a second server span per request.
     app = FastAPI(title="Quiver gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+                  openapi_url=None,
+                  telemetry={"tracing": False, "metrics": False, "logs": False,
+                             "auto_configure": False})
     app.state.gateway = state
     app.add_exception_handler(ApiError, handle_api_error)
     add_routes(app, state)

@@ -3,8 +3,11 @@
 Authentication never touches the store: it hashes the presented secret and looks the hash
 up in the last snapshot (then compares in constant time). A background task reloads the
 snapshot every `refresh_seconds`, so keys created or revoked by `quiver keys` or the admin
-API take effect within a second, without a restart. Token usage is added to the store after
-each response, and counted locally at once so a budget holds between refreshes.
+API take effect within a second, without a restart.
+
+Token usage is counted locally at once (so a budget holds between refreshes) and written
+to the store in one batch per key just before each reload, and at shutdown: no store write
+on the request path.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ class KeyRing:
         self.store = store
         self.refresh_seconds = refresh_seconds
         self._keys: dict[str, ApiKey] = {}
-        self._pending_usage: dict[str, int] = {}
+        self._unflushed: dict[str, int] = {}      # not yet written to the store
+        self._since_snapshot: dict[str, int] = {}  # not yet in the snapshot's used_tokens
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -36,11 +40,26 @@ class KeyRing:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self.store.close()
+        try:
+            await self.flush()
+        finally:
+            await self.store.close()
+
+    async def flush(self) -> None:
+        pending, self._unflushed = self._unflushed, {}
+        for name, tokens in pending.items():
+            try:
+                await self.store.add_usage(name, tokens)
+            except Exception:
+                self._unflushed[name] = self._unflushed.get(name, 0) + tokens
+                raise
 
     async def refresh(self) -> None:
-        self._keys = await self.store.active_keys()
-        self._pending_usage.clear()
+        await self.flush()
+        keys = await self.store.active_keys()
+        self._keys = keys
+        # usage recorded while the snapshot was read is in neither: keep counting it
+        self._since_snapshot = dict(self._unflushed)
 
     async def _refresh_forever(self) -> None:
         while True:
@@ -62,14 +81,10 @@ class KeyRing:
         left = key.budget_left
         if left is None:
             return None
-        return left - self._pending_usage.get(key.name, 0)
+        return left - self._since_snapshot.get(key.name, 0)
 
-    async def add_usage(self, key: ApiKey, tokens: int) -> None:
+    def add_usage(self, key: ApiKey, tokens: int) -> None:
         if tokens <= 0:
             return
-        self._pending_usage[key.name] = self._pending_usage.get(key.name, 0) + tokens
-        try:
-            await self.store.add_usage(key.name, tokens)
-        except Exception:
-            logger.warning("could not record %d tokens for key %r", tokens, key.name,
-                           exc_info=True)
+        self._unflushed[key.name] = self._unflushed.get(key.name, 0) + tokens
+        self._since_snapshot[key.name] = self._since_snapshot.get(key.name, 0) + tokens

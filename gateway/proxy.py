@@ -24,7 +24,7 @@ from gateway.relay import Relay
 from gateway.routing import RouteDecision
 from gateway.routing.router import Router
 from gateway.upstream.pool import UpstreamPool
-from serving.api.middleware import request_id_var, trace_headers
+from serving.api.middleware import request_id_var, tracing_enabled
 from serving.protocol.errors import send_api_error
 
 logger = logging.getLogger(__name__)
@@ -52,10 +52,7 @@ def forward_headers(scope: Scope) -> dict[str, str]:
     request_id = request_id_var.get()
     if request_id:
         headers["x-request-id"] = request_id
-    injected = trace_headers()
-    if injected:
-        headers.update(injected)
-    else:
+    if not tracing_enabled():  # else the relay's client span sends its own context
         for name in PASSED_HEADERS:
             value = header(scope, name)
             if value is not None:

@@ -10,10 +10,14 @@ the gateway's request metrics.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
+
+from opentelemetry import trace
 
 from gateway.context import RequestContext
 from gateway.errors import GatewayError, UpstreamError
@@ -22,12 +26,37 @@ from gateway.routing import RouteDecision
 from gateway.routing.router import Router
 from gateway.sse import EventSplitter, error_event, inspect_event
 from gateway.upstream.pool import UpstreamPool, UpstreamStream, UpstreamStreamError
+from serving.api.middleware import trace_headers, tracing_enabled
 from serving.protocol.errors import send_api_error
 
 logger = logging.getLogger(__name__)
 JSON = b"application/json"
 STREAM_START_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
                         (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+
+
+@contextlib.contextmanager
+def upstream_span(decision: RouteDecision, *, is_stream: bool) -> Iterator[trace.Span | None]:
+    """A CLIENT span around the upstream call (its context goes upstream in `traceparent`)."""
+    if not tracing_enabled():
+        yield None
+        return
+    tracer = trace.get_tracer("quiver.gateway")
+    with tracer.start_as_current_span(
+            f"upstream {decision.model}/{decision.variant}", kind=trace.SpanKind.CLIENT,
+            attributes={"quiver.model": decision.model, "quiver.variant": decision.variant,
+                        "quiver.stream": is_stream}) as span:
+        yield span
+
+
+def end_span(span: trace.Span | None, status: int, replica: str | None = None) -> None:
+    if span is None:
+        return
+    span.set_attribute("http.response.status_code", status)
+    if replica:
+        span.set_attribute("server.address", replica)
+    if status >= 500:
+        span.set_status(trace.StatusCode.ERROR)
 
 
 def parse_json_object(body: bytes) -> dict[str, Any] | None:
@@ -73,6 +102,13 @@ class Relay:
 
     async def unary(self, send: Any, context: RequestContext, decision: RouteDecision,
                     path: str, body: bytes, headers: dict[str, str]) -> None:
+        with upstream_span(decision, is_stream=False) as span:
+            await self._unary(send, context, decision, path, body,
+                              {**headers, **trace_headers()}, span)
+
+    async def _unary(self, send: Any, context: RequestContext, decision: RouteDecision,
+                     path: str, body: bytes, headers: dict[str, str],
+                     span: trace.Span | None) -> None:
         started = time.perf_counter()
         try:
             result = await self.pool.fetch(decision.model, decision.variant, path, body, headers)
@@ -87,9 +123,11 @@ class Relay:
             else:
                 answer = checked_error_body(result.status, answer, decision.variant)
         except GatewayError as error:
+            end_span(span, error.status_code)
             self.observe(decision, error.status_code, started)
             await send_api_error(send, error)
             return
+        end_span(span, result.status, result.replica)
         self.observe(decision, result.status, started, time.perf_counter())
         await send({"type": "http.response.start", "status": result.status,
                     "headers": [(b"content-type", JSON),
@@ -99,14 +137,23 @@ class Relay:
     async def stream(self, send: Any, context: RequestContext, decision: RouteDecision,
                      path: str, body: bytes, headers: dict[str, str], *,
                      wants_usage: bool) -> None:
+        with upstream_span(decision, is_stream=True) as span:
+            await self._stream(send, context, decision, path, body,
+                               {**headers, **trace_headers()}, wants_usage, span)
+
+    async def _stream(self, send: Any, context: RequestContext, decision: RouteDecision,
+                      path: str, body: bytes, headers: dict[str, str], wants_usage: bool,
+                      span: trace.Span | None) -> None:
         started = time.perf_counter()
         try:
             stream = await self.pool.open_stream(decision.model, decision.variant, path, body,
                                                  headers)
         except GatewayError as error:
+            end_span(span, error.status_code)
             self.observe(decision, error.status_code, started)
             await send_api_error(send, error)
             return
+        end_span(span, stream.status, stream.replica)
         try:
             if stream.status != 200:
                 await self.relay_error(send, decision, stream, started)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from opentelemetry import trace
+
 from gateway.context import RequestContext, Scope, header, request_context
 from gateway.errors import (
     AuthenticationError,
@@ -52,19 +54,20 @@ class AuthMiddleware:
             await send_api_error(send, error)
             return
         context.key = key
+        trace.get_current_span().set_attribute("quiver.key_name", key.name)
         try:
             await self.app(scope, receive, send)
         finally:
-            await self.account(key, context)
+            self.account(key, context)
 
-    async def account(self, key: ApiKey, context: RequestContext) -> None:
+    def account(self, key: ApiKey, context: RequestContext) -> None:
         """Tokens the call used: against the key's budget, and per key in the metrics."""
         if context.total_tokens <= 0 or context.model is None:
             return
         self.metrics.tokens.labels(key.name, context.model, "prompt").inc(context.prompt_tokens)
         self.metrics.tokens.labels(key.name, context.model, "completion").inc(
             context.completion_tokens)
-        await self.keyring.add_usage(key, context.total_tokens)
+        self.keyring.add_usage(key, context.total_tokens)
 
     def authenticate(self, scope: Scope, model: str | None) -> ApiKey:
         token = bearer_token(scope)

@@ -14,7 +14,8 @@ from pathlib import Path
 from quiver.errors import QuiverError
 
 BENCHMARKS_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-BENCHMARKS = {"engine": "native engine vs vLLM vs Hugging Face generate (tokens/s, TTFT, ITL)"}
+BENCHMARKS = {"engine": "native engine vs vLLM vs Hugging Face generate (tokens/s, TTFT, ITL)",
+              "gateway": "gateway added latency (p50/p99, TTFT), cache hits, requests/s"}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

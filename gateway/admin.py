@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from gateway.errors import AuthenticationError, BadRequestError, NotFoundError
 from gateway.keys import (
     KEY_NAME_PATTERN,
+    MAX_LIMIT,
     InvalidKeyError,
     KeyNameTakenError,
     KeyStore,
@@ -60,9 +61,9 @@ class _Body(BaseModel):
 class CreateKeyBody(_Body):
     name: str = Field(pattern=KEY_NAME_PATTERN.pattern)
     models: list[str] = Field(default_factory=list)
-    rpm: int | None = Field(None, ge=1)
-    tpm: int | None = Field(None, ge=1)
-    budget_tokens: int | None = Field(None, ge=1)
+    rpm: int | None = Field(None, ge=1, le=MAX_LIMIT)
+    tpm: int | None = Field(None, ge=1, le=MAX_LIMIT)
+    budget_tokens: int | None = Field(None, ge=1, le=MAX_LIMIT)
     owner: str | None = Field(None, min_length=1, max_length=256)
     can_pin_variant: bool = False
 

@@ -1,7 +1,8 @@
 """`create_app(settings)`: the gateway's FastAPI app, its stores and its middleware stack.
 
 Outermost first: request id -> tracing -> HTTP metrics -> verdict headers -> body size
-limit -> body (parse once) -> auth -> rate limit -> response cache -> routes. The routes
+limit -> auth (who) -> body (parse once) -> access (models, pinning, budget) -> rate limit
+-> response cache -> routes. The routes
 are the two proxied model calls, `/v1/models`, `/health`, `/ready`, `/metrics` and the admin
 API. Stores are opened from the settings; the lifespan starts the key refresh and the
 upstream pool's health checks and closes everything on shutdown.
@@ -13,19 +14,23 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 from starlette.types import Scope
 
 from gateway.admin import build_admin_router
 from gateway.cache import ResponseCache
-from gateway.errors import handle_api_error
+from gateway.context import request_context
+from gateway.errors import NotFoundError, handle_api_error, handle_http_exception
 from gateway.keyring import KeyRing
 from gateway.keys import open_key_store
 from gateway.metrics import GatewayMetrics
+from gateway.middleware.access import AccessMiddleware
 from gateway.middleware.auth import AuthMiddleware
 from gateway.middleware.body import BodyMiddleware
 from gateway.middleware.cache import CacheMiddleware
@@ -131,13 +136,23 @@ def add_routes(app: FastAPI, state: GatewayState) -> None:
     for path in ("/v1/chat/completions", "/v1/completions"):
         app.router.routes.append(ProxyRoute(path, state.proxy, methods=["POST"]))
 
-    @app.get("/v1/models")
-    async def list_models(request: Request) -> JSONResponse:
-        key = request.scope["state"]["quiver.gateway"].key
-        data = [{"id": name, "object": "model", "created": state.started_at,
+    def visible_models(request: Request) -> list[dict[str, Any]]:
+        key = request_context(request.scope).key
+        return [{"id": name, "object": "model", "created": state.started_at,
                  "owned_by": "quiver"}
                 for name in state.router.model_names() if key is None or key.allows_model(name)]
-        return JSONResponse({"object": "list", "data": data})
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> JSONResponse:
+        return JSONResponse({"object": "list", "data": visible_models(request)})
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str, request: Request) -> JSONResponse:
+        for entry in visible_models(request):
+            if entry["id"] == model:
+                return JSONResponse(entry)
+        raise NotFoundError(f"The model `{model}` does not exist or this key may not use it.",
+                            param="model", code="model_not_found")
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -174,6 +189,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                              "auto_configure": False})
     app.state.gateway = state
     app.add_exception_handler(ApiError, handle_api_error)
+    app.add_exception_handler(StarletteHTTPException, handle_http_exception)
     add_routes(app, state)
     app.include_router(build_admin_router(admin_key=settings.admin_key,
                                           key_store=state.keyring.store, routes=state.router))
@@ -188,8 +204,10 @@ def wrap_middleware(app: FastAPI, state: GatewayState) -> None:
                        metrics=metrics)
     app.add_middleware(RateLimitMiddleware, limiter=state.limiter,
                        settings=settings.rate_limit, metrics=metrics)
-    app.add_middleware(AuthMiddleware, keyring=state.keyring, metrics=metrics)
+    app.add_middleware(AccessMiddleware, keyring=state.keyring, settings=settings.rate_limit,
+                       metrics=metrics)
     app.add_middleware(BodyMiddleware)
+    app.add_middleware(AuthMiddleware, keyring=state.keyring, metrics=metrics)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(ResponseHeadersMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics.http)

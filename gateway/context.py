@@ -23,6 +23,8 @@ class RequestContext:
     raw_body: bytes = b""
     body: dict[str, Any] | None = None        # set for model calls (MODEL_PATHS, POST)
     key: ApiKey | None = None
+    pinned_variant: str | None = None         # x-quiver-variant, once the key may pin
+    estimated_tokens: int = 0                 # prompt + max_tokens x n, before the call
     cache_status: str = "bypass"              # hit | miss | bypass
     variant: str | None = None
     prompt_tokens: int = 0

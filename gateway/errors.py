@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -54,6 +55,12 @@ class NotFoundError(GatewayError):
     status_code = 404
     error_type = "invalid_request_error"
     code = "not_found"
+
+
+class MethodNotAllowedError(GatewayError):
+    status_code = 405
+    error_type = "invalid_request_error"
+    code = "method_not_allowed"
 
 
 class RequestTooLargeError(GatewayError):
@@ -127,3 +134,17 @@ async def handle_api_error(request: Request, exc: Exception) -> Response:
     """Exception handler the app installs for `ApiError` (FastAPI `add_exception_handler`)."""
     assert isinstance(exc, ApiError)
     return error_response(exc)
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 / 405 (no such route, wrong method), in OpenAI's shape."""
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 405:
+        error: ApiError = MethodNotAllowedError(
+            f"{request.method} is not allowed on {request.url.path}.")
+    elif exc.status_code == 404:
+        error = NotFoundError(f"Unknown endpoint {request.method} {request.url.path}.")
+    else:
+        error = GatewayError(str(exc.detail))
+        error.status_code = exc.status_code
+    return error_response(error, headers=dict(exc.headers or {}))

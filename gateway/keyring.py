@@ -17,7 +17,7 @@ import contextlib
 import hmac
 import logging
 
-from gateway.keys import ApiKey, KeyStore, hash_key
+from gateway.keys import ApiKey, KeyNotFoundError, KeyStore, hash_key
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ class KeyRing:
         self._keys: dict[str, ApiKey] = {}
         self._unflushed: dict[str, int] = {}      # not yet written to the store
         self._since_snapshot: dict[str, int] = {}  # not yet in the snapshot's used_tokens
+        self._reserved: dict[str, int] = {}        # estimates of calls in flight
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -46,13 +47,18 @@ class KeyRing:
             await self.store.close()
 
     async def flush(self) -> None:
+        """Write pending usage per key; what fails stays pending (unless the key is gone)."""
         pending, self._unflushed = self._unflushed, {}
         for name, tokens in pending.items():
             try:
                 await self.store.add_usage(name, tokens)
+            except KeyNotFoundError:
+                logger.warning("dropping %d tokens of usage: key %r is not in the store",
+                               tokens, name)
             except Exception:
+                logger.warning("could not record %d tokens for key %r; will retry", tokens,
+                               name, exc_info=True)
                 self._unflushed[name] = self._unflushed.get(name, 0) + tokens
-                raise
 
     async def refresh(self) -> None:
         await self.flush()
@@ -82,6 +88,28 @@ class KeyRing:
         if left is None:
             return None
         return left - self._since_snapshot.get(key.name, 0)
+
+    def reserve(self, key: ApiKey, tokens: int) -> int | None:
+        """Hold `tokens` of the key's budget for a call; None when it fits (or there is no
+        budget), else the tokens left (calls in flight counted) and nothing is held."""
+        left = self.budget_left(key)
+        if left is None:
+            return None
+        left -= self._reserved.get(key.name, 0)
+        if tokens > left:
+            return left
+        self._reserved[key.name] = self._reserved.get(key.name, 0) + tokens
+        return None
+
+    def release(self, key: ApiKey, tokens: int) -> None:
+        """Give back what `reserve` held (call once the call is over)."""
+        if key.budget_tokens is None or key.name not in self._reserved:
+            return
+        held = self._reserved[key.name] - tokens
+        if held > 0:
+            self._reserved[key.name] = held
+        else:
+            del self._reserved[key.name]
 
     def add_usage(self, key: ApiKey, tokens: int) -> None:
         if tokens <= 0:

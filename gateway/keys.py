@@ -51,7 +51,8 @@ class ApiKey:
 
     @property
     def tenant(self) -> str:
-        return self.owner or self.name
+        """Cache namespace: the owner's, or this very key's (a re-created name is new)."""
+        return f"owner:{self.owner}" if self.owner else f"key:{self.key_hash[:32]}"
 
     @property
     def is_revoked(self) -> bool:
@@ -110,6 +111,7 @@ class KeyStoreUnavailableError(KeyStoreError):
 
 
 _POSITIVE_FIELDS = ("rpm", "tpm", "budget_tokens")
+MAX_LIMIT = 2**62  # far beyond any real limit; keeps SQLite's and Lua's integers exact
 
 
 def validate_key(key: ApiKey) -> None:
@@ -119,8 +121,9 @@ def validate_key(key: ApiKey) -> None:
             f"invalid key name {key.name!r}: use 1-64 letters, digits or . _ @ -")
     for field_name in _POSITIVE_FIELDS:
         value = getattr(key, field_name)
-        if value is not None and (isinstance(value, bool) or value < 1):
-            raise InvalidKeyError(f"{field_name} must be a positive integer, got {value!r}")
+        if value is not None and (isinstance(value, bool) or not 1 <= value <= MAX_LIMIT):
+            raise InvalidKeyError(f"{field_name} must be an integer from 1 to {MAX_LIMIT}, "
+                                  f"got {value!r}")
     if key.used_tokens < 0:
         raise InvalidKeyError(f"used_tokens must be 0 or more, got {key.used_tokens!r}")
     if any(not model or model != model.strip() for model in key.models):

@@ -22,6 +22,7 @@ from typing import TypeVar
 
 from gateway.keys import (
     KEY_NAME_PATTERN,
+    MAX_LIMIT,
     ApiKey,
     KeyNameTakenError,
     KeyStore,
@@ -48,8 +49,9 @@ def _positive_int(text: str) -> int:
         value = int(text)
     except ValueError:
         value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    if not 1 <= value <= MAX_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be an integer from 1 to {MAX_LIMIT}, "
+                                         f"got {text!r}")
     return value
 
 

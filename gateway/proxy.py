@@ -1,11 +1,11 @@
 """The routed model calls: POST /v1/chat/completions and /v1/completions.
 
 Picks a variant (`Router.choose`: sticky per key or `user`, or pinned by `x-quiver-variant`
-for keys allowed to), rewrites only what it must (the upstream's model name; usage always
-requested on streams so limits and budgets see real tokens — the usage-only chunk is
-dropped again when the client did not ask for it), mirrors a share to a shadow variant, and
-relays through the `UpstreamPool` (`gateway.relay`). A client that disconnects cancels the
-upstream request.
+for keys allowed to, as `AccessMiddleware` checked) and rewrites only what it must: the
+upstream's model name, and usage always requested on streams so that limits and budgets
+see real tokens (the relay drops the usage chunk again when the client did not ask for
+it). Mirrors a share to a shadow variant, and relays through the `UpstreamPool`
+(`gateway.relay`). A client that disconnects cancels the upstream request.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 from gateway.context import RequestContext, Scope, header, request_context
-from gateway.errors import GatewayError, PermissionDeniedError
+from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
 from gateway.relay import Relay
 from gateway.routing import RouteDecision
@@ -28,7 +28,6 @@ from serving.api.middleware import request_id_var, tracing_enabled
 from serving.protocol.errors import send_api_error
 
 logger = logging.getLogger(__name__)
-PIN_HEADER = b"x-quiver-variant"
 PASSED_HEADERS = (b"traceparent", b"tracestate")
 
 
@@ -116,14 +115,9 @@ class ProxyEndpoint:
     def choose(self, scope: Scope, context: RequestContext) -> RouteDecision:
         key, body = context.key, context.body
         assert key is not None and body is not None  # auth and body middleware ran
-        pinned = header(scope, PIN_HEADER)
-        if pinned is not None and not key.can_pin_variant:
-            raise PermissionDeniedError(
-                f"The API key {key.name!r} may not pin a variant with x-quiver-variant.",
-                code="variant_pinning_not_allowed")
         user = body.get("user")
         sticky = user if isinstance(user, str) and user else key.name
-        return self.router.choose(body["model"], sticky, pinned)
+        return self.router.choose(body["model"], sticky, context.pinned_variant)
 
     def mirror(self, path: str, body: dict[str, Any], decision: RouteDecision,
                headers: dict[str, str]) -> None:

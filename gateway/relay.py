@@ -10,6 +10,7 @@ the gateway's request metrics.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -24,10 +25,10 @@ from gateway.errors import GatewayError, UpstreamError
 from gateway.metrics import GatewayMetrics
 from gateway.routing import RouteDecision
 from gateway.routing.router import Router
-from gateway.sse import EventSplitter, error_event, inspect_event
+from gateway.sse import EventSplitter, error_event, inspect_event, without_null_usage
 from gateway.upstream.pool import UpstreamPool, UpstreamStream, UpstreamStreamError
 from serving.api.middleware import trace_headers, tracing_enabled
-from serving.protocol.errors import send_api_error
+from serving.protocol.errors import ErrorResponse, send_api_error
 
 logger = logging.getLogger(__name__)
 JSON = b"application/json"
@@ -74,13 +75,35 @@ def record_usage(context: RequestContext, usage: Any) -> None:
         context.completion_tokens = completion if isinstance(completion, int) else 0
 
 
-def checked_error_body(status: int, body: bytes, variant: str) -> bytes:
-    """An upstream error answer, if it is in OpenAI's shape; else a 502."""
+def upstream_error_body(status: int, body: bytes, variant: str) -> bytes:
+    """An upstream's error answer in OpenAI's shape: as it is, from vLLM's flat shape, or
+    (for a 4xx) its text wrapped; a 5xx with a body that is no error at all is a 502."""
     payload = parse_json_object(body)
-    if payload is None or not isinstance(payload.get("error"), dict):
+    if payload is not None and isinstance(payload.get("error"), dict):
+        return body
+    if payload is not None and isinstance(payload.get("message"), str):  # vLLM: flat
+        code, param = payload.get("code"), payload.get("param")
+        error = ErrorResponse.of(payload["message"], str(payload.get("type") or "upstream_error"),
+                                 param=param if isinstance(param, str) else None,
+                                 code=None if code is None else str(code))
+        return error.model_dump_json().encode()
+    if status >= 500:
         raise UpstreamError(f"The upstream for variant {variant!r} answered {status} with a "
                             "body that is not an OpenAI error.")
-    return body
+    text = body.decode("utf-8", errors="replace").strip()[:500] or f"HTTP {status}"
+    error_type = "rate_limit_error" if status == 429 else "invalid_request_error"
+    return ErrorResponse.of(text, error_type, code="upstream_error").model_dump_json().encode()
+
+
+def json_messages(status: int, body: bytes,
+                  upstream_headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """A JSON answer as ASGI messages; an upstream's Retry-After goes along."""
+    headers = [(b"content-type", JSON), (b"content-length", str(len(body)).encode())]
+    retry_after = (upstream_headers or {}).get("retry-after")
+    if retry_after is not None:
+        headers.append((b"retry-after", retry_after.encode("latin-1")))
+    return [{"type": "http.response.start", "status": status, "headers": headers},
+            {"type": "http.response.body", "body": body}]
 
 
 class Relay:
@@ -121,7 +144,7 @@ class Relay:
                 record_usage(context, payload.get("usage"))
                 context.is_complete = True
             else:
-                answer = checked_error_body(result.status, answer, decision.variant)
+                answer = upstream_error_body(result.status, answer, decision.variant)
         except GatewayError as error:
             end_span(span, error.status_code)
             self.observe(decision, error.status_code, started)
@@ -129,10 +152,8 @@ class Relay:
             return
         end_span(span, result.status, result.replica)
         self.observe(decision, result.status, started, time.perf_counter())
-        await send({"type": "http.response.start", "status": result.status,
-                    "headers": [(b"content-type", JSON),
-                                (b"content-length", str(len(answer)).encode())]})
-        await send({"type": "http.response.body", "body": answer})
+        for message in json_messages(result.status, answer, result.headers):
+            await send(message)
 
     async def stream(self, send: Any, context: RequestContext, decision: RouteDecision,
                      path: str, body: bytes, headers: dict[str, str], *,
@@ -169,17 +190,15 @@ class Relay:
     async def relay_error(self, send: Any, decision: RouteDecision, stream: UpstreamStream,
                           started: float) -> None:
         try:
-            answer = checked_error_body(stream.status, await stream.read(), decision.variant)
+            answer = upstream_error_body(stream.status, await stream.read(), decision.variant)
         except (GatewayError, UpstreamStreamError) as exc:
             error = exc if isinstance(exc, GatewayError) else UpstreamError(str(exc))
             self.observe(decision, error.status_code, started)
             await send_api_error(send, error)
             return
         self.observe(decision, stream.status, started)
-        await send({"type": "http.response.start", "status": stream.status,
-                    "headers": [(b"content-type", JSON),
-                                (b"content-length", str(len(answer)).encode())]})
-        await send({"type": "http.response.body", "body": answer})
+        for message in json_messages(stream.status, answer, stream.headers):
+            await send(message)
 
     async def pump(self, send: Any, context: RequestContext, decision: RouteDecision,
                    stream: UpstreamStream, wants_usage: bool) -> float | None:
@@ -196,13 +215,20 @@ class Relay:
                     saw_error = saw_error or info.is_error
                     if info.usage is not None:
                         record_usage(context, info.usage)
-                    if not (info.is_usage_only and not wants_usage):
+                    if wants_usage:
                         out.append(event)
+                    elif not info.is_usage_only:
+                        out.append(without_null_usage(event))
                 if out:
                     await send({"type": "http.response.body", "body": b"".join(out),
                                 "more_body": True})
         except UpstreamStreamError as exc:
             failure = str(exc)
+        except asyncio.CancelledError:  # client gone (harmless) or the gateway shutting down
+            await send({"type": "http.response.body", "more_body": False,
+                        "body": error_event("The gateway stopped this stream (shutting down "
+                                            "or cancelled).", code="stream_cancelled")})
+            raise
         if failure is None and not saw_done:
             failure = "the upstream closed the stream before it finished"
         tail = b""

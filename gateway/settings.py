@@ -13,7 +13,12 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 DEFAULT_KEY_STORE = ".quiver/keys.db"
 
@@ -207,3 +212,5 @@ def load_settings(path: Path | None = None, **overrides: Any) -> GatewaySettings
         return GatewaySettings(**data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(source, exc)) from exc
+    except SettingsError as exc:  # an env override that is not valid JSON for its field
+        raise ConfigError(f"invalid gateway config (environment): {exc}") from exc

@@ -37,12 +37,16 @@ class EventInfo:
     usage: dict[str, Any] | None = None
 
 
+USAGE_OBJECT = (b'"usage":{', b'"usage": {')
+NULL_USAGE = (b',"usage":null', b', "usage": null')
+
+
 def inspect_event(event: bytes) -> EventInfo:
     """Cheap byte checks first; JSON is parsed only for usage and error events."""
     data = event.removeprefix(b"data:").strip()
     if data == b"[DONE]":
         return EventInfo(is_done=True)
-    if b'"usage"' not in data and not data.startswith(b'{"error"'):
+    if not data.startswith(b'{"error"') and not any(m in data for m in USAGE_OBJECT):
         return EventInfo()
     try:
         payload = json.loads(data)
@@ -56,6 +60,14 @@ def inspect_event(event: bytes) -> EventInfo:
     if not isinstance(usage, dict):
         return EventInfo()
     return EventInfo(usage=usage, is_usage_only=payload.get("choices") == [])
+
+
+def without_null_usage(event: bytes) -> bytes:
+    """The event minus `"usage": null`, which chunks carry only when usage was asked for."""
+    for marker in NULL_USAGE:
+        if marker in event:
+            return event.replace(marker, b"")
+    return event
 
 
 def error_event(message: str, *, code: str = "upstream_stream_error") -> bytes:

@@ -1,10 +1,9 @@
-"""API-key authentication, model permissions and token budgets for `/v1/*`.
+"""Who is calling: API-key authentication for `/v1/*`.
 
-`Authorization: Bearer <key>`: a missing, unknown or revoked key -> 401; a model the key
-may not use -> 403; a spent token budget -> 429 `insufficient_quota`. All in OpenAI's error
-shape, naming the key only by its name. After the response, the tokens the request used
-are added to the key's budget. `/health`, `/ready`, `/metrics` and `/admin` (which has its
-own admin key) are not behind this middleware's keys.
+`Authorization: Bearer <key>`: a missing, unknown or revoked key -> 401 in OpenAI's error
+shape, before the body is read. What the key may do (models, variant pinning, budget) is
+`AccessMiddleware`'s, once the body is parsed. `/health`, `/ready`, `/metrics` and `/admin`
+(which has its own admin key) are not behind this middleware.
 """
 
 from __future__ import annotations
@@ -13,13 +12,8 @@ from typing import Any
 
 from opentelemetry import trace
 
-from gateway.context import RequestContext, Scope, header, request_context
-from gateway.errors import (
-    AuthenticationError,
-    GatewayError,
-    PermissionDeniedError,
-    QuotaExceededError,
-)
+from gateway.context import Scope, header, request_context
+from gateway.errors import AuthenticationError
 from gateway.keyring import KeyRing
 from gateway.keys import ApiKey
 from gateway.metrics import GatewayMetrics
@@ -47,29 +41,16 @@ class AuthMiddleware:
         if scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIX):
             await self.app(scope, receive, send)
             return
-        context = request_context(scope)
         try:
-            key = self.authenticate(scope, context.model)
-        except GatewayError as error:
+            key = self.authenticate(scope)
+        except AuthenticationError as error:
             await send_api_error(send, error)
             return
-        context.key = key
+        request_context(scope).key = key
         trace.get_current_span().set_attribute("quiver.key_name", key.name)
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.account(key, context)
+        await self.app(scope, receive, send)
 
-    def account(self, key: ApiKey, context: RequestContext) -> None:
-        """Tokens the call used: against the key's budget, and per key in the metrics."""
-        if context.total_tokens <= 0 or context.model is None:
-            return
-        self.metrics.tokens.labels(key.name, context.model, "prompt").inc(context.prompt_tokens)
-        self.metrics.tokens.labels(key.name, context.model, "completion").inc(
-            context.completion_tokens)
-        self.keyring.add_usage(key, context.total_tokens)
-
-    def authenticate(self, scope: Scope, model: str | None) -> ApiKey:
+    def authenticate(self, scope: Scope) -> ApiKey:
         token = bearer_token(scope)
         if token is None:
             self.metrics.auth_failures.labels("missing").inc()
@@ -80,15 +61,4 @@ class AuthMiddleware:
         if key is None:
             self.metrics.auth_failures.labels("invalid").inc()
             raise AuthenticationError("Incorrect API key provided (unknown or revoked).")
-        if model is not None and not key.allows_model(model):
-            self.metrics.auth_failures.labels("model_not_allowed").inc()
-            raise PermissionDeniedError(
-                f"The API key {key.name!r} is not allowed to use the model `{model}`.",
-                param="model", code="model_not_allowed")
-        budget_left = self.keyring.budget_left(key)
-        if model is not None and budget_left is not None and budget_left <= 0:
-            self.metrics.auth_failures.labels("budget_exhausted").inc()
-            raise QuotaExceededError(
-                f"The API key {key.name!r} has used its token budget of "
-                f"{key.budget_tokens} tokens.")
         return key

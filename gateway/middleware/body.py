@@ -1,7 +1,9 @@
 """Reads and parses a model call's JSON body once, for every later layer.
 
 Model calls (POST /v1/chat/completions, /v1/completions) must carry a JSON object with a
-string `model`; anything else is a 400 in OpenAI's shape. The body is replayed to the app
+string `model` (and a boolean `stream`, an object `stream_options`, when present: the
+gateway acts on those); anything else is a 400 in OpenAI's shape. Everything else is the
+model server's to validate. The body is replayed to the app
 unchanged, and later `receive` calls pass through (so a client disconnect is still seen).
 """
 
@@ -39,6 +41,11 @@ def parse_model_call(raw: bytes) -> dict[str, Any]:
     if not isinstance(model, str) or not model:
         raise BadRequestError("You must provide a model parameter (a string).", param="model",
                               code="missing_required_parameter" if model is None else None)
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):
+        raise BadRequestError("`stream` must be a boolean.", param="stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise BadRequestError("`stream_options` must be an object.", param="stream_options")
     return body
 
 

@@ -54,14 +54,15 @@ class CacheMiddleware:
             return None
         if not (self.settings.cache_nondeterministic or is_deterministic(body)):
             return None
-        return cache_key(key.tenant, scope["path"], body)
+        # a pinned call is answered by its variant only: its entries are its own
+        return cache_key(key.tenant, f"{scope['path']}#{context.pinned_variant or ''}", body)
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
+        if not is_model_call(scope):
             await self.app(scope, receive, send)
             return
         context = request_context(scope)
-        key = self.lookup_key(scope, context) if is_model_call(scope) else None
+        key = self.lookup_key(scope, context)
         directives = cache_directives(scope)
         may_read = key is not None and "no-cache" not in directives
         may_store = key is not None and "no-store" not in directives

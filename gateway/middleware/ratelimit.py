@@ -1,15 +1,14 @@
 """Per-key rate limits on model calls: requests/min and tokens/min token buckets.
 
-Before the call: 1 request and an estimate of its tokens (prompt characters / 4, plus
-`max_tokens` (or `max_completion_tokens`, else the configured default) times `n`) are
-taken atomically; a refusal is a 429 with `Retry-After`. After it: the estimate is settled
-against the real usage the proxy recorded (0 for a cache hit or a failed call). Every
-response to a limited key carries `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`.
+Before the call: 1 request and the call's token estimate (`estimate_tokens`, set on the
+context by `AccessMiddleware`) are taken atomically; a refusal is a 429 with
+`Retry-After`. After it: the estimate is settled against the real usage the proxy
+recorded (0 for a cache hit or a failed call). Every admitted model call of a key with
+limits carries `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`, as does its 429.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from gateway.context import Scope, is_model_call, request_context, with_headers
@@ -18,19 +17,6 @@ from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import Limits, RateLimitDecision, RateLimiter
 from gateway.settings import RateLimitSettings
 from serving.protocol.errors import send_api_error
-
-CHARS_PER_TOKEN = 4
-
-
-def estimate_tokens(body: dict[str, Any], default_max_tokens: int) -> int:
-    """Prompt + completion tokens this request may use, before any tokenizer has seen it."""
-    prompt = body.get("messages", body.get("prompt", ""))
-    prompt_chars = len(prompt) if isinstance(prompt, str) else len(json.dumps(prompt))
-    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-    if not isinstance(max_tokens, int) or max_tokens <= 0:
-        max_tokens = default_max_tokens
-    n = body.get("n") if isinstance(body.get("n"), int) and body.get("n", 0) > 0 else 1
-    return prompt_chars // CHARS_PER_TOKEN + 1 + max_tokens * n
 
 
 class RateLimitMiddleware:
@@ -54,7 +40,7 @@ class RateLimitMiddleware:
         if limits.is_unlimited:
             await self.app(scope, receive, send)
             return
-        reserved = estimate_tokens(context.body, self.settings.default_max_tokens)
+        reserved = context.estimated_tokens  # set by AccessMiddleware
         decision = await self.limiter.acquire(key.name, limits, reserved)
         if not decision.allowed:
             await self.refuse(send, key.name, decision)

@@ -60,7 +60,7 @@ def test_mint_key_validates_and_hashes():
     assert key.created_at > 0
     with pytest.raises(InvalidKeyError, match="invalid key name"):
         mint_key("has space")
-    with pytest.raises(InvalidKeyError, match="rpm must be a positive integer"):
+    with pytest.raises(InvalidKeyError, match="rpm must be an integer from 1 to"):
         mint_key("ok", rpm=0)
     with pytest.raises(InvalidKeyError, match="budget_tokens"):
         mint_key("ok", budget_tokens=-3)

@@ -119,9 +119,10 @@ def test_revoked_name_can_be_reused_and_duplicates_are_refused(db: Path):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--rpm", "0"], "argument --rpm: must be a positive integer, got '0'"),
-    (["--tpm", "lots"], "argument --tpm: must be a positive integer, got 'lots'"),
-    (["--budget-tokens", "-5"], "must be a positive integer"),
+    (["--rpm", "0"], "argument --rpm: must be an integer from 1 to"),
+    (["--tpm", "lots"], "argument --tpm: must be an integer from 1 to"),
+    (["--budget-tokens", "-5"], "must be an integer from 1 to"),
+    (["--budget-tokens", str(10**30)], "must be an integer from 1 to"),
     (["--models", " , "], "argument --models: expected model names"),
 ])
 def test_bad_create_options_are_usage_errors(db: Path, args: list[str], message: str):

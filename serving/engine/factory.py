@@ -23,6 +23,7 @@ from serving.engine.metrics import EngineMetrics
 from serving.engine.model_runner import ModelRunner
 from serving.engine.sampler import Sampler
 from serving.engine.scheduler import Scheduler
+from serving.models.compressed import QuantizationConfig
 from serving.models.config import ModelArchConfig
 
 logger = logging.getLogger(__name__)
@@ -80,12 +81,20 @@ def cpu_has_fast_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def resolve_dtype(name: str, arch: ModelArchConfig, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, arch: ModelArchConfig, device: torch.device, *,
+                  is_quantized: bool = False) -> torch.dtype:
     """`auto`: the checkpoint's dtype, except on a CPU, where half precision runs as
     bfloat16 if the CPU has native bf16 kernels and as float32 otherwise (the fastest
-    exact-enough choice on each). An explicit dtype is always honoured."""
+    exact-enough choice on each). A weight-only int8/int4 checkpoint runs bfloat16 on any
+    CPU: torch's low-bit CPU kernels are vectorised for bf16 activations and scalar for
+    float32 (measured on SmolLM2, AVX2: int4 33 ms/step in bf16 vs 316 ms in fp32).
+    An explicit dtype is always honoured."""
     dtype = DTYPES[name] or arch.dtype
-    if name != "auto" or device.type != "cpu" or dtype == torch.float32:
+    if name != "auto" or device.type != "cpu":
+        return dtype
+    if is_quantized:
+        return torch.bfloat16
+    if dtype == torch.float32:
         return dtype
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
@@ -138,7 +147,8 @@ def build_engine(settings: EngineSettings, *, model_name: str,
     start = time.perf_counter()
     arch = ModelArchConfig.from_model_dir(settings.model)
     device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.dtype, arch, device)
+    quantized = QuantizationConfig.from_model_dir(settings.model) is not None
+    dtype = resolve_dtype(settings.dtype, arch, device, is_quantized=quantized)
     num_blocks = num_blocks_for_budget(
         kv_cache_budget_bytes(settings, device), num_layers=arch.num_hidden_layers,
         num_kv_heads=arch.num_key_value_heads, head_dim=arch.head_dim,

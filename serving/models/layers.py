@@ -1,7 +1,8 @@
 """Building blocks of the Llama family: RMSNorm and the gated SiLU MLP with fused gate_up.
 
-Parameters are allocated uninitialised; `loader.load_model` fills every one of them.
-Forward passes call `torch.nn.functional` directly to keep per-op overhead low.
+Parameters are allocated uninitialised; `loader.load_model` fills every one of them, and
+swaps a projection for a quantized one (`serving.models.quant`) where the checkpoint holds
+one. Forward passes call `torch.nn.functional` directly to keep per-op overhead low.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from serving.models.linear import linear, prepack
+from serving.models.quant import FloatProjection, Projection
 
 
 def empty_parameter(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
@@ -49,17 +50,13 @@ class GatedMLP(nn.Module):
     ) -> None:
         super().__init__()
         self.intermediate_size = intermediate_size
-        self.gate_up_proj = empty_parameter(
-            2 * intermediate_size, hidden_size, dtype=dtype, device=device
+        self.gate_up_proj: Projection = FloatProjection(
+            2 * intermediate_size, hidden_size, bias=False, dtype=dtype, device=device
         )
-        self.down_proj = empty_parameter(hidden_size, intermediate_size, dtype=dtype, device=device)
-        self.gate_up_packed = self.down_packed = None
-
-    def prepack(self) -> None:
-        self.gate_up_packed = prepack(self.gate_up_proj)
-        self.down_packed = prepack(self.down_proj)
+        self.down_proj: Projection = FloatProjection(
+            hidden_size, intermediate_size, bias=False, dtype=dtype, device=device
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = linear(x, self.gate_up_proj, self.gate_up_packed)
-        gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        return linear(F.silu(gate) * up, self.down_proj, self.down_packed)
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)

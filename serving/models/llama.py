@@ -14,6 +14,7 @@ from serving.models.attention import AttentionMetadata, paged_attention
 from serving.models.config import ModelArchConfig
 from serving.models.layers import GatedMLP, RMSNorm, empty_parameter
 from serving.models.linear import linear, prepack
+from serving.models.quant import FloatProjection, Projection
 from serving.models.rope import RotaryEmbedding
 
 
@@ -30,15 +31,12 @@ class LlamaAttention(nn.Module):
         self.scale = arch.head_dim**-0.5
         q_size = self.num_heads * self.head_dim
         qkv_size = q_size + 2 * self.num_kv_heads * self.head_dim
-        self.qkv_proj = empty_parameter(qkv_size, arch.hidden_size, dtype=dtype, device=device)
-        self.qkv_bias = (
-            empty_parameter(qkv_size, dtype=dtype, device=device) if arch.attention_bias else None
+        self.qkv_proj: Projection = FloatProjection(
+            qkv_size, arch.hidden_size, bias=arch.attention_bias, dtype=dtype, device=device
         )
-        self.o_proj = empty_parameter(arch.hidden_size, q_size, dtype=dtype, device=device)
-        self.qkv_packed = self.o_packed = None
-
-    def prepack(self) -> None:
-        self.qkv_packed, self.o_packed = prepack(self.qkv_proj), prepack(self.o_proj)
+        self.o_proj: Projection = FloatProjection(
+            arch.hidden_size, q_size, bias=False, dtype=dtype, device=device
+        )
 
     def forward(
         self,
@@ -49,7 +47,7 @@ class LlamaAttention(nn.Module):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = hidden_states.shape[0]
-        qkv = linear(hidden_states, self.qkv_proj, self.qkv_packed, self.qkv_bias)
+        qkv = self.qkv_proj(hidden_states)
         num_qk_heads = self.num_heads + self.num_kv_heads
         qkv = qkv.view(num_tokens, num_qk_heads + self.num_kv_heads, self.head_dim)
         # RoPE on q and k together: one set of elementwise ops per layer.
@@ -57,7 +55,7 @@ class LlamaAttention(nn.Module):
         query, key = query_key.split((self.num_heads, self.num_kv_heads), dim=1)
         value = qkv[:, num_qk_heads:]
         output = paged_attention(query, key, value, kv_cache, metadata, self.scale)
-        return linear(output, self.o_proj, self.o_packed)
+        return self.o_proj(output)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -121,11 +119,11 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head_packed: torch.Tensor | None = None
 
     def prepack(self) -> None:
-        """Reorder projection weights for the device's fastest kernel; call after loading."""
+        """Reorder float weights for the device's fastest kernel; call after loading."""
         self.lm_head_packed = prepack(self.lm_head)
-        for layer in self.layers:
-            layer.self_attn.prepack()
-            layer.mlp.prepack()
+        for module in self.modules():
+            if isinstance(module, Projection):
+                module.prepack()
 
     def forward(
         self,

@@ -2,11 +2,19 @@
 
 Reads `model.safetensors`, or the shards named by `model.safetensors.index.json`, and fuses
 q/k/v and gate/up into one weight each while copying into the model's parameters.
+
+A compressed-tensors `pack-quantized` checkpoint (`quantization_config` in config.json, what
+`quiver optimize int8|awq` and llmcompressor write) loads too: each quantized Linear's
+`weight_packed` / `weight_scale` / `weight_shape` (/ `weight_zero_point`) become a
+low-bit projection (`serving.models.quant`), fused along rows like float weights. Layers the
+recipe ignored stay float; embeddings and the LM head are always float.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -14,9 +22,14 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
+from serving.models.compressed import QuantizationConfig, cat_rows, read_quantized
 from serving.models.config import ModelArchConfig
 from serving.models.llama import LlamaForCausalLM
+from serving.models.quant import FloatProjection, Projection, make_projection
+
+logger = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -41,25 +54,45 @@ def load_model(
     device: torch.device | str = "cpu",
     max_model_len: int | None = None,
 ) -> LlamaForCausalLM:
+    """Our model with every weight of `model_dir`; quantized projections keep low-bit kernels."""
     model_dir = Path(model_dir)
     arch = ModelArchConfig.from_model_dir(model_dir)
+    quantization = QuantizationConfig.from_model_dir(model_dir)
     model = LlamaForCausalLM(
         arch, dtype=resolve_dtype(dtype, arch), device=device, max_model_len=max_model_len
     )
     with ExitStack() as stack:
         handles = [stack.enter_context(safe_open(path, "pt")) for path in _shard_paths(model_dir)]
-        tensors = {name: handle for handle in handles for name in handle.keys()}  # noqa: SIM118
-
-        def read(name: str) -> torch.Tensor:
-            if name not in tensors:
-                raise ValueError(f"checkpoint {model_dir} is missing tensor {name!r}")
-            return tensors[name].get_tensor(name)
-
+        reader = _Reader(model_dir, {name: h for h in handles for name in h.keys()})  # noqa: SIM118
         with torch.no_grad():
             for parameter, source_names in _parameter_sources(model):
-                _copy_fused(parameter, [read(name) for name in source_names], source_names)
+                _copy_fused(parameter, [reader(name) for name in source_names], source_names)
+            for owner, attribute, module_names in _projection_sources(model):
+                _load_projection(owner, attribute, module_names, reader, quantization)
     model.prepack()
+    _log_kernels(model_dir, model)
     return model.eval()
+
+
+class _Reader:
+    """Tensors by name across the checkpoint's shards."""
+
+    def __init__(self, model_dir: Path, handles: dict[str, Any]) -> None:
+        self.model_dir = model_dir
+        self.handles = handles
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.handles
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name not in self.handles:
+            if name.endswith(".weight") and f"{name}_packed" in self.handles:
+                raise ValueError(
+                    f"checkpoint {self.model_dir} quantizes {name.removesuffix('.weight')!r}; "
+                    "only decoder projections may be quantized (ignore it in the recipe)"
+                )
+            raise ValueError(f"checkpoint {self.model_dir} is missing tensor {name!r}")
+        return self.handles[name].get_tensor(name)
 
 
 def _shard_paths(model_dir: Path) -> list[Path]:
@@ -73,26 +106,62 @@ def _shard_paths(model_dir: Path) -> list[Path]:
 
 
 def _parameter_sources(model: LlamaForCausalLM) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    """Each parameter with the checkpoint tensors that are concatenated into it."""
+    """Each non-projection parameter with the checkpoint tensors copied into it."""
     yield model.embed_tokens, ["model.embed_tokens.weight"]
     for index, layer in enumerate(model.layers):
         prefix = f"model.layers.{index}."
-        attn = prefix + "self_attn."
-        qkv = [f"{attn}{name}_proj" for name in ("q", "k", "v")]
-        yield layer.self_attn.qkv_proj, [f"{name}.weight" for name in qkv]
-        if layer.self_attn.qkv_bias is not None:
-            yield layer.self_attn.qkv_bias, [f"{name}.bias" for name in qkv]
-        yield layer.self_attn.o_proj, [f"{attn}o_proj.weight"]
-        yield (
-            layer.mlp.gate_up_proj,
-            [f"{prefix}mlp.gate_proj.weight", f"{prefix}mlp.up_proj.weight"],
-        )
-        yield layer.mlp.down_proj, [f"{prefix}mlp.down_proj.weight"]
         yield layer.input_layernorm.weight, [f"{prefix}input_layernorm.weight"]
         yield layer.post_attention_layernorm.weight, [f"{prefix}post_attention_layernorm.weight"]
     yield model.norm.weight, ["model.norm.weight"]
     if not model.arch.tie_word_embeddings:
         yield model.lm_head, ["lm_head.weight"]
+
+
+def _projection_sources(model: LlamaForCausalLM) -> Iterator[tuple[nn.Module, str, list[str]]]:
+    """Each projection (owner, attribute) with the HF Linear modules fused into it."""
+    for index, layer in enumerate(model.layers):
+        prefix = f"model.layers.{index}."
+        attn = prefix + "self_attn."
+        yield layer.self_attn, "qkv_proj", [f"{attn}{name}_proj" for name in ("q", "k", "v")]
+        yield layer.self_attn, "o_proj", [f"{attn}o_proj"]
+        yield layer.mlp, "gate_up_proj", [f"{prefix}mlp.gate_proj", f"{prefix}mlp.up_proj"]
+        yield layer.mlp, "down_proj", [f"{prefix}mlp.down_proj"]
+
+
+def _load_projection(owner: nn.Module, attribute: str, module_names: list[str],
+                     reader: _Reader, quantization: QuantizationConfig | None) -> None:
+    """Fill a float projection in place, or replace it with a quantized one."""
+    projection: FloatProjection = getattr(owner, attribute)
+    is_quantized = [f"{name}.weight_packed" in reader for name in module_names]
+    bias_names = [f"{name}.bias" for name in module_names]
+    if not any(is_quantized):
+        weight_names = [f"{name}.weight" for name in module_names]
+        _copy_fused(projection.weight, [reader(name) for name in weight_names], weight_names)
+        if projection.bias is not None:
+            _copy_fused(projection.bias, [reader(name) for name in bias_names], bias_names)
+        return
+    if not all(is_quantized) or quantization is None:
+        raise ValueError(
+            f"{module_names} must all be quantized (weight_packed) under a "
+            "compressed-tensors quantization_config, or all float"
+        )
+    parts = [read_quantized(reader, name, quantization.weight_args(name))
+             for name in module_names]
+    bias = torch.cat([reader(name) for name in bias_names]) if projection.bias is not None else None
+    weight = projection.weight
+    setattr(owner, attribute, make_projection(
+        cat_rows(parts, module_names), bias, dtype=weight.dtype, device=weight.device
+    ))
+
+
+def _log_kernels(model_dir: Path, model: LlamaForCausalLM) -> None:
+    kernels: Counter[str] = Counter()
+    for name, module in model.named_modules():
+        if isinstance(module, Projection):
+            logger.debug("%s: %s", name, module.describe())
+            kernels[module.describe()] += 1
+    summary = ", ".join(f"{count} x {kernel}" for kernel, count in sorted(kernels.items()))
+    logger.info("loaded %s: projections %s", model_dir, summary)
 
 
 def _copy_fused(parameter: torch.Tensor, sources: list[torch.Tensor], names: list[str]) -> None:

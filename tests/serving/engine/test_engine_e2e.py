@@ -170,3 +170,7 @@ def test_auto_dtype_picks_the_fastest_exact_choice_per_device(tiny_model_dir, mo
     assert factory.resolve_dtype("auto", bf16_arch, cpu) == torch.bfloat16
     assert factory.resolve_dtype("auto", arch, cpu) == torch.float32
     assert factory.resolve_dtype("auto", bf16_arch, torch.device("cuda")) == torch.bfloat16
+    # weight-only int8/int4: the low-bit CPU kernels want bf16 activations, native or not
+    monkeypatch.setattr(factory, "cpu_has_fast_bf16", lambda: False)
+    assert factory.resolve_dtype("auto", arch, cpu, is_quantized=True) == torch.bfloat16
+    assert factory.resolve_dtype("float32", arch, cpu, is_quantized=True) == torch.float32

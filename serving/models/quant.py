@@ -1,0 +1,290 @@
+"""Projections (`y = x @ W.T + b`) whose kernel is chosen once at load.
+
+- `FloatProjection`: a float weight, through oneDNN with a prepacked weight on CPU.
+- `Int4Projection` (CPU, 4-bit, group size a multiple of 32 or per channel): the weight
+  stays packed two values a byte; `torch._weight_int4pack_mm_for_cpu` dequantizes tiles
+  inside the matmul. Its convention is `w = (u - 8) * scale + zero` with `u` unsigned in
+  [0, 15]; compressed-tensors' `w = (q - zp) * scale` with signed `q` maps onto it as
+  `u = q + 8`, `zero = -zp * scale`. The kernel needs `K % group == 0`, a group of 32, 64,
+  128 or 256 and `N % 16 == 0`: a partial last group (K not a multiple of the group size)
+  is padded with zero columns at load and the activation with zeros per call, N with zero
+  rows whose outputs are dropped; a larger group is split into kernel-sized groups that
+  repeat its scale.
+- `Int8Projection` (CPU, any other 1-8 bit weight): int8 values, `torch._weight_int8pack_mm`
+  (per-row scales) once per channel or once per group, summed; an asymmetric zero point
+  is one small correction matmul over per-group sums of the activation.
+- `DequantProjection` (CUDA and other devices): keeps int8 values and dequantizes per call.
+
+The CPU kernels are GEMV-shaped: they win at decode batch sizes and lose to a float GEMM on
+prefill-sized ones, so past `kernel_max_tokens` rows (16 in bf16/fp16; 1 in float32, whose
+low-bit kernels are scalar code) a call rebuilds the float weight from the stored integers
+and runs the float GEMM; the rebuilt weight is dropped after the call.
+
+No path turns a quantized weight back into a stored float copy.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from serving.models.compressed import QuantizedTensor, dequantize
+from serving.models.linear import linear, prepack
+
+logger = logging.getLogger(__name__)
+
+INT4_KERNEL_GROUP_SIZES = (256, 128, 64, 32)
+INT4_KERNEL_ROW_BLOCK = 64  # padded N: the kernel's row blocking, so its layout is known
+INT4_OFFSET = 8
+# Largest batch (tokens) given to a low-bit CPU kernel; larger batches (prefill) dequantize
+# per call and use the float GEMM. The kernels are GEMV-like: in bf16 they beat the float
+# weight only at small batches; in float32 they are scalar code, slow past one row.
+_KERNEL_MAX_TOKENS = {torch.bfloat16: 16, torch.float16: 16}
+
+
+def kernel_max_tokens(dtype: torch.dtype) -> int:
+    return _KERNEL_MAX_TOKENS.get(dtype, 1)
+
+
+class Projection(nn.Module):
+    """A linear map; subclasses differ in how the weight is stored and multiplied."""
+
+    kernel = "none"
+
+    def __init__(self, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def describe(self) -> str:
+        """The kernel and its layout, for the load-time log."""
+        return self.kernel
+
+    def prepack(self) -> None:
+        """Reorder the weight for the device's fastest kernel (float weights only)."""
+
+    def _add_bias(self, output: torch.Tensor) -> torch.Tensor:
+        return output if self.bias is None else output + self.bias
+
+
+class FloatProjection(Projection):
+    """A float weight `[N, K]`, uninitialised until the loader fills it."""
+
+    kernel = "float"
+
+    def __init__(self, out_features: int, in_features: int, *, bias: bool,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__(torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=dtype, device=device),
+            requires_grad=False,
+        )
+        self.packed: torch.Tensor | None = None
+
+    def describe(self) -> str:
+        return "onednn (prepacked)" if self.packed is not None else "F.linear"
+
+    def prepack(self) -> None:
+        self.packed = prepack(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.packed, self.bias)
+
+
+class Int8Projection(Projection):
+    """`torch._weight_int8pack_mm` per group: int8 values `[num_groups, N, group]`."""
+
+    kernel = "int8pack_mm"
+
+    def __init__(self, weight: QuantizedTensor, bias: torch.Tensor | None,
+                 dtype: torch.dtype) -> None:
+        super().__init__(bias)
+        num_rows, self.in_features = weight.shape
+        self.group_size = weight.effective_group_size
+        self.num_groups = weight.scale.shape[1]
+        self.padded_features = self.num_groups * self.group_size
+        values = F.pad(weight.values, (0, self.padded_features - self.in_features))
+        grouped = values.view(num_rows, self.num_groups, self.group_size).transpose(0, 1)
+        self.register_buffer("values", grouped.contiguous())
+        self.register_buffer("scales", weight.scale.t().contiguous().to(dtype))  # [G, N]
+        zero_scales = None
+        if weight.zero_point is not None:  # (q - zp) * s = q * s - zp * s, in float32
+            zero_scales = weight.zero_point.float() * weight.scale.float()
+        self.register_buffer("zero_scales", zero_scales)  # [N, G]
+
+    def describe(self) -> str:
+        zero = ", zero-point correction" if self.zero_scales is not None else ""
+        groups = "per channel" if self.num_groups == 1 else f"group {self.group_size}"
+        return f"{self.kernel} ({groups}{zero})"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padded_features != self.in_features:
+            x = F.pad(x, (0, self.padded_features - self.in_features))
+        if x.shape[0] > kernel_max_tokens(x.dtype):
+            return F.linear(x, self.dequantized(x.dtype), self.bias)
+        if self.num_groups == 1:
+            output = torch._weight_int8pack_mm(x, self.values[0], self.scales[0])
+        else:
+            chunks = x.view(-1, self.num_groups, self.group_size).transpose(0, 1).contiguous()
+            output = torch._weight_int8pack_mm(chunks[0], self.values[0], self.scales[0])
+            for group in range(1, self.num_groups):
+                output += torch._weight_int8pack_mm(
+                    chunks[group], self.values[group], self.scales[group]
+                )
+        if self.zero_scales is not None:
+            group_sums = x.view(-1, self.num_groups, self.group_size).float().sum(-1)
+            output -= F.linear(group_sums, self.zero_scales).to(output.dtype)
+        return self._add_bias(output)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The float weight `[N, K']`, rebuilt for one call (prefill-sized batches)."""
+        weight = self.values.float() * self.scales.float().unsqueeze(-1)  # [G, N, group]
+        if self.zero_scales is not None:
+            weight -= self.zero_scales.t().unsqueeze(-1)
+        return weight.transpose(0, 1).reshape(-1, self.padded_features).to(dtype)
+
+
+def int4_kernel_group_size(weight: QuantizedTensor) -> int | None:
+    """The int4 kernel's group size for `weight`, or None where that kernel can't run it."""
+    if weight.num_bits != 4:
+        return None
+    if weight.group_size is None:
+        return INT4_KERNEL_GROUP_SIZES[1]
+    return next(
+        (size for size in INT4_KERNEL_GROUP_SIZES if weight.group_size % size == 0), None
+    )
+
+
+class Int4Projection(Projection):
+    """`torch._weight_int4pack_mm_for_cpu` over a weight packed at load (uint8 `[N', K'/2]`)."""
+
+    kernel = "int4pack_mm"
+
+    def __init__(self, weight: QuantizedTensor, bias: torch.Tensor | None,
+                 dtype: torch.dtype) -> None:
+        super().__init__(bias)
+        group_size = int4_kernel_group_size(weight)
+        if group_size is None:
+            raise ValueError(f"the int4 kernel cannot run a {weight.num_bits}-bit weight "
+                             f"with group size {weight.group_size}")
+        self.out_features, self.in_features = weight.shape
+        self.group_size = group_size
+        source_group = weight.group_size or group_size
+        self.padded_features = math.ceil(self.in_features / source_group) * source_group
+        row_multiple = INT4_KERNEL_ROW_BLOCK
+        self.padded_rows = math.ceil(self.out_features / row_multiple) * row_multiple
+        pad_rows = self.padded_rows - self.out_features
+        unsigned = F.pad(
+            (weight.values + INT4_OFFSET).to(torch.int32),
+            (0, self.padded_features - self.in_features, 0, pad_rows),
+            value=INT4_OFFSET,
+        )
+        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(unsigned, 1))
+        self.register_buffer("scales_and_zeros", _scales_and_zeros(
+            weight, group_size, self.padded_features, pad_rows
+        ).to(dtype))
+
+    def describe(self) -> str:
+        padding = ""
+        if self.padded_features != self.in_features or self.padded_rows != self.out_features:
+            padding = (f", padded [{self.out_features}, {self.in_features}] -> "
+                       f"[{self.padded_rows}, {self.padded_features}]")
+        return f"{self.kernel} (group {self.group_size}{padding})"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padded_features != self.in_features:
+            x = F.pad(x, (0, self.padded_features - self.in_features))
+        if x.shape[0] > kernel_max_tokens(x.dtype) and int4_layout_is_row_blocked():
+            output = F.linear(x, self.dequantized(x.dtype))
+        else:
+            output = torch._weight_int4pack_mm_for_cpu(
+                x.contiguous(), self.packed, self.group_size, self.scales_and_zeros
+            )
+        if self.padded_rows != self.out_features:
+            output = output[:, : self.out_features]
+        return self._add_bias(output)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The float weight `[N', K']` from the kernel's own packing (see `unpack_int4`)."""
+        unsigned = unpack_int4(self.packed, self.padded_rows, self.padded_features)
+        scale, zero = self.scales_and_zeros.float().unbind(-1)  # [K' / group, N']
+        scale = scale.t().repeat_interleave(self.group_size, dim=1)
+        zero = zero.t().repeat_interleave(self.group_size, dim=1)
+        return ((unsigned.float() - INT4_OFFSET) * scale + zero).to(dtype)
+
+
+def unpack_int4(packed: torch.Tensor, num_rows: int, num_cols: int) -> torch.Tensor:
+    """Unsigned values `[N, K]` of `_convert_weight_to_int4pack_for_cpu`'s layout for N a
+    multiple of 64: per block of 64 rows, `[K, 32]` bytes whose low nibbles are rows 0-31
+    and high nibbles rows 32-63 (checked once per process by `int4_layout_is_row_blocked`)."""
+    half = INT4_KERNEL_ROW_BLOCK // 2
+    blocks = packed.view(num_rows // INT4_KERNEL_ROW_BLOCK, num_cols, half)
+    unsigned = torch.cat([blocks & 0xF, blocks >> 4], dim=-1)  # [N / 64, K, 64]
+    return unsigned.transpose(1, 2).reshape(num_rows, num_cols)
+
+
+@functools.cache
+def int4_layout_is_row_blocked() -> bool:
+    """Whether this torch build packs int4 as `unpack_int4` reads it (else: no dequant path)."""
+    probe = torch.randint(0, 16, (2 * INT4_KERNEL_ROW_BLOCK, 64), dtype=torch.int32,
+                          generator=torch.Generator().manual_seed(0))
+    packed = torch._convert_weight_to_int4pack_for_cpu(probe, 1)
+    return torch.equal(unpack_int4(packed, *probe.shape).to(torch.int32), probe)
+
+
+def _scales_and_zeros(weight: QuantizedTensor, group_size: int, padded_features: int,
+                      pad_rows: int) -> torch.Tensor:
+    """`[K' / group, N', 2]` float32: the kernel's (scale, zero) per group and row."""
+    scale = weight.scale.float()
+    zero = torch.zeros_like(scale)
+    if weight.zero_point is not None:
+        zero = -weight.zero_point.float() * scale
+    num_groups = padded_features // group_size
+    if weight.group_size is None:  # one scale per row, repeated over every kernel group
+        scale, zero = scale.expand(-1, num_groups), zero.expand(-1, num_groups)
+    else:  # each source group split into kernel-sized groups
+        repeats = weight.group_size // group_size
+        scale, zero = scale.repeat_interleave(repeats, 1), zero.repeat_interleave(repeats, 1)
+    scale = F.pad(scale, (0, 0, 0, pad_rows), value=1.0)
+    zero = F.pad(zero, (0, 0, 0, pad_rows))
+    return torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+
+
+class DequantProjection(Projection):
+    """Integer values kept as int8; the float weight is rebuilt on every call."""
+
+    kernel = "dequantize-per-call"
+
+    def __init__(self, weight: QuantizedTensor, bias: torch.Tensor | None) -> None:
+        super().__init__(bias)
+        self.num_bits = weight.num_bits
+        self.group_size = weight.group_size
+        self.register_buffer("values", weight.values)
+        self.register_buffer("scale", weight.scale)
+        self.register_buffer("zero_point", weight.zero_point)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = QuantizedTensor(
+            self.values, self.scale, self.zero_point, self.num_bits, self.group_size
+        )
+        return F.linear(x, dequantize(weight, x.dtype), self.bias)
+
+
+def make_projection(weight: QuantizedTensor, bias: torch.Tensor | None, *,
+                    dtype: torch.dtype, device: torch.device) -> Projection:
+    """The fastest real low-bit kernel for `weight` on `device` (see the module doc)."""
+    bias = None if bias is None else bias.to(dtype=dtype, device=device)
+    if device.type != "cpu":
+        weight = QuantizedTensor(  # scales stay float32: dequantize computes in float32
+            weight.values.to(device), weight.scale.to(device=device, dtype=torch.float32),
+            None if weight.zero_point is None else weight.zero_point.to(device),
+            weight.num_bits, weight.group_size,
+        )
+        return DequantProjection(weight, bias)
+    if int4_kernel_group_size(weight) is not None:
+        return Int4Projection(weight, bias, dtype)
+    return Int8Projection(weight, bias, dtype)

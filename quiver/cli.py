@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 from gateway import cli as gateway_cli
 from gateway import keys_cli
+from optimize import cli as optimize_cli
 from quiver import __version__, bench, up
 from quiver.errors import NotYetAvailableError, QuiverError
 from quiver.models import cli as models_cli
@@ -24,7 +25,6 @@ logger = logging.getLogger(__name__)
 
 # Subcommands whose issue has not landed yet: name -> (one-line help, what brings it).
 _PENDING: dict[str, tuple[str, str]] = {
-    "optimize": ("quantize, export or distill a checkpoint", "the optimize issue (#6)"),
     "loadtest": ("load-test an endpoint with Locust", "the load-test issue (#9)"),
 }
 
@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_parser(subparsers)
     gateway_cli.add_parser(subparsers)
     keys_cli.add_parser(subparsers)
+    optimize_cli.add_parser(subparsers)
     for name, (summary, landing) in _PENDING.items():
         pending = subparsers.add_parser(name, help=summary, description=summary)
         pending.set_defaults(func=_not_yet(name, landing), accepts_any_args=True)

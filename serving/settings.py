@@ -54,12 +54,12 @@ class ServerSettings(BaseSettings):
         return self.served_model_name or self.model.name
 
     def resolved_engine(self) -> str:
-        """`auto`: the artifact's manifest decides (onnx -> onnx), else native."""
+        """`auto`: the artifact's manifest decides (onnx, tensorrt -> onnx), else native."""
         if self.engine != "auto":
             return self.engine
         manifest = self.model / "manifest.json"
         if manifest.is_file():
             fmt = json.loads(manifest.read_text(encoding="utf-8")).get("format")
-            if fmt == "onnx":
+            if fmt in ("onnx", "tensorrt"):
                 return "onnx"
         return "native"

@@ -15,6 +15,9 @@ from serving.engine.errors import InvalidRequestError, PromptTooLongError
 from serving.engine.sampling_params import SamplingParams
 
 INSTALL_HINT = "the onnx engine needs quiver[optimize] (onnxruntime, onnxruntime-genai)"
+# Written by `quiver optimize tensorrt` next to the ONNX model: ONNX Runtime's TensorRT
+# execution provider settings, the engine cache path relative to the artifact dir.
+TENSORRT_CONFIG = "tensorrt.json"
 
 
 def import_og() -> Any:
@@ -46,11 +49,38 @@ class OnnxModelConfig:
                    is_paged="dynamic_batching" in config.get("engine", {}))
 
 
+def tensorrt_provider_options(model_dir: Path) -> dict[str, Any] | None:
+    """ONNX Runtime's TensorrtExecutionProvider options for a `tensorrt` artifact (engine
+    and timing caches inside it), or None for a plain ONNX artifact."""
+    path = Path(model_dir) / TENSORRT_CONFIG
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text(encoding="utf-8"))
+    cache = str((Path(model_dir) / config["engine_cache"]).resolve())
+    return {"device_id": int(config.get("device_id", 0)),
+            "trt_fp16_enable": config.get("precision") == "fp16",
+            "trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
+            "trt_timing_cache_enable": True, "trt_timing_cache_path": cache}
+
+
+def check_servable(og: Any, model_dir: Path, device: str) -> None:
+    """A `tensorrt` artifact's engines need ONNX Runtime's TensorRT EP, which og cannot
+    attach (its providers: CUDA, NvTensorRtRtx, DML, QNN, OpenVINO, WebGPU, ...); serving
+    its ONNX graph on CUDA, engines unused, must be asked for with --device cuda."""
+    if tensorrt_provider_options(model_dir) is None or device in ("cpu", "cuda"):
+        return
+    raise ValueError(f"model {model_dir} is a tensorrt artifact: its engines run on ONNX "
+                     "Runtime's TensorRT execution provider, which onnxruntime-genai "
+                     f"{og.__version__} cannot attach; pass --device cuda to serve its ONNX "
+                     "graph on the CUDA execution provider (engines unused)")
+
+
 def og_config_view(og: Any, model_dir: Path, config: OnnxModelConfig, view: Path, *,
                    device: str, max_len: int, max_batch_size: int) -> Any:
     """og's config over `view`: symlinks to the artifact's files and our own
     genai_config.json (og's overlay cannot empty a list) with no EOS id, our length limit
     and batch size."""
+    check_servable(og, model_dir, device)
     genai = json.loads((model_dir / "genai_config.json").read_text(encoding="utf-8"))
     genai["model"]["eos_token_id"] = []
     genai["search"]["max_length"] = max_len

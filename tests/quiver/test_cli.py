@@ -35,7 +35,7 @@ def test_models_help_lists_its_verbs():
         assert verb in result.stdout
 
 
-@pytest.mark.parametrize("name", ["optimize", "loadtest"])
+@pytest.mark.parametrize("name", ["loadtest"])
 def test_pending_subcommand_says_not_yet_available(name, capsys):
     assert main([name, "--model", "x"]) == 3
     err = capsys.readouterr().err

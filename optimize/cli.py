@@ -1,0 +1,89 @@
+"""`quiver optimize {int8,awq,onnx,tensorrt,distill,eval} --model SRC --out DIR ...`.
+
+Every method measures the source and the artifact on held-out text and writes
+`manifest.json`; a quality gate (`--max-ppl-increase`, a default per method) refuses an
+artifact that fails it unless `--force`. `eval` prints the same measurements as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from pathlib import Path
+
+from optimize.methods import METHODS
+
+EXIT_GATE = 4
+
+
+def _method(name: str):
+    return importlib.import_module(METHODS[name]).METHOD
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True,
+                        help="source: an HF safetensors dir, a .gguf file, or an artifact")
+    parser.add_argument("--eval-data", type=Path, default=None,
+                        help="evaluation text (.txt: passages split by blank lines; .jsonl: "
+                             "`text` fields); default: held-out pydoc_data.topics passages")
+    parser.add_argument("--eval-samples", type=int, default=40,
+                        help="evaluation passages used (default 40)")
+    parser.add_argument("--eval-max-tokens", type=int, default=512,
+                        help="tokens scored per passage (default 512)")
+    parser.add_argument("--decode-tokens", type=int, default=64,
+                        help="tokens decoded to measure speed; 0 skips it (default 64)")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    summary = "quantize, export or distill a checkpoint into a servable artifact"
+    parser = subparsers.add_parser("optimize", help=summary, description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    methods = parser.add_subparsers(dest="method", metavar="METHOD", required=True)
+    for name in METHODS:
+        method = _method(name)
+        sub = methods.add_parser(name, help=method.summary, description=method.summary)
+        add_common(sub)
+        sub.add_argument("--out", type=Path, required=True, help="artifact dir to write")
+        sub.add_argument("--calib-data", type=Path, default=None,
+                         help="calibration text (.txt or .jsonl); default: the calibration "
+                              "part of pydoc_data.topics")
+        sub.add_argument("--calib-samples", type=int, default=128,
+                         help="calibration passages used (default 128)")
+        default = method.default_max_ppl_increase
+        sub.add_argument("--max-ppl-increase", type=float, default=None,
+                         help="quality gate: largest perplexity increase allowed, percent "
+                              f"(default {default if default is not None else 'none'})")
+        sub.add_argument("--force", action="store_true",
+                         help="write the artifact even when it fails the quality gate")
+        sub.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+        method.add_arguments(sub)
+        sub.set_defaults(func=run_method, method_name=name)
+    evaluate = methods.add_parser("eval", help="perplexity, decode tokens/s and size as JSON")
+    add_common(evaluate)
+    evaluate.set_defaults(func=run_eval)
+
+
+def run_method(args: argparse.Namespace) -> int:
+    from optimize.pipeline import run
+
+    manifest = run(_method(args.method_name), args)
+    print(manifest.model_dump_json(indent=2))
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from optimize.data import load_texts
+    from optimize.evaluate import evaluate
+    from optimize.pipeline import resolve_source
+
+    with tempfile.TemporaryDirectory(prefix="quiver-eval-") as work:
+        source = resolve_source(args.model, Path(work))
+        texts = load_texts(args.eval_data, "evaluation", limit=args.eval_samples)
+        result = evaluate(source, texts, max_tokens=args.eval_max_tokens,
+                          decode_tokens=args.decode_tokens or None)
+    print(json.dumps({**result.to_dict(), "model": str(args.model),
+                      "eval_data": texts.name}, indent=2))
+    return 0

@@ -1,5 +1,6 @@
 """`quiver optimize distill`: student selection, the KD loss, budgets, checkpoints and
-exact resume on the tiny model; a short real distillation of SmolLM2 (slow)."""
+exact resume on the tiny model; SmolLM2 figures (speed, KD
+vs CE alone) come from benchmarks/optimize.py."""
 
 from __future__ import annotations
 
@@ -255,32 +256,3 @@ def best_decode_ratio(student: Path, teacher: Path, rounds: int = 2) -> float:
         for model in rates:
             rates[model] = max(rates[model], native_decode_rate(model, 64))
     return rates[student] / rates[teacher]
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(1800)     # ~4 minutes on an idle 2-core CPU; far more on a shared one
-def test_smollm2_half_depth_student_is_faster(smollm2_dir, tmp_path):
-    """A short real distillation, and the same student trained on CE alone (the control).
-
-    Prints teacher vs student perplexity and decode speed, and KD vs CE-only perplexity at
-    equal steps; asserts only what a short run makes robust: the half-depth student loads,
-    its perplexity is finite and it decodes >= 1.6x faster. Whether KD beats CE by a clear
-    margin is for benchmarks/optimize.py, with a real training budget."""
-    from serving.models.loader import load_model
-
-    common = ("--max-steps", "12", "--seq-len", "128", "--calib-samples", "64",
-              "--eval-samples", "10", "--eval-max-tokens", "256")
-    kd = optimize_distill(smollm2_dir, tmp_path / "kd", *common, "--decode-tokens", "32")
-    ce = optimize_distill(smollm2_dir, tmp_path / "ce", *common, "--decode-tokens", "0",
-                          "--kd-weight", "0")
-    metrics = kd["metrics"]
-    speedup = max(metrics["decode_tokens_per_s"] / metrics["baseline_decode_tokens_per_s"],
-                  best_decode_ratio(tmp_path / "kd", smollm2_dir))
-    print(f"\nteacher ppl {metrics['baseline_perplexity']:.2f}, KD student ppl "
-          f"{metrics['perplexity']:.2f}, CE-only student ppl {ce['metrics']['perplexity']:.2f} "
-          f"({kd['params']['steps']} steps each); decode {metrics['decode_tokens_per_s']:.1f} "
-          f"vs {metrics['baseline_decode_tokens_per_s']:.1f} tok/s = {speedup:.2f}x")
-    assert kd["params"]["steps"] == ce["params"]["steps"] == 12
-    assert math.isfinite(metrics["perplexity"]) and math.isfinite(ce["metrics"]["perplexity"])
-    assert load_model(tmp_path / "kd").arch.num_hidden_layers == 15
-    assert speedup >= 1.6

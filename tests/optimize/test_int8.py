@@ -151,13 +151,3 @@ def test_cli_writes_an_int8_artifact_with_its_manifest(tiny_model_dir: Path,
 def test_cli_gate_refuses_a_failing_int8_artifact_unless_forced(
         tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     check_gate("int8", tiny_model_dir, tmp_path, capsys, *TINY_RUN)
-
-
-@pytest.mark.slow
-def test_smollm2_int8_meets_the_quality_target(smollm2_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "smollm2-int8"
-    assert run_cli("int8", smollm2_dir, out, "--eval-samples", "12",
-                   "--decode-tokens", "16") == 0
-    metrics = check_manifest(out, "int8", smollm2_dir)["metrics"]
-    increase = (metrics["perplexity"] / metrics["baseline_perplexity"] - 1) * 100
-    assert increase <= 1.0, f"int8 perplexity +{increase:.2f} % (target +1 %)"

@@ -15,7 +15,9 @@ from quiver.errors import QuiverError
 
 BENCHMARKS_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 BENCHMARKS = {"engine": "native engine vs vLLM vs Hugging Face generate (tokens/s, TTFT, ITL)",
-              "gateway": "gateway added latency (p50/p99, TTFT), cache hits, requests/s"}
+              "gateway": "gateway added latency (p50/p99, TTFT), cache hits, requests/s",
+              "optimize": "quiver optimize methods vs fp32/bf16: perplexity, size, decode "
+                          "tokens/s at batch 1 and 32"}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -6,14 +6,15 @@
 | AuthenticationError      | 401    | invalid_request_error  | invalid_api_key        |
 | PermissionDeniedError    | 403    | invalid_request_error  | model_not_allowed ...  |
 | NotFoundError            | 404    | invalid_request_error  | model_not_found ...    |
-| RequestTooLargeError     | 413    | invalid_request_error  | request_too_large      |
 | RateLimitError           | 429    | rate_limit_error       | rate_limit_exceeded    |
 | QuotaExceededError       | 429    | insufficient_quota     | insufficient_quota     |
 | UpstreamError            | 502    | upstream_error         | bad_gateway            |
 | NoUpstreamError          | 503    | service_unavailable    | no_healthy_upstream    |
 | UpstreamTimeoutError     | 504    | upstream_error         | upstream_timeout       |
 
-Keys never appear in a message: only a key's name.
+Keys never appear in a message: only a key's name. A body over the limit gets the shared
+`BodySizeLimitMiddleware`'s 413 (`request_too_large`), and an unexpected exception the
+shared request-id middleware's 500, both in the same shape.
 """
 
 from __future__ import annotations
@@ -63,11 +64,6 @@ class MethodNotAllowedError(GatewayError):
     code = "method_not_allowed"
 
 
-class RequestTooLargeError(GatewayError):
-    status_code = 413
-    error_type = "invalid_request_error"
-    code = "request_too_large"
-
 
 class _RetryAfter(GatewayError):
     def __init__(self, message: str, *, retry_after_s: float | None = None,
@@ -111,16 +107,6 @@ class UpstreamTimeoutError(GatewayError):
     status_code = 504
     error_type = "upstream_error"
     code = "upstream_timeout"
-
-
-class InternalError(GatewayError):
-    status_code = 500
-    error_type = "server_error"
-    code = "internal_error"
-
-    def __init__(self, request_id: str) -> None:
-        super().__init__(f"The gateway had an error while processing your request "
-                         f"(request id {request_id}); it has been logged.")
 
 
 def error_response(error: ApiError, headers: dict[str, str] | None = None) -> Response:

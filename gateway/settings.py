@@ -173,13 +173,6 @@ class GatewaySettings(BaseSettings):
             raise ValueError(f"{', '.join(needs_redis)} backend is redis but redis_url is unset")
         return self
 
-    @property
-    def key_store_is_redis(self) -> bool:
-        return self.key_store.startswith(("redis://", "rediss://", "unix://"))
-
-    def route(self, model: str) -> ModelRouteSettings | None:
-        return next((m for m in self.models if m.name == model), None)
-
 
 class ConfigError(ValueError):
     """The gateway config is unreadable or invalid; the message names the bad key."""

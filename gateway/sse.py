@@ -7,8 +7,6 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-DONE_EVENT = b"data: [DONE]\n\n"
-
 
 class EventSplitter:
     """Feeds raw chunks in, gets complete events (each ending in a blank line) out."""

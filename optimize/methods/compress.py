@@ -24,11 +24,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from quiver.errors import QuiverError
+from quiver.models.verify import LLAMA_FAMILY  # what the native engine serves
 
 logger = logging.getLogger(__name__)
 
-# The architectures our native engine, vLLM and llmcompressor's AWQ mappings all share.
-LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 IGNORE = ["lm_head"]
 FORMAT = "pack-quantized"
 # Copied verbatim from the source, so the artifact tokenizes and chats exactly like it.
@@ -47,7 +46,7 @@ def source_config(source: Path) -> dict[str, Any]:
     model_type = config.get("model_type")
     if model_type not in LLAMA_FAMILY:
         raise QuiverError(f"{source} is a {model_type!r} model; int8 and awq quantize "
-                          f"Llama-family models only ({', '.join(LLAMA_FAMILY)})")
+                          f"Llama-family models only ({', '.join(sorted(LLAMA_FAMILY))})")
     return config
 
 

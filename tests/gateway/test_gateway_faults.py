@@ -4,6 +4,7 @@ rollback, shadow traffic, client disconnects, and two gateways sharing one Redis
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import threading
 import time
@@ -38,14 +39,23 @@ def sse_events(raw: bytes) -> list[str]:
     return [e.removeprefix("data: ") for e in raw.decode().split("\n\n") if e.strip()]
 
 
+@contextlib.contextmanager
+def gateway_before(upstream_url: str, tmp_path, key_name: str, **extra):
+    """A gateway with one stable variant on `upstream_url` and one key: `(gateway, key)`."""
+    store = str(tmp_path / "keys.db")
+    key = create_key(store, key_name)
+    gateway = start_gateway(gateway_config(store, [variant("stable", 100, upstream_url)],
+                                           **extra), tmp_path)
+    try:
+        yield gateway, key
+    finally:
+        gateway.stop()
+
+
 def test_upstream_dying_mid_stream_ends_the_stream_with_an_error_event(fake_upstreams,
                                                                        tmp_path):
     fake = fake_upstreams("dying", mode="die_mid_stream", die_after=2, chunk_delay=0.05)
-    store = str(tmp_path / "keys.db")
-    key = create_key(store, "streamer")
-    gateway = start_gateway(gateway_config(store, [variant("stable", 100, fake.url)]),
-                            tmp_path)
-    try:
+    with gateway_before(fake.url, tmp_path, "streamer") as (gateway, key):
         body = {"model": "tiny", "messages": MESSAGES, "stream": True}
         with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body,
                           headers={"authorization": f"Bearer {key}"}, timeout=30) as response:
@@ -59,31 +69,19 @@ def test_upstream_dying_mid_stream_ends_the_stream_with_an_error_event(fake_upst
         # a truncated stream is never cached
         again = post(gateway.url, key, {**body, "temperature": 0})
         assert again.headers["x-quiver-cache"] == "miss"
-    finally:
-        gateway.stop()
 
 
 def test_upstream_garbage_is_a_502_in_openai_shape(fake_upstreams, tmp_path):
     fake = fake_upstreams("garbage", mode="garbage")
-    store = str(tmp_path / "keys.db")
-    key = create_key(store, "victim")
-    gateway = start_gateway(gateway_config(store, [variant("stable", 100, fake.url)]),
-                            tmp_path)
-    try:
+    with gateway_before(fake.url, tmp_path, "victim") as (gateway, key):
         response = post(gateway.url, key, {"model": "tiny", "messages": MESSAGES})
         assert response.status_code == 502
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
-    finally:
-        gateway.stop()
 
 
 def test_client_disconnect_cancels_the_upstream_stream(fake_upstreams, tmp_path):
     fake = fake_upstreams("slow", num_chunks=200, chunk_delay=0.05)
-    store = str(tmp_path / "keys.db")
-    key = create_key(store, "impatient")
-    gateway = start_gateway(gateway_config(store, [variant("stable", 100, fake.url)]),
-                            tmp_path)
-    try:
+    with gateway_before(fake.url, tmp_path, "impatient") as (gateway, key):
         body = {"model": "tiny", "messages": MESSAGES, "stream": True}
         with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body,
                           headers={"authorization": f"Bearer {key}"}, timeout=30) as response:
@@ -95,8 +93,6 @@ def test_client_disconnect_cancels_the_upstream_stream(fake_upstreams, tmp_path)
                 break
             time.sleep(0.1)
         assert outcomes == ["client_disconnected"]
-    finally:
-        gateway.stop()
 
 
 @pytest.mark.slow
@@ -279,11 +275,7 @@ def test_shutdown_ends_a_running_stream_with_an_error_event(fake_upstreams, tmp_
     import signal
 
     fake = fake_upstreams("slow", num_chunks=400, chunk_delay=0.05)
-    store = str(tmp_path / "keys.db")
-    key = create_key(store, "late")
-    gateway = start_gateway(gateway_config(store, [variant("stable", 100, fake.url)],
-                                           shutdown_grace_seconds=1), tmp_path)
-    try:
+    with gateway_before(fake.url, tmp_path, "late", shutdown_grace_seconds=1) as (gateway, key):
         body = {"model": "tiny", "messages": MESSAGES, "stream": True}
         with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body,
                           headers={"authorization": f"Bearer {key}"}, timeout=30) as response:
@@ -294,5 +286,3 @@ def test_shutdown_ends_a_running_stream_with_an_error_event(fake_upstreams, tmp_
         events = sse_events(raw)
         assert json.loads(events[-1])["error"]["code"] == "stream_cancelled"
         assert gateway.process.wait(20) == 0
-    finally:
-        gateway.stop()

@@ -29,7 +29,7 @@ from gateway.context import request_context
 from gateway.errors import NotFoundError, handle_api_error, handle_http_exception
 from gateway.keyring import KeyRing
 from gateway.keys import open_key_store
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import GatewayMetrics, KeyLimitsCollector
 from gateway.middleware.access import AccessMiddleware
 from gateway.middleware.auth import AuthMiddleware
 from gateway.middleware.body import BodyMiddleware
@@ -111,10 +111,13 @@ def build_state(settings: GatewaySettings) -> GatewayState:
     pool = UpstreamPool(settings, metrics)
     upstream_models = {(m.name, v.name): v.upstream_model or m.name
                        for m in settings.models for v in m.variants}
+    keyring = KeyRing(open_key_store(settings.key_store),
+                      refresh_seconds=settings.key_refresh_seconds)
+    metrics.registry.register(KeyLimitsCollector(
+        keyring, default_rpm=settings.rate_limit.default_rpm,
+        default_tpm=settings.rate_limit.default_tpm))
     return GatewayState(
-        settings=settings, metrics=metrics,
-        keyring=KeyRing(open_key_store(settings.key_store),
-                        refresh_seconds=settings.key_refresh_seconds),
+        settings=settings, metrics=metrics, keyring=keyring,
         limiter=open_limiter(settings), cache=open_cache(settings, metrics), router=router,
         pool=pool, proxy=ProxyEndpoint(router=router, pool=pool, metrics=metrics,
                                        upstream_models=upstream_models),

@@ -54,8 +54,10 @@ def serve(settings, *, banner: str | None = None) -> None:
     from gateway.app import create_app
     from serving.cli import make_draining_server
     from serving.logging_setup import configure_logging
+    from serving.telemetry import configure_tracing, shutdown_tracing
 
     configure_logging(json_lines=settings.log_json)
+    tracer_provider = configure_tracing("quiver-gateway")
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, lifespan="on",
                             ws="none", access_log=False, log_level="warning",
@@ -64,4 +66,7 @@ def serve(settings, *, banner: str | None = None) -> None:
                 ", ".join(m.name for m in settings.models))
     if banner:
         print(banner, flush=True)
-    make_draining_server(config, state=app.state.gateway).run()
+    try:
+        make_draining_server(config, state=app.state.gateway).run()
+    finally:
+        shutdown_tracing(tracer_provider)

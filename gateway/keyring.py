@@ -76,6 +76,14 @@ class KeyRing:
                 logger.warning("key store refresh failed; keeping the last snapshot",
                                exc_info=True)
 
+    def snapshot(self) -> list[ApiKey]:
+        """The active keys as last loaded (for metrics and the admin API)."""
+        return list(self._keys.values())
+
+    def used_tokens(self, key: ApiKey) -> int:
+        """Tokens the key has spent: the store's count plus what is not in it yet."""
+        return key.used_tokens + self._since_snapshot.get(key.name, 0)
+
     def lookup(self, secret: str) -> ApiKey | None:
         digest = hash_key(secret)
         key = self._keys.get(digest)

@@ -6,9 +6,18 @@ gateways can live in one process (tests). Labels carry a key's *name*, never the
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from serving.api.info_metrics import register_build_info
 from serving.api.middleware import DURATION_BUCKETS, HttpMetrics
+
+if TYPE_CHECKING:
+    from gateway.keyring import KeyRing
 
 TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                 10.0, 30.0, 60.0)
@@ -19,10 +28,12 @@ class GatewayMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.http = HttpMetrics(r, prefix="quiver_gateway")
+        register_build_info(r, component="gateway")
         # routed model traffic
         self.requests = Counter(
-            "quiver_gateway_requests_total", "Routed model requests by outcome",
-            ["model", "variant", "status"], registry=r)
+            "quiver_gateway_requests_total",
+            "Routed model requests by model, variant, key name and HTTP status",
+            ["model", "variant", "key", "status"], registry=r)
         self.request_duration = Histogram(
             "quiver_gateway_request_duration_seconds",
             "Routed request duration, until the last byte", ["model", "variant"],
@@ -31,9 +42,13 @@ class GatewayMetrics:
             "quiver_gateway_time_to_first_byte_seconds",
             "Time until the upstream's first response byte", ["model", "variant"],
             buckets=TTFB_BUCKETS, registry=r)
+        self.time_to_first_token = Histogram(
+            "quiver_gateway_time_to_first_token_seconds",
+            "Streamed requests: time until the first event carrying generated text",
+            ["model", "variant"], buckets=TTFB_BUCKETS, registry=r)
         self.tokens = Counter(
-            "quiver_gateway_tokens_total", "Tokens used, by key name, model and kind",
-            ["key", "model", "kind"], registry=r)
+            "quiver_gateway_tokens_total", "Tokens used, by key name, model, variant and kind",
+            ["key", "model", "variant", "kind"], registry=r)
         self.stream_errors = Counter(
             "quiver_gateway_stream_errors_total",
             "Streams ended by an upstream failure after they started", ["model", "variant"],
@@ -67,6 +82,10 @@ class GatewayMetrics:
             "quiver_gateway_upstream_requests_total",
             "Attempts against replicas by outcome (ok|http_error|connect_error|timeout|"
             "protocol_error)", ["model", "variant", "replica", "outcome"], registry=r)
+        self.upstream_duration = Histogram(
+            "quiver_gateway_upstream_request_duration_seconds",
+            "One attempt against a replica, until its response body is done",
+            ["model", "variant", "replica"], buckets=DURATION_BUCKETS, registry=r)
         self.upstream_retries = Counter(
             "quiver_gateway_upstream_retries_total", "Attempts retried on another replica",
             ["model", "variant"], registry=r)
@@ -79,3 +98,33 @@ class GatewayMetrics:
         self.circuit_open = Gauge(
             "quiver_gateway_circuit_open", "1 while the replica's circuit breaker is open",
             ["model", "variant", "replica"], registry=r)
+
+
+class KeyLimitsCollector(Collector):
+    """Each active key's limits and budget use, read from the keyring at scrape time (so a
+    revoked key's series end with it): the tenants dashboard's "usage against limits"."""
+
+    def __init__(self, keyring: KeyRing, *, default_rpm: int | None,
+                 default_tpm: int | None) -> None:
+        self.keyring = keyring
+        self.default_rpm, self.default_tpm = default_rpm, default_tpm
+
+    def collect(self) -> Iterator[Metric]:
+        limits = GaugeMetricFamily(
+            "quiver_gateway_key_rate_limit_per_minute",
+            "Rate limit of each key (its own, else the gateway default) by kind",
+            labels=["key", "kind"])
+        budget = GaugeMetricFamily("quiver_gateway_key_budget_tokens",
+                                   "Lifetime token budget of keys that have one", labels=["key"])
+        used = GaugeMetricFamily("quiver_gateway_key_used_tokens",
+                                 "Tokens each key has spent (against its budget)",
+                                 labels=["key"])
+        for key in self.keyring.snapshot():
+            for kind, value in (("requests", key.rpm or self.default_rpm),
+                                ("tokens", key.tpm or self.default_tpm)):
+                if value is not None:
+                    limits.add_metric([key.name, kind], value)
+            if key.budget_tokens is not None:
+                budget.add_metric([key.name], key.budget_tokens)
+            used.add_metric([key.name], self.keyring.used_tokens(key))
+        yield from (limits, budget, used)

@@ -23,6 +23,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.relay import Relay
 from gateway.routing import RouteDecision
 from gateway.routing.router import Router
+from gateway.spans import phase_span, set_attributes
 from gateway.upstream.pool import UpstreamPool
 from serving.api.middleware import request_id_var, tracing_enabled
 from serving.protocol.errors import send_api_error
@@ -95,7 +96,9 @@ class ProxyEndpoint:
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         context = request_context(scope)
         try:
-            decision = self.choose(scope, context)
+            with phase_span("route") as span:
+                decision = self.choose(scope, context)
+                set_attributes(span, variant=decision.variant)
         except GatewayError as error:
             await send_api_error(send, error)
             return

@@ -25,7 +25,7 @@ from gateway.errors import GatewayError, UpstreamError
 from gateway.metrics import GatewayMetrics
 from gateway.routing import RouteDecision
 from gateway.routing.router import Router
-from gateway.sse import EventSplitter, error_event, inspect_event, without_null_usage
+from gateway.sse import EventSplitter, carries_text, error_event, inspect_event, without_null_usage
 from gateway.upstream.pool import UpstreamPool, UpstreamStream, UpstreamStreamError
 from serving.api.middleware import trace_headers, tracing_enabled
 from serving.protocol.errors import ErrorResponse, send_api_error
@@ -112,14 +112,18 @@ class Relay:
         self.router = router
         self.metrics = metrics
 
-    def observe(self, decision: RouteDecision, status: int, started: float,
-                first_byte: float | None = None) -> None:
+    def observe(self, context: RequestContext, decision: RouteDecision, status: int,
+                started: float, first_byte: float | None = None,
+                first_token: float | None = None) -> None:
         now = time.perf_counter()
         labels = (decision.model, decision.variant)
-        self.metrics.requests.labels(*labels, str(status)).inc()
+        key_name = context.key.name if context.key is not None else ""
+        self.metrics.requests.labels(*labels, key_name, str(status)).inc()
         self.metrics.request_duration.labels(*labels).observe(now - started)
         if first_byte is not None:
             self.metrics.time_to_first_byte.labels(*labels).observe(first_byte - started)
+        if first_token is not None:
+            self.metrics.time_to_first_token.labels(*labels).observe(first_token - started)
         self.router.record(decision.model, decision.variant, is_error=status >= 500,
                            latency_s=now - started)
 
@@ -147,11 +151,11 @@ class Relay:
                 answer = upstream_error_body(result.status, answer, decision.variant)
         except GatewayError as error:
             end_span(span, error.status_code)
-            self.observe(decision, error.status_code, started)
+            self.observe(context, decision, error.status_code, started)
             await send_api_error(send, error)
             return
         end_span(span, result.status, result.replica)
-        self.observe(decision, result.status, started, time.perf_counter())
+        self.observe(context, decision, result.status, started, time.perf_counter())
         for message in json_messages(result.status, answer, result.headers):
             await send(message)
 
@@ -171,39 +175,41 @@ class Relay:
                                                  headers)
         except GatewayError as error:
             end_span(span, error.status_code)
-            self.observe(decision, error.status_code, started)
+            self.observe(context, decision, error.status_code, started)
             await send_api_error(send, error)
             return
         end_span(span, stream.status, stream.replica)
         try:
             if stream.status != 200:
-                await self.relay_error(send, decision, stream, started)
+                await self.relay_error(send, context, decision, stream, started)
                 return
             await send({"type": "http.response.start", "status": 200,
                         "headers": list(STREAM_START_HEADERS)})
-            first_byte = await self.pump(send, context, decision, stream, wants_usage)
+            first_byte, first_token = await self.pump(send, context, decision, stream,
+                                                      wants_usage)
             status = 200 if context.is_complete else 502
-            self.observe(decision, status, started, first_byte)
+            self.observe(context, decision, status, started, first_byte, first_token)
         finally:
             await stream.aclose()
 
-    async def relay_error(self, send: Any, decision: RouteDecision, stream: UpstreamStream,
-                          started: float) -> None:
+    async def relay_error(self, send: Any, context: RequestContext, decision: RouteDecision,
+                          stream: UpstreamStream, started: float) -> None:
         try:
             answer = upstream_error_body(stream.status, await stream.read(), decision.variant)
         except (GatewayError, UpstreamStreamError) as exc:
             error = exc if isinstance(exc, GatewayError) else UpstreamError(str(exc))
-            self.observe(decision, error.status_code, started)
+            self.observe(context, decision, error.status_code, started)
             await send_api_error(send, error)
             return
-        self.observe(decision, stream.status, started)
+        self.observe(context, decision, stream.status, started)
         for message in json_messages(stream.status, answer, stream.headers):
             await send(message)
 
     async def pump(self, send: Any, context: RequestContext, decision: RouteDecision,
-                   stream: UpstreamStream, wants_usage: bool) -> float | None:
-        """Events out as they come; returns when the first byte arrived."""
-        splitter, first_byte, failure = EventSplitter(), None, None
+                   stream: UpstreamStream,
+                   wants_usage: bool) -> tuple[float | None, float | None]:
+        """Events out as they come; returns when the first byte and the first text came."""
+        splitter, first_byte, first_token, failure = EventSplitter(), None, None, None
         saw_done = saw_error = False
         try:
             async for chunk in stream:
@@ -213,6 +219,8 @@ class Relay:
                     info = inspect_event(event)
                     saw_done = saw_done or info.is_done
                     saw_error = saw_error or info.is_error
+                    if first_token is None and carries_text(event):
+                        first_token = time.perf_counter()
                     if info.usage is not None:
                         record_usage(context, info.usage)
                     if wants_usage:
@@ -239,7 +247,7 @@ class Relay:
                                f"mid-stream: {failure}.")
         context.is_complete = failure is None and saw_done and not saw_error
         await send({"type": "http.response.body", "body": tail, "more_body": False})
-        return first_byte
+        return first_byte, first_token
 
     async def shadow(self, decision: RouteDecision, path: str, body: dict[str, Any],
                      headers: dict[str, str]) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,8 @@ class EventInfo:
 
 
 USAGE_OBJECT = (b'"usage":{', b'"usage": {')
+# A chat delta's or a completion choice's text that is not empty: the event carries tokens.
+TEXT_FIELD = re.compile(rb'"(?:content|text)":\s?"[^"]')
 NULL_USAGE = (b',"usage":null', b', "usage": null')
 
 
@@ -58,6 +61,11 @@ def inspect_event(event: bytes) -> EventInfo:
     if not isinstance(usage, dict):
         return EventInfo()
     return EventInfo(usage=usage, is_usage_only=payload.get("choices") == [])
+
+
+def carries_text(event: bytes) -> bool:
+    """True when the event delivers generated text (not a role-only or usage chunk)."""
+    return TEXT_FIELD.search(event) is not None
 
 
 def without_null_usage(event: bytes) -> bytes:

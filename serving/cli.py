@@ -14,6 +14,7 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 import types
 from collections.abc import Iterator
 from typing import Any, Literal, Union, get_args, get_origin
@@ -95,20 +96,36 @@ def load_tokenizer(settings):
 
 
 async def _serve(settings, banner: str | None) -> None:
+    from serving.logging_setup import configure_logging
+    from serving.telemetry import configure_tracing, shutdown_tracing
+
+    configure_logging(json_lines=settings.log_json)
+    tracer_provider = configure_tracing("quiver-server")
+    try:
+        await _serve_engine(settings, banner)
+    finally:
+        shutdown_tracing(tracer_provider)
+
+
+async def _serve_engine(settings, banner: str | None) -> None:
     import uvicorn
     from prometheus_client import CollectorRegistry
 
     from serving.api.app import create_app
+    from serving.api.info_metrics import register_build_info, register_model_load_time
     from serving.backends.factory import create_engine_client
-    from serving.logging_setup import configure_logging
 
-    configure_logging(json_lines=settings.log_json)
     registry = CollectorRegistry()
+    started = time.perf_counter()
     tokenizer = load_tokenizer(settings)
     try:
         engine = create_engine_client(settings, registry)
     except (RuntimeError, ValueError) as exc:
         raise QuiverError(f"cannot start the {settings.resolved_engine()} engine: {exc}") from exc
+    register_model_load_time(registry, model=settings.name,
+                             seconds=time.perf_counter() - started)
+    register_build_info(registry, component="server", engine=engine.info.engine,
+                        model=settings.name)
     try:
         app = create_app(settings, engine, tokenizer, registry)
         config = uvicorn.Config(app, host=settings.host, port=settings.port, lifespan="off",

@@ -1,7 +1,9 @@
 """Log format for the model server: plain text for people, JSON lines for collectors.
 
 Both carry the request id of the request being served (`request_id_var`, set by the
-request-id middleware); JSON lines add the logger, level and exception text as fields.
+request-id middleware) and, while tracing is on, the trace id (JSON lines add the span id),
+so a log line leads to its trace; JSON lines add the logger, level and exception text as
+fields.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import time
 
 from serving.api.middleware import RequestIdLogFilter
 
-TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(log_ids)s]: %(message)s"
 
 
 class JsonFormatter(logging.Formatter):
@@ -25,6 +27,8 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
             "request_id": getattr(record, "request_id", "-"),
         }
+        if getattr(record, "trace_id", ""):
+            entry["trace_id"], entry["span_id"] = record.trace_id, record.span_id
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)

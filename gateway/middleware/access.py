@@ -77,7 +77,7 @@ class AccessMiddleware:
     def account(self, key: ApiKey, context: RequestContext) -> None:
         if context.total_tokens <= 0:
             return
-        model = context.model
-        self.metrics.tokens.labels(key.name, model, "prompt").inc(context.prompt_tokens)
-        self.metrics.tokens.labels(key.name, model, "completion").inc(context.completion_tokens)
+        labels = (key.name, context.model, context.variant or "")
+        self.metrics.tokens.labels(*labels, "prompt").inc(context.prompt_tokens)
+        self.metrics.tokens.labels(*labels, "completion").inc(context.completion_tokens)
         self.keyring.add_usage(key, context.total_tokens)

@@ -17,6 +17,7 @@ from gateway.errors import AuthenticationError
 from gateway.keyring import KeyRing
 from gateway.keys import ApiKey
 from gateway.metrics import GatewayMetrics
+from gateway.spans import phase_span, set_attributes
 from serving.protocol.errors import send_api_error
 
 PROTECTED_PREFIX = "/v1/"
@@ -42,7 +43,9 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            key = self.authenticate(scope)
+            with phase_span("auth") as span:
+                key = self.authenticate(scope)
+                set_attributes(span, key_name=key.name)
         except AuthenticationError as error:
             await send_api_error(send, error)
             return

@@ -22,6 +22,7 @@ from gateway.context import (
 )
 from gateway.metrics import GatewayMetrics
 from gateway.settings import CacheSettings
+from gateway.spans import phase_span, set_attributes
 
 STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 
@@ -67,7 +68,9 @@ class CacheMiddleware:
         may_read = key is not None and "no-cache" not in directives
         may_store = key is not None and "no-store" not in directives
         if may_read:
-            entry = await self.cache.get(key)
+            with phase_span("cache") as span:
+                entry = await self.cache.get(key)
+                set_attributes(span, cache_result="hit" if entry is not None else "miss")
             if entry is not None:
                 context.cache_status = "hit"
                 context.variant = entry.variant

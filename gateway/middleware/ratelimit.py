@@ -16,6 +16,7 @@ from gateway.errors import RateLimitError
 from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import Limits, RateLimitDecision, RateLimiter
 from gateway.settings import RateLimitSettings
+from gateway.spans import phase_span, set_attributes
 from serving.protocol.errors import send_api_error
 
 
@@ -41,7 +42,9 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         reserved = context.estimated_tokens  # set by AccessMiddleware
-        decision = await self.limiter.acquire(key.name, limits, reserved)
+        with phase_span("ratelimit") as span:
+            decision = await self.limiter.acquire(key.name, limits, reserved)
+            set_attributes(span, allowed=decision.allowed, reserved_tokens=reserved)
         if not decision.allowed:
             await self.refuse(send, key.name, decision)
             return

@@ -18,12 +18,12 @@ import math
 import random
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, get_args
 
 from gateway.errors import BadRequestError, NotFoundError
 from gateway.metrics import GatewayMetrics
 from gateway.routing import RouteDecision
-from gateway.routing.rollback import RollbackMonitor, RollbackVerdict
+from gateway.routing.rollback import RollbackMonitor, RollbackReason, RollbackVerdict
 from gateway.settings import ModelRouteSettings, RollbackSettings
 
 logger = logging.getLogger(__name__)
@@ -54,8 +54,13 @@ class Router:
         self._monitor = RollbackMonitor(rollback, clock=clock)
         self._metrics = metrics
         self._rng = rng or random.Random()
-        for name in self._routes:
-            self._update_gauges(name)
+        for route in routes:
+            self._update_gauges(route.name)
+            for variant in route.variants:  # zeros, so increase() works before a rollback
+                if variant.name != route.stable:
+                    for reason in get_args(RollbackReason):
+                        metrics.rollbacks.labels(model=route.name, variant=variant.name,
+                                                 reason=reason)
 
     def model_names(self) -> list[str]:
         return list(self._routes)

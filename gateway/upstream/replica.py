@@ -168,8 +168,9 @@ class Replica:
                         self.variant)
         self._metrics.circuit_open.labels(**self._labels).set(int(is_open))
 
-    def _count(self, outcome: Outcome) -> None:
+    def _count(self, outcome: Outcome, duration_s: float) -> None:
         self._metrics.upstream_requests.labels(**self._labels, outcome=outcome).inc()
+        self._metrics.upstream_duration.labels(**self._labels).observe(duration_s)
 
 
 class Lease:
@@ -178,6 +179,7 @@ class Lease:
     def __init__(self, replica: Replica) -> None:
         self.replica = replica
         self._is_trial = replica._acquire()
+        self._started = time.perf_counter()
         self._has_verdict = False
         self._is_finished = False
 
@@ -195,5 +197,5 @@ class Lease:
         if not self._has_verdict:
             self.replica.breaker.on_abandon(self._is_trial)
         if outcome is not None:
-            self.replica._count(outcome)
+            self.replica._count(outcome, time.perf_counter() - self._started)
         self.replica._release()

@@ -41,10 +41,19 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 
 
 class RequestIdLogFilter(logging.Filter):
-    """Adds `request_id` (or "-") to every log record, for formats that show it."""
+    """Adds `request_id` (or "-"), and the current span's `trace_id` / `span_id` ("" when no
+    span is recording), to every log record, for formats that show them."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id_var.get() or "-"
+        context = trace.get_current_span().get_span_context()
+        if context.is_valid:
+            record.trace_id = f"{context.trace_id:032x}"
+            record.span_id = f"{context.span_id:016x}"
+        else:
+            record.trace_id = record.span_id = ""
+        record.log_ids = (f"{record.request_id} trace={record.trace_id}" if record.trace_id
+                          else record.request_id)
         return True
 
 

@@ -297,7 +297,8 @@ def test_keys_never_reach_logs_or_metrics(stack):
     httpx.post(f"{stack.gateway.url}/v1/chat/completions", json={"model": "tiny"},
                headers={"authorization": "Bearer qk-leaked-attempt"}, timeout=30)
     metrics = httpx.get(f"{stack.gateway.url}/metrics", timeout=30).text
-    assert 'quiver_gateway_requests_total{model="tiny",status="200",variant="stable"}' in metrics
+    assert ('quiver_gateway_requests_total{key="secretive",model="tiny",status="200",'
+            'variant="stable"}') in metrics
     assert 'quiver_gateway_tokens_total{key="secretive"' in metrics
     for secret in (key, "qk-leaked-attempt"):
         assert secret not in metrics

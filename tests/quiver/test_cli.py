@@ -35,14 +35,6 @@ def test_models_help_lists_its_verbs():
         assert verb in result.stdout
 
 
-@pytest.mark.parametrize("name", ["loadtest"])
-def test_pending_subcommand_says_not_yet_available(name, capsys):
-    assert main([name, "--model", "x"]) == 3
-    err = capsys.readouterr().err
-    assert f"`quiver {name}` is not yet available" in err
-    assert "issue (#" in err
-
-
 def test_unknown_option_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["models", "tiny", "--no-such-flag"])

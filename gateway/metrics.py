@@ -63,6 +63,8 @@ class GatewayMetrics:
         self.cache_requests = Counter(
             "quiver_gateway_cache_requests_total", "Cache lookups by result (hit|miss|bypass)",
             ["result"], registry=r)
+        for result in ("hit", "miss", "bypass"):
+            self.cache_requests.labels(result)
         self.cache_entries = Gauge(
             "quiver_gateway_cache_entries", "Entries in the memory cache", registry=r)
         self.cache_bytes = Gauge(

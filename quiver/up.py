@@ -3,7 +3,9 @@
 The model is served by `quiver serve` on :8001 (a canary, when given, on :8002), both under
 one public name; the gateway runs in this process on :8000 with the key store shared with
 `quiver keys` (`.quiver/keys.db`). The API key is `QUIVER_API_KEY` when set, else a new one
-printed at start (named `quiver-up`, replacing the previous one). Ctrl-C stops everything.
+printed at start (named `quiver-up`, replacing the previous one). With `--monitoring` a
+local Prometheus (:9090) scrapes them all with Quiver's recording and alert rules loaded.
+Ctrl-C stops everything.
 """
 
 from __future__ import annotations
@@ -19,6 +21,13 @@ import urllib.request
 from pathlib import Path
 
 from quiver.errors import QuiverError
+from quiver.monitoring import (
+    PROMETHEUS_PORT,
+    SCRAPE_INTERVAL,
+    ScrapeTargets,
+    start_prometheus,
+    stop_prometheus,
+)
 
 DEFAULT_MODEL = Path("models/smollm2-135m-instruct")
 GATEWAY_PORT = 8000
@@ -44,6 +53,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help=f"first model server port (default {SERVER_PORT})")
     parser.add_argument("--store", default=None,
                         help="key store (default .quiver/keys.db, env QUIVER_GATEWAY_KEY_STORE)")
+    parser.add_argument("--monitoring", action="store_true",
+                        help="also start a local Prometheus scraping the stack, with the rules "
+                             "in monitoring/prometheus/rules (needs the prometheus binary)")
+    parser.add_argument("--prometheus-port", type=int, default=PROMETHEUS_PORT,
+                        help=f"Prometheus port with --monitoring (default {PROMETHEUS_PORT})")
+    parser.add_argument("--scrape-interval", default=SCRAPE_INTERVAL,
+                        help="Prometheus scrape and rule interval with --monitoring (default "
+                             f"{SCRAPE_INTERVAL})")
     parser.set_defaults(func=run)
 
 
@@ -133,6 +150,12 @@ def gateway_settings(args: argparse.Namespace, name: str, weight: float, store: 
                          models=[{"name": name, "variants": variants}])
 
 
+def start_monitoring(args: argparse.Namespace, server_ports: list[int]):
+    targets = ScrapeTargets(gateway=f"127.0.0.1:{args.port}",
+                            servers=tuple(f"127.0.0.1:{port}" for port in server_ports))
+    return start_prometheus(targets, port=args.prometheus_port, interval=args.scrape_interval)
+
+
 def run(args: argparse.Namespace) -> int:
     from gateway.cli import serve
     from gateway.settings import DEFAULT_KEY_STORE
@@ -143,13 +166,21 @@ def run(args: argparse.Namespace) -> int:
     models = [args.model] + ([args.canary_model] if args.canary_model is not None else [])
     servers = [(start_server(model, name, args.server_port + i), args.server_port + i)
                for i, model in enumerate(models)]
+    prometheus = None
     try:
         for process, port in servers:
             wait_ready(process, port)
         settings = gateway_settings(args, name, weight, store)
         api_key = asyncio.run(ensure_key(store))
-        serve(settings, banner=banner(name, args.port, api_key))
+        text = banner(name, args.port, api_key)
+        if args.monitoring:
+            prometheus = start_monitoring(args, [port for _, port in servers])
+            if prometheus is not None:
+                text += (f"\nPrometheus: http://127.0.0.1:{args.prometheus_port} (Quiver's "
+                         "rules and alerts loaded; dashboards in monitoring/grafana/)")
+        serve(settings, banner=text)
     finally:
+        stop_prometheus(prometheus)
         for process, _ in servers:
             if process.poll() is None:
                 process.terminate()

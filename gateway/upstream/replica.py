@@ -106,6 +106,9 @@ class Replica:
         metrics.upstream_healthy.labels(**self._labels).set(1)
         metrics.upstream_outstanding.labels(**self._labels).set(0)
         metrics.circuit_open.labels(**self._labels).set(0)
+        # zeros from the start, so rate() and increase() show 0 rather than no data
+        metrics.upstream_retries.labels(model=model, variant=variant)
+        metrics.stream_errors.labels(model, variant)
 
     def is_usable(self) -> bool:
         return self.is_healthy and self.breaker.can_acquire()

@@ -83,6 +83,9 @@ def manifest_for(method: Method, args: argparse.Namespace, result: BuildResult,
 
 
 def run(method: Method, args: argparse.Namespace) -> Manifest:
+    check_host = getattr(method, "check_host", None)  # optional: see methods/base.py
+    if check_host is not None:
+        check_host(args)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise QuiverError(f"--out {out} exists; remove it or pass --overwrite")

@@ -1,9 +1,12 @@
 """The contract every optimization method keeps.
 
-A method adds its own CLI options, then `build(context)` writes a complete, servable
-artifact into `context.out` (a staging dir the pipeline renames into place only after the
-artifact is measured and passes the quality gate) and returns the `params` recorded in the
-manifest. It never writes `manifest.json` itself and never touches the final `--out` path.
+A method adds its own CLI options; it may define `check_host(args)`, which the pipeline
+calls before anything is measured or written and which raises `HostRequirementError` when
+the machine lacks what the method needs (a GPU, a library). Then `build(context)` writes a
+complete, servable artifact into `context.out` (a staging dir the pipeline renames into
+place only after the artifact is measured and passes the quality gate) and returns the
+`params` recorded in the manifest. It never writes `manifest.json` itself and never
+touches the final `--out` path.
 """
 
 from __future__ import annotations
@@ -15,6 +18,13 @@ from typing import Any, Protocol
 
 from optimize.data import TextSet
 from optimize.manifest import Format
+from quiver.errors import QuiverError
+
+
+class HostRequirementError(QuiverError):
+    """This host lacks what the method needs; checked first, so nothing was written."""
+
+    exit_code = 3
 
 
 @dataclass(frozen=True)

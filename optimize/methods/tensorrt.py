@@ -9,8 +9,8 @@ cache) inside the artifact, so loading it later skips the build. Nodes TensorRT 
 cannot parse those contrib ops. Parity: max |logit diff| vs the source ONNX artifact on CPU.
 
 Without an NVIDIA GPU, onnxruntime-gpu's TensorrtExecutionProvider and the TensorRT
-libraries, the command stops while its arguments are parsed (`--gpu` checks them): before
-the baseline is measured and before anything is written.
+libraries, the command stops at once (`check_host`, exit code 3) with a message naming each
+missing piece: before the baseline is measured and before anything is written.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from optimize.methods.base import BuildContext, BuildResult
+from optimize.methods.base import BuildContext, BuildResult, HostRequirementError
 from quiver.errors import QuiverError
 
 logger = logging.getLogger(__name__)
@@ -88,14 +88,12 @@ def requirements_message(missing: list[str]) -> str:
 
 
 def gpu_index(value: str) -> int:
-    """argparse type of --gpu: the check runs while arguments are parsed, before any work."""
     try:
         device_id = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a GPU number") from None
-    missing = missing_requirements(device_id)
-    if missing:
-        raise argparse.ArgumentTypeError(requirements_message(missing))
+    if device_id < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a GPU number (0, 1, ...)")
     return device_id
 
 
@@ -156,7 +154,7 @@ class TensorrtMethod:
     default_max_ppl_increase: float | None = 1.0
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--gpu", type=gpu_index, default="0",
+        parser.add_argument("--gpu", type=gpu_index, default=0,
                             help="CUDA device to build on (default 0); checked first: an "
                                  "NVIDIA GPU, onnxruntime-gpu's TensorRT EP and the TensorRT "
                                  "libraries")
@@ -168,12 +166,15 @@ class TensorrtMethod:
         parser.add_argument("--parity-samples", type=int, default=4,
                             help="evaluation texts the logit parity check runs on (default 4)")
 
+    def check_host(self, args: argparse.Namespace) -> None:
+        missing = missing_requirements(args.gpu)
+        if missing:
+            raise HostRequirementError(requirements_message(missing))
+
     def build(self, context: BuildContext) -> BuildResult:
         args = context.args
-        device_id = getattr(args, "gpu", 0)
-        missing = missing_requirements(device_id)  # callers that skip argparse
-        if missing:
-            raise QuiverError(requirements_message(missing))
+        device_id = args.gpu
+        self.check_host(args)  # callers that go around the pipeline
         from serving.backends.onnx_config import TENSORRT_CONFIG
 
         copy_onnx_artifact(context.source, context.out)

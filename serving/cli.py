@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import threading
@@ -24,6 +25,16 @@ from quiver.errors import QuiverError
 logger = logging.getLogger(__name__)
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object ({...})")
+    return value
+
+
 def _flag_kwargs(annotation: Any, description: str | None) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"default": None, "help": description}
     if get_origin(annotation) in (Union, types.UnionType):
@@ -34,6 +45,8 @@ def _flag_kwargs(annotation: Any, description: str | None) -> dict[str, Any]:
         kwargs["choices"] = list(get_args(annotation))
     elif annotation in (int, float):
         kwargs["type"] = annotation
+    elif get_origin(annotation) is dict:
+        kwargs["type"] = _json_object
     return kwargs
 
 

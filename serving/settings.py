@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -34,6 +34,12 @@ class ServerSettings(BaseSettings):
     max_model_len: int | None = Field(None, ge=1)
     max_waiting_requests: int = Field(1024, ge=1)
     enable_prefix_caching: bool = True
+    # vllm engine
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm engine: GPUs one server "
+                                      "shards the model over")
+    vllm_engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="vllm engine: more vLLM engine arguments as a JSON "
+        'object, e.g. \'{"quantization": "awq_marlin", "swap_space": 8}\'')
     # triton engine: the Triton server to forward to
     triton_url: str = "127.0.0.1:8000"
     triton_model: str | None = None
@@ -46,6 +52,10 @@ class ServerSettings(BaseSettings):
     def _check_model(self) -> ServerSettings:
         if self.engine != "triton" and not self.model.is_dir():
             raise ValueError(f"model {self.model} is not a directory")
+        if self.engine != "vllm" and (self.tensor_parallel_size > 1 or self.vllm_engine_args):
+            raise ValueError("tensor_parallel_size and vllm_engine_args need --engine vllm "
+                             f"(engine is {self.engine!r}; the native engine runs on one "
+                             "device)")
         return self
 
     @property

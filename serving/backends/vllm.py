@@ -293,7 +293,7 @@ def engine_args(vllm: SimpleNamespace, settings: Any, *, is_cpu: bool):
     kv_bytes = None
     if settings.kv_cache_memory is not None and not is_cpu:
         kv_bytes = int(settings.kv_cache_memory * GIB)
-    return vllm.AsyncEngineArgs(
+    ours = dict(
         model=str(settings.model), served_model_name=settings.name, dtype=settings.dtype,
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=max(settings.max_num_batched_tokens, settings.max_num_seqs),
@@ -301,8 +301,18 @@ def engine_args(vllm: SimpleNamespace, settings: Any, *, is_cpu: bool):
         enable_prefix_caching=settings.enable_prefix_caching,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         kv_cache_memory_bytes=kv_bytes, enforce_eager=is_cpu,
+        tensor_parallel_size=settings.tensor_parallel_size,
         disable_log_stats=False,  # the stat loggers are what feed vLLM's Prometheus metrics
     )
+    extra = dict(settings.vllm_engine_args)
+    clashes = sorted(set(extra) & (set(ours) - {"enforce_eager"}))
+    if clashes:
+        raise ValueError(f"vllm_engine_args sets {', '.join(clashes)}, which Quiver's own "
+                         "settings own: use those flags instead")
+    try:
+        return vllm.AsyncEngineArgs(**{**ours, **extra})
+    except TypeError as exc:  # an argument this vLLM does not know
+        raise ValueError(f"vllm_engine_args: {exc}") from exc
 
 
 def create(settings, registry: CollectorRegistry) -> VllmEngineClient:

@@ -94,3 +94,53 @@ def test_serve_answers_ready_then_drains_on_sigterm(tiny_model_dir):
             process.kill()
             process.wait()
         process.stdout.close()
+
+
+def test_vllm_options_from_flags_and_env(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("QUIVER_SERVER_VLLM_ENGINE_ARGS", '{"swap_space": 8}')
+    settings = settings_from_args(parse("--model", str(tiny_model_dir), "--engine", "vllm",
+                                        "--tensor-parallel-size", "2"))
+    assert settings.tensor_parallel_size == 2
+    assert settings.vllm_engine_args == {"swap_space": 8}
+    monkeypatch.delenv("QUIVER_SERVER_VLLM_ENGINE_ARGS")
+    flagged = settings_from_args(parse("--model", str(tiny_model_dir), "--engine", "vllm",
+                                       "--vllm-engine-args", '{"quantization": "awq_marlin"}'))
+    assert flagged.vllm_engine_args == {"quantization": "awq_marlin"}
+
+
+def test_vllm_options_are_refused_on_other_engines_and_bad_json(tiny_model_dir, capsys):
+    from quiver.errors import QuiverError
+
+    with pytest.raises(QuiverError, match="need --engine vllm"):
+        settings_from_args(parse("--model", str(tiny_model_dir), "--engine", "native",
+                                 "--tensor-parallel-size", "2"))
+    with pytest.raises(SystemExit):
+        parse("--model", str(tiny_model_dir), "--vllm-engine-args", "[1, 2]")
+    assert "expected a JSON object" in capsys.readouterr().err
+
+
+def test_vllm_engine_arguments_carry_our_settings_and_the_extras(tiny_model_dir):
+    from types import SimpleNamespace
+
+    from serving.backends.vllm import engine_args
+
+    class FakeEngineArgs:  # what vllm.AsyncEngineArgs checks: known keyword arguments only
+        def __init__(self, *, model, served_model_name, dtype, max_num_seqs,
+                     max_num_batched_tokens, max_model_len, enable_prefix_caching,
+                     gpu_memory_utilization, kv_cache_memory_bytes, enforce_eager,
+                     tensor_parallel_size, disable_log_stats, swap_space=4):
+            self.tensor_parallel_size, self.swap_space = tensor_parallel_size, swap_space
+            self.enforce_eager = enforce_eager
+
+    vllm = SimpleNamespace(AsyncEngineArgs=FakeEngineArgs)
+    settings = settings_from_args(parse(
+        "--model", str(tiny_model_dir), "--engine", "vllm", "--tensor-parallel-size", "4",
+        "--vllm-engine-args", '{"swap_space": 16, "enforce_eager": true}'))
+    args = engine_args(vllm, settings, is_cpu=False)
+    assert (args.tensor_parallel_size, args.swap_space, args.enforce_eager) == (4, 16, True)
+    clash = settings.model_copy(update={"vllm_engine_args": {"max_num_seqs": 3}})
+    with pytest.raises(ValueError, match="max_num_seqs, which Quiver's own settings own"):
+        engine_args(vllm, clash, is_cpu=False)
+    unknown = settings.model_copy(update={"vllm_engine_args": {"no_such_arg": 1}})
+    with pytest.raises(ValueError, match="vllm_engine_args: .*no_such_arg"):
+        engine_args(vllm, unknown, is_cpu=False)

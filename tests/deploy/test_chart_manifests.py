@@ -389,3 +389,24 @@ def test_helm_test_pod_checks_ready_and_models(render: Render) -> None:
     assert '"/ready"' in script and '"/v1/models"' in script
     env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
     assert json.loads(env["MODELS"]) == ["smollm2-135m-instruct"]
+
+
+def test_server_settings_reach_the_server_as_it_parses_them(render: Render, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """Helm reads numbers as floats: a large integer must not arrive as `1.048576e+06`, and
+    a map (vLLM's engine arguments) arrives as JSON."""
+    from serving.settings import ServerSettings
+
+    docs = render(sets=("serverDefaults.engine=vllm",
+                        "serverDefaults.settings.max_num_batched_tokens=1048576",
+                        "serverDefaults.settings.vllm_engine_args.seed=7"))
+    (_, container), = server_containers(docs)
+    env = {item["name"]: item["value"] for item in container["env"]}
+    assert env["QUIVER_SERVER_MAX_NUM_BATCHED_TOKENS"] == "1048576"
+    for name, value in env.items():
+        if name.startswith("QUIVER_SERVER_"):
+            monkeypatch.setenv(name, value)
+    settings = ServerSettings(model=tmp_path, engine="vllm")
+    assert settings.max_num_batched_tokens == 1048576
+    assert settings.vllm_engine_args == {"seed": 7}

@@ -28,6 +28,9 @@ BAD_VALUES = [
      'weights of the enabled variants of model "smollm2-135m-instruct" sum to 90, not 100'),
     (["gateway.replicaCount=2"], "needs shared keys, limits and cache: set redis.enabled=true"),
     (["servers.stable.enabled=false"], "enable at least one model-server variant"),
+    (["servers.stable.enabled=false", "servers.prod.weight=90", "servers.canary.weight=10"],
+     "has variants [canary prod] but none named `stable`"),
+    (['redis.maxMemory="lots"'], "at '/redis/maxMemory'"),
 ]
 
 

@@ -160,10 +160,17 @@ quiver/variant: {{ . }}
 {{- fail "servers: enable at least one model-server variant (servers.<name>.enabled: true)" }}
 {{- end }}
 {{- $sums := dict }}
+{{- $variants := dict }}
 {{- range $name := $names }}
 {{- $server := mergeOverwrite (deepCopy $.Values.serverDefaults) (deepCopy (get $.Values.servers $name | default dict)) }}
 {{- $model := include "quiver.server.model" (dict "root" $ "server" $server) }}
 {{- $_ := set $sums $model (addf (get $sums $model | default 0) $server.weight) }}
+{{- $_ := set $variants $model (append (get $variants $model | default list) $name) }}
+{{- end }}
+{{- range $model, $list := $variants }}
+{{- if and (gt (len $list) 1) (not (has "stable" $list)) }}
+{{- fail (printf "servers: model %q has variants %v but none named `stable`: the gateway judges canaries against, and rolls traffic back to, the variant named stable" $model $list) }}
+{{- end }}
 {{- end }}
 {{- range $model, $sum := $sums }}
 {{- if ne (float64 $sum) 100.0 }}

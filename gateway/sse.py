@@ -37,8 +37,9 @@ class EventInfo:
 
 
 USAGE_OBJECT = (b'"usage":{', b'"usage": {')
-# A chat delta's or a completion choice's text that is not empty: the event carries tokens.
-TEXT_FIELD = re.compile(rb'"(?:content|text)":\s?"[^"]')
+# Generated output in an event: a chat delta's content or reasoning, a completion choice's
+# text (each non-empty), or a tool call.
+TEXT_FIELD = re.compile(rb'"(?:content|text|reasoning_content)":\s?"[^"]|"tool_calls":\s?\[\s?\{')
 NULL_USAGE = (b',"usage":null', b', "usage": null')
 
 

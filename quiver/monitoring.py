@@ -56,11 +56,16 @@ def prometheus_config(targets: ScrapeTargets, rules_dir: Path = RULES_DIR,
 def start_prometheus(targets: ScrapeTargets, *, port: int = PROMETHEUS_PORT,
                      workdir: Path = Path(".quiver/prometheus"),
                      interval: str = SCRAPE_INTERVAL) -> subprocess.Popen | None:
-    """Start Prometheus and wait until it is ready; None when the binary is missing."""
+    """Start Prometheus and wait until it is ready; None when the binary or the rules (an
+    install without the repository's monitoring/) are missing."""
     binary = shutil.which("prometheus")
     if binary is None:
         logger.warning("--monitoring: no `prometheus` binary on PATH (Debian/Ubuntu: "
                        "apt-get install prometheus); running without it")
+        return None
+    if not any(RULES_DIR.glob("*.yml")):
+        logger.warning("--monitoring: no rules in %s (run from a Quiver checkout); running "
+                       "without Prometheus", RULES_DIR)
         return None
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "prometheus.yml"

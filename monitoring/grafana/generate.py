@@ -281,11 +281,11 @@ def tenants() -> Dashboard:
     )
     limits = (
         Panel("Request rate against the key's rpm limit", (q(
-            f"sum by (key) (rate({requests}[{RATE}])) * 60 / sum by (key) "
+            f"sum by (key) (rate({requests}[{RATE}])) * 60 / max by (key) "
             f'(quiver_gateway_key_rate_limit_per_minute{{{TN}, kind="requests"}})', "{{key}}"),),
               "percentunit", width=8),
         Panel("Token rate against the key's tpm limit", (q(
-            f"sum by (key) (rate(quiver_gateway_tokens_total{{{TN}}}[{RATE}])) * 60 / sum by "
+            f"sum by (key) (rate(quiver_gateway_tokens_total{{{TN}}}[{RATE}])) * 60 / max by "
             f'(key) (quiver_gateway_key_rate_limit_per_minute{{{TN}, kind="tokens"}})',
             "{{key}}"),), "percentunit", width=8),
         Panel("Rate-limited requests/s by key", (q(

@@ -11,7 +11,13 @@ from gateway.errors import UpstreamError
 from gateway.middleware.body import parse_model_call
 from gateway.ratelimit import estimate_tokens
 from gateway.relay import json_messages, upstream_error_body
-from gateway.sse import EventSplitter, error_event, inspect_event, without_null_usage
+from gateway.sse import (
+    EventSplitter,
+    carries_text,
+    error_event,
+    inspect_event,
+    without_null_usage,
+)
 
 CHUNK = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"hi"}}],"usage":null}\n\n'
 USAGE = (b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,'
@@ -98,3 +104,16 @@ def test_token_estimate_covers_prompt_max_tokens_and_n():
     assert estimate_tokens(chat, 256) == len(json.dumps(chat["messages"])) // 4 + 1 + 20
     assert estimate_tokens({"prompt": "abcd"}, 256) == 1 + 1 + 256
     assert estimate_tokens({"prompt": "abcd", "max_completion_tokens": 5}, 256) == 7
+
+
+@pytest.mark.parametrize("event,has_output", [
+    (b'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\n\n', False),
+    (b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n', True),
+    (b'data: {"choices":[{"index":0,"text":" once"}]}\n\n', True),
+    (b'data: {"choices":[{"delta":{"reasoning_content":"Let me"}}]}\n\n', True),
+    (b'data: {"choices":[{"delta":{"tool_calls":[{"index":0,"id":"c1"}]}}]}\n\n', True),
+    (b'data: {"choices":[],"usage":{"prompt_tokens":3}}\n\n', False),
+    (b"data: [DONE]\n\n", False),
+])
+def test_first_token_is_the_first_event_with_generated_output(event, has_output):
+    assert carries_text(event) is has_output

@@ -109,8 +109,12 @@ def test_one_trace_spans_gateway_and_engine(tiny_model_dir, tmp_path, receiver):
             json={"model": tiny_model_dir.name, "stream": True, "max_tokens": 5,
                   "temperature": 0, "messages": [{"role": "user", "content": "hi"}]})
         assert response.status_code == 200 and "data: [DONE]" in response.text
-        wait_until(lambda: {"decode", "gateway.route"} <= {s.name for s in _traced(receiver)},
-                   20, "the spans of both processes")
+        expected = {"POST /v1/chat/completions", f"upstream {tiny_model_dir.name}/stable",
+                    "gateway.auth", "gateway.ratelimit", "gateway.cache", "gateway.route",
+                    "queue", "prefill", "decode"}
+        wait_until(lambda: expected <= {s.name for s in _traced(receiver)}
+                   and sum(s.kind == 2 for s in _traced(receiver)) == 2,
+                   30, "the spans of both processes")
     finally:
         output = read_log(log)
         stop(process, log)

@@ -13,13 +13,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from loadtests.errors import LoadTestError
+from quiver.processes import wait_until_serving
 
 logger = logging.getLogger(__name__)
 
@@ -90,26 +88,11 @@ def start_stack(model: Path, workdir: Path, api_key: str) -> Stack:
     return Stack(process=process, url=f"http://127.0.0.1:{port}", log_path=log_path)
 
 
-def is_ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/ready", timeout=1) as reply:
-            return reply.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 def wait_ready(stack: Stack, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if stack.process.poll() is not None:
-            raise LoadTestError(f"the local stack exited with code {stack.process.returncode} "
-                                f"before it was ready; its log ({stack.log_path}) ends:\n"
-                                f"{log_tail(stack.log_path)}")
-        if is_ready(stack.url):
-            return
-        time.sleep(0.2)
-    raise LoadTestError(f"the local stack was not ready within {timeout_s:g} s "
-                        f"(log: {stack.log_path})")
+    wait_until_serving(
+        stack.process, f"{stack.url}/ready", what="the local stack", timeout_s=timeout_s,
+        log_hint=lambda: f"; its log ({stack.log_path}) ends:\n{log_tail(stack.log_path)}",
+        error=LoadTestError)
 
 
 def stop_process(process: subprocess.Popen, what: str) -> None:

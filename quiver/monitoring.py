@@ -12,15 +12,13 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from quiver.errors import QuiverError
+from quiver.processes import wait_until_serving
 
 logger = logging.getLogger(__name__)
 
@@ -86,20 +84,13 @@ def start_prometheus(targets: ScrapeTargets, *, port: int = PROMETHEUS_PORT,
 
 
 def wait_prometheus_ready(process: subprocess.Popen, port: int, log: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log.read_text(encoding="utf-8", errors="replace")[-2000:]
-            raise QuiverError(f"Prometheus exited with code {process.returncode}:\n{tail}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=1) as reply:
-                if reply.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.2)
-    raise QuiverError(f"Prometheus on :{port} was not ready within {READY_TIMEOUT_S} s "
-                      f"(log: {log})")
+    def log_tail() -> str:
+        tail = log.read_text(encoding="utf-8", errors="replace")[-2000:]
+        return f"; {log} ends:\n{tail}"
+
+    wait_until_serving(process, f"http://127.0.0.1:{port}/-/ready",
+                       what=f"Prometheus on :{port}", timeout_s=READY_TIMEOUT_S,
+                       log_hint=log_tail)
 
 
 def stop_prometheus(process: subprocess.Popen | None) -> None:

@@ -16,8 +16,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from quiver.errors import QuiverError
@@ -28,6 +26,7 @@ from quiver.monitoring import (
     start_prometheus,
     stop_prometheus,
 )
+from quiver.processes import wait_until_serving
 
 DEFAULT_MODEL = Path("models/smollm2-135m-instruct")
 GATEWAY_PORT = 8000
@@ -104,19 +103,9 @@ def start_server(model: Path, name: str, port: int) -> subprocess.Popen:
 
 
 def wait_ready(process: subprocess.Popen, port: int) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise QuiverError(f"the model server on :{port} exited with code "
-                              f"{process.returncode} (its log is above)")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as reply:
-                if reply.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.2)
-    raise QuiverError(f"the model server on :{port} was not ready within {READY_TIMEOUT_S} s")
+    wait_until_serving(process, f"http://127.0.0.1:{port}/ready",
+                       what=f"the model server on :{port}", timeout_s=READY_TIMEOUT_S,
+                       log_hint=lambda: " (its log is above)")
 
 
 async def ensure_key(store_location: str) -> str | None:

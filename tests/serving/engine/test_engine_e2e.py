@@ -19,6 +19,8 @@ from quiver.models import corpus
 from serving.engine import SamplingParams
 from serving.engine.factory import EngineSettings, build_engine
 
+pytestmark = pytest.mark.isa  # kernels and rounding: run under lower ISAs by `make test-isa`
+
 GIB = 1 << 30
 
 

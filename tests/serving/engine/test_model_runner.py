@@ -20,6 +20,8 @@ from serving.engine import CacheConfig, Request, SamplingParams, Scheduler, Sche
 from serving.engine.model_runner import ModelRunner
 from serving.engine.sampler import Sampler
 
+pytestmark = pytest.mark.isa  # kernels and rounding: run under lower ISAs by `make test-isa`
+
 GREEDY = {"temperature": 0.0}
 
 

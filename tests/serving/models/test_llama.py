@@ -17,6 +17,8 @@ from transformers import AutoModelForCausalLM
 
 from serving.models import AttentionMetadata, LlamaForCausalLM, load_model
 
+pytestmark = pytest.mark.isa  # kernels and rounding: run under lower ISAs by `make test-isa`
+
 BLOCK_SIZE = 4
 NUM_BLOCKS = 256
 TOLERANCE = 1e-4

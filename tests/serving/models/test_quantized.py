@@ -34,6 +34,9 @@ from serving.models.quant import (
     Projection,
     kernel_max_tokens,
 )
+from tests.greedy_paths import FP32_KERNELS, path_problems, steps_from_logits
+
+pytestmark = pytest.mark.isa  # kernels and rounding: run under lower ISAs by `make test-isa`
 
 BLOCK_SIZE = 16
 FP32_TOLERANCE = 1e-4  # relative to the largest logit: fp32 accumulation order only
@@ -398,11 +401,19 @@ def test_smollm2_int8_greedy_matches_transformers_dequantized(
     reference = transformers_reference(model_dir)
     for token_ids in smollm2_prompts:
         ours, _ = greedy(model, token_ids, 24)
+        our_logits = decode_logits(model, token_ids + ours[:-1], len(token_ids))
         with torch.inference_mode():
             output = reference.generate(torch.tensor([token_ids]), max_new_tokens=24,
-                                        do_sample=False)
+                                        do_sample=False, output_logits=True,
+                                        return_dict_in_generate=True)
+        theirs = output.sequences[0, len(token_ids):].tolist()
         assert len(ours) > 4
-        assert ours == output[0, len(token_ids):].tolist()
+        # int8pack_mm and a dequantized fp32 GEMM round differently: identical where no
+        # step is a near-tie (so far every host), and parting only at one if a host's
+        # rounding flips it
+        problems = path_problems(steps_from_logits(theirs, [x[0] for x in output.logits]),
+                                 steps_from_logits(ours, our_logits), **FP32_KERNELS)
+        assert not problems, problems
 
 
 @pytest.mark.slow

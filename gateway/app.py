@@ -23,6 +23,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 from starlette.types import Scope
 
+from common.asgi import (
+    BodySizeLimitMiddleware,
+    MetricsMiddleware,
+    RequestIdMiddleware,
+    TracingMiddleware,
+)
+from common.errors import ApiError
 from gateway.admin import build_admin_router
 from gateway.cache import ResponseCache
 from gateway.context import request_context
@@ -41,13 +48,6 @@ from gateway.ratelimit import RateLimiter
 from gateway.routing.router import Router
 from gateway.settings import GatewaySettings
 from gateway.upstream.pool import UpstreamPool
-from serving.api.middleware import (
-    BodySizeLimitMiddleware,
-    MetricsMiddleware,
-    RequestIdMiddleware,
-    TracingMiddleware,
-)
-from serving.protocol.errors import ApiError
 
 
 @dataclass

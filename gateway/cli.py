@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from quiver.errors import QuiverError
+from common.errors import QuiverError
 
 logger = logging.getLogger(__name__)
 CONFIG_ENV = "QUIVER_GATEWAY_CONFIG"
@@ -51,10 +51,10 @@ def run(args: argparse.Namespace) -> int:
 def serve(settings, *, banner: str | None = None) -> None:
     import uvicorn
 
+    from common.logging_setup import configure_logging
+    from common.server import make_draining_server
+    from common.telemetry import configure_tracing, shutdown_tracing
     from gateway.app import create_app
-    from serving.cli import make_draining_server
-    from serving.logging_setup import configure_logging
-    from serving.telemetry import configure_tracing, shutdown_tracing
 
     configure_logging(json_lines=settings.log_json)
     tracer_provider = configure_tracing("quiver-gateway")

@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from serving.protocol.errors import ApiError
+from common.errors import ApiError
 
 
 class GatewayError(ApiError):

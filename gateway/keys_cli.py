@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TypeVar
 
+from common.errors import QuiverError
 from gateway.keys import (
     KEY_NAME_PATTERN,
     MAX_LIMIT,
@@ -33,7 +34,11 @@ from gateway.keys import (
     public_record,
 )
 from gateway.settings import DEFAULT_KEY_STORE
-from quiver.errors import ApiKeyError
+
+
+class ApiKeyError(QuiverError):
+    """`quiver keys` could not create, find or revoke a key, or reach the key store."""
+
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from serving.api.info_metrics import register_build_info
-from serving.api.middleware import DURATION_BUCKETS, HttpMetrics
+from common.asgi import DURATION_BUCKETS, HttpMetrics
+from common.build_info import register_build_info
 
 if TYPE_CHECKING:
     from gateway.keyring import KeyRing

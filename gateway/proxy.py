@@ -14,9 +14,11 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable
 from typing import Any
 
+from common.asgi import request_id_var, tracing_enabled
+from common.asgi.disconnect import ClientDisconnectedError, until_disconnect
+from common.errors import send_api_error
 from gateway.context import RequestContext, Scope, header, request_context
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
@@ -25,8 +27,6 @@ from gateway.routing import RouteDecision
 from gateway.routing.router import Router
 from gateway.spans import phase_span, set_attributes
 from gateway.upstream.pool import UpstreamPool
-from serving.api.middleware import request_id_var, tracing_enabled
-from serving.protocol.errors import send_api_error
 
 logger = logging.getLogger(__name__)
 PASSED_HEADERS = (b"traceparent", b"tracestate")
@@ -58,27 +58,6 @@ def forward_headers(scope: Scope) -> dict[str, str]:
             if value is not None:
                 headers[name.decode()] = value
     return headers
-
-
-async def cancel_on_disconnect(receive: Any, work: Awaitable[None]) -> None:
-    """Run `work` until it ends or the client disconnects (then cancel it)."""
-    work_task = asyncio.ensure_future(work)
-
-    async def watch() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-
-    watch_task = asyncio.ensure_future(watch())
-    try:
-        await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (watch_task, work_task):
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-    if not work_task.cancelled():
-        work_task.result()
 
 
 class ProxyEndpoint:
@@ -113,7 +92,8 @@ class ProxyEndpoint:
                                      wants_usage=wants_usage)
         else:
             work = self.relay.unary(send, context, decision, scope["path"], body, headers)
-        await cancel_on_disconnect(receive, work)
+        with contextlib.suppress(ClientDisconnectedError):  # the upstream call is cancelled
+            await until_disconnect(receive, work)
 
     def choose(self, scope: Scope, context: RequestContext) -> RouteDecision:
         key, body = context.key, context.body

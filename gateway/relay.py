@@ -20,6 +20,8 @@ from typing import Any
 
 from opentelemetry import trace
 
+from common.asgi import trace_headers, tracing_enabled
+from common.errors import ErrorResponse, send_api_error
 from gateway.context import RequestContext
 from gateway.errors import GatewayError, UpstreamError
 from gateway.metrics import GatewayMetrics
@@ -27,8 +29,6 @@ from gateway.routing import RouteDecision
 from gateway.routing.router import Router
 from gateway.sse import EventSplitter, carries_text, error_event, inspect_event, without_null_usage
 from gateway.upstream.pool import UpstreamPool, UpstreamStream, UpstreamStreamError
-from serving.api.middleware import trace_headers, tracing_enabled
-from serving.protocol.errors import ErrorResponse, send_api_error
 
 logger = logging.getLogger(__name__)
 JSON = b"application/json"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from quiver.errors import QuiverError
+from common.errors import QuiverError
 
 
 class LoadTestError(QuiverError):

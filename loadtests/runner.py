@@ -16,8 +16,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.processes import wait_until_serving
 from loadtests.errors import LoadTestError
-from quiver.processes import wait_until_serving
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Calibration and evaluation text.
 
 Default: Python's bundled documentation (`pydoc_data.topics`), split deterministically into
-calibration and held-out evaluation passages (`quiver.models.corpus`). `--calib-data` /
+calibration and held-out evaluation passages (`common.corpus`). `--calib-data` /
 `--eval-data` take a text file (passages separated by blank lines) or JSONL (one object per
 line with a `text` field).
 """
@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from quiver.errors import QuiverError
-from quiver.models.corpus import documents
+from common.corpus import documents
+from common.errors import QuiverError
 
 DEFAULT_SOURCE = "pydoc_data.topics"
 
@@ -58,3 +58,12 @@ def _read_file(path: Path) -> list[str]:
             texts.append(record["text"])
         return texts
     return [part.strip() for part in raw.split("\n\n") if part.strip()]
+
+
+def token_ids(model_dir: Path, texts: list[str], max_tokens: int) -> list[list[int]]:
+    """Each text's first `max_tokens` token ids (texts shorter than 2 tokens dropped)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    encoded = [tokenizer(text)["input_ids"][:max_tokens] for text in texts]
+    return [ids for ids in encoded if len(ids) >= 2]

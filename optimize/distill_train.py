@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from quiver.errors import QuiverError
+from common.errors import QuiverError
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from optimize.data import TextSet
+from optimize.data import TextSet, token_ids
 from optimize.manifest import Manifest, size_bytes
 
 DEFAULT_MAX_TOKENS = 512
@@ -63,14 +63,6 @@ def evaluate(model_dir: Path, texts: TextSet, *, max_tokens: int = DEFAULT_MAX_T
         runtime = "native"
     return EvalResult(perplexity=ppl, eval_tokens=count, size_bytes=size_bytes(model_dir),
                       decode_tokens_per_s=rate, runtime=runtime)
-
-
-def token_ids(model_dir: Path, texts: list[str], max_tokens: int) -> list[list[int]]:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    encoded = [tokenizer(text)["input_ids"][:max_tokens] for text in texts]
-    return [ids for ids in encoded if len(ids) >= 2]
 
 
 def native_perplexity(model_dir: Path, texts: list[str], *,

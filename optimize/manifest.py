@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from quiver import __version__
+from common import __version__
 
 MANIFEST = "manifest.json"
 Format = Literal["safetensors", "compressed-tensors", "onnx", "tensorrt"]

@@ -139,7 +139,7 @@ def nll_sum(logits: np.ndarray, ids: list[int]) -> float:
 def onnx_perplexity(model_dir: Path, texts: list[str], *,
                     max_tokens: int = 512) -> tuple[float, int]:
     """exp(mean NLL) over every next-token prediction of every text (up to `max_tokens`)."""
-    from optimize.evaluate import token_ids
+    from optimize.data import token_ids
 
     decoder = OnnxDecoder.load(model_dir)
     total_nll, count = 0.0, 0

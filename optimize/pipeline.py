@@ -15,11 +15,11 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from common.errors import QuiverError
 from optimize.data import TextSet, load_texts
 from optimize.evaluate import EvalResult, evaluate
 from optimize.manifest import Manifest, Metrics, Source, sha256_of
 from optimize.methods.base import BuildContext, BuildResult, Method
-from quiver.errors import QuiverError
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def resolve_source(model: Path, work_dir: Path) -> Path:
     """An HF (or ONNX artifact) dir as it is; a `.gguf` file converted to HF in `work_dir`."""
     model = Path(model)
     if model.is_file() and model.suffix == ".gguf":
-        from quiver.models.smollm2 import convert_gguf
+        from optimize.gguf import convert_gguf
 
         logger.info("converting %s to safetensors", model)
         target = work_dir / "source"

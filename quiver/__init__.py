@@ -1,3 +1,5 @@
 """Quiver: optimize a checkpoint, serve it, front it with a gateway, deploy, load-test, watch."""
 
-__version__ = "0.1.0"
+from common import __version__
+
+__all__ = ["__version__"]

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from quiver.errors import QuiverError
+from common.errors import QuiverError
 
 BENCHMARKS_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 BENCHMARKS = {"engine": "native engine vs vLLM vs Hugging Face generate (tokens/s, TTFT, ITL)",

@@ -13,12 +13,12 @@ import os
 import sys
 from collections.abc import Sequence
 
+from common.errors import QuiverError
 from gateway import cli as gateway_cli
 from gateway import keys_cli
 from loadtests import cli as loadtest_cli
 from optimize import cli as optimize_cli
 from quiver import __version__, bench, up
-from quiver.errors import QuiverError
 from quiver.models import cli as models_cli
 from serving import cli as serve_cli
 

@@ -1,10 +1,8 @@
 """Errors the `quiver` command line reports to the user as one clear line."""
 
+from common.errors import QuiverError
 
-class QuiverError(Exception):
-    """Base class: the message is shown to the user as it is, without a traceback."""
-
-    exit_code = 1
+__all__ = ["CorruptModelError", "FetchError", "QuiverError", "VerificationError"]
 
 
 class FetchError(QuiverError):
@@ -17,7 +15,3 @@ class CorruptModelError(QuiverError):
 
 class VerificationError(QuiverError):
     """A converted model loads but fails its checks (config or a short generation)."""
-
-
-class ApiKeyError(QuiverError):
-    """`quiver keys` could not create, find or revoke a key, or reach the key store."""

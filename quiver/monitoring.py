@@ -17,8 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from quiver.errors import QuiverError
-from quiver.processes import wait_until_serving
+from common.errors import QuiverError
+from common.processes import wait_until_serving
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from quiver.errors import QuiverError
+from common.errors import QuiverError
+from common.processes import wait_until_serving
 from quiver.monitoring import (
     PROMETHEUS_PORT,
     SCRAPE_INTERVAL,
@@ -26,7 +27,6 @@ from quiver.monitoring import (
     start_prometheus,
     stop_prometheus,
 )
-from quiver.processes import wait_until_serving
 
 DEFAULT_MODEL = Path("models/smollm2-135m-instruct")
 GATEWAY_PORT = 8000

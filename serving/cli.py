@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
-import signal
-import threading
 import time
 import types
-from collections.abc import Iterator
 from typing import Any, Literal, Union, get_args, get_origin
 
-from quiver.errors import QuiverError
+from common.errors import QuiverError
+from common.server import make_draining_server
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +106,8 @@ def load_tokenizer(settings):
 
 
 async def _serve(settings, banner: str | None) -> None:
-    from serving.logging_setup import configure_logging
-    from serving.telemetry import configure_tracing, shutdown_tracing
+    from common.logging_setup import configure_logging
+    from common.telemetry import configure_tracing, shutdown_tracing
 
     configure_logging(json_lines=settings.log_json)
     tracer_provider = configure_tracing("quiver-server")
@@ -124,8 +121,9 @@ async def _serve_engine(settings, banner: str | None) -> None:
     import uvicorn
     from prometheus_client import CollectorRegistry
 
+    from common.build_info import register_build_info
     from serving.api.app import create_app
-    from serving.api.info_metrics import register_build_info, register_model_load_time
+    from serving.api.info_metrics import register_model_load_time
     from serving.backends.factory import create_engine_client
 
     registry = CollectorRegistry()
@@ -153,32 +151,3 @@ async def _serve_engine(settings, banner: str | None) -> None:
     finally:
         logger.info("stopping the engine")
         await engine.shutdown()
-
-
-def make_draining_server(config: Any, *, state: Any) -> Any:
-    """A uvicorn server that marks `state` as draining (/ready -> 503, no new generations)
-    the moment a shutdown signal arrives; uvicorn then drains connections for the grace
-    period before `serve()` returns."""
-    import uvicorn
-
-    class DrainingServer(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            state.draining = True
-            super().handle_exit(sig, frame)
-
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            """As uvicorn's, minus re-raising the signal at the end: that would kill the
-            process before the engine is shut down, and a drained exit is a clean one."""
-            if threading.current_thread() is not threading.main_thread():
-                yield
-                return
-            originals = {sig: signal.signal(sig, self.handle_exit)
-                         for sig in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                yield
-            finally:
-                for sig, handler in originals.items():
-                    signal.signal(sig, handler)
-
-    return DrainingServer(config)

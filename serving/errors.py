@@ -5,10 +5,12 @@
 | BadRequestError            | 400    | invalid_request_error  | None or a specific code |
 | ContextLengthError         | 400    | invalid_request_error  | context_length_exceeded |
 | ModelNotFoundError         | 404    | invalid_request_error  | model_not_found         |
-| RequestTooLargeError       | 413    | invalid_request_error  | request_too_large       |
+| RequestTooLargeError (*)   | 413    | invalid_request_error  | request_too_large       |
 | TooManyRequestsError       | 429    | rate_limit_error       | rate_limit_exceeded     |
-| InternalServerError        | 500    | server_error           | internal_error          |
+| InternalServerError (*)    | 500    | server_error           | internal_error          |
 | ServiceUnavailableError    | 503    | service_unavailable    | queue_full, engine_dead |
+
+(*) shared with the gateway, from `common.errors` (the shared middlewares answer with them).
 
 `from_exception` turns engine errors (and anything unexpected) into one of these; handlers
 and routers raise nothing else. Domain code never raises HTTP exceptions.
@@ -18,13 +20,13 @@ from __future__ import annotations
 
 import math
 
+from common.errors import ApiError, InternalServerError, RequestTooLargeError
 from serving.engine.errors import (
     EngineDeadError,
     InvalidRequestError,
     PromptTooLongError,
     QueueFullError,
 )
-from serving.protocol.errors import ApiError
 
 
 class ServerError(ApiError):
@@ -56,30 +58,10 @@ class NotFoundError(ServerError):
     code = "not_found"
 
 
-class RequestTooLargeError(ServerError):
-    status_code = 413
-    error_type = "invalid_request_error"
-    code = "request_too_large"
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"The request body is larger than this server's limit of {limit} "
-                         "bytes.")
-
-
 class TooManyRequestsError(ServerError):
     status_code = 429
     error_type = "rate_limit_error"
     code = "rate_limit_exceeded"
-
-
-class InternalServerError(ServerError):
-    status_code = 500
-    error_type = "server_error"
-    code = "internal_error"
-
-    def __init__(self, request_id: str) -> None:
-        super().__init__(f"The server had an error while processing your request "
-                         f"(request id {request_id}); it has been logged.")
 
 
 class ServiceUnavailableError(ServerError):
@@ -99,9 +81,9 @@ class ServiceUnavailableError(ServerError):
 
 
 def from_exception(exc: BaseException, *, request_id: str,
-                   prompt_param: str = "prompt") -> ServerError:
+                   prompt_param: str = "prompt") -> ApiError:
     """The one mapping of engine (and unexpected) errors to server errors."""
-    if isinstance(exc, ServerError):
+    if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, PromptTooLongError):
         return ContextLengthError(str(exc), param=prompt_param)
@@ -114,3 +96,17 @@ def from_exception(exc: BaseException, *, request_id: str,
     if isinstance(exc, EngineDeadError):
         return ServiceUnavailableError(str(exc), code="engine_dead")
     return InternalServerError(request_id)
+
+
+__all__ = [
+    "BadRequestError",
+    "ContextLengthError",
+    "InternalServerError",
+    "ModelNotFoundError",
+    "NotFoundError",
+    "RequestTooLargeError",
+    "ServerError",
+    "ServiceUnavailableError",
+    "TooManyRequestsError",
+    "from_exception",
+]

@@ -9,6 +9,7 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/quiver
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
+COPY common ./common
 COPY quiver ./quiver
 COPY serving ./serving
 COPY gateway ./gateway

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from common.errors import send_api_error
 from gateway.context import RequestContext, Scope, header, is_model_call, request_context
 from gateway.errors import GatewayError, PermissionDeniedError, QuotaExceededError
 from gateway.keyring import KeyRing
@@ -20,7 +21,6 @@ from gateway.keys import ApiKey
 from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import estimate_tokens
 from gateway.settings import RateLimitSettings
-from serving.protocol.errors import send_api_error
 
 PIN_HEADER = b"x-quiver-variant"
 

@@ -12,13 +12,13 @@ from typing import Any
 
 from opentelemetry import trace
 
+from common.errors import send_api_error
 from gateway.context import Scope, header, request_context
 from gateway.errors import AuthenticationError
 from gateway.keyring import KeyRing
 from gateway.keys import ApiKey
 from gateway.metrics import GatewayMetrics
 from gateway.spans import phase_span, set_attributes
-from serving.protocol.errors import send_api_error
 
 PROTECTED_PREFIX = "/v1/"
 

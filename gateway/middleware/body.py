@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from common.errors import send_api_error
 from gateway.context import Scope, is_model_call, request_context
 from gateway.errors import BadRequestError
-from serving.protocol.errors import send_api_error
 
 
 async def read_body(receive: Any) -> bytes:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from common.errors import send_api_error
 from gateway.context import Scope, is_model_call, request_context, with_headers
 from gateway.errors import RateLimitError
 from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import Limits, RateLimitDecision, RateLimiter
 from gateway.settings import RateLimitSettings
 from gateway.spans import phase_span, set_attributes
-from serving.protocol.errors import send_api_error
 
 
 class RateLimitMiddleware:

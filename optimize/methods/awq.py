@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from common.errors import QuiverError
 from optimize.methods.base import BuildContext, BuildResult
-from quiver.errors import QuiverError
 
 logger = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from common.errors import QuiverError
 from optimize.data import TextSet
 from optimize.manifest import Format
-from quiver.errors import QuiverError
 
 
 class HostRequirementError(QuiverError):

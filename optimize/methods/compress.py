@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from quiver.errors import QuiverError
-from quiver.models.verify import LLAMA_FAMILY  # what the native engine serves
+from common.errors import QuiverError
+from common.families import LLAMA_FAMILY  # what the native engine serves
 
 logger = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from common.errors import QuiverError
 from optimize.methods.base import BuildContext, BuildResult
-from quiver.errors import QuiverError
 
 if TYPE_CHECKING:
     import torch

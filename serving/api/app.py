@@ -18,22 +18,21 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from opentelemetry import trace
 from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.api import health, openai_routes
-from serving.api.middleware import (
+from common.asgi import (
     BodySizeLimitMiddleware,
     HttpMetrics,
     MetricsMiddleware,
     RequestIdMiddleware,
     TracingMiddleware,
 )
+from common.errors import ApiError, ErrorResponse
+from serving.api import health, openai_routes
 from serving.api.state import ServerState
 from serving.backends.base import EngineClient
-from serving.errors import BadRequestError, NotFoundError, ServerError
-from serving.protocol.errors import ErrorResponse
+from serving.errors import BadRequestError, NotFoundError
 from serving.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -51,7 +50,6 @@ def create_app(settings: ServerSettings, engine: EngineClient, tokenizer: Any,
                              "auto_configure": False})
     state = ServerState(settings=settings, engine=engine, tokenizer=tokenizer,
                         registry=registry, http_metrics=HttpMetrics(registry),
-                        tracer=trace.get_tracer("quiver.serving"),
                         vocab_size=vocab_size(tokenizer, engine.info.model_dir))
     app.state.server = state
     app.include_router(health.router)
@@ -60,7 +58,7 @@ def create_app(settings: ServerSettings, engine: EngineClient, tokenizer: Any,
         from serving.api import kserve_routes
 
         app.include_router(kserve_routes.router)
-    app.add_exception_handler(ServerError, _server_error)
+    app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     # add_middleware wraps what is there: the last one added runs first.
@@ -82,13 +80,13 @@ def vocab_size(tokenizer: Any, model_dir: Path | None) -> int:
     return size
 
 
-def error_json(error: ServerError) -> JSONResponse:
+def error_json(error: ApiError) -> JSONResponse:
     return JSONResponse(error.to_response().model_dump(), status_code=error.status_code,
                         headers=error.headers())
 
 
-async def _server_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, ServerError)
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
     return error_json(exc)
 
 

@@ -10,19 +10,19 @@ aborted, when the client disconnects; a streamed one stops when its stream is ca
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable
-from contextlib import aclosing, suppress
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from serving.api.middleware import request_id_var
+from common.asgi import request_id_var
+from common.asgi.disconnect import ClientDisconnectedError, until_disconnect
 from serving.errors import (
     BadRequestError,
     InternalServerError,
@@ -48,10 +48,6 @@ CLIENT_CLOSED_REQUEST = 499
 
 T = TypeVar("T")
 ModelT = TypeVar("ModelT", bound=BaseModel)
-
-
-class ClientDisconnectedError(Exception):
-    """The client closed the connection before the response was ready."""
 
 
 def _handler(request: Request) -> KServeHandler:
@@ -103,28 +99,6 @@ async def _read_infer(request: Request) -> tuple[InferRequest, bytes]:
     return _parse(InferRequest, body[:split]), body[split:]
 
 
-async def _wait_for_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Run `work`, cancelling it (which aborts its engine requests) if the client leaves."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for pending in (task, watcher):
-            if not pending.done():
-                pending.cancel()
-                with suppress(asyncio.CancelledError):
-                    await pending
-    if task.cancelled():
-        raise ClientDisconnectedError()
-    return task.result()
-
-
 # -- health and metadata ---------------------------------------------------------------------
 
 @router.get("/v2/health/live")
@@ -169,8 +143,9 @@ async def model_ready(request: Request, name: str, version: str | None = None) -
 async def infer(request: Request, name: str, version: str | None = None) -> Response:
     try:
         infer_request, binary_data = await _read_infer(request)
-        result = await _until_disconnect(
-            request, _generation_handler(request).infer(name, version, infer_request, binary_data))
+        handler = _generation_handler(request)
+        result = await until_disconnect(
+            request.receive, handler.infer(name, version, infer_request, binary_data))
     except Exception as exc:
         return _error_response(exc, request)
     header = result.response.model_dump_json(exclude_none=True).encode()
@@ -185,8 +160,8 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
 async def generate(request: Request, name: str, version: str | None = None) -> Response:
     try:
         body = _parse(TritonGenerateRequest, await request.body())
-        response = await _until_disconnect(
-            request, _generation_handler(request).generate(name, version, body))
+        response = await until_disconnect(
+            request.receive, _generation_handler(request).generate(name, version, body))
     except Exception as exc:
         return _error_response(exc, request)
     return Response(response.model_dump_json(exclude_unset=True),
@@ -202,7 +177,7 @@ async def generate_stream(request: Request, name: str, version: str | None = Non
     try:
         body = _parse(TritonGenerateRequest, await request.body())
         events = _generation_handler(request).generate_stream(name, version, body)
-        first = await _until_disconnect(request, anext(events, None))
+        first = await until_disconnect(request.receive, anext(events, None))
     except Exception as exc:
         if events is not None:
             await events.aclose()

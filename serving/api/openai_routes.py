@@ -17,7 +17,8 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 
-from serving.api.middleware import trace_headers
+from common.asgi import trace_headers
+from common.asgi.disconnect import ClientDisconnectedError, until_disconnect
 from serving.api.state import ServerState
 from serving.errors import InternalServerError, ServiceUnavailableError, from_exception
 from serving.protocol.openai import (
@@ -75,41 +76,19 @@ async def _respond(request: Request, result: Awaitable[BaseModel | AsyncIterator
         raise ServiceUnavailableError("the server is shutting down", code="draining",
                                       retry_after_s=1)
     try:
-        value = await _until_disconnect(request, result)
+        value = await until_disconnect(request.receive, result)
+    except ClientDisconnectedError:
+        logger.info("client disconnected; request %s aborted", request_id)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     except Exception as exc:
         error = from_exception(exc, request_id=request_id, prompt_param=prompt_param)
         if isinstance(error, InternalServerError):
             logger.exception("request %s failed", request_id)
         raise error from exc
-    if value is None:
-        logger.info("client disconnected; request %s aborted", request_id)
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
     if isinstance(value, BaseModel):
         return Response(value.model_dump_json(), media_type="application/json")
     return DisconnectAwareStreamingResponse(value, media_type="text/event-stream",
                                             headers=STREAM_HEADERS)
-
-
-async def _wait_for_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
-    """`work`'s result, or None if the client disconnected first (then `work` is
-    cancelled, which closes the engine stream and aborts the request)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-        await asyncio.gather(task, watcher, return_exceptions=True)
-    if task.cancelled():
-        return None
-    return task.result()
 
 
 class DisconnectAwareStreamingResponse(StreamingResponse):

@@ -9,10 +9,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from opentelemetry import trace
 from prometheus_client import CollectorRegistry
 
-from serving.api.middleware import HttpMetrics
+from common.asgi import HttpMetrics
 from serving.backends.base import EngineClient
 from serving.handlers import HandlerContext
 from serving.handlers.chat import ChatHandler
@@ -27,7 +26,6 @@ class ServerState:
     tokenizer: Any
     registry: CollectorRegistry
     http_metrics: HttpMetrics
-    tracer: trace.Tracer
     vocab_size: int
     created: int = field(default_factory=lambda: int(time.time()))
     # True from the moment shutdown starts: /ready says 503, new generations are refused.

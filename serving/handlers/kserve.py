@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-import quiver
+from common import __version__
 from serving.backends.base import EngineClient, GenerationRequest
 from serving.engine.outputs import RequestOutput
 from serving.engine.request import FinishReason
@@ -142,7 +142,7 @@ class KServeHandler:
                                 f"its only version is `{MODEL_VERSION}`", param="version")
 
     def server_metadata(self) -> ServerMetadataResponse:
-        return ServerMetadataResponse(name="quiver", version=quiver.__version__,
+        return ServerMetadataResponse(name="quiver", version=__version__,
                                       extensions=EXTENSIONS)
 
     def model_metadata(self, name: str, version: str | None = None) -> ModelMetadataResponse:

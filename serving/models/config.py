@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
+from common.families import LLAMA_FAMILY
+
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -65,10 +66,10 @@ class ModelArchConfig:
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> ModelArchConfig:
         model_type = config.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        if model_type not in LLAMA_FAMILY:
             raise ValueError(
                 f"model_type {model_type!r} is not supported; expected one of "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+                f"{', '.join(LLAMA_FAMILY)}"
             )
         _check_unsupported(config)
         hidden_size = _require(config, "hidden_size")

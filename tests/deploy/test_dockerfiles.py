@@ -42,9 +42,22 @@ def test_multi_stage_pinned_non_root(dockerfile: Path) -> None:
     assert f"docker build -f deploy/docker/{dockerfile.name}" in text
 
 
+def installed_packages() -> set[str]:
+    """The top-level packages pyproject.toml installs (`include = ["common*", ...]`)."""
+    text = (REPO / "pyproject.toml").read_text()
+    include = re.search(r"^include = \[(.*)\]$", text, re.M)[1]
+    return {name.strip().strip('"').rstrip("*") for name in include.split(",")}
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.stem)
+def test_every_package_is_copied_into_the_image(dockerfile: Path) -> None:
+    copied = set(re.findall(r"^COPY (\w+) \./\1$", dockerfile.read_text(), re.M))
+    assert installed_packages() <= copied
+
+
 def test_dockerignore_keeps_models_out() -> None:
     lines = (REPO / ".dockerignore").read_text().splitlines()
     assert lines[lines.index("**")] == "**", "ignore everything, then allow the sources"
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    assert {"pyproject.toml", "constraints.txt", "quiver", "serving", "gateway"} <= allowed
+    assert {"pyproject.toml", "constraints.txt", *installed_packages()} <= allowed
     assert not allowed & {"models", "artifacts", ".venv", ".tools"}

@@ -12,11 +12,11 @@ import pytest
 from fastapi import FastAPI
 from pydantic import SecretStr
 
+from common.errors import ApiError
 from gateway.admin import build_admin_router
 from gateway.errors import BadRequestError, NotFoundError, handle_api_error
 from gateway.keys import KeyStore, hash_key, mint_key
 from gateway.stores.sqlite_keys import SqliteKeyStore
-from serving.protocol.errors import ApiError
 
 ADMIN_KEY = "admin-secret-123"
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}

@@ -20,7 +20,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from serving.telemetry import TelemetryConfigError, configure_tracing, wanted_exporters
+from common.telemetry import TelemetryConfigError, configure_tracing, wanted_exporters
 from tests.gateway.conftest import wait_until
 from tests.quiver.test_up import read_log, start_up, stop
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.errors import QuiverError
 from optimize.methods.awq import fit_group_size
-from quiver.errors import QuiverError
 from tests.optimize.test_int8 import TINY_RUN, check_gate, check_manifest, greedy, run_cli, tensors
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.errors import QuiverError
 from optimize.distill_train import (
     CheckpointStore,
     StopTraining,
@@ -26,7 +27,6 @@ from optimize.distill_train import (
     train,
 )
 from optimize.methods.distill import make_student, parse_layer_map, prepare_store
-from quiver.errors import QuiverError
 
 SETTINGS = TrainSettings(seq_len=32, batch_size=2, lr=3e-3, warmup_steps=2, max_steps=6,
                          checkpoint_every=100)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from quiver.errors import QuiverError
+from common.errors import QuiverError
 
 PROMPT = "The quick brown fox"
 

@@ -13,11 +13,11 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
+from common.errors import QuiverError
 from optimize.cli import EXIT_GATE
 from optimize.manifest import Manifest
 from optimize.methods.onnx import PRECISION_GATES, run_builder
 from quiver.cli import build_parser, main
-from quiver.errors import QuiverError
 from serving.settings import ServerSettings
 
 pytest.importorskip("onnxruntime_genai", reason="quiver optimize onnx needs onnxruntime-genai")

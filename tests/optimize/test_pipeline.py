@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from common.errors import QuiverError
 from optimize.data import load_texts
 from optimize.evaluate import EvalResult
 from optimize.manifest import Manifest, sha256_of, size_bytes
 from optimize.methods.base import BuildContext, BuildResult
 from optimize.pipeline import QualityGateError, check_gate, resolve_source, run
 from quiver.cli import main
-from quiver.errors import QuiverError
 
 
 class CopyMethod:

@@ -39,7 +39,7 @@ def test_flags_map_onto_server_settings(tiny_model_dir, monkeypatch):
 
 
 def test_bad_settings_are_one_clear_error(tmp_path):
-    from quiver.errors import QuiverError
+    from common.errors import QuiverError
 
     with pytest.raises(QuiverError, match="max_num_seqs"):
         settings_from_args(parse("--model", str(tmp_path), "--max-num-seqs", "0"))
@@ -109,7 +109,7 @@ def test_vllm_options_from_flags_and_env(tiny_model_dir, monkeypatch):
 
 
 def test_vllm_options_are_refused_on_other_engines_and_bad_json(tiny_model_dir, capsys):
-    from quiver.errors import QuiverError
+    from common.errors import QuiverError
 
     with pytest.raises(QuiverError, match="need --engine vllm"):
         settings_from_args(parse("--model", str(tiny_model_dir), "--engine", "native",

@@ -15,7 +15,7 @@ import torch
 from prometheus_client import CollectorRegistry
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from quiver.models import corpus
+from common import corpus
 from serving.engine import SamplingParams
 from serving.engine.factory import EngineSettings, build_engine
 

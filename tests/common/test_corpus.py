@@ -1,4 +1,4 @@
-from quiver.models import corpus
+from common import corpus
 
 
 def test_split_is_deterministic_disjoint_and_complete():

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 
-from serving.api.middleware import RequestIdLogFilter
+from common.asgi import RequestIdLogFilter
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(log_ids)s]: %(message)s"
 

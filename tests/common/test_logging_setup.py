@@ -4,8 +4,8 @@ import logging
 
 from opentelemetry import trace
 
-from serving.api.middleware import request_id_var
-from serving.logging_setup import configure_logging
+from common.asgi import request_id_var
+from common.logging_setup import configure_logging
 
 SPAN_CONTEXT = trace.SpanContext(trace_id=0x4BF92F3577B34DA6A3CE929D0E0E4736,
                                  span_id=0x00F067AA0BA902B7, is_remote=False)

@@ -9,7 +9,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 
-from quiver.errors import QuiverError
+from common.errors import QuiverError
 
 
 def answers_200(url: str) -> bool:

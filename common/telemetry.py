@@ -21,7 +21,7 @@ from typing import Any
 
 from opentelemetry import trace
 
-from quiver.errors import QuiverError
+from common.errors import QuiverError
 
 logger = logging.getLogger(__name__)
 

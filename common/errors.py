@@ -1,18 +1,27 @@
-"""OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`, `code` a string
-or null. Every error response of the model server and the gateway has this shape.
+"""The base errors: `QuiverError` for the command line, `ApiError` for HTTP answers.
 
-`ApiError` is the base of both packages' error hierarchies (`serving.errors`,
-`gateway.errors`): an exception that knows its HTTP status, headers and OpenAI body, and
-`send_api_error` writes one straight onto an ASGI `send`.
+- `QuiverError`: every error a `quiver` command reports to the user as one clear line
+  (each stage subclasses it).
+- OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`, `code` a string
+  or null. Every error response of the model server and the gateway has this shape.
+  `ApiError` is the base of both servers' error hierarchies (`serving.errors`,
+  `gateway.errors`): an exception that knows its HTTP status, headers and OpenAI body, and
+  `send_api_error` writes one straight onto an ASGI `send`. The two errors the shared
+  middlewares answer with (413, and the last-resort 500) are defined here.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import BaseModel
+from starlette.types import Send
 
 REQUEST_ID_HEADER = b"x-request-id"
+
+
+class QuiverError(Exception):
+    """Base class: the message is shown to the user as it is, without a traceback."""
+
+    exit_code = 1
 
 
 class ErrorInfo(BaseModel):
@@ -57,7 +66,27 @@ class ApiError(Exception):
         return self.to_response().model_dump_json().encode()
 
 
-async def send_api_error(send: Any, error: ApiError, request_id: str | None = None,
+class RequestTooLargeError(ApiError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"The request body is larger than this server's limit of {limit} "
+                         "bytes.")
+
+
+class InternalServerError(ApiError):
+    status_code = 500
+    error_type = "server_error"
+    code = "internal_error"
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"The server had an error while processing your request "
+                         f"(request id {request_id}); it has been logged.")
+
+
+async def send_api_error(send: Send, error: ApiError, request_id: str | None = None,
                          extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
     """A complete error response in OpenAI's shape, straight onto the ASGI `send`."""
     body = error.body()

@@ -84,8 +84,6 @@ def build_state(settings: GatewaySettings) -> GatewayState:
     metrics = GatewayMetrics()
     router = Router(settings.models, settings.rollback, metrics)
     pool = UpstreamPool(settings, metrics)
-    upstream_models = {(m.name, v.name): v.upstream_model or m.name
-                       for m in settings.models for v in m.variants}
     keyring = KeyRing(open_key_store(settings.key_store),
                       refresh_seconds=settings.key_refresh_seconds)
     metrics.registry.register(KeyLimitsCollector(
@@ -94,8 +92,7 @@ def build_state(settings: GatewaySettings) -> GatewayState:
     return GatewayState(
         settings=settings, metrics=metrics, keyring=keyring,
         limiter=open_limiter(settings), cache=open_cache(settings, metrics), router=router,
-        pool=pool, proxy=ProxyEndpoint(router=router, pool=pool, metrics=metrics,
-                                       upstream_models=upstream_models),
+        pool=pool, proxy=ProxyEndpoint(router=router, pool=pool, metrics=metrics),
         started_at=int(time.time()))
 
 

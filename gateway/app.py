@@ -167,7 +167,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, handle_http_exception)
     add_routes(app, state)
     app.include_router(build_admin_router(admin_key=settings.admin_key,
-                                          key_store=state.keyring.store, routes=state.router))
+                                          key_store=state.keyring.store, routes=state.router,
+                                          upstreams=state.pool))
     wrap_middleware(app, state)
     return app
 

@@ -43,6 +43,7 @@ from gateway.keys import (
     mint_key,
     public_record,
 )
+from gateway.middleware.auth import bearer_token
 
 logger = logging.getLogger(__name__)
 
@@ -110,17 +111,11 @@ def _parse_bool(value: str | None, param: str) -> bool:
     raise BadRequestError(f"{param} must be true or false, got {value!r}", param=param)
 
 
-def _bearer_token(request: Request) -> str | None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    token = token.strip()
-    return token if scheme.lower() == "bearer" and token else None
-
-
 def _admin_guard(admin_key: SecretStr) -> Callable[[Request], Awaitable[None]]:
     expected = admin_key.get_secret_value().encode("utf-8")
 
     async def require_admin(request: Request) -> None:
-        token = _bearer_token(request)
+        token = bearer_token(request.scope)
         if token is None:
             raise AuthenticationError(
                 "missing admin key: send 'Authorization: Bearer <admin key>'")

@@ -16,10 +16,13 @@ import json
 import logging
 from typing import Any
 
+from starlette.datastructures import Headers
+from starlette.types import Receive, Scope, Send
+
 from common.asgi import request_id_var, tracing_enabled
 from common.asgi.disconnect import ClientDisconnectedError, until_disconnect
 from common.errors import send_api_error
-from gateway.context import RequestContext, Scope, header, request_context
+from gateway.context import RequestContext, request_context
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
 from gateway.relay import Relay, wants_usage
@@ -29,7 +32,7 @@ from gateway.spans import phase_span, set_attributes
 from gateway.upstream.pool import UpstreamPool
 
 logger = logging.getLogger(__name__)
-PASSED_HEADERS = (b"traceparent", b"tracestate")
+PASSED_HEADERS = ("traceparent", "tracestate")
 
 
 def upstream_body(body: dict[str, Any], raw: bytes, decision: RouteDecision) -> bytes:
@@ -52,10 +55,11 @@ def forward_headers(scope: Scope) -> dict[str, str]:
     if request_id:
         headers["x-request-id"] = request_id
     if not tracing_enabled():  # else the relay's client span sends its own context
+        client_headers = Headers(scope=scope)
         for name in PASSED_HEADERS:
-            value = header(scope, name)
+            value = client_headers.get(name)
             if value is not None:
-                headers[name.decode()] = value
+                headers[name] = value
     return headers
 
 
@@ -67,7 +71,7 @@ class ProxyEndpoint:
         self.relay = Relay(pool=pool, router=router, metrics=metrics)
         self._shadow_tasks: set[asyncio.Task[None]] = set()
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         context = request_context(scope)
         try:
             with phase_span("route") as span:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import trace
-from starlette.types import Send
+from starlette.types import Message, Send
 
 from common.asgi import trace_headers, tracing_enabled
 from common.errors import ErrorResponse, send_api_error
@@ -98,7 +98,7 @@ def upstream_error_body(status: int, body: bytes, variant: str) -> bytes:
 
 
 def json_messages(status: int, body: bytes,
-                  upstream_headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
+                  upstream_headers: dict[str, str] | None = None) -> list[Message]:
     """A JSON answer as ASGI messages; an upstream's Retry-After goes along."""
     headers = [(b"content-type", JSON), (b"content-length", str(len(body)).encode())]
     retry_after = (upstream_headers or {}).get("retry-after")

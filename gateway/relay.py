@@ -148,9 +148,10 @@ class Relay:
         client_body = context.body or {}
         is_stream = client_body.get("stream") is True
         with upstream_span(decision, is_stream=is_stream) as span:
-            call = RelayCall(send, context, decision, path, body,
-                             {**headers, **trace_headers()}, is_stream,
-                             wants_usage(client_body), span, time.perf_counter())
+            call = RelayCall(send=send, context=context, decision=decision, path=path,
+                             body=body, headers={**headers, **trace_headers()},
+                             is_stream=is_stream, wants_usage=wants_usage(client_body),
+                             span=span, started=time.perf_counter())
             await (self._stream(call) if is_stream else self._unary(call))
 
     def observe(self, call: RelayCall, status: int, first_byte: float | None = None,

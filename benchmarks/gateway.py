@@ -124,7 +124,8 @@ def start_tiny(workdir: Path) -> Service:
 
 
 def create_key(store: str) -> str:
-    from gateway.keys import ApiKey, generate_key, hash_key, open_key_store
+    from gateway.keys import ApiKey, generate_key, hash_key
+    from gateway.stores import open_key_store
 
     secret = generate_key()
 

@@ -1,4 +1,5 @@
-"""The admin API under `/admin`: API keys and canary weights, guarded by the admin key.
+"""The admin API under `/admin`: API keys, canary weights and the upstream replicas'
+state, guarded by the admin key.
 
 | method | path                               | body               | answer                   |
 |--------|------------------------------------|--------------------|--------------------------|
@@ -7,6 +8,13 @@
 | DELETE | /admin/keys/{name}                 | -                  | 200 {"name", "revoked"}  |
 | GET    | /admin/routes                      | -                  | 200 routes.snapshot()    |
 | PUT    | /admin/routes/{model}/{variant}    | {"weight": 0..100} | 200 routes.snapshot()    |
+| GET    | /admin/upstreams                   | -                  | 200 {"object", "data"}   |
+
+`GET /admin/upstreams` lists every replica of every model and variant, in config order:
+`model`, `variant`, `url`, `is_healthy`, `num_failed_health_checks` (in a row), `circuit`
+(closed | open | half_open), `circuit_retry_in_s`, `num_outstanding`,
+`num_consecutive_failures` and `recent_failures` (the last few failed attempts, newest
+first: `outcome` connect_error | timeout | http_error | protocol_error, `seconds_ago`).
 
 Every request needs `Authorization: Bearer <admin key>` (401 otherwise). With no admin key
 configured, every `/admin` path answers 404. Bodies are validated strictly and a bad one is
@@ -35,6 +43,7 @@ from gateway.keys import (
     mint_key,
     public_record,
 )
+from gateway.middleware.auth import bearer_token
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +61,13 @@ class RoutesAdmin(Protocol):
     def set_weight(self, model: str, variant: str, weight: float) -> None:
         """Set a variant's weight (percent); `NotFoundError` for an unknown model or
         variant, `BadRequestError` for a weight the router refuses."""
+
+
+class UpstreamsAdmin(Protocol):
+    """What the admin API needs from the upstream pool (`gateway.upstream.pool`)."""
+
+    def replica_states(self) -> list[dict[str, Any]]:
+        """Every replica's health, circuit, load and recent failures, JSON-ready."""
 
 
 class _Body(BaseModel):
@@ -95,17 +111,11 @@ def _parse_bool(value: str | None, param: str) -> bool:
     raise BadRequestError(f"{param} must be true or false, got {value!r}", param=param)
 
 
-def _bearer_token(request: Request) -> str | None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    token = token.strip()
-    return token if scheme.lower() == "bearer" and token else None
-
-
 def _admin_guard(admin_key: SecretStr) -> Callable[[Request], Awaitable[None]]:
     expected = admin_key.get_secret_value().encode("utf-8")
 
     async def require_admin(request: Request) -> None:
-        token = _bearer_token(request)
+        token = bearer_token(request.scope)
         if token is None:
             raise AuthenticationError(
                 "missing admin key: send 'Authorization: Bearer <admin key>'")
@@ -128,7 +138,7 @@ def _disabled_router() -> APIRouter:
 
 
 def build_admin_router(*, admin_key: SecretStr | None, key_store: KeyStore,
-                       routes: RoutesAdmin) -> APIRouter:
+                       routes: RoutesAdmin, upstreams: UpstreamsAdmin) -> APIRouter:
     """The `/admin` router; mount it with `app.include_router(...)` and install
     `gateway.errors.handle_api_error` for `ApiError` on the app."""
     if admin_key is None or not admin_key.get_secret_value():
@@ -138,6 +148,10 @@ def build_admin_router(*, admin_key: SecretStr | None, key_store: KeyStore,
     router = APIRouter(prefix="/admin", dependencies=[Depends(_admin_guard(admin_key))])
     _add_key_routes(router, key_store)
     _add_route_routes(router, routes)
+
+    @router.get("/upstreams")
+    async def get_upstreams() -> JSONResponse:
+        return JSONResponse({"object": "list", "data": upstreams.replica_states()})
 
     async def unknown(request: Request) -> None:
         raise NotFoundError(f"no admin endpoint {request.method} {request.url.path}")

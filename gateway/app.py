@@ -35,7 +35,6 @@ from gateway.cache import ResponseCache
 from gateway.context import request_context
 from gateway.errors import NotFoundError, handle_api_error, handle_http_exception
 from gateway.keyring import KeyRing
-from gateway.keys import open_key_store
 from gateway.metrics import GatewayMetrics, KeyLimitsCollector
 from gateway.middleware.access import AccessMiddleware
 from gateway.middleware.auth import AuthMiddleware
@@ -47,6 +46,7 @@ from gateway.proxy import ProxyEndpoint
 from gateway.ratelimit import RateLimiter
 from gateway.routing.router import Router
 from gateway.settings import GatewaySettings
+from gateway.stores import open_cache, open_key_store, open_limiter
 from gateway.upstream.pool import UpstreamPool
 
 
@@ -80,37 +80,10 @@ class GatewayState:
             await self.cache.close()
 
 
-def open_limiter(settings: GatewaySettings) -> RateLimiter:
-    if settings.rate_limit.backend == "redis":
-        from gateway.stores.redis_ratelimit import RedisRateLimiter
-
-        return RedisRateLimiter(settings.redis_url)
-    from gateway.stores.memory_ratelimit import MemoryRateLimiter
-
-    return MemoryRateLimiter()
-
-
-def open_cache(settings: GatewaySettings, metrics: GatewayMetrics) -> ResponseCache | None:
-    cache = settings.cache
-    if not cache.enabled:
-        return None
-    if cache.backend == "redis":
-        from gateway.stores.redis_cache import RedisCache
-
-        return RedisCache(settings.redis_url, ttl_seconds=cache.ttl_seconds,
-                          max_entry_bytes=cache.max_entry_bytes)
-    from gateway.stores.memory_cache import MemoryCache
-
-    return MemoryCache(max_bytes=cache.max_bytes, max_entry_bytes=cache.max_entry_bytes,
-                       ttl_seconds=cache.ttl_seconds, metrics=metrics)
-
-
 def build_state(settings: GatewaySettings) -> GatewayState:
     metrics = GatewayMetrics()
     router = Router(settings.models, settings.rollback, metrics)
     pool = UpstreamPool(settings, metrics)
-    upstream_models = {(m.name, v.name): v.upstream_model or m.name
-                       for m in settings.models for v in m.variants}
     keyring = KeyRing(open_key_store(settings.key_store),
                       refresh_seconds=settings.key_refresh_seconds)
     metrics.registry.register(KeyLimitsCollector(
@@ -119,8 +92,7 @@ def build_state(settings: GatewaySettings) -> GatewayState:
     return GatewayState(
         settings=settings, metrics=metrics, keyring=keyring,
         limiter=open_limiter(settings), cache=open_cache(settings, metrics), router=router,
-        pool=pool, proxy=ProxyEndpoint(router=router, pool=pool, metrics=metrics,
-                                       upstream_models=upstream_models),
+        pool=pool, proxy=ProxyEndpoint(router=router, pool=pool, metrics=metrics),
         started_at=int(time.time()))
 
 
@@ -195,7 +167,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, handle_http_exception)
     add_routes(app, state)
     app.include_router(build_admin_router(admin_key=settings.admin_key,
-                                          key_store=state.keyring.store, routes=state.router))
+                                          key_store=state.keyring.store, routes=state.router,
+                                          upstreams=state.pool))
     wrap_middleware(app, state)
     return app
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from starlette.types import Message, Scope
+
 from gateway.keys import ApiKey
 
 STATE_KEY = "quiver.gateway"
 MODEL_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
-
-Scope = dict[str, Any]
 
 
 @dataclass
@@ -52,14 +52,7 @@ def request_context(scope: Scope) -> RequestContext:
     return context
 
 
-def header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", ()):
-        if key == name:
-            return value.decode("latin-1")
-    return None
-
-
-def with_headers(message: dict[str, Any], extra: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+def with_headers(message: Message, extra: list[tuple[bytes, bytes]]) -> Message:
     """An `http.response.start` message with `extra` headers appended (names lower-case)."""
     names = {name for name, _ in extra}
     headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in names]

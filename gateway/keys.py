@@ -5,8 +5,9 @@ high-entropy secret needs no salt or slow hash (as with GitHub or Stripe tokens)
 go by hash, and the stored hash is compared with `hmac.compare_digest`.
 
 Stores: SQLite (`gateway.stores.sqlite_keys`, default, file `.quiver/keys.db`) and Redis
-(`gateway.stores.redis_keys`, for several gateway replicas). `open_key_store(location)`
-picks one from a path or a `redis://` URL.
+(`gateway.stores.redis_keys`, for several gateway replicas) implement `KeyStore`;
+`gateway.stores.open_key_store(location)` picks one from a path or a `redis://` URL. This
+module imports no store, so the stores can import it.
 """
 
 from __future__ import annotations
@@ -16,9 +17,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
 
 KEY_PREFIX = "qk-"
 KEY_NAME_PATTERN = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
@@ -164,39 +163,3 @@ def public_record(key: ApiKey) -> dict[str, Any]:
         "revoked_at": key.revoked_at,
         "metadata": dict(key.metadata),
     }
-
-
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
-
-
-def is_redis_location(location: str) -> bool:
-    return location.startswith(REDIS_SCHEMES)
-
-
-def describe_location(location: str) -> str:
-    """`location` safe to print or log: a Redis URL's password becomes `***`."""
-    if not is_redis_location(location):
-        return location
-    parts = urlsplit(location)
-    if parts.password is None:
-        return location
-    user = f"{parts.username}:" if parts.username else ":"
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}***@{host}"))
-
-
-def open_key_store(location: str) -> KeyStore:
-    """The store at `location`: a `redis://`, `rediss://` or `unix://` URL gives a
-    `RedisKeyStore`, anything else is a SQLite file path (parent dirs are created).
-
-    Store modules are imported here, so importing this module stays cheap (`quiver --help`).
-    """
-    if not location.strip():
-        raise KeyStoreUnavailableError("the key store location is empty")
-    if is_redis_location(location):
-        from gateway.stores.redis_keys import RedisKeyStore
-
-        return RedisKeyStore(location)
-    from gateway.stores.sqlite_keys import SqliteKeyStore
-
-    return SqliteKeyStore(Path(location))

@@ -28,12 +28,12 @@ from gateway.keys import (
     KeyNameTakenError,
     KeyStore,
     KeyStoreError,
-    describe_location,
     mint_key,
-    open_key_store,
     public_record,
 )
 from gateway.settings import DEFAULT_KEY_STORE
+from gateway.stores import open_key_store
+from gateway.stores.location import describe_location
 
 
 class ApiKeyError(QuiverError):

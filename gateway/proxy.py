@@ -16,20 +16,23 @@ import json
 import logging
 from typing import Any
 
+from starlette.datastructures import Headers
+from starlette.types import Receive, Scope, Send
+
 from common.asgi import request_id_var, tracing_enabled
 from common.asgi.disconnect import ClientDisconnectedError, until_disconnect
 from common.errors import send_api_error
-from gateway.context import RequestContext, Scope, header, request_context
+from gateway.context import RequestContext, request_context
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
-from gateway.relay import Relay
+from gateway.relay import Relay, wants_usage
 from gateway.routing import RouteDecision
 from gateway.routing.router import Router
 from gateway.spans import phase_span, set_attributes
 from gateway.upstream.pool import UpstreamPool
 
 logger = logging.getLogger(__name__)
-PASSED_HEADERS = (b"traceparent", b"tracestate")
+PASSED_HEADERS = ("traceparent", "tracestate")
 
 
 def upstream_body(body: dict[str, Any], raw: bytes, decision: RouteDecision) -> bytes:
@@ -37,11 +40,10 @@ def upstream_body(body: dict[str, Any], raw: bytes, decision: RouteDecision) -> 
     changes: dict[str, Any] = {}
     if decision.upstream_model != body["model"]:
         changes["model"] = decision.upstream_model
-    if body.get("stream") is True:
+    if body.get("stream") is True and not wants_usage(body):
         options = body.get("stream_options")
-        if not (isinstance(options, dict) and options.get("include_usage") is True):
-            changes["stream_options"] = {**(options if isinstance(options, dict) else {}),
-                                         "include_usage": True}
+        changes["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                                     "include_usage": True}
     if not changes:
         return raw
     return json.dumps({**body, **changes}, separators=(",", ":")).encode()
@@ -53,26 +55,23 @@ def forward_headers(scope: Scope) -> dict[str, str]:
     if request_id:
         headers["x-request-id"] = request_id
     if not tracing_enabled():  # else the relay's client span sends its own context
+        client_headers = Headers(scope=scope)
         for name in PASSED_HEADERS:
-            value = header(scope, name)
+            value = client_headers.get(name)
             if value is not None:
-                headers[name.decode()] = value
+                headers[name] = value
     return headers
 
 
 class ProxyEndpoint:
     """The ASGI endpoint behind both model routes."""
 
-    def __init__(self, *, router: Router, pool: UpstreamPool, metrics: GatewayMetrics,
-                 upstream_models: dict[tuple[str, str], str]) -> None:
+    def __init__(self, *, router: Router, pool: UpstreamPool, metrics: GatewayMetrics) -> None:
         self.router = router
-        self.upstream_models = upstream_models
-        self.pool = pool
-        self.metrics = metrics
         self.relay = Relay(pool=pool, router=router, metrics=metrics)
         self._shadow_tasks: set[asyncio.Task[None]] = set()
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         context = request_context(scope)
         try:
             with phase_span("route") as span:
@@ -86,12 +85,8 @@ class ProxyEndpoint:
         headers = forward_headers(scope)
         if decision.shadow_variant is not None:
             self.mirror(scope["path"], context.body, decision, headers)
-        if context.body.get("stream") is True:
-            wants_usage = _wants_usage(context.body)
-            work = self.relay.stream(send, context, decision, scope["path"], body, headers,
-                                     wants_usage=wants_usage)
-        else:
-            work = self.relay.unary(send, context, decision, scope["path"], body, headers)
+        work = self.relay.forward(send, context, decision, path=scope["path"], body=body,
+                                  headers=headers)
         with contextlib.suppress(ClientDisconnectedError):  # the upstream call is cancelled
             await until_disconnect(receive, work)
 
@@ -106,7 +101,8 @@ class ProxyEndpoint:
                headers: dict[str, str]) -> None:
         """Send a copy to the shadow variant (never streamed) and discard the answer."""
         shadow_body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
-        shadow_body["model"] = self.upstream_models[(decision.model, decision.shadow_variant)]
+        shadow_body["model"] = self.router.upstream_model(decision.model,
+                                                          decision.shadow_variant)
         task = asyncio.create_task(self.relay.shadow(decision, path, shadow_body, headers))
         self._shadow_tasks.add(task)
         task.add_done_callback(self._shadow_tasks.discard)
@@ -116,7 +112,3 @@ class ProxyEndpoint:
             task.cancel()
         await asyncio.gather(*self._shadow_tasks, return_exceptions=True)
 
-
-def _wants_usage(body: dict[str, Any]) -> bool:
-    options = body.get("stream_options")
-    return isinstance(options, dict) and options.get("include_usage") is True

@@ -16,9 +16,11 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import trace
+from starlette.types import Message, Send
 
 from common.asgi import trace_headers, tracing_enabled
 from common.errors import ErrorResponse, send_api_error
@@ -96,7 +98,7 @@ def upstream_error_body(status: int, body: bytes, variant: str) -> bytes:
 
 
 def json_messages(status: int, body: bytes,
-                  upstream_headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
+                  upstream_headers: dict[str, str] | None = None) -> list[Message]:
     """A JSON answer as ASGI messages; an upstream's Retry-After goes along."""
     headers = [(b"content-type", JSON), (b"content-length", str(len(body)).encode())]
     retry_after = (upstream_headers or {}).get("retry-after")
@@ -106,109 +108,133 @@ def json_messages(status: int, body: bytes,
             {"type": "http.response.body", "body": body}]
 
 
+async def send_json(send: Send, status: int, body: bytes,
+                    upstream_headers: dict[str, str]) -> None:
+    for message in json_messages(status, body, upstream_headers):
+        await send(message)
+
+
+@dataclass(frozen=True)
+class RelayCall:
+    """One routed call on its way through the relay, built once by `Relay.forward` and
+    handed down the chain (as `UpstreamPool` hands down its `_Call`)."""
+
+    send: Send
+    context: RequestContext    # usage and completeness are recorded here
+    decision: RouteDecision
+    path: str
+    body: bytes                # what goes to the variant's replicas
+    headers: dict[str, str]    # what goes upstream, with the client span's trace context
+    is_stream: bool
+    wants_usage: bool          # the client asked for the usage chunk (streams)
+    span: trace.Span | None    # the CLIENT span around the upstream call; None untraced
+    started: float             # perf_counter when the upstream call began
+
+
+def wants_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
 class Relay:
     def __init__(self, *, pool: UpstreamPool, router: Router, metrics: GatewayMetrics) -> None:
         self.pool = pool
         self.router = router
         self.metrics = metrics
 
-    def observe(self, context: RequestContext, decision: RouteDecision, status: int,
-                started: float, first_byte: float | None = None,
+    async def forward(self, send: Send, context: RequestContext, decision: RouteDecision, *,
+                      path: str, body: bytes, headers: dict[str, str]) -> None:
+        """Relay one routed call and answer the client: streamed when its body asks."""
+        client_body = context.body or {}
+        is_stream = client_body.get("stream") is True
+        with upstream_span(decision, is_stream=is_stream) as span:
+            call = RelayCall(send=send, context=context, decision=decision, path=path,
+                             body=body, headers={**headers, **trace_headers()},
+                             is_stream=is_stream, wants_usage=wants_usage(client_body),
+                             span=span, started=time.perf_counter())
+            await (self._stream(call) if is_stream else self._unary(call))
+
+    def observe(self, call: RelayCall, status: int, first_byte: float | None = None,
                 first_token: float | None = None) -> None:
         now = time.perf_counter()
+        decision, context = call.decision, call.context
         labels = (decision.model, decision.variant)
         key_name = context.key.name if context.key is not None else ""
         self.metrics.requests.labels(*labels, key_name, str(status)).inc()
-        self.metrics.request_duration.labels(*labels).observe(now - started)
+        self.metrics.request_duration.labels(*labels).observe(now - call.started)
         if first_byte is not None:
-            self.metrics.time_to_first_byte.labels(*labels).observe(first_byte - started)
+            self.metrics.time_to_first_byte.labels(*labels).observe(first_byte - call.started)
         if first_token is not None:
-            self.metrics.time_to_first_token.labels(*labels).observe(first_token - started)
+            self.metrics.time_to_first_token.labels(*labels).observe(
+                first_token - call.started)
         self.router.record(decision.model, decision.variant, is_error=status >= 500,
-                           latency_s=now - started)
+                           latency_s=now - call.started)
 
-    async def unary(self, send: Any, context: RequestContext, decision: RouteDecision,
-                    path: str, body: bytes, headers: dict[str, str]) -> None:
-        with upstream_span(decision, is_stream=False) as span:
-            await self._unary(send, context, decision, path, body,
-                              {**headers, **trace_headers()}, span)
-
-    async def _unary(self, send: Any, context: RequestContext, decision: RouteDecision,
-                     path: str, body: bytes, headers: dict[str, str],
-                     span: trace.Span | None) -> None:
-        started = time.perf_counter()
+    async def _unary(self, call: RelayCall) -> None:
+        decision = call.decision
         try:
-            result = await self.pool.fetch(decision.model, decision.variant, path, body, headers)
+            result = await self.pool.fetch(decision.model, decision.variant, call.path,
+                                           call.body, call.headers)
             answer = result.body
             if result.status == 200:
                 payload = parse_json_object(answer)
                 if payload is None:
                     raise UpstreamError(f"The upstream for variant {decision.variant!r} "
                                         "answered 200 with a body that is not JSON.")
-                record_usage(context, payload.get("usage"))
-                context.is_complete = True
+                record_usage(call.context, payload.get("usage"))
+                call.context.is_complete = True
             else:
                 answer = upstream_error_body(result.status, answer, decision.variant)
         except GatewayError as error:
-            end_span(span, error.status_code)
-            self.observe(context, decision, error.status_code, started)
-            await send_api_error(send, error)
+            end_span(call.span, error.status_code)
+            await self._send_error(call, error)
             return
-        end_span(span, result.status, result.replica)
-        self.observe(context, decision, result.status, started, time.perf_counter())
-        for message in json_messages(result.status, answer, result.headers):
-            await send(message)
+        end_span(call.span, result.status, result.replica)
+        self.observe(call, result.status, time.perf_counter())
+        await send_json(call.send, result.status, answer, result.headers)
 
-    async def stream(self, send: Any, context: RequestContext, decision: RouteDecision,
-                     path: str, body: bytes, headers: dict[str, str], *,
-                     wants_usage: bool) -> None:
-        with upstream_span(decision, is_stream=True) as span:
-            await self._stream(send, context, decision, path, body,
-                               {**headers, **trace_headers()}, wants_usage, span)
-
-    async def _stream(self, send: Any, context: RequestContext, decision: RouteDecision,
-                      path: str, body: bytes, headers: dict[str, str], wants_usage: bool,
-                      span: trace.Span | None) -> None:
-        started = time.perf_counter()
+    async def _stream(self, call: RelayCall) -> None:
+        decision = call.decision
         try:
-            stream = await self.pool.open_stream(decision.model, decision.variant, path, body,
-                                                 headers)
+            stream = await self.pool.open_stream(decision.model, decision.variant, call.path,
+                                                 call.body, call.headers)
         except GatewayError as error:
-            end_span(span, error.status_code)
-            self.observe(context, decision, error.status_code, started)
-            await send_api_error(send, error)
+            end_span(call.span, error.status_code)
+            await self._send_error(call, error)
             return
-        end_span(span, stream.status, stream.replica)
+        end_span(call.span, stream.status, stream.replica)
         try:
             if stream.status != 200:
-                await self.relay_error(send, context, decision, stream, started)
+                await self._relay_error(call, stream)
                 return
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": list(STREAM_START_HEADERS)})
-            first_byte, first_token = await self.pump(send, context, decision, stream,
-                                                      wants_usage)
-            status = 200 if context.is_complete else 502
-            self.observe(context, decision, status, started, first_byte, first_token)
+            await call.send({"type": "http.response.start", "status": 200,
+                             "headers": list(STREAM_START_HEADERS)})
+            first_byte, first_token = await self._pump(call, stream)
+            status = 200 if call.context.is_complete else 502
+            self.observe(call, status, first_byte, first_token)
         finally:
             await stream.aclose()
 
-    async def relay_error(self, send: Any, context: RequestContext, decision: RouteDecision,
-                          stream: UpstreamStream, started: float) -> None:
+    async def _relay_error(self, call: RelayCall, stream: UpstreamStream) -> None:
         try:
-            answer = upstream_error_body(stream.status, await stream.read(), decision.variant)
+            answer = upstream_error_body(stream.status, await stream.read(),
+                                         call.decision.variant)
         except (GatewayError, UpstreamStreamError) as exc:
-            error = exc if isinstance(exc, GatewayError) else UpstreamError(str(exc))
-            self.observe(context, decision, error.status_code, started)
-            await send_api_error(send, error)
+            await self._send_error(
+                call, exc if isinstance(exc, GatewayError) else UpstreamError(str(exc)))
             return
-        self.observe(context, decision, stream.status, started)
-        for message in json_messages(stream.status, answer, stream.headers):
-            await send(message)
+        self.observe(call, stream.status)
+        await send_json(call.send, stream.status, answer, stream.headers)
 
-    async def pump(self, send: Any, context: RequestContext, decision: RouteDecision,
-                   stream: UpstreamStream,
-                   wants_usage: bool) -> tuple[float | None, float | None]:
+    async def _send_error(self, call: RelayCall, error: GatewayError) -> None:
+        """The gateway's own error answer, before any byte went out; counted as such."""
+        self.observe(call, error.status_code)
+        await send_api_error(call.send, error)
+
+    async def _pump(self, call: RelayCall,
+                    stream: UpstreamStream) -> tuple[float | None, float | None]:
         """Events out as they come; returns when the first byte and the first text came."""
+        context, send = call.context, call.send
         splitter, first_byte, first_token, failure = EventSplitter(), None, None, None
         saw_done = saw_error = False
         try:
@@ -223,7 +249,7 @@ class Relay:
                         first_token = time.perf_counter()
                     if info.usage is not None:
                         record_usage(context, info.usage)
-                    if wants_usage:
+                    if call.wants_usage:
                         out.append(event)
                     elif not info.is_usage_only:
                         out.append(without_null_usage(event))
@@ -241,6 +267,7 @@ class Relay:
             failure = "the upstream closed the stream before it finished"
         tail = b""
         if failure is not None and not saw_error:
+            decision = call.decision
             self.metrics.stream_errors.labels(decision.model, decision.variant).inc()
             logger.warning("stream from variant %r failed: %s", decision.variant, failure)
             tail = error_event(f"The upstream for variant {decision.variant!r} failed "

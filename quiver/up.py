@@ -110,7 +110,8 @@ def wait_ready(process: subprocess.Popen, port: int) -> None:
 
 async def ensure_key(store_location: str) -> str | None:
     """Make `QUIVER_API_KEY` (or a new key) the active `quiver-up` key; the new one is returned."""
-    from gateway.keys import ApiKey, generate_key, hash_key, open_key_store
+    from gateway.keys import ApiKey, generate_key, hash_key
+    from gateway.stores import open_key_store
 
     given = os.environ.get(API_KEY_ENV) or None
     store = open_key_store(store_location)

@@ -11,10 +11,11 @@ budget and in `quiver_gateway_tokens_total{key,model,kind}` (the key's name, nev
 
 from __future__ import annotations
 
-from typing import Any
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from common.errors import send_api_error
-from gateway.context import RequestContext, Scope, header, is_model_call, request_context
+from gateway.context import RequestContext, is_model_call, request_context
 from gateway.errors import GatewayError, PermissionDeniedError, QuotaExceededError
 from gateway.keyring import KeyRing
 from gateway.keys import ApiKey
@@ -22,18 +23,18 @@ from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import estimate_tokens
 from gateway.settings import RateLimitSettings
 
-PIN_HEADER = b"x-quiver-variant"
+PIN_HEADER = "x-quiver-variant"
 
 
 class AccessMiddleware:
-    def __init__(self, app: Any, *, keyring: KeyRing, settings: RateLimitSettings,
+    def __init__(self, app: ASGIApp, *, keyring: KeyRing, settings: RateLimitSettings,
                  metrics: GatewayMetrics) -> None:
         self.app = app
         self.keyring = keyring
         self.settings = settings
         self.metrics = metrics
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         context = request_context(scope) if is_model_call(scope) else None
         if context is None or context.key is None or context.body is None:
             await self.app(scope, receive, send)
@@ -42,7 +43,7 @@ class AccessMiddleware:
         context.estimated_tokens = estimate_tokens(context.body,
                                                    self.settings.default_max_tokens)
         try:
-            self.check(key, context, header(scope, PIN_HEADER))
+            self.check(key, context, Headers(scope=scope).get(PIN_HEADER))
         except GatewayError as error:
             await send_api_error(send, error)
             return

@@ -8,12 +8,12 @@ shape, before the body is read. What the key may do (models, variant pinning, bu
 
 from __future__ import annotations
 
-from typing import Any
-
 from opentelemetry import trace
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from common.errors import send_api_error
-from gateway.context import Scope, header, request_context
+from gateway.context import request_context
 from gateway.errors import AuthenticationError
 from gateway.keyring import KeyRing
 from gateway.keys import ApiKey
@@ -24,7 +24,7 @@ PROTECTED_PREFIX = "/v1/"
 
 
 def bearer_token(scope: Scope) -> str | None:
-    value = header(scope, b"authorization")
+    value = Headers(scope=scope).get("authorization")
     if value is None:
         return None
     scheme, _, token = value.partition(" ")
@@ -33,12 +33,12 @@ def bearer_token(scope: Scope) -> str | None:
 
 
 class AuthMiddleware:
-    def __init__(self, app: Any, *, keyring: KeyRing, metrics: GatewayMetrics) -> None:
+    def __init__(self, app: ASGIApp, *, keyring: KeyRing, metrics: GatewayMetrics) -> None:
         self.app = app
         self.keyring = keyring
         self.metrics = metrics
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIX):
             await self.app(scope, receive, send)
             return

@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from common.errors import send_api_error
-from gateway.context import Scope, is_model_call, request_context
+from gateway.context import is_model_call, request_context
 from gateway.errors import BadRequestError
 
 
-async def read_body(receive: Any) -> bytes:
+async def read_body(receive: Receive) -> bytes:
     chunks: list[bytes] = []
     while True:
         message = await receive()
@@ -50,10 +52,10 @@ def parse_model_call(raw: bytes) -> dict[str, Any]:
 
 
 class BodyMiddleware:
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not is_model_call(scope):
             await self.app(scope, receive, send)
             return
@@ -66,7 +68,7 @@ class BodyMiddleware:
             return
         replayed = False
 
-        async def replay() -> dict[str, Any]:
+        async def replay() -> Message:
             nonlocal replayed
             if not replayed:
                 replayed = True

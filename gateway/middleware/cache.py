@@ -10,13 +10,12 @@ response as `x-quiver-cache: hit|miss|bypass`.
 
 from __future__ import annotations
 
-from typing import Any
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.cache import CachedResponse, ResponseCache, cache_key, is_deterministic
 from gateway.context import (
     RequestContext,
-    Scope,
-    header,
     is_model_call,
     request_context,
 )
@@ -28,11 +27,11 @@ STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")
 
 
 def cache_directives(scope: Scope) -> set[str]:
-    value = header(scope, b"cache-control") or ""
+    value = Headers(scope=scope).get("cache-control") or ""
     return {part.strip().lower() for part in value.split(",") if part.strip()}
 
 
-def hit_messages(entry: CachedResponse) -> list[dict[str, Any]]:
+def hit_messages(entry: CachedResponse) -> list[Message]:
     headers = [(b"content-type", entry.content_type.encode()),
                (b"content-length", str(len(entry.body)).encode())]
     if entry.is_stream:
@@ -42,7 +41,7 @@ def hit_messages(entry: CachedResponse) -> list[dict[str, Any]]:
 
 
 class CacheMiddleware:
-    def __init__(self, app: Any, *, cache: ResponseCache | None, settings: CacheSettings,
+    def __init__(self, app: ASGIApp, *, cache: ResponseCache | None, settings: CacheSettings,
                  metrics: GatewayMetrics) -> None:
         self.app = app
         self.cache = cache if settings.enabled else None
@@ -58,7 +57,7 @@ class CacheMiddleware:
         # a pinned call is answered by its variant only: its entries are its own
         return cache_key(key.tenant, f"{scope['path']}#{context.pinned_variant or ''}", body)
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not is_model_call(scope):
             await self.app(scope, receive, send)
             return
@@ -82,12 +81,12 @@ class CacheMiddleware:
         self.metrics.cache_requests.labels(context.cache_status).inc()
         await self.forward(scope, receive, send, context, key if may_store else None)
 
-    async def forward(self, scope: Scope, receive: Any, send: Any, context: RequestContext,
+    async def forward(self, scope: Scope, receive: Receive, send: Send, context: RequestContext,
                       store_key: str | None) -> None:
         captured: list[bytes] | None = [] if store_key is not None else None
         state = {"status": 0, "size": 0, "content_type": "application/json"}
 
-        async def capturing_send(message: dict[str, Any]) -> None:
+        async def capturing_send(message: Message) -> None:
             nonlocal captured
             if message["type"] == "http.response.start":
                 state["status"] = message["status"]

@@ -3,25 +3,25 @@ the cache layer) and `x-quiver-variant` (which variant served, once the router c
 
 from __future__ import annotations
 
-from typing import Any
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.context import Scope, request_context, with_headers
+from gateway.context import request_context, with_headers
 
 CACHE_HEADER = b"x-quiver-cache"
 VARIANT_HEADER = b"x-quiver-variant"
 
 
 class ResponseHeadersMiddleware:
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         context = request_context(scope)
 
-        async def send_with_verdicts(message: dict[str, Any]) -> None:
+        async def send_with_verdicts(message: Message) -> None:
             if message["type"] == "http.response.start":
                 extra = [(CACHE_HEADER, context.cache_status.encode())]
                 if context.variant:

@@ -9,10 +9,10 @@ limits carries `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`, as does 
 
 from __future__ import annotations
 
-from typing import Any
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.errors import send_api_error
-from gateway.context import Scope, is_model_call, request_context, with_headers
+from gateway.context import is_model_call, request_context, with_headers
 from gateway.errors import RateLimitError
 from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import Limits, RateLimitDecision, RateLimiter
@@ -21,7 +21,7 @@ from gateway.spans import phase_span, set_attributes
 
 
 class RateLimitMiddleware:
-    def __init__(self, app: Any, *, limiter: RateLimiter, settings: RateLimitSettings,
+    def __init__(self, app: ASGIApp, *, limiter: RateLimiter, settings: RateLimitSettings,
                  metrics: GatewayMetrics) -> None:
         self.app = app
         self.limiter = limiter
@@ -31,7 +31,7 @@ class RateLimitMiddleware:
     def limits_for(self, rpm: int | None, tpm: int | None) -> Limits:
         return Limits(rpm=rpm or self.settings.default_rpm, tpm=tpm or self.settings.default_tpm)
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         context = request_context(scope) if is_model_call(scope) else None
         key = context.key if context is not None else None
         if context is None or key is None or context.body is None:
@@ -50,7 +50,7 @@ class RateLimitMiddleware:
             return
         headers = decision.headers()
 
-        async def send_with_limits(message: dict[str, Any]) -> None:
+        async def send_with_limits(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message = with_headers(message, headers)
             await send(message)
@@ -60,7 +60,7 @@ class RateLimitMiddleware:
         finally:
             await self.limiter.settle(key.name, limits, reserved, context.total_tokens)
 
-    async def refuse(self, send: Any, key_name: str, decision: RateLimitDecision) -> None:
+    async def refuse(self, send: Send, key_name: str, decision: RateLimitDecision) -> None:
         kind = decision.refused_by or "requests"
         self.metrics.rate_limited.labels(key_name, kind).inc()
         limit = decision.limit_requests if kind == "requests" else decision.limit_tokens

@@ -65,6 +65,11 @@ class Router:
     def model_names(self) -> list[str]:
         return list(self._routes)
 
+    def upstream_model(self, model: str, variant: str) -> str:
+        """The model name a variant's replicas serve (its `upstream_model`, else the
+        public name)."""
+        return self._upstream_models[(model, variant)]
+
     def choose(self, model: str, sticky_key: str,
                pinned_variant: str | None = None) -> RouteDecision:
         """The variant for one request; a pinned variant is honoured even at weight 0."""

@@ -1,1 +1,66 @@
-"""Storage backends: keys (SQLite, Redis), rate limits and the response cache (memory, Redis)."""
+"""Storage backends: keys (SQLite, Redis), rate limits and the response cache (memory,
+Redis), and the three factories that open the configured one of each.
+
+The factories live here, below `gateway.app` and `gateway.keys_cli` and above the store
+modules, so imports run one way: the protocols (`gateway.keys`, `gateway.ratelimit`,
+`gateway.cache`) <- the stores <- this package <- the app. Each store module is imported
+only inside its factory, so importing this package stays cheap (`quiver --help`) and pulls
+in no Redis client unless one is configured.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gateway.keys import KeyStoreUnavailableError
+from gateway.stores.location import is_redis_location
+
+if TYPE_CHECKING:
+    from gateway.cache import ResponseCache
+    from gateway.keys import KeyStore
+    from gateway.metrics import GatewayMetrics
+    from gateway.ratelimit import RateLimiter
+    from gateway.settings import GatewaySettings
+
+__all__ = ["open_cache", "open_key_store", "open_limiter"]
+
+
+def open_key_store(location: str) -> KeyStore:
+    """The store at `location`: a `redis://`, `rediss://` or `unix://` URL gives a
+    `RedisKeyStore`, anything else is a SQLite file path (parent dirs are created)."""
+    if not location.strip():
+        raise KeyStoreUnavailableError("the key store location is empty")
+    if is_redis_location(location):
+        from gateway.stores.redis_keys import RedisKeyStore
+
+        return RedisKeyStore(location)
+    from gateway.stores.sqlite_keys import SqliteKeyStore
+
+    return SqliteKeyStore(Path(location))
+
+
+def open_limiter(settings: GatewaySettings) -> RateLimiter:
+    if settings.rate_limit.backend == "redis":
+        from gateway.stores.redis_ratelimit import RedisRateLimiter
+
+        return RedisRateLimiter(settings.redis_url)
+    from gateway.stores.memory_ratelimit import MemoryRateLimiter
+
+    return MemoryRateLimiter()
+
+
+def open_cache(settings: GatewaySettings, metrics: GatewayMetrics) -> ResponseCache | None:
+    """The configured response cache; None when caching is off."""
+    cache = settings.cache
+    if not cache.enabled:
+        return None
+    if cache.backend == "redis":
+        from gateway.stores.redis_cache import RedisCache
+
+        return RedisCache(settings.redis_url, ttl_seconds=cache.ttl_seconds,
+                          max_entry_bytes=cache.max_entry_bytes)
+    from gateway.stores.memory_cache import MemoryCache
+
+    return MemoryCache(max_bytes=cache.max_bytes, max_entry_bytes=cache.max_entry_bytes,
+                       ttl_seconds=cache.ttl_seconds, metrics=metrics)

@@ -31,9 +31,9 @@ from gateway.keys import (
     KeyNotFoundError,
     KeyStoreError,
     KeyStoreUnavailableError,
-    describe_location,
     validate_key,
 )
+from gateway.stores.location import describe_location
 
 PREFIX = "quiver:keys:"
 RECORD_PREFIX = PREFIX + "k:"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -80,15 +81,29 @@ class CircuitBreaker:
             self._is_trial_running = False
 
 
+NUM_RECENT_FAILURES = 5
+
+
+@dataclass(frozen=True)
+class RecentFailure:
+    outcome: Outcome           # never "ok"
+    seconds_ago: float
+
+
 @dataclass(frozen=True)
 class ReplicaState:
+    """A replica as an operator sees it during an incident (`GET /admin/upstreams`)."""
+
     model: str
     variant: str
     url: str
-    is_healthy: bool
+    is_healthy: bool                 # passes its health checks
+    num_failed_health_checks: int    # in a row
     circuit: CircuitState
-    num_outstanding: int
-    num_consecutive_failures: int
+    circuit_retry_in_s: float        # while open: time until the half-open trial; else 0
+    num_outstanding: int             # requests in flight on it now
+    num_consecutive_failures: int    # failed attempts in a row (what opens the circuit)
+    recent_failures: tuple[RecentFailure, ...]  # failed attempts, newest first
 
 
 class Replica:
@@ -99,6 +114,8 @@ class Replica:
         self.breaker = CircuitBreaker(breaker, clock)
         self.is_healthy = True
         self.num_outstanding = 0
+        self._clock = clock
+        self._recent_failures: deque[tuple[Outcome, float]] = deque(maxlen=NUM_RECENT_FAILURES)
         self._num_health_failures = 0
         self._num_health_successes = 0
         self._metrics = metrics
@@ -136,9 +153,15 @@ class Replica:
         self._metrics.upstream_healthy.labels(**self._labels).set(int(self.is_healthy))
 
     def state(self) -> ReplicaState:
-        return ReplicaState(self.model, self.variant, self.url, self.is_healthy,
-                            self.breaker.state, self.num_outstanding,
-                            self.breaker.num_consecutive_failures)
+        now = self._clock()
+        return ReplicaState(
+            model=self.model, variant=self.variant, url=self.url, is_healthy=self.is_healthy,
+            num_failed_health_checks=self._num_health_failures, circuit=self.breaker.state,
+            circuit_retry_in_s=round(self.breaker.seconds_until_trial(), 3),
+            num_outstanding=self.num_outstanding,
+            num_consecutive_failures=self.breaker.num_consecutive_failures,
+            recent_failures=tuple(RecentFailure(outcome, round(now - at, 3))
+                                  for outcome, at in self._recent_failures))
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self.state())
@@ -172,6 +195,8 @@ class Replica:
         self._metrics.circuit_open.labels(**self._labels).set(int(is_open))
 
     def _count(self, outcome: Outcome, duration_s: float) -> None:
+        if outcome != "ok":
+            self._recent_failures.appendleft((outcome, self._clock()))
         self._metrics.upstream_requests.labels(**self._labels, outcome=outcome).inc()
         self._metrics.upstream_duration.labels(**self._labels).observe(duration_s)
 

@@ -186,7 +186,8 @@ def create_key(store: str, name: str, **fields) -> str:
     import asyncio
     import time as _time
 
-    from gateway.keys import ApiKey, generate_key, hash_key, open_key_store
+    from gateway.keys import ApiKey, generate_key, hash_key
+    from gateway.stores import open_key_store
 
     secret = generate_key()
 

@@ -1,5 +1,5 @@
-"""The `/admin` API on a tiny inline app: auth, key management, canary weights, and
-OpenAI-shaped errors for every refusal."""
+"""The `/admin` API on a tiny inline app: auth, key management, canary weights, the
+upstreams listing, and OpenAI-shaped errors for every refusal."""
 
 from __future__ import annotations
 
@@ -44,12 +44,20 @@ class FakeRoutes:
         self.weights[model][variant] = weight
 
 
+class FakeUpstreams:
+    """The pool's replica states, as `UpstreamPool.replica_states` gives them."""
+
+    def replica_states(self) -> list[dict[str, Any]]:
+        return [{"model": "tiny", "variant": "stable", "url": "http://10.0.0.1:8001",
+                 "is_healthy": True, "circuit": "closed", "recent_failures": []}]
+
+
 def make_app(admin_key: str | None, store: KeyStore, routes: FakeRoutes) -> FastAPI:
     app = FastAPI()
     app.add_exception_handler(ApiError, handle_api_error)
     app.include_router(build_admin_router(
         admin_key=None if admin_key is None else SecretStr(admin_key), key_store=store,
-        routes=routes))
+        routes=routes, upstreams=FakeUpstreams()))
     return app
 
 
@@ -92,7 +100,8 @@ def assert_openai_error(response: httpx.Response, status: int, *,
     {"Authorization": "Basic " + ADMIN_KEY}, {"Authorization": "Bearer "}])
 @pytest.mark.parametrize(("method", "path"), [
     ("GET", "/admin/keys"), ("POST", "/admin/keys"), ("DELETE", "/admin/keys/x"),
-    ("GET", "/admin/routes"), ("PUT", "/admin/routes/tiny/canary"), ("GET", "/admin/nope")])
+    ("GET", "/admin/routes"), ("PUT", "/admin/routes/tiny/canary"), ("GET", "/admin/upstreams"),
+    ("GET", "/admin/nope")])
 async def test_every_admin_path_needs_the_admin_key(client: httpx.AsyncClient, headers,
                                                     method: str, path: str):
     response = await client.request(method, path, headers=headers, json={"name": "x"})
@@ -103,7 +112,8 @@ async def test_every_admin_path_needs_the_admin_key(client: httpx.AsyncClient, h
 
 @pytest.mark.parametrize(("method", "path"), [
     ("GET", "/admin/keys"), ("POST", "/admin/keys"), ("GET", "/admin/routes"),
-    ("PUT", "/admin/routes/tiny/canary"), ("GET", "/admin"), ("GET", "/admin/anything")])
+    ("PUT", "/admin/routes/tiny/canary"), ("GET", "/admin/upstreams"), ("GET", "/admin"),
+    ("GET", "/admin/anything")])
 @pytest.mark.parametrize("admin_key", [None, ""])
 async def test_admin_api_disabled_without_an_admin_key(store: KeyStore, routes: FakeRoutes,
                                                        admin_key, method: str, path: str):
@@ -226,3 +236,10 @@ async def test_bad_weight_changes_are_refused(client: httpx.AsyncClient, routes:
 async def test_unknown_admin_path_is_an_openai_404(client: httpx.AsyncClient):
     response = await client.get("/admin/nothing-here", headers=AUTH)
     assert "no admin endpoint GET /admin/nothing-here" in assert_openai_error(response, 404)
+
+
+async def test_upstreams_lists_the_pools_replica_states(client: httpx.AsyncClient):
+    response = await client.get("/admin/upstreams", headers=AUTH)
+    assert response.status_code == 200
+    assert response.json() == {"object": "list", "data": FakeUpstreams().replica_states()}
+

@@ -18,11 +18,11 @@ from gateway.keys import (
     KeyNotFoundError,
     KeyStore,
     KeyStoreUnavailableError,
-    describe_location,
     hash_key,
     mint_key,
-    open_key_store,
 )
+from gateway.stores import open_key_store
+from gateway.stores.location import describe_location
 from gateway.stores.redis_keys import RedisKeyStore
 from gateway.stores.sqlite_keys import SqliteKeyStore
 

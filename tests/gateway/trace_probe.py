@@ -20,8 +20,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from gateway.app import create_app  # noqa: E402
-from gateway.keys import ApiKey, generate_key, hash_key, open_key_store  # noqa: E402
+from gateway.keys import ApiKey, generate_key, hash_key  # noqa: E402
 from gateway.settings import load_settings  # noqa: E402
+from gateway.stores import open_key_store  # noqa: E402
 from tests.gateway.fake_upstream import FakeUpstream  # noqa: E402
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"

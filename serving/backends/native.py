@@ -18,7 +18,7 @@ class NativeEngineClient:
         self._engine = build_engine(settings, model_name=served_model_name, registry=registry)
         self._info = ModelInfo(
             served_model_name=served_model_name, model_dir=settings.model,
-            max_model_len=self._engine.core.scheduler.scheduler_config.max_model_len,
+            max_model_len=self._engine.max_model_len,
             engine="native",
         )
 
@@ -33,11 +33,6 @@ class NativeEngineClient:
     @property
     def num_unfinished_requests(self) -> int:
         return self._engine.num_unfinished_requests
-
-    @property
-    def engine(self):
-        """The AsyncEngine itself (tests read its scheduler's block usage)."""
-        return self._engine
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         if request.response_format is not None and request.response_format.type != "text":

@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
 from collections.abc import Iterator
 from contextlib import aclosing
-from dataclasses import dataclass
-from typing import Any
 
 import httpx
 import pytest
@@ -27,29 +24,15 @@ from serving.engine.errors import EngineDeadError, InvalidRequestError  # noqa: 
 from serving.engine.request import FinishReason  # noqa: E402
 from serving.engine.sampling_params import SamplingParams  # noqa: E402
 from serving.settings import ServerSettings  # noqa: E402
-from tests.serving.api.conftest import serve_in_thread, tiny_settings  # noqa: E402
+from tests.serving.api.conftest import LiveServer, serve_in_thread, tiny_settings  # noqa: E402
 
 PROMPT = "Hello world, the cat"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
 
-@dataclass
-class Upstream:
-    url: str
-    engine: Any  # NativeEngineClient
-    tokenizer: Any
-
-    def wait_idle(self, timeout: float = 10.0) -> None:
-        block_manager = self.engine.engine.core.scheduler.block_manager
-        deadline = time.monotonic() + timeout
-        while (self.engine.num_unfinished_requests
-               or block_manager.num_free_blocks != block_manager.num_blocks):
-            assert time.monotonic() < deadline, "the upstream request was not freed"
-            time.sleep(0.02)
-
-
 @pytest.fixture(scope="module")
-def upstream(tiny_model_dir) -> Iterator[Upstream]:
+def upstream(tiny_model_dir) -> Iterator[LiveServer]:
+    """A native Quiver server on the tiny model, for the triton engine to forward to."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -58,7 +41,7 @@ def upstream(tiny_model_dir) -> Iterator[Upstream]:
     engine = create_engine_client(settings, registry)
     try:
         with serve_in_thread(create_app(settings, engine, tokenizer, registry)) as url:
-            yield Upstream(url, engine, tokenizer)
+            yield LiveServer(url, engine, tokenizer)
     finally:
         asyncio.run(engine.shutdown())
 

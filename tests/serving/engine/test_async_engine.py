@@ -17,6 +17,7 @@ from serving.engine.errors import EngineDeadError, PromptTooLongError, QueueFull
 from serving.engine.metrics import EngineMetrics
 from tests.serving.engine.factories import (
     EOS_TOKEN_ID,
+    DropRecorder,
     FakeModelRunner,
     create_scheduler,
     expected_output,
@@ -24,14 +25,6 @@ from tests.serving.engine.factories import (
 )
 
 MODEL = "fake"
-
-
-class DropRecorder:
-    def __init__(self) -> None:
-        self.dropped: set[str] = set()
-
-    def drop(self, request_ids) -> None:
-        self.dropped.update(request_ids)
 
 
 class SlowRunner(FakeModelRunner):
@@ -113,7 +106,7 @@ async def test_concurrent_requests_each_get_their_own_tokens(engine):
     for i, ((rid, prompt), (tokens, _, _)) in enumerate(zip(prompts.items(), results, strict=True)):
         assert tokens == {0: expected_output(prompt, 3 + i)}, rid
     assert engine.num_unfinished_requests == 0
-    assert engine.core.scheduler.block_manager.num_free_blocks == 64
+    assert engine.stats().kv_cache_usage == 0
 
 
 async def test_n_choices_share_the_prompt_blocks(engine):
@@ -145,7 +138,7 @@ async def test_leaving_early_aborts_and_frees_blocks():
             async for _ in outputs:
                 break
         assert engine.num_unfinished_requests == 0
-        assert engine.core.scheduler.block_manager.num_free_blocks == 64
+        assert engine.stats().kv_cache_usage == 0
         assert sample(engine, "vllm:request_success_total", {"finished_reason": "abort"}) == 1
     finally:
         engine.shutdown()
@@ -166,7 +159,7 @@ async def test_cancelled_consumer_aborts_its_request():
         with pytest.raises(asyncio.CancelledError):
             await task
         assert engine.num_unfinished_requests == 0
-        assert engine.core.scheduler.block_manager.num_free_blocks == 128
+        assert engine.stats().kv_cache_usage == 0
     finally:
         engine.shutdown()
 
@@ -198,7 +191,7 @@ async def test_a_failing_n_request_admits_no_choice():
     with pytest.raises(QueueFullError):
         await anext(engine.generate([1, 2], SamplingParams(n=3, max_tokens=2), "n3"))
     assert engine.num_unfinished_requests == 0
-    assert engine.core.scheduler.block_manager.num_free_blocks == 64
+    assert engine.stats().kv_cache_usage == 0
 
 
 async def test_extra_eos_ids_stop_unless_ignore_eos():
@@ -243,3 +236,4 @@ async def test_shutdown_ends_in_flight_requests_with_an_error():
         await asyncio.wait_for(task, 5)
     assert not engine.is_running
     assert not engine._thread.is_alive()  # other tests' engines may still run: check ours
+

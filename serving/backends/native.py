@@ -46,6 +46,9 @@ class NativeEngineClient:
     async def abort(self, request_id: str) -> None:
         self._engine.abort(request_id)
 
+    async def abort_choice(self, request_id: str, index: int) -> None:
+        self._engine.abort_choice(request_id, index)
+
     async def shutdown(self) -> None:
         self._engine.shutdown()
 

@@ -202,6 +202,11 @@ class TritonEngineClient:
             self._aborted.add(request_id)
             response.close()
 
+    async def abort_choice(self, request_id: str, index: int) -> None:
+        """A request has one choice here (n > 1 is refused): ending it ends the request."""
+        if index == 0:
+            await self.abort(request_id)
+
     async def shutdown(self) -> None:
         """Close the connections, in the (still running) event loop that opened them."""
         loop, current = self._loop, asyncio.get_running_loop()

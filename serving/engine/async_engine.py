@@ -3,7 +3,8 @@
 `generate()` admits a request (errors such as a full queue or a too-long prompt raise at
 once, in the caller's task) and yields `RequestOutput` deltas as the loop produces them.
 Leaving the iterator early — a client disconnect cancels the task — aborts the request and
-frees its KV blocks. The loop is `EngineCore.step()` under this engine's lock, which it holds only
+frees its KV blocks; `abort_choice()` ends one choice of an `n > 1` request while its
+siblings go on. The loop is `EngineCore.step()` under this engine's lock, which it holds only
 around the scheduler's bookkeeping, never around the model's forward pass, so admitting and
 aborting never wait for a step to finish.
 """
@@ -141,6 +142,28 @@ class AsyncEngine:
             self._abort_children(stream, stream.children, time.time())
             self._record_stats()
         logger.debug("aborted request %s", request_id)
+
+    def abort_choice(self, request_id: str, index: int) -> None:
+        """End choice `index` of a request now (its KV blocks are free when this returns)
+        while its siblings go on. The stream gets that choice's last delta, finish reason
+        `abort`, and ends there if no other choice is left."""
+        with self._cond:
+            stream = self._streams.get(request_id)
+            if stream is None or not 0 <= index < len(stream.children):
+                return
+            now = time.time()
+            if not self._abort_children(stream, [stream.children[index]], now):
+                return  # it had finished already
+            finished = stream.num_unfinished == 0
+            if finished:
+                del self._streams[request_id]
+            output = RequestOutput(
+                request_id, [CompletionDelta(index, [], None, FinishReason.ABORT)],
+                stream.num_prompt_tokens, stream.children[0].num_cached_tokens, finished,
+                times=_times(stream, now) if finished else None)
+            self._record_stats()
+            stream.push(output)
+        logger.debug("aborted choice %d of request %s", index, request_id)
 
     def _abort_children(self, stream: _Stream, children: Sequence[Request], now: float) -> int:
         """Abort the children still running; returns how many were."""

@@ -161,6 +161,9 @@ class FakeEngine:
     async def abort(self, request_id: str) -> None:
         return None
 
+    async def abort_choice(self, request_id: str, index: int) -> None:
+        return None
+
     async def shutdown(self) -> None:
         return None
 

@@ -163,6 +163,20 @@ async def test_abort_and_early_exit_free_the_upstream_request(triton_engine, ups
     await asyncio.to_thread(upstream.wait_idle)
 
 
+async def test_aborting_the_only_choice_ends_the_request(triton_engine, upstream):
+    """One choice per request here (n > 1 is refused), so ending choice 0 ends it all."""
+    long = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+    async with aclosing(triton_engine.generate(
+            GenerationRequest("one-choice", [5, 6, 7], long))) as outputs:
+        assert not (await anext(outputs)).finished
+        await triton_engine.abort_choice("one-choice", 1)  # no such choice: ignored
+        await triton_engine.abort_choice("one-choice", 0)
+        rest = [output async for output in outputs]
+    assert rest[-1].finished and rest[-1].deltas[0].finish_reason == FinishReason.ABORT
+    assert sum(len(o.deltas[0].new_token_ids) for o in rest) < 400
+    await asyncio.to_thread(upstream.wait_idle)
+
+
 def test_target_accepts_tritonclient_and_http_urls():
     assert TritonTarget.parse("127.0.0.1:8000", "m").generate_stream_url == \
         "http://127.0.0.1:8000/v2/models/m/generate_stream"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 
 import pytest
@@ -34,6 +35,19 @@ class SlowRunner(FakeModelRunner):
 
     def execute_model(self, scheduler_output):
         time.sleep(self.step_seconds)
+        return super().execute_model(scheduler_output)
+
+
+class SteppedRunner(FakeModelRunner):
+    """The fake runner, one step per permit the test gives: the test and the engine loop
+    take turns, so what happens between two steps is exact."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        super().__init__(num_blocks, block_size)
+        self.permits = threading.Semaphore(0)
+
+    def execute_model(self, scheduler_output):
+        self.permits.acquire()
         return super().execute_model(scheduler_output)
 
 
@@ -237,3 +251,58 @@ async def test_shutdown_ends_in_flight_requests_with_an_error():
     assert not engine.is_running
     assert not engine._thread.is_alive()  # other tests' engines may still run: check ours
 
+
+async def test_aborting_one_choice_stops_it_while_its_siblings_go_on():
+    """`abort_choice` ends one choice at once: it gets no token after the abort, its KV
+    blocks are free (only the sibling's remain), and the sibling still runs to its end."""
+    engine, runner = make_engine(SteppedRunner)
+    try:
+        prompt = make_prompt("siblings", 40)
+        params = SamplingParams(n=2, max_tokens=30, ignore_eos=True)
+        tokens: dict[int, list[int]] = {0: [], 1: []}
+        reasons: dict[int, str] = {}
+        async with contextlib.aclosing(engine.generate(prompt, params, "pair")) as outputs:
+            runner.permits.release()  # prefill step: both choices' first tokens
+            async for output in outputs:
+                for delta in output.deltas:
+                    tokens[delta.index].extend(delta.new_token_ids)
+                    if delta.finish_reason is not None:
+                        reasons[delta.index] = delta.finish_reason
+                if len(tokens[0]) == 3 and 0 not in reasons:
+                    usage_both = engine.stats().kv_cache_usage
+                    engine.abort_choice("pair", 0)
+                    assert engine.stats().kv_cache_usage < usage_both
+                    assert sample(engine, "vllm:request_success_total",
+                                  {"finished_reason": "abort"}) == 1
+                runner.permits.release()
+        assert reasons == {0: "abort", 1: "length"}
+        assert tokens[0] == expected_output(prompt, 3)
+        assert tokens[1] == expected_output(prompt, 30)
+        assert sample(engine, "vllm:generation_tokens_total") == 3 + 30
+        assert engine.num_unfinished_requests == 0
+        assert engine.stats().kv_cache_usage == 0
+    finally:
+        runner.permits.release(1000)
+        engine.shutdown()
+
+
+async def test_aborting_the_last_choice_ends_the_stream():
+    engine, runner = make_engine(SteppedRunner)
+    try:
+        outputs = []
+        generator = engine.generate(make_prompt("last", 8), SamplingParams(max_tokens=50), "one")
+        async with contextlib.aclosing(generator) as stream:
+            runner.permits.release()
+            async for output in stream:
+                outputs.append(output)
+                engine.abort_choice("one", 0)
+                engine.abort_choice("one", 0)  # finished already: ignored
+                engine.abort_choice("one", 5)  # no such choice: ignored
+        assert [o.finished for o in outputs] == [False, True]
+        assert outputs[-1].deltas[0].finish_reason == "abort"
+        assert outputs[-1].deltas[0].new_token_ids == []
+        assert outputs[-1].times is not None
+        assert engine.num_unfinished_requests == 0
+    finally:
+        runner.permits.release(1000)
+        engine.shutdown()

@@ -177,6 +177,21 @@ async def test_aborting_the_only_choice_ends_the_request(triton_engine, upstream
     await asyncio.to_thread(upstream.wait_idle)
 
 
+def test_a_stop_event_with_text_keeps_that_text():
+    """The remote left its stop token out of `text_output` already; the serving layer
+    hides the last token of a stopped delta, so the text must come in a delta of its own."""
+    from serving.backends.triton import _outputs_of
+
+    text, stop = _outputs_of("r", [5, 6], FinishReason.STOP, 3)
+    assert (text.deltas[0].new_token_ids, text.deltas[0].finish_reason) == ([5, 6], None)
+    assert not text.finished
+    assert (stop.deltas[0].new_token_ids, stop.deltas[0].finish_reason) == ([], "stop")
+    assert stop.finished
+    [length] = _outputs_of("r", [5, 6], FinishReason.LENGTH, 3)
+    assert length.deltas[0].new_token_ids == [5, 6] and length.finished
+    assert _outputs_of("r", [], None, 3) == []
+
+
 def test_target_accepts_tritonclient_and_http_urls():
     assert TritonTarget.parse("127.0.0.1:8000", "m").generate_stream_url == \
         "http://127.0.0.1:8000/v2/models/m/generate_stream"

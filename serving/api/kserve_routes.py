@@ -4,38 +4,30 @@ Health answers 200 (true) or 400 (false) with an empty body, as KServe v2 says; 
 draining server is not ready and refuses new generations (503). Every
 error is `{"error": "<message>"}` with the status `serving.errors` gives it (unknown model
 404, bad input 400, queue full 503 + Retry-After, ...). Every model route also answers
-under `/versions/1`. Non-streamed requests are cancelled, and their engine requests
-aborted, when the client disconnects; a streamed one stops when its stream is cancelled.
+under `/versions/1`. Every request runs until its client disconnects: then its engine
+requests are aborted (`serving.api.responses`, as for the OpenAI routes).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import TypeVar
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from common.asgi import request_id_var
 from common.asgi.disconnect import ClientDisconnectedError, until_disconnect
-from serving.errors import (
-    BadRequestError,
-    InternalServerError,
-    ServiceUnavailableError,
-    from_exception,
-)
+from serving.api.responses import CLIENT_CLOSED_REQUEST, event_stream
+from serving.errors import BadRequestError, InternalServerError, from_exception
 from serving.handlers.kserve import KServeHandler
 from serving.protocol.kserve import (
     HEADER_LENGTH,
     ErrorResponse,
     InferRequest,
     TritonGenerateRequest,
-    TritonGenerateResponse,
 )
 
 logger = logging.getLogger(__name__)
@@ -43,22 +35,17 @@ router = APIRouter(tags=["kserve"])
 
 MODEL = "/v2/models/{name}"
 VERSIONED_MODEL = "/v2/models/{name}/versions/{version}"
-# Sent for a request whose client went away: nobody reads it (nginx's convention).
-CLIENT_CLOSED_REQUEST = 499
 
-T = TypeVar("T")
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 def _handler(request: Request) -> KServeHandler:
-    server = request.app.state.server
-    return KServeHandler(server.engine, server.tokenizer)
+    return request.app.state.server.kserve
 
 
 def _generation_handler(request: Request) -> KServeHandler:
     """As `_handler`, refusing new generations once the server drains for shutdown."""
-    if request.app.state.server.draining:
-        raise ServiceUnavailableError("the server is shutting down", code="draining")
+    request.app.state.server.check_accepting()
     return _handler(request)
 
 
@@ -173,35 +160,11 @@ async def generate(request: Request, name: str, version: str | None = None) -> R
 async def generate_stream(request: Request, name: str, version: str | None = None) -> Response:
     """A request that fails before generation starts gets a JSON error with its status;
     a later failure ends the stream with a `data: {"error": ...}` event."""
-    events: AsyncIterator[TritonGenerateResponse] | None = None
     try:
         body = _parse(TritonGenerateRequest, await request.body())
-        events = _generation_handler(request).generate_stream(name, version, body)
-        first = await until_disconnect(request.receive, anext(events, None))
+        frames = await until_disconnect(request.receive, _generation_handler(request)
+                                        .generate_stream(name, version, body,
+                                                         request_id=_request_id(request)))
     except Exception as exc:
-        if events is not None:
-            await events.aclose()
         return _error_response(exc, request)
-    if first is None:
-        await events.aclose()
-        return _error_response(RuntimeError("generate_stream produced no response"), request)
-    return StreamingResponse(_sse(request, first, events), media_type="text/event-stream",
-                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
-
-
-async def _sse(request: Request, first: TritonGenerateResponse,
-               events: AsyncIterator[TritonGenerateResponse]) -> AsyncIterator[str]:
-    async with aclosing(events):
-        yield _event(first.model_dump_json(exclude_unset=True))
-        try:
-            async for event in events:
-                yield _event(event.model_dump_json(exclude_unset=True))
-        except Exception as exc:
-            error = from_exception(exc, request_id=_request_id(request),
-                                   prompt_param="text_input")
-            logger.error("generate_stream failed mid-stream: %s", error.message, exc_info=exc)
-            yield _event(json.dumps({"error": error.message}))
-
-
-def _event(data: str) -> str:
-    return f"data: {data}\n\n"
+    return event_stream(frames)

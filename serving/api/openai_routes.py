@@ -2,25 +2,22 @@
 
 Thin: validate (pydantic), call the handler, return JSON or an SSE stream. A client that
 disconnects while a response is computed cancels the handler, which aborts the engine
-request (streams: Starlette cancels the body iterator the same way).
+request (streams: `serving.api.responses.event_stream` cancels the frames the same way).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable
-from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
-from starlette.responses import StreamingResponse
 
 from common.asgi import trace_headers
 from common.asgi.disconnect import ClientDisconnectedError, until_disconnect
+from serving.api.responses import CLIENT_CLOSED_REQUEST, event_stream
 from serving.api.state import ServerState
-from serving.errors import InternalServerError, ServiceUnavailableError, from_exception
+from serving.errors import InternalServerError, from_exception
 from serving.protocol.openai import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -32,9 +29,6 @@ from serving.protocol.openai import (
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
-# What a response to a client that has already gone is counted as (nginx's convention).
-CLIENT_CLOSED_REQUEST = 499
-STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
 def _state(request: Request) -> ServerState:
@@ -57,6 +51,7 @@ async def list_models(request: Request) -> ModelList:
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     state, request_id = _state(request), _request_id(request)
+    state.check_accepting()
     return await _respond(request, state.chat.create(
         body, request_id=request_id, trace_headers=trace_headers()), prompt_param="messages")
 
@@ -64,6 +59,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
 @router.post("/v1/completions", response_model=CompletionResponse)
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     state, request_id = _state(request), _request_id(request)
+    state.check_accepting()
     return await _respond(request, state.completions.create(
         body, request_id=request_id, trace_headers=trace_headers()), prompt_param="prompt")
 
@@ -71,10 +67,6 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
 async def _respond(request: Request, result: Awaitable[BaseModel | AsyncIterator[str]], *,
                    prompt_param: str) -> Response:
     request_id = _request_id(request)
-    if _state(request).draining:
-        result.close()  # type: ignore[attr-defined]
-        raise ServiceUnavailableError("the server is shutting down", code="draining",
-                                      retry_after_s=1)
     try:
         value = await until_disconnect(request.receive, result)
     except ClientDisconnectedError:
@@ -87,26 +79,4 @@ async def _respond(request: Request, result: Awaitable[BaseModel | AsyncIterator
         raise error from exc
     if isinstance(value, BaseModel):
         return Response(value.model_dump_json(), media_type="application/json")
-    return DisconnectAwareStreamingResponse(value, media_type="text/event-stream",
-                                            headers=STREAM_HEADERS)
-
-
-class DisconnectAwareStreamingResponse(StreamingResponse):
-    """Always watches for the client going away (Starlette only does below ASGI 2.4) and
-    then cancels the body iterator, which aborts the engine request."""
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        async def stream() -> None:
-            with contextlib.suppress(OSError):
-                await self.stream_response(send)
-
-        streamer = asyncio.ensure_future(stream())
-        watcher = asyncio.ensure_future(self.listen_for_disconnect(receive))
-        try:
-            await asyncio.wait({streamer, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (streamer, watcher):
-                task.cancel()
-            await asyncio.gather(streamer, watcher, return_exceptions=True)
-        if streamer.done() and not streamer.cancelled() and streamer.exception():
-            raise streamer.exception()  # type: ignore[misc]
+    return event_stream(value)

@@ -13,9 +13,11 @@ from prometheus_client import CollectorRegistry
 
 from common.asgi import HttpMetrics
 from serving.backends.base import EngineClient
-from serving.handlers import HandlerContext
+from serving.errors import ServiceUnavailableError
 from serving.handlers.chat import ChatHandler
 from serving.handlers.completions import CompletionHandler
+from serving.handlers.context import HandlerContext
+from serving.handlers.kserve import KServeHandler
 from serving.settings import ServerSettings
 
 
@@ -32,11 +34,13 @@ class ServerState:
     draining: bool = False
     chat: ChatHandler = field(init=False)
     completions: CompletionHandler = field(init=False)
+    kserve: KServeHandler = field(init=False)
 
     def __post_init__(self) -> None:
         context = HandlerContext(self.engine, self.tokenizer, self.model_name, self.vocab_size)
         self.chat = ChatHandler(context)
         self.completions = CompletionHandler(context)
+        self.kserve = KServeHandler(context)
 
     @property
     def model_name(self) -> str:
@@ -45,3 +49,9 @@ class ServerState:
     @property
     def is_ready(self) -> bool:
         return self.engine.is_ready and not self.draining
+
+    def check_accepting(self) -> None:
+        """New generations are refused (503, retry shortly) once shutdown has begun."""
+        if self.draining:
+            raise ServiceUnavailableError("the server is shutting down", code="draining",
+                                          retry_after_s=1)

@@ -62,6 +62,14 @@ class EngineClient(Protocol):
 
     async def abort(self, request_id: str) -> None: ...
 
+    async def abort_choice(self, request_id: str, index: int) -> None:
+        """End choice `index` (< n) of a running request now, so it stops generating and
+        frees what it holds while its siblings go on (the serving layer calls this when a
+        choice hits a stop string). The request's stream may still carry that choice's
+        last delta (finish reason `abort`) and ends once no choice is left. Unknown ids,
+        finished choices and out-of-range indexes are ignored."""
+        ...
+
     async def shutdown(self) -> None: ...
 
     def metrics_text(self) -> bytes:

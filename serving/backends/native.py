@@ -18,7 +18,7 @@ class NativeEngineClient:
         self._engine = build_engine(settings, model_name=served_model_name, registry=registry)
         self._info = ModelInfo(
             served_model_name=served_model_name, model_dir=settings.model,
-            max_model_len=self._engine.core.scheduler.scheduler_config.max_model_len,
+            max_model_len=self._engine.max_model_len,
             engine="native",
         )
 
@@ -34,11 +34,6 @@ class NativeEngineClient:
     def num_unfinished_requests(self) -> int:
         return self._engine.num_unfinished_requests
 
-    @property
-    def engine(self):
-        """The AsyncEngine itself (tests read its scheduler's block usage)."""
-        return self._engine
-
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         if request.response_format is not None and request.response_format.type != "text":
             raise InvalidRequestError(
@@ -50,6 +45,9 @@ class NativeEngineClient:
 
     async def abort(self, request_id: str) -> None:
         self._engine.abort(request_id)
+
+    async def abort_choice(self, request_id: str, index: int) -> None:
+        self._engine.abort_choice(request_id, index)
 
     async def shutdown(self) -> None:
         self._engine.shutdown()

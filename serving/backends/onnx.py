@@ -25,7 +25,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from prometheus_client import CollectorRegistry
@@ -87,6 +87,10 @@ class _Stream:
             logger.debug("dropped output of %s", self.request.request_id)
 
 
+# What the loop thread (the only one that calls og) is asked to do between steps.
+_Command = tuple[Literal["add", "close"], _Stream, list[_Choice]]
+
+
 class OnnxEngineClient:
     def __init__(self, model_dir: Path, *, served_model_name: str, registry: CollectorRegistry,
                  device: str = "auto", max_num_seqs: int = 64, max_waiting_requests: int = 1024,
@@ -104,7 +108,7 @@ class OnnxEngineClient:
         self._cond = threading.Condition()
         self._streams: dict[str, _Stream] = {}
         self._by_og_request: dict[int, tuple[_Stream, _Choice]] = {}
-        self._commands: list[tuple[str, _Stream]] = []
+        self._commands: list[_Command] = []
         self._has_og_work = False
         self._is_stopping = False
         self._error: BaseException | None = None
@@ -173,7 +177,7 @@ class OnnxEngineClient:
             if num_waiting >= self._max_waiting_requests:
                 raise QueueFullError(num_waiting, QUEUE_FULL_RETRY_AFTER_S)
             self._streams[request.request_id] = stream
-            self._commands.append(("add", stream))
+            self._commands.append(("add", stream, stream.choices))
             self._cond.notify()
         return stream
 
@@ -184,9 +188,31 @@ class OnnxEngineClient:
             if stream is None:
                 return
             self._abort_choices(stream, time.time())
-            self._commands.append(("close", stream))
+            self._commands.append(("close", stream, stream.choices))
             self._record_stats()
             self._cond.notify()
+
+    async def abort_choice(self, request_id: str, index: int) -> None:
+        """End one choice now: its og request is cancelled before the next step, its
+        siblings go on; the stream gets its last delta (abort)."""
+        with self._cond:
+            stream = self._streams.get(request_id)
+            if stream is None or not 0 <= index < len(stream.choices):
+                return
+            choice = stream.choices[index]
+            if choice.is_finished:
+                return
+            choice.is_finished = True
+            self.metrics.record_finished(choice.timing, FinishReason.ABORT, time.time())
+            self._commands.append(("close", stream, [choice]))
+            is_finished = stream.num_unfinished == 0
+            if is_finished:
+                del self._streams[request_id]
+            self._record_stats()
+            self._cond.notify()
+        delta = CompletionDelta(index, [], None, FinishReason.ABORT)
+        stream.push(RequestOutput(request_id, [delta], len(stream.request.prompt_token_ids),
+                                  stream.num_cached_tokens, is_finished))
 
     async def shutdown(self) -> None:
         with self._cond:
@@ -225,8 +251,8 @@ class OnnxEngineClient:
             if self._is_stopping:
                 return False
             commands, self._commands = self._commands, []
-        for verb, stream in commands:
-            self._start(stream) if verb == "add" else self._close(stream.choices)
+        for verb, stream, choices in commands:
+            self._start(stream) if verb == "add" else self._close(choices)
         self._has_og_work = self._engine.has_pending_requests()
         if not self._has_og_work:
             return True
@@ -277,7 +303,8 @@ class OnnxEngineClient:
         deltas: dict[str, list[CompletionDelta]] = {}
         for event in events:
             stream, choice = self._by_og_request.get(id(event.request), (None, None))
-            if stream is None or self._streams.get(stream.request.request_id) is not stream:
+            if (stream is None or choice.is_finished
+                    or self._streams.get(stream.request.request_id) is not stream):
                 continue  # finished by us, or aborted: its og turn is being cancelled
             delta = self._event_delta(stream, choice, event, now)
             if delta is not None:

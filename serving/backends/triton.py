@@ -202,6 +202,11 @@ class TritonEngineClient:
             self._aborted.add(request_id)
             response.close()
 
+    async def abort_choice(self, request_id: str, index: int) -> None:
+        """A request has one choice here (n > 1 is refused): ending it ends the request."""
+        if index == 0:
+            await self.abort(request_id)
+
     async def shutdown(self) -> None:
         """Close the connections, in the (still running) event loop that opened them."""
         loop, current = self._loop, asyncio.get_running_loop()
@@ -275,9 +280,9 @@ class TritonEngineClient:
                 token_ids = self._encode(event.get("text_output", ""))
                 num_output_tokens += event.get("num_output_tokens", len(token_ids))
                 finish_reason = _finish_reason(event.get("finish_reason"))
-                if token_ids or finish_reason is not None:
-                    yield _output(request.request_id, token_ids, finish_reason,
-                                  num_prompt_tokens)
+                for output in _outputs_of(request.request_id, token_ids, finish_reason,
+                                          num_prompt_tokens):
+                    yield output
                 if finish_reason is not None:
                     return
         except ValueError as exc:
@@ -341,6 +346,19 @@ def _finish_reason(value: Any) -> FinishReason | None:
     if value in (None, "", "None", "null"):
         return None
     return FinishReason(value) if value in _FINISH_REASONS else FinishReason.STOP
+
+
+def _outputs_of(request_id: str, token_ids: list[int], finish_reason: FinishReason | None,
+                num_prompt_tokens: int) -> list[RequestOutput]:
+    """One event's outputs. A stop ends the serving layer's text with the stop token, which
+    it does not show; the remote has left that token out of its text already, so what it
+    did send comes first, in an output of its own."""
+    if finish_reason == FinishReason.STOP and token_ids:
+        return [_output(request_id, token_ids, None, num_prompt_tokens),
+                _output(request_id, [], finish_reason, num_prompt_tokens)]
+    if token_ids or finish_reason is not None:
+        return [_output(request_id, token_ids, finish_reason, num_prompt_tokens)]
+    return []
 
 
 def _output(request_id: str, token_ids: list[int], finish_reason: FinishReason | None,

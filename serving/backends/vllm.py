@@ -187,7 +187,7 @@ class VllmEngineClient:
         self._engine = engine
         self._max_num_seqs = max_num_seqs
         self._max_waiting_requests = max_waiting_requests
-        self._in_flight: set[str] = set()
+        self._in_flight: dict[str, int] = {}  # request id -> its number of choices
         self._info = ModelInfo(
             served_model_name=served_model_name, model_dir=model_dir,
             max_model_len=engine.model_config.max_model_len, engine="vllm",
@@ -216,7 +216,7 @@ class VllmEngineClient:
         stream = self._engine.generate(
             self._vllm.TokensPrompt(prompt_token_ids=list(request.prompt_token_ids)),
             vllm_params, request.request_id, trace_headers=request.trace_headers or None)
-        self._in_flight.add(request.request_id)
+        self._in_flight[request.request_id] = request.params.n
         is_finished = False
         try:
             while not is_finished:
@@ -228,7 +228,7 @@ class VllmEngineClient:
                     await self._next(stream, request)
                 yield to_request_output(request, output)
         finally:
-            self._in_flight.discard(request.request_id)
+            self._in_flight.pop(request.request_id, None)
             if not is_finished:  # vLLM's generate aborts the request when it is closed
                 await stream.aclose()
 
@@ -270,7 +270,31 @@ class VllmEngineClient:
 
     async def abort(self, request_id: str) -> None:
         await self._engine.abort(request_id)
-        self._in_flight.discard(request_id)
+        self._in_flight.pop(request_id, None)
+
+    async def abort_choice(self, request_id: str, index: int) -> None:
+        """vLLM fans `n > 1` out into child requests, one per choice: abort choice `index`'s
+        child (vLLM sends its last output, finish reason abort; the siblings go on)."""
+        num_choices = self._in_flight.get(request_id)
+        if num_choices is None or not 0 <= index < num_choices:
+            return
+        if num_choices == 1:
+            await self.abort(request_id)
+            return
+        child_ids = self._child_request_ids(request_id, index)
+        if child_ids:
+            await self._engine.abort(child_ids, internal=True)
+
+    def _child_request_ids(self, request_id: str, index: int) -> list[str]:
+        """vLLM's internal ids of choice `index`: `{index}_{parent id}`, where the parent id
+        is ours plus a random suffix that only vLLM's output processor records. Where a
+        vLLM lacks that record the choice runs to its own end (its tokens are ignored)."""
+        processor = getattr(self._engine, "output_processor", None)
+        internal_ids = getattr(processor, "external_req_ids", {}).get(request_id, ())
+        found = [child for child in internal_ids if child.startswith(f"{index}_")]
+        if not found:
+            logger.debug("no vLLM child request for choice %d of %s", index, request_id)
+        return found
 
     async def shutdown(self) -> None:
         self._engine.shutdown()

@@ -3,8 +3,10 @@
 `generate()` admits a request (errors such as a full queue or a too-long prompt raise at
 once, in the caller's task) and yields `RequestOutput` deltas as the loop produces them.
 Leaving the iterator early — a client disconnect cancels the task — aborts the request and
-frees its KV blocks. The loop holds the lock only around the scheduler's bookkeeping, never
-around the model's forward pass, so admitting and aborting never wait for a step to finish.
+frees its KV blocks; `abort_choice()` ends one choice of an `n > 1` request while its
+siblings go on. The loop is `EngineCore.step()` under this engine's lock, which it holds only
+around the scheduler's bookkeeping, never around the model's forward pass, so admitting and
+aborting never wait for a step to finish.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from serving.engine.outputs import (
     EngineCoreOutput,
     RequestOutput,
     RequestTimes,
+    SchedulerStats,
 )
 from serving.engine.request import FinishReason, Request
 from serving.engine.sampling_params import SamplingParams
@@ -100,7 +103,16 @@ class AsyncEngine:
     @property
     def num_unfinished_requests(self) -> int:
         with self._cond:
-            return self.core.scheduler.get_num_unfinished_requests()
+            return self.core.num_unfinished_requests
+
+    @property
+    def max_model_len(self) -> int:
+        return self.core.max_model_len
+
+    def stats(self) -> SchedulerStats:
+        """The scheduler's gauges and counters now (what the metrics export)."""
+        with self._cond:
+            return self.core.stats()
 
     # -- requests --------------------------------------------------------------------------
 
@@ -127,17 +139,43 @@ class AsyncEngine:
             stream = self._streams.pop(request_id, None)
             if stream is None:
                 return
-            child_ids = [child.request_id for child in stream.children]
-            self.core.abort_requests(child_ids)
-            now = time.time()
-            for child_id in child_ids:
-                self._child_to_stream.pop(child_id, None)
-                timing = stream.timings.pop(child_id, None)
-                if timing is not None and self.metrics is not None:
-                    self.metrics.record_finished(timing, FinishReason.ABORT, now)
-            stream.num_unfinished = 0
+            self._abort_children(stream, stream.children, time.time())
             self._record_stats()
         logger.debug("aborted request %s", request_id)
+
+    def abort_choice(self, request_id: str, index: int) -> None:
+        """End choice `index` of a request now (its KV blocks are free when this returns)
+        while its siblings go on. The stream gets that choice's last delta, finish reason
+        `abort`, and ends there if no other choice is left."""
+        with self._cond:
+            stream = self._streams.get(request_id)
+            if stream is None or not 0 <= index < len(stream.children):
+                return
+            now = time.time()
+            if not self._abort_children(stream, [stream.children[index]], now):
+                return  # it had finished already
+            finished = stream.num_unfinished == 0
+            if finished:
+                del self._streams[request_id]
+            output = RequestOutput(
+                request_id, [CompletionDelta(index, [], None, FinishReason.ABORT)],
+                stream.num_prompt_tokens, stream.children[0].num_cached_tokens, finished,
+                times=_times(stream, now) if finished else None)
+            self._record_stats()
+            stream.push(output)
+        logger.debug("aborted choice %d of request %s", index, request_id)
+
+    def _abort_children(self, stream: _Stream, children: Sequence[Request], now: float) -> int:
+        """Abort the children still running; returns how many were."""
+        running = [child.request_id for child in children
+                   if self._child_to_stream.pop(child.request_id, None) is not None]
+        self.core.abort_requests(running)
+        for child_id in running:
+            timing = stream.timings.pop(child_id)
+            if self.metrics is not None:
+                self.metrics.record_finished(timing, FinishReason.ABORT, now)
+        stream.num_unfinished -= len(running)
+        return len(running)
 
     def _add(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str):
         if self._error is not None or self._stopping:
@@ -203,15 +241,15 @@ class AsyncEngine:
                 self._cond.wait()
             if self._stopping:
                 return False
-            scheduler_output = self.core.scheduler.schedule()
-        runner_output = self.core.execute(scheduler_output)
-        with self._cond:
-            outputs = self.core.scheduler.update_from_output(scheduler_output, runner_output)
-            ready = self._collect(outputs, time.time())
-            self._record_stats()  # before anyone can see the outputs, so metrics agree
-            for stream, request_output in ready:
-                stream.push(request_output)
+        self.core.step(self._cond, self._publish)
         return True
+
+    def _publish(self, outputs: list[EngineCoreOutput]) -> None:
+        """Under the lock: hand a step's outputs to their streams."""
+        ready = self._collect(outputs, time.time())
+        self._record_stats()  # before anyone can see the outputs, so metrics agree
+        for stream, request_output in ready:
+            stream.push(request_output)
 
     def _collect(self, outputs: list[EngineCoreOutput],
                  now: float) -> list[tuple[_Stream, RequestOutput]]:
@@ -255,7 +293,7 @@ class AsyncEngine:
 
     def _record_stats(self) -> None:
         if self.metrics is not None:
-            self.metrics.record_stats(self.core.scheduler.stats())
+            self.metrics.record_stats(self.core.stats())
 
     def _fail_all(self, error: BaseException) -> None:
         with self._cond:

@@ -64,7 +64,6 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        self.sampler.drop(scheduler_output.finished_request_ids)
         if scheduler_output.is_empty:
             return ModelRunnerOutput(sampled_token_ids={})
         model_input = self.prepare_inputs(scheduler_output.scheduled_requests)

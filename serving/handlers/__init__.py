@@ -1,78 +1,17 @@
-"""Handlers: OpenAI requests in, engine requests out, responses or SSE chunks back.
+"""Handlers: endpoint requests in, engine requests out, responses or SSE frames back.
 
-They run over any `EngineClient` and raise only `serving.errors` errors; the routers in
+Every text endpoint — OpenAI chat and completions, KServe `infer`, Triton `generate` and
+`generate_stream` — runs through one pipeline:
+
+    request --sampling.py--> GenerationRequest(s) + OutputOptions      (the request side)
+            --run.py-------> TextRun: admit, merge, abort what ended    (the engine side)
+            --output.py----> ChoiceDelta per choice and engine step     (the output side)
+            --run.py-------> collect() into ChoiceResults, or stream() through a StreamFormat
+
+`sampling.py` is where request fields become engine settings and constraints (the hook for
+`tools` and `response_format`); an `OutputProcessor` is what a choice's tokens become (wrap
+it for a tool-call parser or a JSON validator); each endpoint only says how its wire format
+renders results (`chat.py`, `completions.py`, `kserve.py`). Handlers run over any
+`EngineClient` and raise only `serving.errors` (engine errors propagate); the routers in
 `serving.api` turn results into JSON / SSE and errors into HTTP responses.
 """
-
-from __future__ import annotations
-
-import re
-from dataclasses import dataclass, field
-from typing import Any
-
-from serving.backends.base import EngineClient
-from serving.errors import BadRequestError, ModelNotFoundError
-
-
-@dataclass
-class HandlerContext:
-    """What every handler needs: the engine, the served model's tokenizer and name."""
-
-    engine: EngineClient
-    tokenizer: Any
-    model_name: str
-    vocab_size: int
-    _token_texts: dict[int, tuple[str, list[int]]] = field(default_factory=dict, repr=False)
-
-    def check_model(self, model: str) -> None:
-        if model != self.model_name:
-            raise ModelNotFoundError(model, self.model_name)
-
-    def check_token_ids(self, token_ids: list[int], *, param: str) -> None:
-        bad = [token_id for token_id in token_ids if token_id >= self.vocab_size]
-        if bad:
-            raise BadRequestError(f"token id {bad[0]} is out of range: the vocabulary has "
-                                  f"{self.vocab_size} tokens", param=param)
-
-    def token_text(self, token_id: int) -> tuple[str, list[int]]:
-        """One token as text and as its UTF-8 bytes, for logprobs (special tokens included).
-        A token holding part of a character shows as U+FFFD but keeps its real bytes."""
-        cached = self._token_texts.get(token_id)
-        if cached is None:
-            text = self.tokenizer.decode([token_id], skip_special_tokens=False,
-                                         clean_up_tokenization_spaces=False)
-            raw = token_bytes(self.tokenizer.convert_ids_to_tokens(token_id))
-            cached = (text, raw if raw is not None else list(text.encode("utf-8")))
-            self._token_texts[token_id] = cached
-        return cached
-
-
-def _byte_level_alphabet() -> dict[str, int]:
-    """GPT-2's byte-level BPE alphabet: printable stand-in character -> byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            chars[chr(byte)] = byte
-        else:
-            chars[chr(256 + extra)] = byte
-            extra += 1
-    return chars
-
-
-_BYTE_LEVEL = _byte_level_alphabet()
-_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-
-def token_bytes(token: str | None) -> list[int] | None:
-    """The raw bytes of a vocabulary entry: byte-level BPE (`Ġhé`) or SentencePiece byte
-    fallback (`<0xE4>`); None for anything else (the caller encodes the text)."""
-    if not token:
-        return None
-    match = _BYTE_FALLBACK.fullmatch(token)
-    if match:
-        return [int(match.group(1), 16)]
-    if all(char in _BYTE_LEVEL for char in token):
-        return [_BYTE_LEVEL[char] for char in token]
-    return None

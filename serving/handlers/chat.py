@@ -2,32 +2,25 @@
 
 `ChatHandler.create` returns a `ChatCompletionResponse`, or for `stream: true` an async
 iterator of SSE frames whose first engine output has already arrived (so admission errors
-raise before any header is sent). An error after the first frame is sent as an SSE
-`data: {"error": ...}` event, then `data: [DONE]`.
+raise before any header is sent). A stream opens with one `{"role": "assistant"}` chunk per
+choice; the rest is `OpenAIFormat`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
-from serving.backends.base import GenerationRequest, ResponseFormat
-from serving.engine.errors import EngineError
-from serving.errors import BadRequestError, from_exception
-from serving.handlers import HandlerContext
-from serving.handlers.sampling import chat_sampling_params
-from serving.handlers.streaming import (
-    SSE_DONE,
-    ChoiceDelta,
-    OutputProcessor,
-    error_event,
-    open_streams,
-    sse_event,
-    usage_of,
-)
+from pydantic import BaseModel
+
+from serving.backends.base import GenerationRequest
+from serving.errors import BadRequestError
+from serving.handlers.context import HandlerContext
+from serving.handlers.openai_format import OpenAIFormat, respond
+from serving.handlers.output import ChoiceDelta, OutputProcessor, TextOutputProcessor, TokenLogprob
+from serving.handlers.run import ChoiceResult, TextRun
+from serving.handlers.sampling import OutputOptions, chat_settings
 from serving.protocol.openai import (
     AssistantMessage,
     ChatCompletionChoice,
@@ -39,32 +32,46 @@ from serving.protocol.openai import (
     ChatTokenLogprob,
     DeltaMessage,
     TopLogprob,
+    UsageInfo,
 )
 
 
-def chat_logprobs(delta: ChoiceDelta) -> ChatLogprobs | None:
-    if delta.logprobs is None:
+def chat_logprobs(logprobs: list[TokenLogprob] | None) -> ChatLogprobs | None:
+    if logprobs is None:
         return None
     return ChatLogprobs(content=[
         ChatTokenLogprob(token=lp.token, logprob=lp.logprob, bytes=lp.bytes, top_logprobs=[
             TopLogprob(token=token, logprob=value, bytes=raw) for token, value, raw in lp.top])
-        for lp in delta.logprobs])
+        for lp in logprobs])
 
 
-@dataclass
-class _Run:
-    response_id: str
-    created: int
+class ChatFormat(OpenAIFormat):
     request: ChatCompletionRequest
-    processor: OutputProcessor
-    request_id: str
 
-    def chunk(self, choices: list[ChatCompletionStreamChoice]) -> str:
-        chunk = ChatCompletionChunk(id=self.response_id, created=self.created,
-                                    model=self.request.model, choices=choices)
-        include_usage = bool(self.request.stream_options and
-                             self.request.stream_options.include_usage)
-        return sse_event(chunk, exclude=None if include_usage else {"usage"})
+    def opening(self) -> list[str]:
+        return [self.frame([ChatCompletionStreamChoice(
+            index=index, delta=DeltaMessage(role="assistant", content=""))])
+            for index in range(self.request.n)]
+
+    def content_choice(self, delta: ChoiceDelta) -> BaseModel:
+        return ChatCompletionStreamChoice(index=delta.index, delta=DeltaMessage(content=delta.text),
+                                          logprobs=chat_logprobs(delta.logprobs))
+
+    def finish_choice(self, delta: ChoiceDelta) -> BaseModel:
+        return ChatCompletionStreamChoice(index=delta.index, delta=DeltaMessage(),
+                                          finish_reason=delta.finish_reason)
+
+    def chunk(self, choices: list[BaseModel], usage: UsageInfo | None = None) -> BaseModel:
+        return ChatCompletionChunk(id=self.response_id, created=self.created,
+                                   model=self.request.model, choices=choices, usage=usage)
+
+    def response(self, results: list[ChoiceResult], usage: UsageInfo) -> BaseModel:
+        choices = [ChatCompletionChoice(
+            index=result.index, message=AssistantMessage(content=result.text),
+            logprobs=chat_logprobs(result.logprobs) if self.request.logprobs else None,
+            finish_reason=result.finish_reason) for result in results]
+        return ChatCompletionResponse(id=self.response_id, created=self.created,
+                                      model=self.request.model, choices=choices, usage=usage)
 
 
 class ChatHandler:
@@ -73,25 +80,21 @@ class ChatHandler:
 
     async def create(self, request: ChatCompletionRequest, *, request_id: str,
                      trace_headers: dict[str, str] | None = None
-                     ) -> ChatCompletionResponse | AsyncIterator[str]:
+                     ) -> BaseModel | AsyncIterator[str]:
         self.context.check_model(request.model)
-        params = chat_sampling_params(request)
-        response_format = None
-        if request.response_format is not None:
-            response_format = ResponseFormat(request.response_format.type,
-                                             request.response_format.json_schema)
+        settings = chat_settings(request)
         generation = GenerationRequest(f"chatcmpl-{uuid.uuid4().hex}", self._render(request),
-                                       params, response_format, dict(trace_headers or {}))
-        processor = OutputProcessor(self.context, generation, 0, request.stop_strings(),
-                                    request.skip_special_tokens, request.logprobs)
-        run = _Run(generation.request_id, int(time.time()), request, processor, request_id)
-        try:
-            outputs = await open_streams(self.context.engine, [generation])
-        except EngineError as exc:
-            raise from_exception(exc, request_id=request_id, prompt_param="messages") from exc
-        if request.stream:
-            return self._stream(run, outputs)
-        return await self._collect(run, outputs)
+                                       settings.params, settings.response_format,
+                                       dict(trace_headers or {}))
+        processor = self.output_processor(generation, settings.options)
+        run = await TextRun.start(self.context.engine, [generation], [processor])
+        fmt = ChatFormat(generation.request_id, int(time.time()), request, request_id)
+        return await respond(run, fmt, is_stream=request.stream)
+
+    def output_processor(self, generation: GenerationRequest,
+                         options: OutputOptions) -> OutputProcessor:
+        """What the choices' tokens become: text (a tool-call parser would wrap this)."""
+        return TextOutputProcessor(self.context, generation, 0, options)
 
     def _render(self, request: ChatCompletionRequest) -> list[int]:
         tokenizer = self.context.tokenizer
@@ -106,60 +109,3 @@ class ChatHandler:
             raise BadRequestError(f"the chat template rejected the messages: {exc}",
                                   param="messages") from exc
         return tokenizer.encode(text, add_special_tokens=False)
-
-    async def _collect(self, run: _Run, outputs) -> ChatCompletionResponse:
-        n = run.request.n
-        texts = [""] * n
-        logprobs: list[list] = [[] for _ in range(n)]
-        async with contextlib.aclosing(outputs):
-            async for _, output in outputs:
-                for delta in run.processor.process(output):
-                    texts[delta.index] += delta.text
-                    if delta.logprobs:
-                        logprobs[delta.index].append(delta)
-                if run.processor.is_finished:
-                    break
-        choices = []
-        for index, state in enumerate(run.processor.choices):
-            merged = None
-            if run.request.logprobs:
-                merged = ChatLogprobs(content=[c for d in logprobs[index]
-                                               for c in chat_logprobs(d).content or []])
-            choices.append(ChatCompletionChoice(
-                index=index, message=AssistantMessage(content=texts[index]), logprobs=merged,
-                finish_reason=state.finish_reason))
-        return ChatCompletionResponse(id=run.response_id, created=run.created,
-                                      model=run.request.model, choices=choices,
-                                      usage=usage_of([run.processor]))
-
-    async def _stream(self, run: _Run, outputs) -> AsyncIterator[str]:
-        try:
-            async with contextlib.aclosing(outputs):
-                for index in range(run.request.n):
-                    yield run.chunk([ChatCompletionStreamChoice(
-                        index=index, delta=DeltaMessage(role="assistant", content=""))])
-                async for _, output in outputs:
-                    for delta in run.processor.process(output):
-                        for frame in self._frames(run, delta):
-                            yield frame
-                    if run.processor.is_finished:
-                        break
-            if run.request.stream_options and run.request.stream_options.include_usage:
-                usage_chunk = ChatCompletionChunk(
-                    id=run.response_id, created=run.created, model=run.request.model,
-                    choices=[], usage=usage_of([run.processor]))
-                yield sse_event(usage_chunk)
-        except Exception as exc:
-            yield error_event(exc, run.request_id)
-        yield SSE_DONE
-
-    def _frames(self, run: _Run, delta: ChoiceDelta) -> list[str]:
-        frames = []
-        if delta.text or delta.logprobs:
-            frames.append(run.chunk([ChatCompletionStreamChoice(
-                index=delta.index, delta=DeltaMessage(content=delta.text),
-                logprobs=chat_logprobs(delta))]))
-        if delta.finish_reason is not None:
-            frames.append(run.chunk([ChatCompletionStreamChoice(
-                index=delta.index, delta=DeltaMessage(), finish_reason=delta.finish_reason)]))
-        return frames

@@ -162,7 +162,6 @@ class GenerationParameters(BaseModel):
     return_num_input_tokens: bool = False
     return_num_output_tokens: bool = False
 
-    @property
     def stop_strings(self) -> list[str]:
         if self.stop is None:
             return []

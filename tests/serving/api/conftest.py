@@ -76,17 +76,18 @@ class LiveServer:
         return sum(values)
 
     def wait_idle(self, timeout: float = 10.0) -> None:
-        """Until the engine has no request and every KV block is free again."""
-        block_manager = self.engine.engine.core.scheduler.block_manager
+        """Until the engine has no request and every KV block is free again (as its
+        `vllm:kv_cache_usage_perc` says: the share of blocks some request holds)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if (self.engine.num_unfinished_requests == 0
-                    and block_manager.num_free_blocks == block_manager.num_blocks):
+        while True:
+            num_requests = self.engine.num_unfinished_requests
+            kv_usage = self.metric("vllm:kv_cache_usage_perc")
+            if num_requests == 0 and kv_usage == 0:
                 return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"engine not idle: {num_requests} requests, "
+                                     f"{kv_usage:.1%} of the KV cache in use")
             time.sleep(0.02)
-        raise AssertionError(
-            f"engine not idle: {self.engine.num_unfinished_requests} requests, "
-            f"{block_manager.num_blocks - block_manager.num_free_blocks} blocks in use")
 
 
 def tiny_settings(model_dir, **overrides) -> ServerSettings:
@@ -158,6 +159,9 @@ class FakeEngine:
         raise EngineDeadError("the engine loop died: simulated")
 
     async def abort(self, request_id: str) -> None:
+        return None
+
+    async def abort_choice(self, request_id: str, index: int) -> None:
         return None
 
     async def shutdown(self) -> None:

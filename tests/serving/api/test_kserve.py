@@ -5,6 +5,7 @@ the same greedy settings, so the KServe path is proven to produce the same token
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import socket
@@ -202,6 +203,40 @@ def test_generate_stream_sends_sse_deltas(live_server):
     assert [e["finish_reason"] for e in events[:-1]] == [None] * (len(events) - 1)
     assert events[-1]["finish_reason"] == "length"
     assert sum(e["num_output_tokens"] for e in events) == GREEDY["max_tokens"]
+
+
+def greedy_token_ids(live_server, prompt: str, max_tokens: int) -> list[int]:
+    from serving.backends.base import GenerationRequest
+    from serving.engine.sampling_params import SamplingParams
+
+    async def run() -> list[int]:
+        request = GenerationRequest("greedy-ids", live_server.tokenizer.encode(prompt),
+                                    SamplingParams(temperature=0, max_tokens=max_tokens,
+                                                   ignore_eos=True))
+        return [token_id async for output in live_server.engine.generate(request)
+                for delta in output.deltas for token_id in delta.new_token_ids]
+
+    return asyncio.run(run())
+
+
+def test_a_stop_token_ends_the_text_as_on_the_openai_endpoints(live_server):
+    """One stop-token rule everywhere: the token that stopped the engine is counted but
+    its text is not shown."""
+    token_ids = greedy_token_ids(live_server, PROMPT, 12)
+    stop = token_ids[4]
+    num_generated = token_ids.index(stop) + 1
+    params = {"max_tokens": 12, "temperature": 0, "stop_token_ids": [stop]}
+    body = {"text_input": PROMPT, "parameters": params, "exclude_input_in_output": True,
+            "return_finish_reason": True, "return_num_output_tokens": True}
+    generated = post(live_server, f"/v2/models/{live_server.model}/generate", json=body).json()
+    completion = httpx.post(f"{live_server.base_url}/completions", timeout=60, json={
+        "model": live_server.model, "prompt": PROMPT, **params}).json()
+    assert generated["text_output"] == completion["choices"][0]["text"]
+    assert generated["text_output"] == \
+        live_server.tokenizer.decode(token_ids[:num_generated - 1])
+    assert generated["finish_reason"] == completion["choices"][0]["finish_reason"] == "stop"
+    assert generated["num_output_tokens"] == completion["usage"]["completion_tokens"] == \
+        num_generated
 
 
 def test_generate_stream_errors_before_the_stream_are_json(live_server):

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import aclosing
 from pathlib import Path
 
 import pytest
@@ -177,6 +178,33 @@ async def test_leaving_the_stream_early_aborts_the_request(client, prompts):
     assert metric(client.registry, "vllm:request_success_total", finished_reason="abort") == 1
     tokens, reasons = await collect(client, "after", prompts[0], temperature=0.0, max_tokens=4)
     assert len(tokens[0]) == 4 and reasons == ["length"]
+
+
+async def test_aborting_one_choice_stops_it_while_its_siblings_go_on(client, prompts):
+    """After `abort_choice` the choice generates nothing more (outputs already made still
+    arrive: every token it got was generated before the abort, as the generation metric
+    shows), its og request is closed, and the other choice runs on to max_tokens."""
+    request = GenerationRequest("pair", prompts[0], SamplingParams(
+        n=2, temperature=0.0, max_tokens=120, ignore_eos=True))
+    tokens: dict[int, list[int]] = {0: [], 1: []}
+    reasons: dict[int, str] = {}
+    async with aclosing(client.generate(request)) as outputs:
+        async for output in outputs:
+            for delta in output.deltas:
+                tokens[delta.index].extend(delta.new_token_ids)
+                if delta.finish_reason is not None:
+                    reasons[delta.index] = str(delta.finish_reason)
+            if tokens[0] and 0 not in reasons:
+                await client.abort_choice("pair", 0)
+    assert reasons == {0: "abort", 1: "length"}
+    assert len(tokens[0]) < 120 and len(tokens[1]) == 120
+    assert metric(client.registry, "vllm:generation_tokens_total") == len(tokens[0]) + 120
+    assert metric(client.registry, "vllm:request_success_total", finished_reason="abort") == 1
+    assert metric(client.registry, "vllm:request_success_total", finished_reason="length") == 1
+    deadline = time.monotonic() + 5
+    while client.num_og_requests and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert client.num_og_requests == 0
 
 
 async def test_stop_token_ends_the_choice_including_it(client, prompts):

@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
 from collections.abc import Iterator
 from contextlib import aclosing
-from dataclasses import dataclass
-from typing import Any
 
 import httpx
 import pytest
@@ -27,29 +24,15 @@ from serving.engine.errors import EngineDeadError, InvalidRequestError  # noqa: 
 from serving.engine.request import FinishReason  # noqa: E402
 from serving.engine.sampling_params import SamplingParams  # noqa: E402
 from serving.settings import ServerSettings  # noqa: E402
-from tests.serving.api.conftest import serve_in_thread, tiny_settings  # noqa: E402
+from tests.serving.api.conftest import LiveServer, serve_in_thread, tiny_settings  # noqa: E402
 
 PROMPT = "Hello world, the cat"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
 
-@dataclass
-class Upstream:
-    url: str
-    engine: Any  # NativeEngineClient
-    tokenizer: Any
-
-    def wait_idle(self, timeout: float = 10.0) -> None:
-        block_manager = self.engine.engine.core.scheduler.block_manager
-        deadline = time.monotonic() + timeout
-        while (self.engine.num_unfinished_requests
-               or block_manager.num_free_blocks != block_manager.num_blocks):
-            assert time.monotonic() < deadline, "the upstream request was not freed"
-            time.sleep(0.02)
-
-
 @pytest.fixture(scope="module")
-def upstream(tiny_model_dir) -> Iterator[Upstream]:
+def upstream(tiny_model_dir) -> Iterator[LiveServer]:
+    """A native Quiver server on the tiny model, for the triton engine to forward to."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -58,7 +41,7 @@ def upstream(tiny_model_dir) -> Iterator[Upstream]:
     engine = create_engine_client(settings, registry)
     try:
         with serve_in_thread(create_app(settings, engine, tokenizer, registry)) as url:
-            yield Upstream(url, engine, tokenizer)
+            yield LiveServer(url, engine, tokenizer)
     finally:
         asyncio.run(engine.shutdown())
 
@@ -178,6 +161,35 @@ async def test_abort_and_early_exit_free_the_upstream_request(triton_engine, ups
         await anext(outputs)
     assert triton_engine.num_unfinished_requests == 0
     await asyncio.to_thread(upstream.wait_idle)
+
+
+async def test_aborting_the_only_choice_ends_the_request(triton_engine, upstream):
+    """One choice per request here (n > 1 is refused), so ending choice 0 ends it all."""
+    long = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+    async with aclosing(triton_engine.generate(
+            GenerationRequest("one-choice", [5, 6, 7], long))) as outputs:
+        assert not (await anext(outputs)).finished
+        await triton_engine.abort_choice("one-choice", 1)  # no such choice: ignored
+        await triton_engine.abort_choice("one-choice", 0)
+        rest = [output async for output in outputs]
+    assert rest[-1].finished and rest[-1].deltas[0].finish_reason == FinishReason.ABORT
+    assert sum(len(o.deltas[0].new_token_ids) for o in rest) < 400
+    await asyncio.to_thread(upstream.wait_idle)
+
+
+def test_a_stop_event_with_text_keeps_that_text():
+    """The remote left its stop token out of `text_output` already; the serving layer
+    hides the last token of a stopped delta, so the text must come in a delta of its own."""
+    from serving.backends.triton import _outputs_of
+
+    text, stop = _outputs_of("r", [5, 6], FinishReason.STOP, 3)
+    assert (text.deltas[0].new_token_ids, text.deltas[0].finish_reason) == ([5, 6], None)
+    assert not text.finished
+    assert (stop.deltas[0].new_token_ids, stop.deltas[0].finish_reason) == ([], "stop")
+    assert stop.finished
+    [length] = _outputs_of("r", [5, 6], FinishReason.LENGTH, 3)
+    assert length.deltas[0].new_token_ids == [5, 6] and length.finished
+    assert _outputs_of("r", [], None, 3) == []
 
 
 def test_target_accepts_tritonclient_and_http_urls():

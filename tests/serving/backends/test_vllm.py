@@ -245,6 +245,16 @@ def test_leaving_the_stream_early_aborts_the_request(probe):
     assert abort["client_unfinished"] == 0 and abort["vllm_unfinished"] == 0
 
 
+def test_aborting_one_choice_stops_it_while_its_sibling_goes_on(probe):
+    """vLLM's child request of the aborted choice stops (far short of max_tokens, with
+    finish reason abort) and the sibling runs to its end."""
+    result = probe["abort_choice"]
+    assert result["finish_reasons"] == ["abort", "length"]
+    num_first, num_second = result["num_tokens"]
+    assert result["num_at_abort"] <= num_first < 64 and num_second == 64
+    assert result["client_unfinished"] == 0 and result["vllm_unfinished"] == 0
+
+
 def test_errors_are_ours(probe):
     errors = probe["errors"]
     assert errors["too_long"]["type"] == "PromptTooLongError"

@@ -81,6 +81,29 @@ async def check_abort(client, prompt: list[int]) -> dict[str, Any]:
             "vllm_unfinished": client.engine.get_num_unfinished_requests()}
 
 
+async def check_abort_choice(client, prompt: list[int]) -> dict[str, Any]:
+    """n=2; after the first output, end choice 0: it must stop while choice 1 goes on."""
+    tokens: dict[int, list[int]] = {0: [], 1: []}
+    reasons: dict[int, str] = {}
+    num_at_abort = None
+    async for output in client.generate(request("pair", prompt, n=2, temperature=1.0, seed=0,
+                                                max_tokens=64, ignore_eos=True)):
+        for delta in output.deltas:
+            tokens[delta.index].extend(delta.new_token_ids)
+            if delta.finish_reason is not None:
+                reasons[delta.index] = str(delta.finish_reason)
+        if num_at_abort is None:
+            num_at_abort = len(tokens[0])
+            await client.abort_choice("pair", 0)
+    deadline = time.monotonic() + 10
+    while client.engine.get_num_unfinished_requests() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return {"finish_reasons": [reasons.get(0), reasons.get(1)],
+            "num_tokens": [len(tokens[0]), len(tokens[1])], "num_at_abort": num_at_abort,
+            "client_unfinished": client.num_unfinished_requests,
+            "vllm_unfinished": client.engine.get_num_unfinished_requests()}
+
+
 async def check_errors(client, prompt: list[int]) -> dict[str, Any]:
     cases = {
         "too_long": request("too-long", prompt * 1000, max_tokens=4),
@@ -136,6 +159,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                                       seed=0, max_tokens=8))
         results["logprobs"] = await check_logprobs(client, prompts[0])
         results["abort"] = await check_abort(client, prompts[0])
+        results["abort_choice"] = await check_abort_choice(client, prompts[0])
         results["errors"] = await check_errors(client, prompts[0])
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         results["structured"] = await check_structured(client, tokenizer, prompts[0])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import random
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from serving.engine import (
@@ -28,6 +28,7 @@ from serving.engine import (
     SchedulerConfig,
     SchedulerOutput,
 )
+from serving.engine.core import EngineCore
 
 VOCAB_SIZE = 1000
 # Outside the vocabulary the fake runner samples from, so it is only produced on demand.
@@ -106,6 +107,7 @@ class FakeModelRunner:
         self.slots: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
         self.forced_tokens: dict[str, dict[int, int]] = {}
         self.num_steps = 0
+        self.scheduler_outputs: list[SchedulerOutput] = []
 
     @classmethod
     def for_scheduler(cls, scheduler: Scheduler) -> FakeModelRunner:
@@ -114,6 +116,7 @@ class FakeModelRunner:
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         self.num_steps += 1
+        self.scheduler_outputs.append(scheduler_output)
         sampled: dict[str, int] = {}
         logprobs: dict[str, Logprobs] = {}
         for scheduled in scheduler_output.scheduled_requests:
@@ -169,24 +172,38 @@ class RunResult:
     scheduler_outputs: list[SchedulerOutput] = field(default_factory=list)
 
 
+class DropRecorder:
+    """Stands in for the sampler: records whose per-request state the core dropped."""
+
+    def __init__(self) -> None:
+        self.dropped: set[str] = set()
+
+    def drop(self, request_ids: Iterable[str]) -> None:
+        self.dropped.update(request_ids)
+
+
+def create_core(scheduler: Scheduler, runner: FakeModelRunner) -> EngineCore:
+    return EngineCore(scheduler, runner, DropRecorder())
+
+
 def step(scheduler: Scheduler, runner: FakeModelRunner) -> list[EngineCoreOutput]:
-    scheduler_output = scheduler.schedule()
-    runner_output = runner.execute_model(scheduler_output)
-    return scheduler.update_from_output(scheduler_output, runner_output)
+    """One `EngineCore.step()` over this scheduler and runner."""
+    return create_core(scheduler, runner).step()
 
 
 def run_to_completion(
     scheduler: Scheduler, runner: FakeModelRunner, max_steps: int = 10_000
 ) -> RunResult:
-    """Step until no request is left, collecting outputs; checks invariants every step."""
+    """`EngineCore.step()` until no request is left, collecting outputs and the steps the
+    runner ran; checks the block manager's invariants after every step."""
+    core = create_core(scheduler, runner)
     result = RunResult()
+    first_step = len(runner.scheduler_outputs)
     for _ in range(max_steps):
-        if not scheduler.has_unfinished_requests():
+        if not core.has_unfinished_requests():
+            result.scheduler_outputs = runner.scheduler_outputs[first_step:]
             return result
-        scheduler_output = scheduler.schedule()
-        result.scheduler_outputs.append(scheduler_output)
-        runner_output = runner.execute_model(scheduler_output)
-        for output in scheduler.update_from_output(scheduler_output, runner_output):
+        for output in core.step():
             record_output(result, output)
         scheduler.block_manager.check_invariants()
     raise AssertionError(f"requests still unfinished after {max_steps} steps")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 
 import pytest
@@ -17,6 +18,7 @@ from serving.engine.errors import EngineDeadError, PromptTooLongError, QueueFull
 from serving.engine.metrics import EngineMetrics
 from tests.serving.engine.factories import (
     EOS_TOKEN_ID,
+    DropRecorder,
     FakeModelRunner,
     create_scheduler,
     expected_output,
@@ -26,14 +28,6 @@ from tests.serving.engine.factories import (
 MODEL = "fake"
 
 
-class DropRecorder:
-    def __init__(self) -> None:
-        self.dropped: set[str] = set()
-
-    def drop(self, request_ids) -> None:
-        self.dropped.update(request_ids)
-
-
 class SlowRunner(FakeModelRunner):
     """The fake runner, but each step takes a little while (like a real forward pass)."""
 
@@ -41,6 +35,19 @@ class SlowRunner(FakeModelRunner):
 
     def execute_model(self, scheduler_output):
         time.sleep(self.step_seconds)
+        return super().execute_model(scheduler_output)
+
+
+class SteppedRunner(FakeModelRunner):
+    """The fake runner, one step per permit the test gives: the test and the engine loop
+    take turns, so what happens between two steps is exact."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        super().__init__(num_blocks, block_size)
+        self.permits = threading.Semaphore(0)
+
+    def execute_model(self, scheduler_output):
+        self.permits.acquire()
         return super().execute_model(scheduler_output)
 
 
@@ -113,7 +120,7 @@ async def test_concurrent_requests_each_get_their_own_tokens(engine):
     for i, ((rid, prompt), (tokens, _, _)) in enumerate(zip(prompts.items(), results, strict=True)):
         assert tokens == {0: expected_output(prompt, 3 + i)}, rid
     assert engine.num_unfinished_requests == 0
-    assert engine.core.scheduler.block_manager.num_free_blocks == 64
+    assert engine.stats().kv_cache_usage == 0
 
 
 async def test_n_choices_share_the_prompt_blocks(engine):
@@ -145,7 +152,7 @@ async def test_leaving_early_aborts_and_frees_blocks():
             async for _ in outputs:
                 break
         assert engine.num_unfinished_requests == 0
-        assert engine.core.scheduler.block_manager.num_free_blocks == 64
+        assert engine.stats().kv_cache_usage == 0
         assert sample(engine, "vllm:request_success_total", {"finished_reason": "abort"}) == 1
     finally:
         engine.shutdown()
@@ -166,7 +173,7 @@ async def test_cancelled_consumer_aborts_its_request():
         with pytest.raises(asyncio.CancelledError):
             await task
         assert engine.num_unfinished_requests == 0
-        assert engine.core.scheduler.block_manager.num_free_blocks == 128
+        assert engine.stats().kv_cache_usage == 0
     finally:
         engine.shutdown()
 
@@ -198,7 +205,7 @@ async def test_a_failing_n_request_admits_no_choice():
     with pytest.raises(QueueFullError):
         await anext(engine.generate([1, 2], SamplingParams(n=3, max_tokens=2), "n3"))
     assert engine.num_unfinished_requests == 0
-    assert engine.core.scheduler.block_manager.num_free_blocks == 64
+    assert engine.stats().kv_cache_usage == 0
 
 
 async def test_extra_eos_ids_stop_unless_ignore_eos():
@@ -243,3 +250,59 @@ async def test_shutdown_ends_in_flight_requests_with_an_error():
         await asyncio.wait_for(task, 5)
     assert not engine.is_running
     assert not engine._thread.is_alive()  # other tests' engines may still run: check ours
+
+
+async def test_aborting_one_choice_stops_it_while_its_siblings_go_on():
+    """`abort_choice` ends one choice at once: it gets no token after the abort, its KV
+    blocks are free (only the sibling's remain), and the sibling still runs to its end."""
+    engine, runner = make_engine(SteppedRunner)
+    try:
+        prompt = make_prompt("siblings", 40)
+        params = SamplingParams(n=2, max_tokens=30, ignore_eos=True)
+        tokens: dict[int, list[int]] = {0: [], 1: []}
+        reasons: dict[int, str] = {}
+        async with contextlib.aclosing(engine.generate(prompt, params, "pair")) as outputs:
+            runner.permits.release()  # prefill step: both choices' first tokens
+            async for output in outputs:
+                for delta in output.deltas:
+                    tokens[delta.index].extend(delta.new_token_ids)
+                    if delta.finish_reason is not None:
+                        reasons[delta.index] = delta.finish_reason
+                if len(tokens[0]) == 3 and 0 not in reasons:
+                    usage_both = engine.stats().kv_cache_usage
+                    engine.abort_choice("pair", 0)
+                    assert engine.stats().kv_cache_usage < usage_both
+                    assert sample(engine, "vllm:request_success_total",
+                                  {"finished_reason": "abort"}) == 1
+                runner.permits.release()
+        assert reasons == {0: "abort", 1: "length"}
+        assert tokens[0] == expected_output(prompt, 3)
+        assert tokens[1] == expected_output(prompt, 30)
+        assert sample(engine, "vllm:generation_tokens_total") == 3 + 30
+        assert engine.num_unfinished_requests == 0
+        assert engine.stats().kv_cache_usage == 0
+    finally:
+        runner.permits.release(1000)
+        engine.shutdown()
+
+
+async def test_aborting_the_last_choice_ends_the_stream():
+    engine, runner = make_engine(SteppedRunner)
+    try:
+        outputs = []
+        generator = engine.generate(make_prompt("last", 8), SamplingParams(max_tokens=50), "one")
+        async with contextlib.aclosing(generator) as stream:
+            runner.permits.release()
+            async for output in stream:
+                outputs.append(output)
+                engine.abort_choice("one", 0)
+                engine.abort_choice("one", 0)  # finished already: ignored
+                engine.abort_choice("one", 5)  # no such choice: ignored
+        assert [o.finished for o in outputs] == [False, True]
+        assert outputs[-1].deltas[0].finish_reason == "abort"
+        assert outputs[-1].deltas[0].new_token_ids == []
+        assert outputs[-1].times is not None
+        assert engine.num_unfinished_requests == 0
+    finally:
+        runner.permits.release(1000)
+        engine.shutdown()

@@ -16,7 +16,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from serving.engine import CacheConfig, Request, SamplingParams, Scheduler, SchedulerConfig
+from serving.engine import (
+    CacheConfig,
+    ModelRunnerOutput,
+    Request,
+    SamplingParams,
+    Scheduler,
+    SchedulerConfig,
+    SchedulerOutput,
+)
+from serving.engine.core import EngineCore
 from serving.engine.model_runner import ModelRunner
 from serving.engine.sampler import Sampler
 
@@ -41,28 +50,41 @@ class EngineRun:
     max_batch_size: int
 
 
+class BatchSizeRecorder:
+    """The runner, noting the largest batch it was given."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+        self.max_batch_size = 0
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        num_requests = len(scheduler_output.scheduled_requests)
+        self.max_batch_size = max(self.max_batch_size, num_requests)
+        return self.runner.execute_model(scheduler_output)
+
+
 def run_engine(
     runner: ModelRunner, scheduler: Scheduler, arrivals: list[Arrival], eos_token_id: int
 ) -> EngineRun:
+    """Arrivals join at their step; the engine's own `step()` runs until all finished."""
+    recorder = BatchSizeRecorder(runner)
+    core = EngineCore(scheduler, recorder, runner.sampler)
     pending = sorted(arrivals, key=lambda arrival: arrival.step)
     outputs: dict[str, list[int]] = {}
-    max_batch_size = 0
     step = 0
-    while pending or scheduler.has_unfinished_requests():
+    while pending or core.has_unfinished_requests():
         while pending and pending[0].step <= step:
             arrival = pending.pop(0)
             params = SamplingParams(max_tokens=arrival.max_tokens, **GREEDY)
             request = Request(arrival.request_id, arrival.prompt_token_ids, params, eos_token_id)
-            scheduler.add_request(request)
-        scheduler_output = scheduler.schedule()
-        max_batch_size = max(max_batch_size, len(scheduler_output.scheduled_requests))
-        runner_output = runner.execute_model(scheduler_output)
-        for output in scheduler.update_from_output(scheduler_output, runner_output):
+            core.add_request(request)
+        for output in core.step():
             outputs.setdefault(output.request_id, []).extend(output.new_token_ids)
         scheduler.block_manager.check_invariants()
         step += 1
-    stats = scheduler.stats()
-    return EngineRun(outputs, stats.num_preemptions, stats.prefix_cache_hits, max_batch_size)
+    stats = core.stats()
+    return EngineRun(outputs, stats.num_preemptions, stats.prefix_cache_hits,
+                     recorder.max_batch_size)
 
 
 def reference_outputs(model_dir: Path, arrivals: list[Arrival], dtype: torch.dtype) -> dict:

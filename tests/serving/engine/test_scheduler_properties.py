@@ -18,6 +18,7 @@ from tests.serving.engine.factories import (
     EOS_TOKEN_ID,
     FakeModelRunner,
     RunResult,
+    create_core,
     create_scheduler,
     make_prompt,
     next_token_id,
@@ -111,6 +112,8 @@ class Driver:
             block_size=4,
         )
         self.runner = FakeModelRunner.for_scheduler(self.scheduler)
+        self.core = create_core(self.scheduler, self.runner)
+        self.num_checked_steps = 0
         self.result = RunResult()
         self.admitted: list[Request] = []
         self.aborted: set[str] = set()
@@ -118,7 +121,7 @@ class Driver:
     def add(self, arrival: Arrival) -> None:
         for request in make_group(arrival, len(self.admitted)):
             try:
-                self.scheduler.add_request(request)
+                self.core.add_request(request)
             except QueueFullError:
                 return
             self.admitted.append(request)
@@ -128,14 +131,14 @@ class Driver:
             request_id = self.admitted[index].request_id
             if request_id in self.scheduler.requests:
                 self.aborted.add(request_id)
-            self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_ABORTED)
+            self.core.abort_requests([request_id])
 
     def step(self) -> None:
-        scheduler_output = self.scheduler.schedule()
-        assert scheduler_output.num_batched_tokens <= MAX_NUM_BATCHED_TOKENS
-        runner_output = self.runner.execute_model(scheduler_output)
-        for output in self.scheduler.update_from_output(scheduler_output, runner_output):
+        for output in self.core.step():
             record_output(self.result, output)
+        for scheduler_output in self.runner.scheduler_outputs[self.num_checked_steps:]:
+            assert scheduler_output.num_batched_tokens <= MAX_NUM_BATCHED_TOKENS
+        self.num_checked_steps = len(self.runner.scheduler_outputs)
 
 
 @settings(max_examples=300, deadline=None)

@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Engine = Literal["auto", "native", "vllm", "onnx", "triton"]
+ToolCallParser = Literal["auto", "hermes", "llama3_json", "mistral"]
 
 
 class ServerSettings(BaseSettings):
@@ -43,6 +44,10 @@ class ServerSettings(BaseSettings):
     # triton engine: the Triton server to forward to
     triton_url: str = "127.0.0.1:8000"
     triton_model: str | None = None
+    # API
+    tool_call_parser: ToolCallParser = Field(
+        "auto", description="tool-call format: auto (told from the chat template; hermes "
+        "for templates without tools), hermes, llama3_json or mistral")
     # HTTP
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     shutdown_grace_seconds: float = Field(30.0, ge=0)

@@ -113,6 +113,8 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     param = param_of(tuple(first["loc"]))
     if param is None:
         message = "The request body must be a JSON object"
+    elif first["type"] == "extra_forbidden":
+        message = f"Unrecognized request argument supplied: {param}"
     else:
         message = f"Invalid value for '{param}': {first['msg']}"
     if len(errors) > 1:

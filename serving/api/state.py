@@ -37,7 +37,8 @@ class ServerState:
     kserve: KServeHandler = field(init=False)
 
     def __post_init__(self) -> None:
-        context = HandlerContext(self.engine, self.tokenizer, self.model_name, self.vocab_size)
+        context = HandlerContext(self.engine, self.tokenizer, self.model_name, self.vocab_size,
+                                 tool_call_parser=self.settings.tool_call_parser)
         self.chat = ChatHandler(context)
         self.completions = CompletionHandler(context)
         self.kserve = KServeHandler(context)

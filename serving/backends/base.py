@@ -12,26 +12,17 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Protocol
 
 from serving.engine.outputs import RequestOutput
 from serving.engine.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
-class ResponseFormat:
-    """OpenAI `response_format`: plain text, any JSON object, or JSON matching a schema."""
-
-    type: Literal["text", "json_object", "json_schema"] = "text"
-    json_schema: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True)
 class GenerationRequest:
     request_id: str
     prompt_token_ids: list[int]
-    params: SamplingParams
-    response_format: ResponseFormat | None = None
+    params: SamplingParams  # its `guide` and `logit_bias` too: every engine honours or refuses them
     # W3C trace context of the server span, for engines that trace on their own.
     trace_headers: dict[str, str] = field(default_factory=dict)
 

@@ -1,25 +1,54 @@
-"""The native engine behind `EngineClient`."""
+"""The native engine behind `EngineClient`.
+
+Guides (structured outputs, forced tool calls) are compiled here at admission, off the
+event loop, so a bad schema is a 400 naming its field before the engine sees the request;
+the sampler then finds the compiled grammar in the shared cache.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
 from serving.backends.base import GenerationRequest, ModelInfo
 from serving.engine.errors import InvalidRequestError
-from serving.engine.factory import EngineSettings, build_engine
+from serving.engine.factory import EngineSettings, build_engine, eos_token_ids
 from serving.engine.outputs import RequestOutput
+from serving.models.config import ModelArchConfig
+from serving.structured import GuideCompiler, GuidedDecoding, GuideSpecError
+
+logger = logging.getLogger(__name__)
+
+
+def guide_compiler(model_dir: Path) -> GuideCompiler | None:
+    """xgrammar's view of the model's tokenizer; None (guides refused) without one."""
+    from transformers import AutoTokenizer
+
+    arch = ModelArchConfig.from_model_dir(model_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        return GuideCompiler(tokenizer, vocab_size=arch.vocab_size,
+                             stop_token_ids=eos_token_ids(model_dir, arch))
+    except (OSError, ValueError, RuntimeError) as exc:
+        logger.warning("structured outputs are off for %s: %s", model_dir, exc)
+        return None
 
 
 class NativeEngineClient:
     def __init__(self, settings: EngineSettings, *, served_model_name: str,
                  registry: CollectorRegistry) -> None:
-        self._engine = build_engine(settings, model_name=served_model_name, registry=registry)
+        self._guides = guide_compiler(Path(settings.model))
+        guided = GuidedDecoding(self._guides) if self._guides is not None else None
+        self._engine = build_engine(settings, model_name=served_model_name, registry=registry,
+                                    guided=guided)
         self._info = ModelInfo(
             served_model_name=served_model_name, model_dir=settings.model,
             max_model_len=self._engine.max_model_len,
-            engine="native",
+            engine="native", supports_structured_output=self._guides is not None,
         )
 
     @property
@@ -35,10 +64,15 @@ class NativeEngineClient:
         return self._engine.num_unfinished_requests
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
-        if request.response_format is not None and request.response_format.type != "text":
-            raise InvalidRequestError(
-                "response_format json_object/json_schema needs an engine with structured "
-                "outputs: serve with --engine vllm", param="response_format")
+        guide = request.params.guide
+        if guide is not None:
+            if self._guides is None:
+                raise InvalidRequestError("this model has no tokenizer xgrammar can read, so "
+                                          "its output cannot be constrained", param=guide.param)
+            try:
+                await asyncio.to_thread(self._guides.compile, guide)
+            except GuideSpecError as exc:
+                raise InvalidRequestError(str(exc), param=exc.param) from None
         async for output in self._engine.generate(request.prompt_token_ids, request.params,
                                                   request.request_id):
             yield output

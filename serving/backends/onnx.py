@@ -12,7 +12,7 @@ Stop conditions are the native engine's: og is told no EOS id, and the loop ends
 a stop token or EOS (unless `ignore_eos`) once `min_tokens` are out, including that token.
 og stops at `max_tokens` and the context length itself. Rejected with InvalidRequestError
 naming the param (og cannot do them): logprobs, presence / frequency penalties, min_p, and
-a seed when sampling. `response_format` goes through og's guidance (llguidance).
+a seed when sampling. Guides (JSON schemas, regexes, choices) go through og's guidance (llguidance).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from serving.backends.base import GenerationRequest, ModelInfo
 from serving.backends.onnx_config import (
     OnnxModelConfig,
     check_request,
-    guidance_schema,
+    guidance,
     import_og,
     og_config_view,
     turn_options,
@@ -70,7 +70,7 @@ class _Choice:
 class _Stream:
     request: GenerationRequest
     max_tokens: int
-    schema: str | None
+    guide: tuple[str, str] | None
     loop: asyncio.AbstractEventLoop
     choices: list[_Choice]
     queue: asyncio.Queue[RequestOutput | BaseException] = field(default_factory=asyncio.Queue)
@@ -166,7 +166,7 @@ class OnnxEngineClient:
         check_request(request, max_len)
         num_prompt_tokens, now = len(request.prompt_token_ids), time.time()
         stream = _Stream(request, params.max_tokens or max_len - num_prompt_tokens,
-                         guidance_schema(request.response_format), asyncio.get_running_loop(),
+                         guidance(params), asyncio.get_running_loop(),
                          [_Choice(i, RequestTiming(now, num_prompt_tokens))
                           for i in range(params.n)])
         with self._cond:
@@ -274,11 +274,12 @@ class OnnxEngineClient:
             for choice in stream.choices:
                 choice.og_request = self._engine.create_request()
                 options = turn_options(self._og, choice.og_request, stream.request.params,
-                                       stream.max_tokens, stream.schema)
+                                       stream.max_tokens, stream.guide)
                 choice.turn_id = choice.og_request.begin_turn(prompt, options)
         except Exception as exc:  # og refuses what it cannot serve with RuntimeError
             self._close(stream.choices)
-            param = "response_format" if stream.schema is not None else "prompt"
+            guide = stream.request.params.guide
+            param = guide.param if guide is not None else "prompt"
             with self._cond:
                 self._streams.pop(stream.request.request_id, None)
             stream.push(InvalidRequestError(f"the onnx engine refused the request: {exc}",

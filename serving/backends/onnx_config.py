@@ -6,11 +6,12 @@ per-request og options. Split from `onnx.py`, which runs og's engine loop.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serving.backends.base import GenerationRequest, ResponseFormat
+from serving.backends.base import GenerationRequest
 from serving.engine.errors import InvalidRequestError, PromptTooLongError
 from serving.engine.sampling_params import SamplingParams
 
@@ -110,7 +111,8 @@ def check_request(request: GenerationRequest, max_len: int) -> None:
                    ("presence_penalty", params.presence_penalty != 0),
                    ("frequency_penalty", params.frequency_penalty != 0),
                    ("min_p", params.min_p != 0),
-                   ("seed", params.seed is not None and not params.is_greedy)]
+                   ("seed", params.seed is not None and not params.is_greedy),
+                   ("logit_bias", bool(params.logit_bias))]
     for param, is_set in unsupported:
         if is_set:
             raise InvalidRequestError(f"{param} is not supported by the onnx engine "
@@ -118,22 +120,28 @@ def check_request(request: GenerationRequest, max_len: int) -> None:
                                       param=param)
 
 
-def guidance_schema(response_format: ResponseFormat | None) -> str | None:
-    if response_format is None or response_format.type == "text":
+def guidance(params: SamplingParams) -> tuple[str, str] | None:
+    """The request's guide as og's guidance (llguidance): JSON schemas and regular
+    expressions; a choice becomes a regex. EBNF grammars and tool-call formats are refused
+    (llguidance reads Lark, not xgrammar's EBNF), naming the field they came from."""
+    guide = params.guide
+    if guide is None:
         return None
-    if response_format.type == "json_object":
-        return json.dumps({"type": "object"})
-    wrapper = response_format.json_schema
-    if not isinstance(wrapper, dict):
-        raise InvalidRequestError("response_format json_schema needs a json_schema object",
-                                  param="response_format")
-    inner = wrapper.get("schema")
-    is_wrapped = isinstance(inner, dict) and ("name" in wrapper or "type" not in wrapper)
-    return json.dumps(inner if is_wrapped else wrapper)
+    if guide.kind == "json_object":
+        return "json_schema", json.dumps({"type": "object"})
+    if guide.kind == "json_schema":
+        return "json_schema", guide.value
+    if guide.kind == "regex":
+        return "regex", guide.value
+    if guide.kind == "choice":
+        return "regex", "|".join(re.escape(choice) for choice in json.loads(guide.value))
+    what = "forced tool calls" if guide.kind == "structural_tag" else "EBNF grammars"
+    raise InvalidRequestError(f"the onnx engine has no {what}: serve with --engine native or "
+                              "vllm", param=guide.param)
 
 
 def turn_options(og: Any, og_request: Any, params: SamplingParams, max_tokens: int,
-                 schema: str | None) -> Any:
+                 guide: tuple[str, str] | None) -> Any:
     options = og.TurnOptions(og_request)
     options.set_max_generated_tokens(max_tokens)
     if params.is_greedy:
@@ -146,6 +154,6 @@ def turn_options(og: Any, og_request: Any, params: SamplingParams, max_tokens: i
         options.set_top_k(max(params.top_k, 0))  # 0 disables (genai_config's default is 50)
     if params.repetition_penalty != 1.0:
         options.set_repetition_penalty(params.repetition_penalty)
-    if schema is not None:
-        options.set_guidance("json_schema", schema)
+    if guide is not None:
+        options.set_guidance(*guide)
     return options

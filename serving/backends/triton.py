@@ -308,13 +308,14 @@ class TritonEngineClient:
 def _check_supported(request: GenerationRequest) -> None:
     params = request.params
     unsupported = {"n": params.n != 1, "logprobs": params.logprobs is not None,
-                   "response_format": request.response_format is not None
-                   and request.response_format.type != "text"}
+                   "logit_bias": bool(params.logit_bias)}
+    if params.guide is not None:
+        unsupported[params.guide.param] = True
     for param, is_set in unsupported.items():
         if is_set:
-            raise InvalidRequestError(f"the triton engine generates one plain-text choice "
-                                      f"per request, without logprobs: drop `{param}`",
-                                      param=param)
+            raise InvalidRequestError(f"the triton engine generates one unconstrained "
+                                      f"plain-text choice per request, without logprobs or "
+                                      f"logit bias: drop `{param}`", param=param)
 
 
 def _max_tokens(request: GenerationRequest, max_model_len: int) -> int:

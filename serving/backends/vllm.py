@@ -1,7 +1,7 @@
 """The vLLM engine behind `EngineClient`: vLLM's `AsyncLLM`, in-process.
 
 Our `SamplingParams` map one-to-one onto vLLM's (`output_kind=DELTA`, detokenization off:
-the serving layer detokenizes for every engine alike), `response_format` onto vLLM's
+the serving layer detokenizes for every engine alike), guides onto vLLM's
 structured outputs, and vLLM's `RequestOutput` deltas back onto ours. vLLM registers its
 Prometheus metrics in prometheus_client's global REGISTRY; `metrics_text()` returns its
 `vllm:` families so the server's /metrics re-exports them.
@@ -13,6 +13,7 @@ start-up) and `kv_cache_memory` becomes `VLLM_CPU_KVCACHE_SPACE`.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -24,7 +25,7 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 
-from serving.backends.base import GenerationRequest, ModelInfo, ResponseFormat
+from serving.backends.base import GenerationRequest, ModelInfo
 from serving.engine.errors import (
     EngineDeadError,
     InvalidRequestError,
@@ -34,6 +35,7 @@ from serving.engine.errors import (
 from serving.engine.outputs import CompletionDelta, Logprobs, RequestOutput
 from serving.engine.request import FinishReason
 from serving.engine.sampling_params import SamplingParams
+from serving.structured.spec import GuideSpec
 
 logger = logging.getLogger(__name__)
 
@@ -71,29 +73,24 @@ def import_vllm() -> SimpleNamespace:
 
 # -- our request -> vLLM's ---------------------------------------------------------------------
 
-def schema_of(response_format: ResponseFormat) -> dict[str, Any]:
-    """The JSON schema of a `json_schema` response format: OpenAI's wrapper object
-    (`{"name", "schema", "strict"}`) or a bare schema."""
-    wrapper = response_format.json_schema
-    if not isinstance(wrapper, dict):
-        raise InvalidRequestError("response_format json_schema needs a json_schema object",
-                                  param="response_format")
-    inner = wrapper.get("schema")
-    if isinstance(inner, dict) and ("name" in wrapper or "type" not in wrapper):
-        return inner
-    return wrapper
-
-
-def to_structured_outputs(vllm: SimpleNamespace, response_format: ResponseFormat | None):
-    if response_format is None or response_format.type == "text":
+def to_structured_outputs(vllm: SimpleNamespace, guide: GuideSpec | None):
+    """Our guide as vLLM's structured outputs (xgrammar there too); JSON without free
+    whitespace, as the native engine generates it."""
+    if guide is None:
         return None
-    if response_format.type == "json_object":
-        return vllm.StructuredOutputsParams(json_object=True)
-    return vllm.StructuredOutputsParams(json=schema_of(response_format))
+    if guide.kind == "json_object":
+        return vllm.StructuredOutputsParams(json_object=True, disable_any_whitespace=True)
+    if guide.kind == "json_schema":
+        return vllm.StructuredOutputsParams(json=json.loads(guide.value),
+                                            disable_any_whitespace=True)
+    if guide.kind == "choice":
+        return vllm.StructuredOutputsParams(choice=json.loads(guide.value))
+    if guide.kind == "structural_tag":
+        return vllm.StructuredOutputsParams(structural_tag=guide.value)
+    return vllm.StructuredOutputsParams(**{guide.kind: guide.value})  # regex, grammar
 
 
-def to_vllm_sampling_params(vllm: SimpleNamespace, params: SamplingParams,
-                            response_format: ResponseFormat | None):
+def to_vllm_sampling_params(vllm: SimpleNamespace, params: SamplingParams):
     """Our sampling parameters as vLLM's; vLLM's own validation errors become ours."""
     try:
         return vllm.SamplingParams(
@@ -105,23 +102,25 @@ def to_vllm_sampling_params(vllm: SimpleNamespace, params: SamplingParams,
             stop_token_ids=list(params.stop_token_ids), max_tokens=params.max_tokens,
             ignore_eos=params.ignore_eos, logprobs=params.logprobs,
             min_tokens=params.min_tokens, detokenize=False,
+            logit_bias=dict(params.logit_bias) or None,
             output_kind=vllm.RequestOutputKind.DELTA,
-            structured_outputs=to_structured_outputs(vllm, response_format),
+            structured_outputs=to_structured_outputs(vllm, params.guide),
         )
     except (vllm.VLLMClientError, ValueError) as exc:
-        raise InvalidRequestError(str(exc), param=_param_of(exc, response_format)) from exc
+        raise InvalidRequestError(str(exc), param=_param_of(exc, params.guide)) from exc
 
 
-def _param_of(exc: BaseException, response_format: ResponseFormat | None) -> str:
+def _param_of(exc: BaseException, guide: GuideSpec | None) -> str:
     parameter = getattr(exc, "parameter", None)
     if parameter:
         return str(parameter)
     message = str(exc).lower()
-    if response_format is not None and ("structured" in message or "schema" in message
-                                        or "json" in message or "grammar" in message):
-        return "response_format"
+    if guide is not None and ("structured" in message or "schema" in message
+                              or "json" in message or "grammar" in message
+                              or "regex" in message or "tag" in message):
+        return guide.param
     for name in ("temperature", "top_p", "top_k", "min_p", "min_tokens", "max_tokens",
-                 "logprobs", "stop_token_ids", "seed"):
+                 "logprobs", "stop_token_ids", "seed", "logit_bias"):
         if name in message:
             return name
     return "prompt"
@@ -250,7 +249,7 @@ class VllmEngineClient:
         if request.request_id in self._in_flight:
             raise InvalidRequestError(f"request id {request.request_id!r} is already in use",
                                       param="request_id")
-        return to_vllm_sampling_params(self._vllm, request.params, request.response_format)
+        return to_vllm_sampling_params(self._vllm, request.params)
 
     async def _next(self, stream: Any, request: GenerationRequest) -> Any:
         """The next vLLM output (None at the end), with vLLM's errors as ours."""
@@ -266,7 +265,7 @@ class VllmEngineClient:
                                  QUEUE_FULL_RETRY_AFTER_S) from exc
         except (vllm.VLLMClientError, ValueError) as exc:
             raise InvalidRequestError(str(exc),
-                                      param=_param_of(exc, request.response_format)) from exc
+                                      param=_param_of(exc, request.params.guide)) from exc
 
     async def abort(self, request_id: str) -> None:
         await self._engine.abort(request_id)

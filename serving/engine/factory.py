@@ -25,6 +25,7 @@ from serving.engine.sampler import Sampler
 from serving.engine.scheduler import Scheduler
 from serving.models.compressed import QuantizationConfig
 from serving.models.config import ModelArchConfig
+from serving.structured.guided import GuidedDecoding
 
 logger = logging.getLogger(__name__)
 
@@ -142,8 +143,10 @@ def _scheduler_config(settings: EngineSettings, arch: ModelArchConfig,
 
 
 def build_engine(settings: EngineSettings, *, model_name: str,
-                 registry: CollectorRegistry | None = None) -> AsyncEngine:
-    """Load the model, size the KV cache and return a started engine."""
+                 registry: CollectorRegistry | None = None,
+                 guided: GuidedDecoding | None = None) -> AsyncEngine:
+    """Load the model, size the KV cache and return a started engine; `guided` enforces
+    requests' guides in the sampler (without it they must be refused before admission)."""
     start = time.perf_counter()
     arch = ModelArchConfig.from_model_dir(settings.model)
     device = resolve_device(settings.device)
@@ -157,7 +160,7 @@ def build_engine(settings: EngineSettings, *, model_name: str,
     scheduler_config = _scheduler_config(settings, arch, num_blocks)
     cache_config = CacheConfig(block_size=settings.block_size, num_blocks=num_blocks,
                                enable_prefix_caching=settings.enable_prefix_caching)
-    sampler = Sampler(device)
+    sampler = Sampler(device, guided=guided)
     runner = ModelRunner(Path(settings.model), device=device, dtype=dtype,
                          num_blocks=num_blocks, block_size=settings.block_size, sampler=sampler)
     core = EngineCore(Scheduler(scheduler_config, cache_config), runner, sampler)

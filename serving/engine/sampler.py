@@ -6,6 +6,9 @@ Per row of the `[B, V]` logits batch, in order:
 2. Penalties on the raw logits: repetition over prompt + output tokens (positive logits
    divided, the others multiplied), frequency (`count * penalty`) and presence over the
    output tokens only.
+2b. `logit_bias` added; for rows with a `guide`, every token its grammar does not allow
+   next set to -inf (`serving.structured.GuidedDecoding`), so constrained and free rows
+   share one batch. After sampling, each guided row's grammar advances by its token.
 3. Greedy rows (`SamplingParams.is_greedy`) take the argmax and use no randomness.
 4. Random rows: temperature, top-k, top-p, min-p, then one draw from the row's generator.
 
@@ -33,6 +36,7 @@ import torch
 
 from serving.engine.outputs import Logprobs
 from serving.engine.sampling_params import SamplingParams
+from serving.structured.guided import GuidedDecoding
 
 # Top-p first looks for its cut among this many most likely tokens, then sorts the
 # whole vocabulary only for the rows whose nucleus is larger.
@@ -64,8 +68,10 @@ class SamplerOutput:
 class Sampler:
     """Samples one token per row; holds the generators of seeded requests."""
 
-    def __init__(self, device: torch.device | str = "cpu") -> None:
+    def __init__(self, device: torch.device | str = "cpu", *,
+                 guided: GuidedDecoding | None = None) -> None:
         self.device = torch.device(device)
+        self.guided = guided
         self._generator = torch.Generator(device=self.device)
         self._generator.seed()
         self._seeded_generators: dict[str, torch.Generator] = {}
@@ -78,9 +84,22 @@ class Sampler:
         if logprob_rows:
             raw_logprobs = _sanitise(logits[logprob_rows]).log_softmax(-1)
         processed = apply_penalties(logits, rows)
+        guided_rows: list[int] = []
+        if any(row.params.logit_bias or row.params.guide for row in rows):
+            if processed is logits:
+                processed = logits.clone()
+            apply_logit_bias_(processed, rows)
+            guided_rows = self._mask_guided(processed, rows)
         token_ids, is_dead = self._sample(processed, rows, is_owned=processed is not logits)
         if bool(is_dead.any()):
-            token_ids[is_dead] = _sanitise(logits[is_dead]).argmax(-1)
+            # nothing left to sample: the raw argmax, or a guided row's best allowed token
+            fallback = logits.clone()
+            fallback[guided_rows] = processed[guided_rows]
+            token_ids[is_dead] = _sanitise(fallback[is_dead]).argmax(-1)
+        if guided_rows:
+            assert self.guided is not None
+            self.guided.accept([row.request_id for row in rows], token_ids.tolist(),
+                               guided_rows)
         logprobs: list[Logprobs | None] = [None] * len(rows)
         if raw_logprobs is not None:
             gathered = _gather_logprobs(raw_logprobs, token_ids[logprob_rows], rows, logprob_rows)
@@ -89,9 +108,21 @@ class Sampler:
         return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
 
     def drop(self, request_ids: Iterable[str]) -> None:
-        """Forget the generators of finished requests (a preempted one keeps its own)."""
+        """Forget the generators and grammars of finished requests (a preempted one keeps
+        its own)."""
+        request_ids = list(request_ids)
         for request_id in request_ids:
             self._seeded_generators.pop(request_id, None)
+        if self.guided is not None:
+            self.guided.drop(request_ids)
+
+    def _mask_guided(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
+        guides = [row.params.guide for row in rows]
+        if not any(guides):
+            return []
+        if self.guided is None:  # admission refuses guides without a compiler
+            raise RuntimeError("a guided request reached a sampler without guided decoding")
+        return self.guided.mask(logits, [row.request_id for row in rows], guides)
 
     def _sample(
         self, logits: torch.Tensor, rows: list[SamplingRow], is_owned: bool
@@ -183,6 +214,21 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
         values = flat[flat_ids] - _tensor(frequency, logits)[row_ids] * counts.to(logits.dtype)
         flat[flat_ids] = values - _tensor(presence, logits)[row_ids]
     return flat.view(logits.shape)
+
+
+def apply_logit_bias_(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """In place: each row's `logit_bias` added to its logits (ids past the vocabulary are
+    ignored: the server refuses them before they get here)."""
+    vocab_size = logits.shape[1]
+    flat_ids, biases = [], []
+    for i, row in enumerate(rows):
+        for token_id, bias in row.params.logit_bias:
+            if token_id < vocab_size:
+                flat_ids.append(i * vocab_size + token_id)
+                biases.append(bias)
+    if flat_ids:
+        logits.view(-1).index_add_(0, torch.tensor(flat_ids, device=logits.device),
+                                   _tensor(biases, logits))
 
 
 def flat_token_ids(

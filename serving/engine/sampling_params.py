@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from serving.engine.errors import InvalidRequestError
+from serving.structured.spec import GuideSpec
 
 # Temperatures below this are treated as greedy (vLLM's _SAMPLING_EPS).
 SAMPLING_EPS = 1e-5
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024  # entries; OpenAI takes values in [-100, 100]
 
 
 def _check(is_valid: bool, param: str, requirement: str, value: object) -> None:
@@ -23,6 +25,9 @@ class SamplingParams:
     `top_k` of 0 or -1 disables top-k. `logprobs` is the number of top alternatives to
     return per token (0: only the sampled token's logprob; None: no logprobs).
     `max_tokens=None` generates until a stop condition or the model's context length.
+    `logit_bias` adds `(token_id, bias)` to those logits before sampling (OpenAI's; -100
+    bans a token). `guide` constrains the output (JSON, a schema, a regex, a choice, a
+    grammar, a tool-call format) in the sampler.
     """
 
     n: int = 1
@@ -39,6 +44,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     min_tokens: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    guide: GuideSpec | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -88,3 +95,11 @@ class SamplingParams:
             "non-negative token ids",
             self.stop_token_ids,
         )
+        self._validate_logit_bias()
+
+    def _validate_logit_bias(self) -> None:
+        _check(len(self.logit_bias) <= MAX_LOGIT_BIAS, "logit_bias",
+               f"at most {MAX_LOGIT_BIAS} entries", f"{len(self.logit_bias)} entries")
+        for token_id, bias in self.logit_bias:
+            _check(token_id >= 0, "logit_bias", "keyed by non-negative token ids", token_id)
+            _check(-100 <= bias <= 100, "logit_bias", "values in [-100, 100]", bias)

@@ -94,13 +94,12 @@ class CompletionHandler:
                      trace_headers: dict[str, str] | None = None
                      ) -> BaseModel | AsyncIterator[str]:
         self.context.check_model(request.model)
-        settings = completion_settings(request)
+        settings = completion_settings(request, vocab_size=self.context.vocab_size)
         prompts = self._prompts(request)
         response_id = f"cmpl-{uuid.uuid4().hex}"
         generations = [
             GenerationRequest(response_id if len(prompts) == 1 else f"{response_id}-{i}",
-                              prompt.token_ids, settings.params, settings.response_format,
-                              dict(trace_headers or {}))
+                              prompt.token_ids, settings.params, dict(trace_headers or {}))
             for i, prompt in enumerate(prompts)]
         processors = [self.output_processor(generation, i * request.n, settings.options)
                       for i, generation in enumerate(generations)]

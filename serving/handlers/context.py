@@ -10,6 +10,7 @@ from typing import Any
 
 from serving.backends.base import EngineClient
 from serving.errors import BadRequestError, ModelNotFoundError
+from serving.tools import ToolCallFormat, detect_format, format_named, template_supports_tools
 
 
 @dataclass
@@ -20,7 +21,19 @@ class HandlerContext:
     tokenizer: Any
     model_name: str
     vocab_size: int
+    tool_call_parser: str = "auto"
     _token_texts: dict[int, tuple[str, list[int]]] = field(default_factory=dict, repr=False)
+
+    @property
+    def tool_format(self) -> ToolCallFormat:
+        """The model's tool-call format: `--tool-call-parser`, else the chat template's."""
+        if self.tool_call_parser != "auto":
+            return format_named(self.tool_call_parser)
+        return detect_format(getattr(self.tokenizer, "chat_template", None))
+
+    @property
+    def template_supports_tools(self) -> bool:
+        return template_supports_tools(getattr(self.tokenizer, "chat_template", None))
 
     def check_model(self, model: str) -> None:
         """The one model check of every endpoint (OpenAI's `model`, KServe's `{name}`)."""

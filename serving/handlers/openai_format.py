@@ -69,7 +69,7 @@ class OpenAIFormat(ABC):
 
     def frames(self, delta: ChoiceDelta) -> list[str]:
         frames = []
-        if delta.text or delta.logprobs:
+        if delta.text or delta.logprobs or delta.tool_calls:
             frames.append(self.frame([self.content_choice(delta)]))
         if delta.finish_reason is not None:
             frames.append(self.frame([self.finish_choice(delta)]))

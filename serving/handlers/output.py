@@ -24,6 +24,7 @@ from serving.engine.request import FinishReason
 from serving.handlers.context import HandlerContext
 from serving.handlers.detokenizer import IncrementalDetokenizer, StopChecker
 from serving.handlers.sampling import OutputOptions
+from serving.tools import ToolCallDelta
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class ChoiceDelta:
     finish_reason: str | None = None
     # Ended here (a stop string) while the engine still generates it: abort it there.
     ended_before_engine: bool = False
+    # Tool-call fragments parsed out of the text (chat with tools only).
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 def num_shown_tokens(delta: CompletionDelta) -> int:

@@ -31,6 +31,7 @@ from serving.engine.outputs import RequestOutput
 from serving.handlers.output import ChoiceDelta, OutputProcessor, TokenLogprob
 from serving.handlers.tracing import record_engine_spans
 from serving.protocol.openai import PromptTokensDetails, UsageInfo
+from serving.tools import ToolCallDelta
 
 SSE_DONE = "data: [DONE]\n\n"
 
@@ -102,18 +103,23 @@ class TextRun:
 
 @dataclass
 class ChoiceResult:
-    """One choice of a run, whole."""
+    """One choice of a run, whole; tool calls assembled from their fragments."""
 
     index: int
     text: str = ""
     num_tokens: int = 0
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
 
     def add(self, delta: ChoiceDelta) -> None:
         self.text += delta.text
         self.num_tokens += delta.num_new_tokens
         self.logprobs.extend(delta.logprobs or ())
+        for call in delta.tool_calls or ():
+            if call.index == len(self.tool_calls):
+                self.tool_calls.append(ToolCallDelta(call.index, call.id, call.name))
+            self.tool_calls[call.index].arguments += call.arguments
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
 

@@ -14,12 +14,15 @@ Each endpoint has an entry point — `chat_settings`, `completion_settings`,
 - `options`: what the output side needs. `stop` strings are not the engine's business:
   the output processor cuts them from the text and the run aborts that choice in the
   engine; `stop_token_ids` stop in the engine.
-- `response_format`: the constraint on what the engine may generate. `constraint_of` is
-  where request fields turn into engine constraints (`response_format` today; `tools` /
-  `tool_choice` and `structured_outputs` belong there too).
+- `params.guide`: what the engine may generate (`guide_of`): `response_format`
+  (`json_object`, `json_schema`), vLLM's `structured_outputs` (`json`, `regex`, `choice`,
+  `grammar`), or a forced tool call (`tool_choice: required` or a named function, built
+  by the chat handler, which knows the model's tool-call format). At most one per request.
+- `params.logit_bias`: OpenAI's `{"token id": bias}`, ids checked against the vocabulary.
 
-`user` is accepted and only logged; `logit_bias`, `best_of` != n, `suffix` and `echo` with
-logprobs are refused with a 400 naming the field.
+Fields that cannot change the answer (`user`, `metadata`, `store`, ...) are accepted; those
+this server cannot honour are refused with a 400 naming them (`REFUSED_CHAT_FIELDS`,
+`suffix`, `best_of` != n, `echo` with logprobs), so nothing is silently dropped.
 """
 
 from __future__ import annotations
@@ -27,11 +30,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from serving.backends.base import ResponseFormat
 from serving.engine.sampling_params import SamplingParams
 from serving.errors import BadRequestError
 from serving.protocol.kserve import GenerationParameters
 from serving.protocol.openai import ChatCompletionRequest, CompletionRequest, SamplingFields
+from serving.structured.spec import GuideSpec, GuideSpecError
+
+# OpenAI chat fields that would change the answer and that no engine here can honour.
+REFUSED_CHAT_FIELDS = {
+    "audio": "audio output", "prediction": "predicted outputs",
+    "web_search_options": "web search", "reasoning_effort": "reasoning models",
+    "verbosity": "reasoning models", "moderation": "moderation",
+    "prompt_cache_options": "prompt cache options",
+    "functions": "the deprecated `functions` (send `tools`)",
+    "function_call": "the deprecated `function_call` (send `tool_choice`)",
+}
 
 
 @dataclass(frozen=True)
@@ -45,12 +58,11 @@ class OutputOptions:
 
 @dataclass(frozen=True)
 class TextSettings:
-    """An endpoint's request as the engine (`params`, `response_format`) and the output
-    side (`options`) take it."""
+    """An endpoint's request as the engine (`params`) and the output side (`options`)
+    take it."""
 
     params: SamplingParams
     options: OutputOptions
-    response_format: ResponseFormat | None = None
 
 
 class SamplingSource(Protocol):
@@ -81,9 +93,12 @@ class SamplingSource(Protocol):
 
 
 def sampling_params(source: SamplingSource, *, n: int = 1, max_tokens: int | None,
-                    logprobs: int | None = None) -> SamplingParams:
+                    logprobs: int | None = None, logit_bias: tuple[tuple[int, float], ...] = (),
+                    guide: GuideSpec | None = None) -> SamplingParams:
     """The one mapping; raises the engine's `InvalidRequestError` for a bad value."""
     return SamplingParams(
+        logit_bias=logit_bias,
+        guide=guide,
         n=n,
         temperature=_or(source.temperature, 1.0),
         top_p=_or(source.top_p, 1.0),
@@ -105,19 +120,28 @@ def _or(value: float | None, default: float) -> float:
     return default if value is None else value
 
 
-def chat_settings(request: ChatCompletionRequest) -> TextSettings:
+def chat_settings(request: ChatCompletionRequest, *, vocab_size: int,
+                  tool_guide: GuideSpec | None = None) -> TextSettings:
+    """`tool_guide`: the forced tool call the chat handler built, if any."""
     if request.top_logprobs is not None and not request.logprobs:
         raise BadRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
-    _refuse_unsupported(request)
+    refuse_unsupported_chat_fields(request)
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    guide = guide_of(request)
+    if guide is not None and tool_guide is not None:
+        raise BadRequestError(f"{guide.param} cannot be combined with a forced tool call "
+                              "(tool_choice required or a named function): both would "
+                              "constrain the answer", param=guide.param)
     params = sampling_params(request, n=request.n, logprobs=logprobs,
-                             max_tokens=request.max_completion_tokens or request.max_tokens)
+                             max_tokens=request.max_completion_tokens or request.max_tokens,
+                             logit_bias=logit_bias_of(request, vocab_size),
+                             guide=guide or tool_guide)
     options = OutputOptions(tuple(request.stop_strings()), request.skip_special_tokens,
                             want_logprobs=request.logprobs)
-    return TextSettings(params, options, constraint_of(request))
+    return TextSettings(params, options)
 
 
-def completion_settings(request: CompletionRequest) -> TextSettings:
+def completion_settings(request: CompletionRequest, *, vocab_size: int) -> TextSettings:
     if request.suffix is not None:
         raise BadRequestError("suffix is not supported by this server (no fill-in-the-middle "
                               "models are served)", param="suffix")
@@ -127,9 +151,10 @@ def completion_settings(request: CompletionRequest) -> TextSettings:
     if request.echo and request.logprobs is not None:
         raise BadRequestError("echo together with logprobs needs prompt logprobs, which this "
                               "server does not compute", param="echo")
-    _refuse_unsupported(request)
     params = sampling_params(request, n=request.n, max_tokens=request.max_tokens,
-                             logprobs=request.logprobs)
+                             logprobs=request.logprobs,
+                             logit_bias=logit_bias_of(request, vocab_size),
+                             guide=guide_of(request))
     options = OutputOptions(tuple(request.stop_strings()), request.skip_special_tokens,
                             want_logprobs=request.logprobs is not None)
     return TextSettings(params, options)
@@ -141,13 +166,68 @@ def generation_settings(parameters: GenerationParameters) -> TextSettings:
     return TextSettings(params, OutputOptions(tuple(parameters.stop_strings())))
 
 
-def constraint_of(request: ChatCompletionRequest) -> ResponseFormat | None:
-    """What the request constrains the engine's output to (None: free text)."""
-    if request.response_format is None:
+def guide_of(request: SamplingFields) -> GuideSpec | None:
+    """What `response_format` or `structured_outputs` constrain the output to (None: free
+    text); both at once is refused."""
+    guides = [guide for guide in (_response_format_guide(request),
+                                  _structured_outputs_guide(request)) if guide is not None]
+    if len(guides) > 1:
+        raise BadRequestError("response_format and structured_outputs both constrain the "
+                              "answer: send one", param="structured_outputs")
+    return guides[0] if guides else None
+
+
+def _response_format_guide(request: SamplingFields) -> GuideSpec | None:
+    response_format = request.response_format
+    if response_format is None or response_format.type == "text":
         return None
-    return ResponseFormat(request.response_format.type, request.response_format.json_schema)
+    if response_format.type == "json_object":
+        return GuideSpec.json_object()
+    assert response_format.json_schema is not None  # the protocol model checks it
+    schema = response_format.json_schema.schema_
+    return _spec(lambda: GuideSpec.json_schema(schema if schema is not None else {},
+                                               param="response_format"))
 
 
-def _refuse_unsupported(request: SamplingFields) -> None:
-    if request.logit_bias:
-        raise BadRequestError("logit_bias is not supported by this server", param="logit_bias")
+def _structured_outputs_guide(request: SamplingFields) -> GuideSpec | None:
+    outputs = request.structured_outputs
+    if outputs is None:
+        return None
+    if outputs.json_ is not None:
+        return _spec(lambda: GuideSpec.json_schema(outputs.json_,
+                                                   param="structured_outputs.json"))
+    if outputs.regex is not None:
+        return _spec(lambda: GuideSpec.regex(outputs.regex, param="structured_outputs.regex"))
+    if outputs.choice is not None:
+        return _spec(lambda: GuideSpec.choice(outputs.choice,
+                                              param="structured_outputs.choice"))
+    return _spec(lambda: GuideSpec.grammar(outputs.grammar, param="structured_outputs.grammar"))
+
+
+def _spec(build) -> GuideSpec:
+    try:
+        return build()
+    except GuideSpecError as exc:
+        raise BadRequestError(str(exc), param=exc.param) from None
+
+
+def logit_bias_of(request: SamplingFields, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's `{"token id": bias}` as `(id, bias)` pairs; ids must be in the vocabulary."""
+    bias = request.logit_bias or {}
+    pairs = []
+    for key, value in bias.items():
+        if not key.isdigit() or int(key) >= vocab_size:
+            raise BadRequestError(f"logit_bias keys must be token ids below {vocab_size}, "
+                                  f"got {key[:32]!r}", param="logit_bias")
+        pairs.append((int(key), value))
+    return tuple(pairs)
+
+
+def refuse_unsupported_chat_fields(request: ChatCompletionRequest) -> None:
+    for name, what in REFUSED_CHAT_FIELDS.items():
+        if getattr(request, name) is not None:
+            raise BadRequestError(f"{name}: {what} is not supported by this server",
+                                  param=name)
+    if request.modalities is not None and request.modalities != ["text"]:
+        raise BadRequestError("modalities: this server answers with text only",
+                              param="modalities")

@@ -1,17 +1,33 @@
 """OpenAI wire format: `/v1/models`, `/v1/completions`, `/v1/chat/completions`.
 
 Requests validate strictly (no "1" for 1, no NaN, ranges as OpenAI documents them), so a
-wrong type or an out-of-range value is a 400 that names its parameter. Unknown fields are
-ignored, as OpenAI-compatible servers do. vLLM's sampling extras (`top_k`, `min_p`,
-`repetition_penalty`, `ignore_eos`, `min_tokens`, `stop_token_ids`, `skip_special_tokens`)
-are accepted on both endpoints. Responses and stream chunks mirror OpenAI field for field.
+wrong type or an out-of-range value is a 400 that names its parameter. Nothing is silently
+dropped: an unknown field is a 400 naming it (as OpenAI answers "Unrecognized request
+argument"); OpenAI fields that cannot change the answer (`user`, `metadata`, `store`,
+`service_tier`, `safety_identifier`, `prompt_cache_key`, `prompt_cache_retention`) are
+accepted; those this server cannot honour (`audio`, `prediction`, `functions`, ...) are
+declared here and refused by the handlers when set. vLLM's extras (`top_k`, `min_p`,
+`repetition_penalty`, `ignore_eos`, `min_tokens`, `stop_token_ids`, `skip_special_tokens`,
+`structured_outputs`) are accepted on both endpoints. Responses and stream chunks mirror
+OpenAI field for field.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+
+from serving.protocol.tools import (
+    MAX_TOOLS,
+    ChatTool,
+    DeltaToolCall,
+    ResponseFormat,
+    StructuredOutputs,
+    ToolCall,
+    ToolCallOut,
+    ToolChoiceValue,
+)
 
 MAX_N = 128
 MAX_LOGPROBS = 20
@@ -26,16 +42,11 @@ TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
 
 
 class StreamOptions(_Request):
     include_usage: bool = False
-
-
-class ResponseFormat(_Request):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
 
 
 class SamplingFields(_Request):
@@ -54,6 +65,14 @@ class SamplingFields(_Request):
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    # accepted; they cannot change the answer
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
     # vLLM extras
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, le=1)
@@ -62,6 +81,7 @@ class SamplingFields(_Request):
     min_tokens: int = Field(0, ge=0)
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputs | None = None
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -75,16 +95,38 @@ class TextContentPart(_Request):
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant turns
+    tool_call_id: str | None = None  # tool turns
+    refusal: str | None = None  # assistant turns
+
+    @model_validator(mode="after")
+    def _tool_fields_on_their_roles(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
 
     def text(self) -> str:
         if self.content is None:
-            return ""
+            return self.refusal or ""
         if isinstance(self.content, str):
             return self.content
         return "\n".join(part.text for part in self.content)
+
+    def as_template_message(self) -> dict[str, Any]:
+        """The message as chat templates take it (tool fields only where set)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -92,7 +134,20 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    response_format: ResponseFormat | None = None
+    tools: list[ChatTool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoiceValue | None = None
+    parallel_tool_calls: bool = True
+    # OpenAI fields this server cannot honour: refused with a 400 when set
+    audio: Any = None
+    modalities: list[str] | None = None
+    prediction: Any = None
+    web_search_options: Any = None
+    functions: Any = None
+    function_call: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    moderation: Any = None
+    prompt_cache_options: Any = None
 
 
 Prompt = str | list[str] | TokenIds | list[TokenIds]
@@ -153,6 +208,14 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
+
+    @model_serializer(mode="wrap")
+    def _no_empty_tool_calls(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatCompletionChoice(BaseModel):
@@ -177,6 +240,7 @@ class DeltaMessage(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler: Any) -> dict[str, Any]:

@@ -23,6 +23,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from serving.structured.spec import normalize_schema
+
 _NAME_THEN_ARGS = re.compile(
     r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
 
@@ -242,7 +244,8 @@ def _json_content(function: dict[str, Any]) -> dict[str, Any]:
     """The arguments as JSON valid against the function's schema; at most one whitespace
     character in a row (small models otherwise pad a valid prefix with newlines)."""
     schema = function.get("parameters") or {"type": "object", "properties": {}}
-    return {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": 1}
+    return {"type": "json_schema", "json_schema": normalize_schema(schema),
+            "max_whitespace_cnt": 1}
 
 
 def _skip(text: str, position: int, characters: str) -> int:

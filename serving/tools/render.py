@@ -42,6 +42,8 @@ class ToolChoice:
             return cls("auto" if has_tools else "none")
         if isinstance(value, str):
             return cls(value)
+        if not isinstance(value, dict):  # the protocol's NamedToolChoice
+            value = value.model_dump()
         return cls("required", value["function"]["name"])
 
 
@@ -63,12 +65,14 @@ def template_inputs(messages: list[dict[str, Any]], tools: list[dict[str, Any]],
 
 def tool_guide(fmt: ToolCallFormat, tools: list[dict[str, Any]], choice: ToolChoice, *,
                parallel: bool) -> GuideSpec | None:
-    """The constraint that forces a call (`required`, or a named function); None else."""
+    """The constraint that forces a call (`required`: one or more, or exactly one without
+    `parallel`; a named function: exactly one call of it); None else."""
     if choice.mode != "required":
         return None
     functions = [tool["function"] for tool in tools]
     if choice.function is not None:
         functions = [f for f in functions if f["name"] == choice.function]
+        parallel = False
     return GuideSpec.structural_tag(fmt.structural_tag(functions, parallel=parallel),
                                     param="tool_choice")
 

@@ -17,11 +17,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from serving.backends import native
-from serving.backends.base import GenerationRequest, ResponseFormat
+from serving.backends.base import GenerationRequest
 from serving.backends.onnx import OnnxEngineClient
 from serving.engine.errors import InvalidRequestError, PromptTooLongError
 from serving.engine.sampling_params import SamplingParams
 from serving.settings import ServerSettings
+from serving.structured import GuideSpec
 from tests.conftest import MODELS_DIR
 from tests.greedy_paths import (
     FP32_KERNELS,
@@ -79,11 +80,11 @@ async def client(tiny_onnx_dir):
     await client.shutdown()
 
 
-async def collect(client, request_id: str, prompt: list[int], response_format=None,
+async def collect(client, request_id: str, prompt: list[int],
                   **params) -> tuple[list[list[int]], list[str | None]]:
     tokens: dict[int, list[int]] = {}
     reasons: dict[int, str | None] = {}
-    request = GenerationRequest(request_id, prompt, SamplingParams(**params), response_format)
+    request = GenerationRequest(request_id, prompt, SamplingParams(**params))
     async for output in client.generate(request):
         for delta in output.deltas:
             tokens.setdefault(delta.index, []).extend(delta.new_token_ids)
@@ -245,12 +246,11 @@ async def test_eos_stops_unless_ignored(tiny_onnx_dir, tmp_path, prompts):
         await client.shutdown()
 
 
-async def test_response_format_uses_og_guidance(client, prompts):
+async def test_json_schema_guides_use_og_guidance(client, prompts):
     schema = {"x-guidance": {"whitespace_flexible": False}, "type": "object",
               "properties": {"a": {"enum": ["x"]}}, "required": ["a"],
               "additionalProperties": False}
-    response_format = ResponseFormat("json_schema", {"name": "a", "schema": schema})
-    tokens, reasons = await collect(client, "j", prompts[0], response_format,
+    tokens, reasons = await collect(client, "j", prompts[0], guide=GuideSpec.json_schema(schema),
                                     temperature=0.0, max_tokens=20)
     from tokenizers import Tokenizer
 
@@ -266,9 +266,14 @@ async def test_response_format_uses_og_guidance(client, prompts):
     ({"frequency_penalty": 0.5}, "frequency_penalty"),
     ({"min_p": 0.1}, "min_p"),
     ({"seed": 7, "temperature": 0.8}, "seed"),
+    ({"logit_bias": ((5, 1.0),)}, "logit_bias"),
+    ({"guide": GuideSpec.grammar('root ::= "a"', param="structured_outputs.grammar")},
+     "structured_outputs.grammar"),
+    ({"guide": GuideSpec.structural_tag({"type": "structural_tag"}, param="tool_choice")},
+     "tool_choice"),
 ])
 async def test_unsupported_params_are_rejected_by_name(client, prompts, params, param):
-    with pytest.raises(InvalidRequestError, match="not supported by the onnx engine") as info:
+    with pytest.raises(InvalidRequestError, match="the onnx engine") as info:
         await collect(client, "bad", prompts[0], **params)
     assert info.value.param == param
     assert client.num_unfinished_requests == 0

@@ -39,12 +39,11 @@ async def collect(client, request) -> dict[str, Any]:
             "num_cached_tokens": num_cached}
 
 
-def request(request_id: str, prompt: list[int], response_format=None, **params):
+def request(request_id: str, prompt: list[int], **params):
     from serving.backends.base import GenerationRequest
     from serving.engine.sampling_params import SamplingParams
 
-    return GenerationRequest(request_id, prompt, SamplingParams(**params),
-                             response_format=response_format)
+    return GenerationRequest(request_id, prompt, SamplingParams(**params))
 
 
 async def check_greedy(client, prompts: list[list[int]], num_logprobs: int
@@ -121,13 +120,13 @@ async def check_errors(client, prompt: list[int]) -> dict[str, Any]:
 
 
 async def check_structured(client, tokenizer, prompt: list[int]) -> dict[str, Any]:
-    from serving.backends.base import ResponseFormat
+    from serving.structured import GuideSpec
 
-    formats = {"json_object": ResponseFormat("json_object"),
-               "json_schema": ResponseFormat("json_schema", {"name": "a", "schema": JSON_SCHEMA})}
+    formats = {"json_object": GuideSpec.json_object(),
+               "json_schema": GuideSpec.json_schema(JSON_SCHEMA)}
     results = {}
-    for name, response_format in formats.items():
-        result = await collect(client, request(f"json-{name}", prompt, response_format,
+    for name, guide in formats.items():
+        result = await collect(client, request(f"json-{name}", prompt, guide=guide,
                                                temperature=0.0, max_tokens=48))
         results[name] = {"text": tokenizer.decode(result["tokens"][0], skip_special_tokens=True),
                          "finish_reason": result["finish_reasons"][0]}

@@ -114,3 +114,22 @@ def test_invalid_constraints_name_their_field(compiler, spec, param):
 def test_bad_specs_are_refused_before_compiling(build, message):
     with pytest.raises(GuideSpecError, match=message):
         build()
+
+
+def test_schemas_keep_their_property_order_and_get_safe_bounds():
+    from serving.structured.spec import SAFE_INTEGER, normalize_schema
+
+    schema = {"type": "object", "properties": {
+        "zeta": {"type": "integer"}, "alpha": {"type": ["integer", "null"], "maximum": 3},
+        "name": {"type": "string", "minLength": 1, "maxLength": 4},
+        "code": {"type": "string", "maxLength": 2, "pattern": "^[A-Z]+$"}}}
+    spec = GuideSpec.json_schema(schema)
+    assert list(json.loads(spec.value)["properties"]) == ["zeta", "alpha", "name", "code"]
+    normal = normalize_schema(schema)["properties"]
+    assert (normal["zeta"]["minimum"], normal["zeta"]["maximum"]) == (-SAFE_INTEGER,
+                                                                      SAFE_INTEGER)
+    assert "minimum" not in normal["alpha"]  # bounded already: left alone
+    assert normal["name"] == {"type": "string", "pattern": '^[^\\x00-\\x1f"\\\\]{1,4}$'}
+    assert normal["code"] == schema["properties"]["code"]  # its own pattern wins
+    assert re.fullmatch(normal["name"]["pattern"].strip("^$"), "abc")
+    assert not re.fullmatch(normal["name"]["pattern"].strip("^$"), "a\x18")

@@ -55,6 +55,7 @@ def import_vllm() -> SimpleNamespace:
     try:
         from vllm import AsyncEngineArgs
         from vllm import SamplingParams as VllmSamplingParams
+        from vllm.config import StructuredOutputsConfig
         from vllm.exceptions import GracefulHTTPError, VLLMClientError, VLLMValidationError
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
@@ -65,6 +66,7 @@ def import_vllm() -> SimpleNamespace:
     return SimpleNamespace(
         AsyncEngineArgs=AsyncEngineArgs, AsyncLLM=AsyncLLM, SamplingParams=VllmSamplingParams,
         RequestOutputKind=RequestOutputKind, StructuredOutputsParams=StructuredOutputsParams,
+        StructuredOutputsConfig=StructuredOutputsConfig,
         TokensPrompt=TokensPrompt, GracefulHTTPError=GracefulHTTPError,
         VLLMClientError=VLLMClientError, VLLMValidationError=VLLMValidationError,
         EngineDeadError=VllmEngineDeadError,
@@ -326,9 +328,12 @@ def engine_args(vllm: SimpleNamespace, settings: Any, *, is_cpu: bool):
         kv_cache_memory_bytes=kv_bytes, enforce_eager=is_cpu,
         tensor_parallel_size=settings.tensor_parallel_size,
         disable_log_stats=False,  # the stat loggers are what feed vLLM's Prometheus metrics
+        # xgrammar, as the native engine: the same guides give the same constraints
+        structured_outputs_config=vllm.StructuredOutputsConfig(
+            backend="xgrammar", disable_any_whitespace=True),
     )
     extra = dict(settings.vllm_engine_args)
-    clashes = sorted(set(extra) & (set(ours) - {"enforce_eager"}))
+    clashes = sorted(set(extra) & (set(ours) - {"enforce_eager", "structured_outputs_config"}))
     if clashes:
         raise ValueError(f"vllm_engine_args sets {', '.join(clashes)}, which Quiver's own "
                          "settings own: use those flags instead")

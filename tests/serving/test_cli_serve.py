@@ -128,16 +128,20 @@ def test_vllm_engine_arguments_carry_our_settings_and_the_extras(tiny_model_dir)
         def __init__(self, *, model, served_model_name, dtype, max_num_seqs,
                      max_num_batched_tokens, max_model_len, enable_prefix_caching,
                      gpu_memory_utilization, kv_cache_memory_bytes, enforce_eager,
-                     tensor_parallel_size, disable_log_stats, swap_space=4):
+                     tensor_parallel_size, disable_log_stats, structured_outputs_config,
+                     swap_space=4):
             self.tensor_parallel_size, self.swap_space = tensor_parallel_size, swap_space
             self.enforce_eager = enforce_eager
+            self.structured_outputs_config = structured_outputs_config
 
-    vllm = SimpleNamespace(AsyncEngineArgs=FakeEngineArgs)
+    vllm = SimpleNamespace(AsyncEngineArgs=FakeEngineArgs, StructuredOutputsConfig=dict)
     settings = settings_from_args(parse(
         "--model", str(tiny_model_dir), "--engine", "vllm", "--tensor-parallel-size", "4",
         "--vllm-engine-args", '{"swap_space": 16, "enforce_eager": true}'))
     args = engine_args(vllm, settings, is_cpu=False)
     assert (args.tensor_parallel_size, args.swap_space, args.enforce_eager) == (4, 16, True)
+    assert args.structured_outputs_config == {"backend": "xgrammar",
+                                              "disable_any_whitespace": True}
     clash = settings.model_copy(update={"vllm_engine_args": {"max_num_seqs": 3}})
     with pytest.raises(ValueError, match="max_num_seqs, which Quiver's own settings own"):
         engine_args(vllm, clash, is_cpu=False)

@@ -48,6 +48,15 @@ class ServerSettings(BaseSettings):
     tool_call_parser: ToolCallParser = Field(
         "auto", description="tool-call format: auto (told from the chat template; hermes "
         "for templates without tools), hermes, llama3_json or mistral")
+    # request limits, checked before any work (a 400 names the field past its limit)
+    max_n: int = Field(16, ge=1, le=128, description="choices per request (n, best_of)")
+    max_stop_sequences: int = Field(16, ge=0, le=256, description="stop strings per request")
+    max_stop_token_ids: int = Field(64, ge=0, le=4096, description="stop token ids per request")
+    max_prompts: int = Field(64, ge=1, le=2048, description="prompts per completions call or "
+                             "KServe infer batch")
+    max_logprobs: int = Field(20, ge=0, le=20, description="logprobs / top_logprobs")
+    max_tools: int = Field(64, ge=0, le=128, description="tools per chat request")
+    max_logit_bias: int = Field(300, ge=0, le=4096, description="logit_bias entries")
     # HTTP
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     shutdown_grace_seconds: float = Field(30.0, ge=0)

@@ -1,6 +1,7 @@
 """OpenAI routes: `/v1/models`, `/v1/completions`, `/v1/chat/completions`.
 
-Thin: validate (pydantic), call the handler, return JSON or an SSE stream. A client that
+Thin: validate (pydantic, off the event loop for large bodies: `serving.api.body`), call
+the handler, return JSON or an SSE stream. A client that
 disconnects while a response is computed cancels the handler, which aborts the engine
 request (streams: `serving.api.responses.event_stream` cancels the frames the same way).
 """
@@ -15,6 +16,7 @@ from pydantic import BaseModel
 
 from common.asgi import trace_headers
 from common.asgi.disconnect import ClientDisconnectedError, until_disconnect
+from serving.api.body import read_model
 from serving.api.responses import CLIENT_CLOSED_REQUEST, event_stream
 from serving.api.state import ServerState
 from serving.errors import InternalServerError, from_exception
@@ -43,23 +45,26 @@ def _request_id(request: Request) -> str:
 async def list_models(request: Request) -> ModelList:
     state = _state(request)
     info = state.engine.info
+    # root: the served name, never the server's directory layout
     return ModelList(data=[ModelCard(id=info.served_model_name, created=state.created,
-                                     root=str(info.model_dir) if info.model_dir else None,
+                                     root=info.served_model_name,
                                      max_model_len=info.max_model_len)])
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
-async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+async def create_chat_completion(request: Request) -> Response:
     state, request_id = _state(request), _request_id(request)
     state.check_accepting()
+    body = await read_model(request, ChatCompletionRequest)
     return await _respond(request, state.chat.create(
         body, request_id=request_id, trace_headers=trace_headers()), prompt_param="messages")
 
 
 @router.post("/v1/completions", response_model=CompletionResponse)
-async def create_completion(body: CompletionRequest, request: Request) -> Response:
+async def create_completion(request: Request) -> Response:
     state, request_id = _state(request), _request_id(request)
     state.check_accepting()
+    body = await read_model(request, CompletionRequest)
     return await _respond(request, state.completions.create(
         body, request_id=request_id, trace_headers=trace_headers()), prompt_param="prompt")
 

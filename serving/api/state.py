@@ -18,6 +18,7 @@ from serving.handlers.chat import ChatHandler
 from serving.handlers.completions import CompletionHandler
 from serving.handlers.context import HandlerContext
 from serving.handlers.kserve import KServeHandler
+from serving.handlers.limits import RequestLimits
 from serving.settings import ServerSettings
 
 
@@ -38,7 +39,8 @@ class ServerState:
 
     def __post_init__(self) -> None:
         context = HandlerContext(self.engine, self.tokenizer, self.model_name, self.vocab_size,
-                                 tool_call_parser=self.settings.tool_call_parser)
+                                 tool_call_parser=self.settings.tool_call_parser,
+                                 limits=RequestLimits.from_settings(self.settings))
         self.chat = ChatHandler(context)
         self.completions = CompletionHandler(context)
         self.kserve = KServeHandler(context)

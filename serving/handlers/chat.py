@@ -122,6 +122,7 @@ class ChatHandler:
                      trace_headers: dict[str, str] | None = None
                      ) -> BaseModel | AsyncIterator[str]:
         self.context.check_model(request.model)
+        self.context.limits.check_chat(request)
         tools = self._tools(request)
         settings = chat_settings(request, vocab_size=self.context.vocab_size,
                                  tool_guide=self._tool_guide(request, tools))

@@ -23,7 +23,6 @@ from serving.handlers.output import ChoiceDelta, OutputProcessor, TextOutputProc
 from serving.handlers.run import ChoiceResult, TextRun
 from serving.handlers.sampling import OutputOptions, completion_settings
 from serving.protocol.openai import (
-    MAX_PROMPTS,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
@@ -121,9 +120,7 @@ class CompletionHandler:
             items = list(raw)
         if not items:
             raise BadRequestError("prompt must not be empty", param="prompt")
-        if len(items) > MAX_PROMPTS:
-            raise BadRequestError(f"at most {MAX_PROMPTS} prompts per request, got "
-                                  f"{len(items)}", param="prompt")
+        self.context.limits.check_completion(request, len(items))
         prompts = []
         tokenizer = self.context.tokenizer
         for item in items:

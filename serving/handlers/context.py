@@ -10,6 +10,7 @@ from typing import Any
 
 from serving.backends.base import EngineClient
 from serving.errors import BadRequestError, ModelNotFoundError
+from serving.handlers.limits import RequestLimits
 from serving.tools import ToolCallFormat, detect_format, format_named, template_supports_tools
 
 
@@ -22,6 +23,7 @@ class HandlerContext:
     model_name: str
     vocab_size: int
     tool_call_parser: str = "auto"
+    limits: RequestLimits = field(default_factory=RequestLimits)
     _token_texts: dict[int, tuple[str, list[int]]] = field(default_factory=dict, repr=False)
 
     @property

@@ -140,7 +140,9 @@ class KServeHandler:
                     binary_data: bytes = b"") -> InferResult:
         self.check_model(name, version)
         tensors = read_inputs(request.inputs, binary_data)
+        self.context.limits.check(TEXT_INPUT, len(tensors.prompts), "max_prompts")
         params = parse_parameters({**(request.parameters or {}), **tensors.parameters})
+        self.context.limits.check_sampling(params)
         if params.stream:
             raise BadRequestError("infer returns one response: stream with "
                                   f"/v2/models/{name}/generate_stream", param="stream")
@@ -161,8 +163,9 @@ class KServeHandler:
     async def generate(self, name: str, version: str | None,
                        request: TritonGenerateRequest) -> TritonGenerateResponse:
         self.check_model(name, version)
-        return await self._generate(name, request.text_input,
-                                    parse_parameters(request.all_parameters))
+        params = parse_parameters(request.all_parameters)
+        self.context.limits.check_sampling(params)
+        return await self._generate(name, request.text_input, params)
 
     async def generate_stream(self, name: str, version: str | None,
                               request: TritonGenerateRequest, *, request_id: str
@@ -170,6 +173,7 @@ class KServeHandler:
         """SSE frames; errors in the request (or at admission) raise here, before any."""
         self.check_model(name, version)
         params = parse_parameters(request.all_parameters)
+        self.context.limits.check_sampling(params)
         if params.stream is False:
             response = await self._generate(name, request.text_input, params)
             return _one_frame(sse_event(response, exclude_unset=True))

@@ -61,7 +61,7 @@ def parse_parameters(raw: Mapping[str, Any]) -> GenerationParameters:
             raise BadRequestError(f"unknown parameter `{name}`; this model takes: {known}",
                                   param=name) from None
         raise BadRequestError(f"invalid parameter `{name}`: {error['msg']} "
-                              f"(got {error.get('input')!r})", param=name) from None
+                              f"(got {_shown(error.get('input'))})", param=name) from None
 
 
 def read_inputs(inputs: list[InferInputTensor], binary_data: bytes) -> InputTensors:
@@ -165,3 +165,10 @@ def build_outputs(request: InferRequest, params: GenerationParameters, shape: li
             outputs.append(InferOutputTensor(name=name, shape=shape, datatype=datatype,
                                              data=values[name]))
     return outputs, b"".join(tail)
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """A rejected value for an error message, cut short: a request's million-element list
+    is not echoed back."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import AsyncIterable, AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -59,7 +59,8 @@ class InferInputTensor(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    shape: list[int] = Field(description="dims of the whole (batched) tensor")
+    # dims of the whole (batched) tensor: known sizes (-1 is for metadata, never for data)
+    shape: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=8)]
     datatype: str
     parameters: Parameters | None = None
     # Absent when the tensor's bytes follow the JSON header (binary tensor data extension).
@@ -151,8 +152,8 @@ class GenerationParameters(BaseModel):
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] = Field(default_factory=list)
+    stop: str | Annotated[list[str], Field(max_length=256)] | None = None
+    stop_token_ids: Annotated[list[int], Field(max_length=4096)] = Field(default_factory=list)
     ignore_eos: bool = False
     min_tokens: int = 0
     # Inputs of Triton's vLLM backend, accepted here too.

@@ -29,11 +29,15 @@ from serving.protocol.tools import (
     ToolChoiceValue,
 )
 
+# Fixed ceilings, so no body parses into something huge; the server's configurable limits
+# (`serving.handlers.limits`) sit at or below them.
 MAX_N = 128
 MAX_LOGPROBS = 20
-MAX_STOP_STRINGS = 16
+MAX_STOP_STRINGS = 256
 MAX_STOP_STRING_CHARS = 256
-MAX_PROMPTS = 64
+MAX_STOP_TOKEN_IDS = 4096
+MAX_PROMPTS = 2048
+MAX_LOGIT_BIAS = 4096
 SEED_MIN = -(2**63)
 SEED_MAX = 2**64 - 1
 
@@ -61,7 +65,7 @@ class SamplingFields(_Request):
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: Annotated[dict[str, float], Field(max_length=MAX_LOGIT_BIAS)] | None = None
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -79,7 +83,8 @@ class SamplingFields(_Request):
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]],
+                              Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputs | None = None
 
@@ -150,7 +155,8 @@ class ChatCompletionRequest(SamplingFields):
     prompt_cache_options: Any = None
 
 
-Prompt = str | list[str] | TokenIds | list[TokenIds]
+Prompt = (str | Annotated[list[str], Field(max_length=MAX_PROMPTS)] | TokenIds
+          | Annotated[list[TokenIds], Field(max_length=MAX_PROMPTS)])
 
 
 class CompletionRequest(SamplingFields):

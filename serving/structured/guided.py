@@ -9,7 +9,10 @@ finished one is dropped with the sampler's other per-request state.
 
 When a grammar is complete only its stop tokens (the model's EOS) are allowed, so the
 request ends with `finish_reason: stop`; `max_tokens` can still cut it short (`length`),
-as in OpenAI's API.
+as in OpenAI's API. A request that goes on past its grammar's end (`ignore_eos`, or
+`min_tokens` not reached) keeps being allowed only the stop tokens. A matcher that fails
+(an xgrammar error) is logged and its row restricted to the stop tokens too: one request's
+grammar must never take the engine loop down.
 """
 
 from __future__ import annotations
@@ -49,8 +52,7 @@ class GuidedDecoding:
                                                              self.compiler.vocab_size)
         bitmask = self._bitmask[: len(logits)]
         for row in rows:
-            matcher = self._matcher(request_ids[row], guides[row])
-            matcher.fill_next_token_bitmask(bitmask, row)
+            self._fill(bitmask, row, request_ids[row], guides[row])
         vocab = min(logits.shape[1], self.compiler.vocab_size)
         self._xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab, indices=rows)
         if logits.shape[1] > vocab:  # padded embedding rows are never valid under a grammar
@@ -63,7 +65,12 @@ class GuidedDecoding:
             matcher = self._matchers.get(request_ids[row])
             if matcher is None or matcher.is_terminated():
                 continue
-            if not matcher.accept_token(int(token_ids[row])):
+            try:
+                is_accepted = matcher.accept_token(int(token_ids[row]))
+            except Exception:  # as in `_fill`: never the engine loop
+                logger.exception("request %s: its grammar failed", request_ids[row])
+                continue
+            if not is_accepted:
                 logger.error("request %s: token %d was sampled under a grammar that does "
                              "not allow it", request_ids[row], token_ids[row])
 
@@ -71,9 +78,30 @@ class GuidedDecoding:
         for request_id in request_ids:
             self._matchers.pop(request_id, None)
 
+    def _fill(self, bitmask: torch.Tensor, row: int, request_id: str, guide: GuideSpec) -> None:
+        try:
+            matcher = self._matcher(request_id, guide)
+            if not matcher.is_terminated():
+                matcher.fill_next_token_bitmask(bitmask, row)
+                return
+        except Exception:  # the request ends at its EOS rather than the engine at an error
+            logger.exception("request %s: its grammar failed; only EOS is allowed now",
+                             request_id)
+        self._allow_only_stop_tokens(bitmask, row)
+
+    def _allow_only_stop_tokens(self, bitmask: torch.Tensor, row: int) -> None:
+        bitmask[row] = 0
+        for token_id in self.compiler.tokenizer_info.stop_token_ids:
+            bitmask[row, token_id // 32] |= _bit(token_id % 32)
+
     def _matcher(self, request_id: str, guide: GuideSpec) -> Any:
         matcher = self._matchers.get(request_id)
         if matcher is None:
             matcher = self._xgr.GrammarMatcher(self.compiler.compile(guide))
             self._matchers[request_id] = matcher
         return matcher
+
+
+def _bit(position: int) -> int:
+    """Bit `position` of a bitmask word (int32: bit 31 is the sign bit)."""
+    return -(1 << 31) if position == 31 else 1 << position

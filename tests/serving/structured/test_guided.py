@@ -133,3 +133,27 @@ def test_schemas_keep_their_property_order_and_get_safe_bounds():
     assert normal["code"] == schema["properties"]["code"]  # its own pattern wins
     assert re.fullmatch(normal["name"]["pattern"].strip("^$"), "abc")
     assert not re.fullmatch(normal["name"]["pattern"].strip("^$"), "a\x18")
+
+
+def test_past_its_end_or_after_a_failure_a_grammar_allows_only_eos(compiler):
+    """`ignore_eos` and `min_tokens` keep a request going after its grammar accepted EOS;
+    a matcher that raises must not take the engine loop down either."""
+    guided = GuidedDecoding(compiler)
+    guide = GuideSpec.choice(["ok"], param="structured_outputs.choice")
+    stop = compiler.tokenizer_info.stop_token_ids
+    for _ in range(6):  # "ok", EOS, then more steps past the end
+        logits = torch.zeros(1, compiler.vocab_size)
+        rows = guided.mask(logits, ["r"], [guide])
+        token = int(logits.argmax())
+        guided.accept(["r"], [token], rows)
+    allowed = torch.isfinite(logits[0]).nonzero().flatten().tolist()
+    assert allowed == sorted(stop)
+
+    class Broken:
+        def is_terminated(self) -> bool:
+            raise RuntimeError("xgrammar failed")
+
+    guided._matchers["b"] = Broken()
+    logits = torch.zeros(1, compiler.vocab_size)
+    guided.mask(logits, ["b"], [guide])
+    assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == sorted(stop)

@@ -180,11 +180,7 @@ class Llama3JsonFormat(_JsonListFormat):
 
     def structural_tag(self, functions: list[dict[str, Any]], *, parallel: bool
                        ) -> dict[str, Any]:
-        tags = [{"type": "tag", "begin": f'{{"name": {json.dumps(f["name"])}, "parameters": ',
-                 "content": _json_content(f),
-                 "end": "}"} for f in functions]
-        body = {"type": "tags_with_separator", "tags": tags, "separator": "; ",
-                "at_least_one": True, "stop_after_first": not parallel}
+        body = _object_calls(functions, "parameters", "; ", parallel=parallel)
         return {"type": "structural_tag",
                 "format": {"type": "sequence",
                            "elements": [{"type": "const_string", "value": self.start}, body]}}
@@ -207,11 +203,7 @@ class MistralFormat(_JsonListFormat):
 
     def structural_tag(self, functions: list[dict[str, Any]], *, parallel: bool
                        ) -> dict[str, Any]:
-        tags = [{"type": "tag", "begin": f'{{"name": {json.dumps(f["name"])}, "arguments": ',
-                 "content": _json_content(f),
-                 "end": "}"} for f in functions]
-        body = {"type": "tags_with_separator", "tags": tags, "separator": ", ",
-                "at_least_one": True, "stop_after_first": not parallel}
+        body = _object_calls(functions, "arguments", ", ", parallel=parallel)
         return {"type": "structural_tag",
                 "format": {"type": "sequence", "elements": [
                     {"type": "const_string", "value": self.start + "["}, body,
@@ -238,6 +230,16 @@ def detect_format(chat_template: str | None) -> ToolCallFormat:
     if "<|python_tag|>" in template or "ipython" in template:
         return Llama3JsonFormat()
     return HermesFormat()
+
+
+def _object_calls(functions: list[dict[str, Any]], arguments_key: str, separator: str, *,
+                  parallel: bool) -> dict[str, Any]:
+    """One or more `{"name": ..., "<arguments_key>": {...}}` objects, separated."""
+    tags = [{"type": "tag",
+             "begin": f'{{"name": {json.dumps(f["name"])}, "{arguments_key}": ',
+             "content": _json_content(f), "end": "}"} for f in functions]
+    return {"type": "tags_with_separator", "tags": tags, "separator": separator,
+            "at_least_one": True, "stop_after_first": not parallel}
 
 
 def _json_content(function: dict[str, Any]) -> dict[str, Any]:

@@ -128,14 +128,13 @@ def fake_server(mode: str, model_dir, tokenizer, **settings) -> Iterator[str]:
         yield url
 
 
-class FakeEngine:
-    """`mode`: "queue_full" (admission fails), "crash" (an unexpected error), or
-    "dies_mid_stream" (one token, then the engine dies)."""
+class EngineStub:
+    """What every test engine answers the same way: always ready, nothing to abort or
+    export; subclasses script `generate` (and may record aborts)."""
 
-    def __init__(self, mode: str, model_dir: Path, name: str = "tiny") -> None:
-        self.mode = mode
+    def __init__(self, model_dir: Path, name: str = "tiny", engine: str = "fake") -> None:
         self._info = ModelInfo(served_model_name=name, model_dir=model_dir,
-                               max_model_len=2048, engine="fake")
+                               max_model_len=2048, engine=engine)
 
     @property
     def info(self) -> ModelInfo:
@@ -149,15 +148,6 @@ class FakeEngine:
     def num_unfinished_requests(self) -> int:
         return 0
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
-        if self.mode == "queue_full":
-            raise QueueFullError(queue_size=7, retry_after_s=2.5)
-        if self.mode == "crash":
-            raise RuntimeError("kaboom in the engine")
-        yield RequestOutput(request.request_id, [CompletionDelta(0, [300])],
-                            len(request.prompt_token_ids), 0, False)
-        raise EngineDeadError("the engine loop died: simulated")
-
     async def abort(self, request_id: str) -> None:
         return None
 
@@ -169,3 +159,21 @@ class FakeEngine:
 
     def metrics_text(self) -> bytes:
         return b""
+
+
+class FakeEngine(EngineStub):
+    """`mode`: "queue_full" (admission fails), "crash" (an unexpected error), or
+    "dies_mid_stream" (one token, then the engine dies)."""
+
+    def __init__(self, mode: str, model_dir: Path, name: str = "tiny") -> None:
+        super().__init__(model_dir, name)
+        self.mode = mode
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        if self.mode == "queue_full":
+            raise QueueFullError(queue_size=7, retry_after_s=2.5)
+        if self.mode == "crash":
+            raise RuntimeError("kaboom in the engine")
+        yield RequestOutput(request.request_id, [CompletionDelta(0, [300])],
+                            len(request.prompt_token_ids), 0, False)
+        raise EngineDeadError("the engine loop died: simulated")

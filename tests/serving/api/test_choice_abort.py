@@ -18,39 +18,26 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from serving.api.app import create_app
-from serving.backends.base import GenerationRequest, ModelInfo
+from serving.backends.base import GenerationRequest
 from serving.engine.outputs import CompletionDelta, RequestOutput
 from serving.engine.request import FinishReason
-from tests.serving.api.conftest import MODEL_NAME, serve_in_thread, tiny_settings
+from tests.serving.api.conftest import MODEL_NAME, EngineStub, serve_in_thread, tiny_settings
 
 STOPPED_TEXT = "The river runs west. Then it stops here and turns north again"
 STOP = "stops"
 SIBLING_TEXT = "one two three four five six seven eight nine ten"
 
 
-class ScriptedEngine:
+class ScriptedEngine(EngineStub):
     """Choice i generates `scripts[i]`, one token per step, a step only when the server
     asks for the next output: what it generated when is exact. Records every choice's
     generated tokens and honours `abort_choice` as the `EngineClient` contract says."""
 
     def __init__(self, model_dir: Path, scripts: list[list[int]]) -> None:
+        super().__init__(model_dir, MODEL_NAME, engine="scripted")
         self.scripts = scripts
         self.num_generated: dict[int, int] = {}
         self.aborted: list[tuple[str, int]] = []
-        self._info = ModelInfo(served_model_name=MODEL_NAME, model_dir=model_dir,
-                               max_model_len=2048, engine="scripted")
-
-    @property
-    def info(self) -> ModelInfo:
-        return self._info
-
-    @property
-    def is_ready(self) -> bool:
-        return True
-
-    @property
-    def num_unfinished_requests(self) -> int:
-        return 0
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         num_choices = request.params.n
@@ -72,17 +59,8 @@ class ScriptedEngine:
         return CompletionDelta(index, [script[position]],
                                finish_reason=FinishReason.LENGTH if is_last else None)
 
-    async def abort(self, request_id: str) -> None:
-        return None
-
     async def abort_choice(self, request_id: str, index: int) -> None:
         self.aborted.append((request_id, index))
-
-    async def shutdown(self) -> None:
-        return None
-
-    def metrics_text(self) -> bytes:
-        return b""
 
 
 def num_tokens_to_stop(tokenizer, token_ids: list[int], stop: str) -> int:

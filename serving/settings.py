@@ -48,6 +48,9 @@ class ServerSettings(BaseSettings):
     tool_call_parser: ToolCallParser = Field(
         "auto", description="tool-call format: auto (told from the chat template; hermes "
         "for templates without tools), hermes, llama3_json or mistral")
+    embedding_pooling: Literal["mean", "last"] = Field(
+        "mean", description="/v1/embeddings: mean of the prompt's final hidden states, or "
+        "the last token's")
     # request limits, checked before any work (a 400 names the field past its limit)
     max_n: int = Field(16, ge=1, le=128, description="choices per request (n, best_of)")
     max_stop_sequences: int = Field(16, ge=0, le=256, description="stop strings per request")

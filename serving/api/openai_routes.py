@@ -20,6 +20,7 @@ from serving.api.body import read_model
 from serving.api.responses import CLIENT_CLOSED_REQUEST, event_stream
 from serving.api.state import ServerState
 from serving.errors import InternalServerError, from_exception
+from serving.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
 from serving.protocol.openai import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -67,6 +68,15 @@ async def create_completion(request: Request) -> Response:
     body = await read_model(request, CompletionRequest)
     return await _respond(request, state.completions.create(
         body, request_id=request_id, trace_headers=trace_headers()), prompt_param="prompt")
+
+
+@router.post("/v1/embeddings", response_model=EmbeddingResponse)
+async def create_embedding(request: Request) -> Response:
+    state, request_id = _state(request), _request_id(request)
+    state.check_accepting()
+    body = await read_model(request, EmbeddingRequest)
+    return await _respond(request, state.embeddings.create(
+        body, request_id=request_id, trace_headers=trace_headers()), prompt_param="input")
 
 
 async def _respond(request: Request, result: Awaitable[BaseModel | AsyncIterator[str]], *,

@@ -17,6 +17,7 @@ from serving.errors import ServiceUnavailableError
 from serving.handlers.chat import ChatHandler
 from serving.handlers.completions import CompletionHandler
 from serving.handlers.context import HandlerContext
+from serving.handlers.embeddings import EmbeddingHandler
 from serving.handlers.kserve import KServeHandler
 from serving.handlers.limits import RequestLimits
 from serving.settings import ServerSettings
@@ -36,6 +37,7 @@ class ServerState:
     chat: ChatHandler = field(init=False)
     completions: CompletionHandler = field(init=False)
     kserve: KServeHandler = field(init=False)
+    embeddings: EmbeddingHandler = field(init=False)
 
     def __post_init__(self) -> None:
         context = HandlerContext(self.engine, self.tokenizer, self.model_name, self.vocab_size,
@@ -44,6 +46,7 @@ class ServerState:
         self.chat = ChatHandler(context)
         self.completions = CompletionHandler(context)
         self.kserve = KServeHandler(context)
+        self.embeddings = EmbeddingHandler(context, pooling=self.settings.embedding_pooling)
 
     @property
     def model_name(self) -> str:

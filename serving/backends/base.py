@@ -34,6 +34,7 @@ class ModelInfo:
     max_model_len: int
     engine: str
     supports_structured_output: bool = False
+    supports_embeddings: bool = False
 
 
 class EngineClient(Protocol):

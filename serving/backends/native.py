@@ -49,6 +49,7 @@ class NativeEngineClient:
             served_model_name=served_model_name, model_dir=settings.model,
             max_model_len=self._engine.max_model_len,
             engine="native", supports_structured_output=self._guides is not None,
+            supports_embeddings=True,
         )
 
     @property

@@ -289,7 +289,7 @@ class AsyncEngine:
             if self.metrics is not None:
                 self.metrics.record_finished(timing, output.finish_reason, now)
         return CompletionDelta(index, output.new_token_ids, output.logprobs,
-                               output.finish_reason)
+                               output.finish_reason, output.embedding)
 
     def _record_stats(self) -> None:
         if self.metrics is not None:

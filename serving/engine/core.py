@@ -34,6 +34,19 @@ class RequestStateDropper(Protocol):
     def drop(self, request_ids: Iterable[str]) -> None: ...
 
 
+class RequestStates:
+    """Per-request state held outside the scheduler (the sampler's seeded generators and
+    grammars, the runner's pooling sums), dropped together when requests finish."""
+
+    def __init__(self, *holders: RequestStateDropper) -> None:
+        self.holders = holders
+
+    def drop(self, request_ids: Iterable[str]) -> None:
+        request_ids = list(request_ids)
+        for holder in self.holders:
+            holder.drop(request_ids)
+
+
 def _ignore(outputs: list[EngineCoreOutput]) -> None:
     del outputs
 
@@ -85,7 +98,8 @@ class EngineCore:
         return outputs
 
     def _execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        # The sampler's per-request state (seeded generators) goes with the request.
+        # Per-request state outside the scheduler (generators, grammars, pooling sums)
+        # goes with the request.
         self._sampler.drop(scheduler_output.finished_request_ids)
         if scheduler_output.is_empty:
             return ModelRunnerOutput(sampled_token_ids={})

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from serving.engine.async_engine import AsyncEngine
 from serving.engine.config import CacheConfig, SchedulerConfig, num_blocks_for_budget
-from serving.engine.core import EngineCore
+from serving.engine.core import EngineCore, RequestStates
 from serving.engine.metrics import EngineMetrics
 from serving.engine.model_runner import ModelRunner
 from serving.engine.sampler import Sampler
@@ -163,7 +163,8 @@ def build_engine(settings: EngineSettings, *, model_name: str,
     sampler = Sampler(device, guided=guided)
     runner = ModelRunner(Path(settings.model), device=device, dtype=dtype,
                          num_blocks=num_blocks, block_size=settings.block_size, sampler=sampler)
-    core = EngineCore(Scheduler(scheduler_config, cache_config), runner, sampler)
+    core = EngineCore(Scheduler(scheduler_config, cache_config), runner,
+                      RequestStates(sampler, runner.pooler))
     metrics = EngineMetrics(registry, model_name) if registry is not None else None
     engine = AsyncEngine(core, eos_token_ids=eos_token_ids(settings.model, arch),
                          metrics=metrics)

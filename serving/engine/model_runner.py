@@ -8,6 +8,7 @@ whose step completes their known tokens (`is_last_chunk`), and those rows are sa
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from serving.engine.outputs import Logprobs, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from serving.engine.pooler import Pooler
 from serving.engine.sampler import Sampler, SamplingRow
 from serving.models.attention import AttentionMetadata
 from serving.models.config import ModelArchConfig
@@ -33,6 +35,8 @@ class ModelInput:
     attn_metadata: AttentionMetadata
     logits_indices: torch.Tensor  # [num_sampled] rows whose logits are sampled
     sampled_requests: list[ScheduledRequest]  # in the order of logits_indices
+    # embedding requests: their [start, end) rows of the batch
+    pooled_rows: dict[str, tuple[ScheduledRequest, int, int]]
 
 
 class ModelRunner:
@@ -50,6 +54,7 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = block_size
         self.sampler = sampler
+        self.pooler = Pooler()
         self.model = load_model(model_dir, dtype=dtype, device=self.device)
         self.arch: ModelArchConfig = self.model.arch
         self.kv_caches: list[torch.Tensor] = self.model.make_kv_caches(num_blocks, block_size)
@@ -73,10 +78,13 @@ class ModelRunner:
             self.kv_caches,
             model_input.attn_metadata,
         )
+        pooled = (self.pooler.pool(hidden_states, model_input.pooled_rows)
+                  if model_input.pooled_rows else None)
         if not model_input.sampled_requests:
-            return ModelRunnerOutput(sampled_token_ids={})
+            return ModelRunnerOutput(sampled_token_ids={}, pooled=pooled)
         logits = self.model.compute_logits(hidden_states, model_input.logits_indices)
-        return self._sample(logits, model_input.sampled_requests)
+        return dataclasses.replace(self._sample(logits, model_input.sampled_requests),
+                                   pooled=pooled)
 
     def prepare_inputs(self, scheduled_requests: list[ScheduledRequest]) -> ModelInput:
         """Flat input ids, positions, slot mapping and metadata; decodes first."""
@@ -95,7 +103,11 @@ class ModelRunner:
         positions = torch.arange(len(input_ids)) + torch.repeat_interleave(
             torch.tensor(offsets), torch.tensor(query_lens)
         )
-        sampled = [index for index, request in enumerate(requests) if request.is_last_chunk]
+        sampled = [index for index, request in enumerate(requests)
+                   if request.is_last_chunk and request.sampling_params.pooling is None]
+        pooled_rows = {request.request_id: (request, end - request.num_tokens, end)
+                       for request, end in zip(requests, query_ends, strict=True)
+                       if request.sampling_params.pooling is not None}
         positions = positions.to(self.device)
         attn_metadata = AttentionMetadata.build(
             positions=positions,
@@ -112,6 +124,7 @@ class ModelRunner:
             attn_metadata=attn_metadata,
             logits_indices=torch.tensor([query_ends[i] - 1 for i in sampled], device=self.device),
             sampled_requests=[requests[i] for i in sampled],
+            pooled_rows=pooled_rows,
         )
 
     def _sample(self, logits: torch.Tensor, requests: list[ScheduledRequest]) -> ModelRunnerOutput:

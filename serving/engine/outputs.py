@@ -65,6 +65,8 @@ class ModelRunnerOutput:
 
     sampled_token_ids: dict[str, int]
     logprobs: dict[str, Logprobs] | None = None
+    # Embedding requests whose prompt is complete: their pooled, normalised vector.
+    pooled: dict[str, list[float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class EngineCoreOutput:
     finish_reason: FinishReason | None = None
     logprobs: list[Logprobs] | None = None
     num_cached_tokens: int = 0
+    embedding: list[float] | None = None
 
     @property
     def is_finished(self) -> bool:
@@ -107,6 +110,7 @@ class CompletionDelta:
     new_token_ids: list[int]
     logprobs: list[Logprobs] | None = None
     finish_reason: FinishReason | None = None
+    embedding: list[float] | None = None  # an embedding request's result, when finished
 
 
 @dataclass(frozen=True)

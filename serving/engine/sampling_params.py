@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from serving.engine.errors import InvalidRequestError
 from serving.structured.spec import GuideSpec
@@ -46,6 +47,9 @@ class SamplingParams:
     min_tokens: int = 0
     logit_bias: tuple[tuple[int, float], ...] = ()
     guide: GuideSpec | None = None
+    # An embedding request: no tokens are generated; the prompt's final hidden states are
+    # pooled ("mean" over every token, or the "last" token's) and L2-normalised.
+    pooling: Literal["mean", "last"] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -96,6 +100,9 @@ class SamplingParams:
             self.stop_token_ids,
         )
         self._validate_logit_bias()
+        if self.pooling is not None:
+            _check(self.n == 1 and self.guide is None and self.logprobs is None, "pooling",
+                   "a single choice without guides or logprobs", self)
 
     def _validate_logit_bias(self) -> None:
         _check(len(self.logit_bias) <= MAX_LOGIT_BIAS, "logit_bias",

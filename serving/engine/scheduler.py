@@ -204,7 +204,10 @@ class Scheduler:
         return bool(siblings) and all(r.num_computed_tokens < r.num_prompt_tokens for r in siblings)
 
     def _admit(self, request: Request, budget: int) -> ScheduledRequest | None:
-        computed_blocks, num_cached_tokens = self.block_manager.get_computed_blocks(request)
+        if request.sampling_params.pooling == "mean":  # pools every token: compute them all
+            computed_blocks, num_cached_tokens = [], 0
+        else:
+            computed_blocks, num_cached_tokens = self.block_manager.get_computed_blocks(request)
         num_new_tokens = min(request.num_tokens - num_cached_tokens, budget)
         if self.block_manager.allocate_slots(request, num_new_tokens, computed_blocks) is None:
             return None
@@ -237,6 +240,8 @@ class Scheduler:
         if not scheduled.is_last_chunk:
             self.block_manager.cache_full_blocks(request)
             return None
+        if request.sampling_params.pooling is not None:
+            return self._finish_pooled(request, runner_output)
         token_id = runner_output.sampled_token_ids[request.request_id]
         request.append_output_token_id(token_id)
         self.block_manager.cache_full_blocks(request)
@@ -251,6 +256,17 @@ class Scheduler:
             logprobs=None if logprobs is None else [logprobs],
             num_cached_tokens=request.num_cached_tokens,
         )
+
+    def _finish_pooled(self, request: Request,
+                       runner_output: ModelRunnerOutput) -> EngineCoreOutput:
+        """An embedding request is done once its whole prompt has been computed."""
+        self.block_manager.cache_full_blocks(request)
+        self._free_request(request, RequestStatus.FINISHED_STOPPED)
+        return EngineCoreOutput(
+            request_id=request.request_id, new_token_ids=[],
+            finish_reason=request.status.finish_reason,
+            num_cached_tokens=request.num_cached_tokens,
+            embedding=(runner_output.pooled or {})[request.request_id])
 
     def _check_stop(self, request: Request) -> RequestStatus | None:
         """Stop token / EOS (not before min_tokens), then max_tokens / max_model_len."""

@@ -2,8 +2,9 @@
 
 Fields (DESIGN.md): `format` (safetensors | compressed-tensors | onnx | tensorrt), `method`,
 `params`, `source` {path, sha256}, `metrics` {perplexity, baseline_perplexity, size_bytes,
-decode_tokens_per_s, eval_data, ...}, `created_at`, `quiver_version`. `quiver serve` picks
-its engine from `format`.
+decode_tokens_per_s, eval_data, ...}, `gate` {max_ppl_increase, ppl_increase, passed,
+forced}, `created_at`, `quiver_version`. `quiver serve` picks its engine from `format` and
+refuses an artifact whose gate failed (`serving/artifact.py` reads it there, as JSON).
 """
 
 from __future__ import annotations
@@ -47,6 +48,17 @@ class Metrics(BaseModel):
         return (self.perplexity / self.baseline_perplexity - 1.0) * 100.0
 
 
+class Gate(BaseModel):
+    """The quality gate the artifact was built under: the allowed perplexity increase (%;
+    None: no gate), the measured one, whether it passed, and whether `--force` wrote it
+    although it did not."""
+
+    max_ppl_increase: float | None
+    ppl_increase: float | None
+    passed: bool
+    forced: bool = False
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -55,6 +67,7 @@ class Manifest(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     source: Source
     metrics: Metrics = Field(default_factory=Metrics)
+    gate: Gate | None = None
     created_at: str = Field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                   time.gmtime()))
     quiver_version: str = __version__

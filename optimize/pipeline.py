@@ -18,7 +18,7 @@ from pathlib import Path
 from common.errors import QuiverError
 from optimize.data import TextSet, load_texts
 from optimize.evaluate import EvalResult, evaluate
-from optimize.manifest import Manifest, Metrics, Source, sha256_of
+from optimize.manifest import Gate, Manifest, Metrics, Source, sha256_of
 from optimize.methods.base import BuildContext, BuildResult, Method
 
 logger = logging.getLogger(__name__)
@@ -48,18 +48,19 @@ def resolve_source(model: Path, work_dir: Path) -> Path:
 
 
 def check_gate(limit: float | None, baseline: EvalResult, measured: EvalResult,
-               *, force: bool) -> None:
-    if limit is None:
-        return
+               *, force: bool) -> Gate:
+    """The gate's verdict; `QualityGateError` when it failed and `force` is off."""
     increase = (measured.perplexity / baseline.perplexity - 1.0) * 100.0
-    if increase <= limit:
-        return
+    if limit is None or increase <= limit:
+        return Gate(max_ppl_increase=limit, ppl_increase=round(increase, 4), passed=True)
     message = (f"quality gate failed: perplexity {measured.perplexity:.4f} is "
                f"{increase:+.2f} % over the baseline {baseline.perplexity:.4f}, beyond the "
                f"allowed {limit:+.2f} % (by {increase - limit:.2f} points)")
     if force:
-        logger.warning("%s; writing it anyway (--force)", message)
-        return
+        logger.warning("%s; writing it anyway (--force): `quiver serve` will refuse it "
+                       "without --allow-failed-gate", message)
+        return Gate(max_ppl_increase=limit, ppl_increase=round(increase, 4), passed=False,
+                    forced=True)
     raise QualityGateError(message + "; nothing written (--force writes it anyway, "
                            "--max-ppl-increase changes the limit)")
 
@@ -70,7 +71,8 @@ def measure(model_dir: Path, texts: TextSet, args: argparse.Namespace) -> EvalRe
 
 
 def manifest_for(method: Method, args: argparse.Namespace, result: BuildResult,
-                 baseline: EvalResult, measured: EvalResult, eval_name: str) -> Manifest:
+                 baseline: EvalResult, measured: EvalResult, eval_name: str,
+                 gate: Gate) -> Manifest:
     metrics = Metrics(
         perplexity=measured.perplexity, baseline_perplexity=baseline.perplexity,
         size_bytes=measured.size_bytes, baseline_size_bytes=baseline.size_bytes,
@@ -79,7 +81,7 @@ def manifest_for(method: Method, args: argparse.Namespace, result: BuildResult,
         eval_data=eval_name, eval_tokens=measured.eval_tokens, **(result.metrics or {}))
     return Manifest(format=result.format, method=method.name, params=result.params,
                     source=Source(path=str(args.model), sha256=sha256_of(args.model)),
-                    metrics=metrics)
+                    metrics=metrics, gate=gate)
 
 
 def run(method: Method, args: argparse.Namespace) -> Manifest:
@@ -120,5 +122,5 @@ def build_and_measure(method: Method, args: argparse.Namespace, staging: Path,
     measured = measure(result.eval_dir or staging, evaluation, args)
     limit = (args.max_ppl_increase if args.max_ppl_increase is not None
              else method.default_max_ppl_increase)
-    check_gate(limit, baseline, measured, force=args.force)
-    return manifest_for(method, args, result, baseline, measured, evaluation.name)
+    gate = check_gate(limit, baseline, measured, force=args.force)
+    return manifest_for(method, args, result, baseline, measured, evaluation.name, gate)

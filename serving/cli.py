@@ -124,8 +124,11 @@ async def _serve_engine(settings, banner: str | None) -> None:
     from common.build_info import register_build_info
     from serving.api.app import create_app
     from serving.api.info_metrics import register_model_load_time
+    from serving.artifact import ArtifactSummary
     from serving.backends.factory import create_engine_client
 
+    ArtifactSummary.read(settings.model).check_gate(
+        settings.model, allow_failed=settings.allow_failed_gate)
     registry = CollectorRegistry()
     started = time.perf_counter()
     tokenizer = load_tokenizer(settings)

@@ -48,6 +48,8 @@ class ServerSettings(BaseSettings):
     tool_call_parser: ToolCallParser = Field(
         "auto", description="tool-call format: auto (told from the chat template; hermes "
         "for templates without tools), hermes, llama3_json or mistral")
+    allow_failed_gate: bool = Field(
+        False, description="serve an artifact whose manifest says its quality gate failed")
     embedding_pooling: Literal["mean", "last"] = Field(
         "mean", description="/v1/embeddings: mean of the prompt's final hidden states, or "
         "the last token's")

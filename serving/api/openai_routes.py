@@ -49,7 +49,8 @@ async def list_models(request: Request) -> ModelList:
     # root: the served name, never the server's directory layout
     return ModelList(data=[ModelCard(id=info.served_model_name, created=state.created,
                                      root=info.served_model_name,
-                                     max_model_len=info.max_model_len)])
+                                     max_model_len=info.max_model_len,
+                                     quiver=state.artifact.as_card())])
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse)

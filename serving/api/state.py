@@ -12,6 +12,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from common.asgi import HttpMetrics
+from serving.artifact import ArtifactSummary
 from serving.backends.base import EngineClient
 from serving.errors import ServiceUnavailableError
 from serving.handlers.chat import ChatHandler
@@ -38,6 +39,7 @@ class ServerState:
     completions: CompletionHandler = field(init=False)
     kserve: KServeHandler = field(init=False)
     embeddings: EmbeddingHandler = field(init=False)
+    artifact: ArtifactSummary = field(init=False)
 
     def __post_init__(self) -> None:
         context = HandlerContext(self.engine, self.tokenizer, self.model_name, self.vocab_size,
@@ -47,6 +49,8 @@ class ServerState:
         self.completions = CompletionHandler(context)
         self.kserve = KServeHandler(context)
         self.embeddings = EmbeddingHandler(context, pooling=self.settings.embedding_pooling)
+        self.artifact = ArtifactSummary.read(self.engine.info.model_dir)
+        self.artifact.register_metrics(self.registry, model=self.model_name)
 
     @property
     def model_name(self) -> str:

@@ -189,6 +189,8 @@ class ModelCard(BaseModel):
     owned_by: str = "quiver"
     root: str | None = None
     max_model_len: int | None = None
+    # the artifact's manifest summary: method, format, metrics, gate
+    quiver: dict[str, Any] | None = None
 
 
 class ModelList(BaseModel):

@@ -122,6 +122,11 @@ def check_manifest(out: Path, method: str, source: Path) -> dict:
     assert metrics["decode_tokens_per_s"] > 0
     assert metrics["eval_data"] == "pydoc_data.topics:evaluation"
     assert manifest["created_at"] and manifest["quiver_version"]
+    gate = manifest["gate"]
+    increase = (metrics["perplexity"] / metrics["baseline_perplexity"] - 1) * 100
+    assert gate["ppl_increase"] == pytest.approx(increase, abs=1e-3)
+    assert gate["passed"] == (gate["max_ppl_increase"] is None
+                              or gate["ppl_increase"] <= gate["max_ppl_increase"])
     return manifest
 
 
@@ -135,7 +140,16 @@ def check_gate(method: str, model: Path, tmp_path: Path, capsys, *extra: str) ->
     assert not out.exists()
     assert list(tmp_path.glob(".gated.staging-*")) == []
     assert run_cli(method, model, out, *extra, "--max-ppl-increase", "-50", "--force") == 0
-    check_manifest(out, method, model)
+    gate = check_manifest(out, method, model)["gate"]
+    assert (gate["passed"], gate["forced"], gate["max_ppl_increase"]) == (False, True, -50)
+    assert gate["ppl_increase"] > -50
+    from quiver.cli import main
+
+    capsys.readouterr()
+    assert main(["serve", "--model", str(out)]) == 1  # refused before loading anything
+    error = capsys.readouterr().err
+    assert "quality gate failed" in error and "--allow-failed-gate" in error
+    assert len(error.strip().splitlines()) == 1, error
 
 
 def test_cli_writes_an_int8_artifact_with_its_manifest(tiny_model_dir: Path,

@@ -1,28 +1,97 @@
-"""The uvicorn server both `quiver serve` and `quiver gateway` run: draining on SIGTERM."""
+"""The uvicorn server both `quiver serve` and `quiver gateway` run: HTTP limits, draining on
+SIGTERM, and optional side listeners (the gateway's metrics port).
+
+`server_config` is the one place the HTTP-level limits (`common.http_limits.HttpLimits`:
+header size, header and keep-alive timeouts, connections, backlog) become a uvicorn
+config, so both servers apply them the same way.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import signal
+import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
+
+from starlette.types import ASGIApp
+
+from common.http_limits import HttpLimits, limited_protocol
+
+logger = logging.getLogger(__name__)
 
 
 class Drainable(Protocol):
     draining: bool
 
 
-def make_draining_server(config: Any, *, state: Drainable) -> Any:
+@dataclass(frozen=True)
+class SideListener:
+    """A second port served by the same process and event loop, with its own small app
+    (e.g. /metrics where only Prometheus reaches it)."""
+
+    port: int
+    app: ASGIApp
+    what: str = "side listener"
+
+
+def server_config(app: ASGIApp, *, host: str, port: int, limits: HttpLimits,
+                  grace_s: float, log_level: str = "warning", lifespan: str = "on") -> Any:
+    """A uvicorn config with `limits` applied (no websockets, no access log)."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, lifespan=lifespan, ws="none",
+                          access_log=False, log_level=log_level,
+                          http=limited_protocol(limits), backlog=limits.backlog,
+                          timeout_keep_alive=limits.keep_alive_timeout_s,  # type: ignore
+                          timeout_graceful_shutdown=grace_s)  # type: ignore[arg-type]
+
+
+def make_draining_server(config: Any, *, state: Drainable,
+                         side_listeners: tuple[SideListener, ...] = ()) -> Any:
     """A uvicorn server that marks `state` as draining (/ready -> 503, no new work) the
     moment a shutdown signal arrives; uvicorn then drains connections for the grace period
-    before `serve()` returns."""
+    before `serve()` returns. `side_listeners` open once the main port is up, with the
+    same limits, and close with it."""
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
             state.draining = True
             super().handle_exit(sig, frame)
+
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=sockets)
+            for listener in side_listeners:
+                if self.should_exit:
+                    return
+                await self._open_side_listener(listener)
+
+        async def _open_side_listener(self, listener: SideListener) -> None:
+            side = uvicorn.Config(listener.app, host=self.config.host, port=listener.port,
+                                  lifespan="off", ws="none", access_log=False,
+                                  http=self.config.http, log_level=self.config.log_level)
+            side.load()
+
+            def create_protocol(_loop: asyncio.AbstractEventLoop | None = None) -> Any:
+                return side.http_protocol_class(config=side, server_state=self.server_state,
+                                                app_state={}, _loop=_loop)
+
+            try:
+                server = await asyncio.get_running_loop().create_server(
+                    create_protocol, host=side.host, port=side.port,
+                    backlog=self.config.backlog)
+            except OSError as exc:
+                logger.error("cannot open the %s on %s:%d: %s", listener.what, side.host,
+                             side.port, exc)
+                await self.lifespan.shutdown()
+                sys.exit(3)  # uvicorn's STARTUP_FAILURE
+            self.servers.append(server)
+            logger.info("%s on http://%s:%d", listener.what, side.host, side.port)
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:

@@ -49,19 +49,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def serve(settings, *, banner: str | None = None) -> None:
-    import uvicorn
-
+    from common.http_limits import HttpLimits
     from common.logging_setup import configure_logging
-    from common.server import make_draining_server
+    from common.server import make_draining_server, server_config
     from common.telemetry import configure_tracing, shutdown_tracing
     from gateway.app import create_app
 
     configure_logging(json_lines=settings.log_json)
     tracer_provider = configure_tracing("quiver-gateway")
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, lifespan="on",
-                            ws="none", access_log=False, log_level="warning",
-                            timeout_graceful_shutdown=settings.shutdown_grace_seconds)
+    config = server_config(app, host=settings.host, port=settings.port,
+                           limits=HttpLimits.of(settings),
+                           grace_s=settings.shutdown_grace_seconds)
     logger.info("gateway on http://%s:%d for %s", settings.host, settings.port,
                 ", ".join(m.name for m in settings.models))
     if banner:

@@ -141,6 +141,15 @@ class GatewaySettings(BaseSettings):
     redis_url: str | None = Field(None, description="for rate limits and cache in Redis")
     key_refresh_seconds: float = Field(1.0, gt=0)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    # HTTP-level limits (common.http_limits), the same fields as the model server's
+    max_header_bytes: int = Field(32 * 1024, ge=1024, description="request line + headers")
+    header_timeout_seconds: float = Field(10.0, gt=0, description="until a request's "
+                                          "headers are in; then the connection is closed")
+    keep_alive_timeout_seconds: float = Field(75.0, gt=0, description="idle keep-alive "
+                                              "connections close after this (keep it above "
+                                              "a load balancer's idle timeout)")
+    max_connections: int = Field(4096, ge=1, description="beyond it a request gets 503")
+    backlog: int = Field(2048, ge=1, description="listen() queue of unaccepted connections")
     rate_limit: RateLimitSettings = RateLimitSettings()
     cache: CacheSettings = CacheSettings()
     rollback: RollbackSettings = RollbackSettings()

@@ -1,7 +1,10 @@
 """The gateway's Prometheus metrics: `quiver_gateway_*`, units in their names.
 
 One `GatewayMetrics` per app, on the app's own registry (no global state), so several
-gateways can live in one process (tests). Labels carry a key's *name*, never the key.
+gateways can live in one process (tests). Labels carry a key's *name*, never the key; yet
+they name every key, its budget and the replicas' internal URLs, so the exposition is
+served where only Prometheus reaches it: `metrics_endpoint` on the `metrics_port`, or on
+the main port with the admin key.
 """
 
 from __future__ import annotations
@@ -9,12 +12,22 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from common.asgi import DURATION_BUCKETS, HttpMetrics
 from common.build_info import register_build_info
+from common.errors import send_api_error
+from gateway.errors import NotFoundError
 
 if TYPE_CHECKING:
     from gateway.keyring import KeyRing
@@ -130,3 +143,23 @@ class KeyLimitsCollector(Collector):
                 budget.add_metric([key.name], key.budget_tokens)
             used.add_metric([key.name], self.keyring.used_tokens(key))
         yield from (limits, budget, used)
+
+
+def metrics_endpoint(registry: CollectorRegistry) -> ASGIApp:
+    """The app of the metrics port: `GET /metrics` and nothing else."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["path"] != "/metrics" or scope["method"] not in ("GET", "HEAD"):
+            await send_api_error(send, NotFoundError(
+                f"This port serves GET /metrics only, not {scope['method']} {scope['path']}."))
+            return
+        body = generate_latest(registry)
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", CONTENT_TYPE_LATEST.encode()),
+            (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body",
+                    "body": b"" if scope["method"] == "HEAD" else body})
+
+    return app

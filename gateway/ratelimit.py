@@ -12,10 +12,9 @@ gateway replicas together admit within 2 % of the limit).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 WINDOW_S = 60.0          # a bucket refills from empty to full in one minute
 EPSILON = 1e-9           # float slack: a level within this of the need passes
@@ -154,16 +153,3 @@ class RateLimiter(Protocol):
 
     async def close(self) -> None: ...
 
-
-CHARS_PER_TOKEN = 4
-
-
-def estimate_tokens(body: dict[str, Any], default_max_tokens: int) -> int:
-    """Prompt + completion tokens this request may use, before any tokenizer has seen it."""
-    prompt = body.get("messages", body.get("prompt", ""))
-    prompt_chars = len(prompt) if isinstance(prompt, str) else len(json.dumps(prompt))
-    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-    if not isinstance(max_tokens, int) or max_tokens <= 0:
-        max_tokens = default_max_tokens
-    n = body.get("n") if isinstance(body.get("n"), int) and body.get("n", 0) > 0 else 1
-    return prompt_chars // CHARS_PER_TOKEN + 1 + max_tokens * n

@@ -57,6 +57,9 @@ class ModelRouteSettings(_Section):
     stable: str = Field("stable", description="the baseline variant canaries are judged by")
     variants: list[VariantSettings] = Field(min_length=1)
     shadow: ShadowSettings | None = None
+    max_context_tokens: int | None = Field(
+        None, ge=1, description="context length for token estimates of calls without "
+        "max_tokens (default: the replicas' /v1/models max_model_len)")
 
     @model_validator(mode="after")
     def _check_variants(self) -> ModelRouteSettings:
@@ -80,7 +83,10 @@ class RollbackSettings(_Section):
     min_samples: int = Field(20, ge=1)
     max_error_rate_increase: float = Field(0.05, ge=0, le=1,
                                            description="absolute, e.g. 0.05 = 5 points")
-    max_p95_latency_ratio: float = Field(2.0, ge=1)
+    max_p95_latency_ratio: float = Field(2.0, ge=1, description="of time to first token "
+                                         "and of inter-token latency, each against stable's")
+    max_key_share: float = Field(0.2, gt=0, le=1, description="most of a judging window "
+                                 "one API key's calls may fill (1 = no cap)")
 
 
 class TimeoutSettings(_Section):
@@ -134,6 +140,9 @@ class GatewaySettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="serve /metrics (and only it) on this port, for "
+        "Prometheus; on the main port /metrics needs the admin key")
     models: list[ModelRouteSettings] = Field(min_length=1)
     key_store: str = Field(DEFAULT_KEY_STORE,
                            description="SQLite file path, or a redis:// URL")
@@ -180,6 +189,8 @@ class GatewaySettings(BaseSettings):
                        if backend == "redis"]
         if needs_redis and not self.redis_url:
             raise ValueError(f"{', '.join(needs_redis)} backend is redis but redis_url is unset")
+        if self.metrics_port is not None and self.metrics_port == self.port:
+            raise ValueError(f"metrics_port must differ from port ({self.port})")
         return self
 
 

@@ -94,11 +94,14 @@ class UpstreamPool:
         for route in settings.models:
             for variant in route.variants:
                 key = (route.name, variant.name)
-                self._replicas[key] = [
-                    Replica(route.name, variant.name, url, settings.circuit_breaker, metrics,
-                            clock) for url in variant.replicas]
                 self._api_keys[key] = (variant.api_key.get_secret_value()
                                        if variant.api_key else None)
+                headers = ({"authorization": f"Bearer {self._api_keys[key]}"}
+                           if self._api_keys[key] else {})
+                self._replicas[key] = [
+                    Replica(route.name, variant.name, url, settings.circuit_breaker, metrics,
+                            clock, upstream_model=variant.upstream_model, headers=headers)
+                    for url in variant.replicas]
         self._session: aiohttp.ClientSession | None = None
         self._health: HealthChecker | None = None
 
@@ -127,9 +130,18 @@ class UpstreamPool:
 
     # -- state -------------------------------------------------------------------------
 
-    def has_healthy_replica(self, model: str, variant: str) -> bool:
-        """True when a replica of the variant passes its health checks."""
-        return any(r.is_healthy for r in self._replicas.get((model, variant), []))
+    def can_serve(self, model: str, variant: str) -> bool:
+        """True when a replica of the variant is healthy: with health checks on, it has
+        passed one since start (a replica never probed yet may be dead)."""
+        must_pass = self._settings.health_checks.enabled
+        return any(r.is_healthy and (r.num_checks_passed > 0 or not must_pass)
+                   for r in self._replicas.get((model, variant), []))
+
+    def context_tokens(self, model: str) -> int | None:
+        """The largest context length any replica of the model reported, if any did."""
+        lengths = [r.max_model_len for (name, _), group in self._replicas.items()
+                   if name == model for r in group if r.max_model_len is not None]
+        return max(lengths) if lengths else None
 
     def replica_states(self) -> list[dict[str, Any]]:
         """Every replica's health, circuit and load, JSON-ready (`GET /admin/upstreams`)."""

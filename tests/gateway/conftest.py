@@ -231,8 +231,7 @@ class FakeProcess:
             self.process.wait(10)
 
 
-@pytest.fixture
-def fake_upstreams() -> Iterator:
+def _fake_starter() -> Iterator:
     """`start(**flags)` runs `fake_upstream.py` in a subprocess; all are killed afterwards."""
     started: list[FakeProcess] = []
 
@@ -250,3 +249,15 @@ def fake_upstreams() -> Iterator:
     yield start
     for fake in started:
         fake.kill()
+
+
+@pytest.fixture
+def fake_upstreams() -> Iterator:
+    """`start(**flags)` runs `fake_upstream.py` in a subprocess; all are killed afterwards."""
+    yield from _fake_starter()
+
+
+@pytest.fixture(scope="module")
+def fake_upstreams_module() -> Iterator:
+    """As `fake_upstreams`, for a module's shared stack."""
+    yield from _fake_starter()

@@ -273,13 +273,13 @@ async def test_health_checks_mark_unhealthy_and_balancing_avoids_it(fakes) -> No
         fakes[0].behaviour.ready = False
         await until(lambda: not state(pool, fakes[0].url)["is_healthy"])
         assert metric(m, "quiver_gateway_upstream_healthy", replica=fakes[0].url) == 0
-        assert pool.has_healthy_replica("tiny", "stable")
+        assert pool.can_serve("tiny", "stable")
         num_seen = len(fakes[0].seen)
         results = [await pool.fetch("tiny", "stable", CHAT, BODY, HEADERS) for _ in range(10)]
         assert {r.replica for r in results} == {fakes[1].url}
         assert len(fakes[0].seen) == num_seen
         fakes[1].behaviour.ready = False
-        await until(lambda: not pool.has_healthy_replica("tiny", "stable"))
+        await until(lambda: not pool.can_serve("tiny", "stable"))
         with pytest.raises(NoUpstreamError):
             await pool.fetch("tiny", "stable", CHAT, BODY, HEADERS)
         fakes[0].behaviour.ready = True

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,8 @@ from tests.gateway.conftest import (
     GatewayProcess,
     ModelServer,
     create_key,
-    fake_upstreams,  # noqa: F401  (a fixture, re-exported)
+    fake_upstreams,  # noqa: F401  (fixtures, re-exported)
+    fake_upstreams_module,  # noqa: F401
     free_port,
     start_gateway,
     start_model_server,
@@ -218,5 +218,9 @@ def wait_for(predicate, timeout_s: float, what: str) -> None:
     wait_until(safe, timeout_s, what)
 
 
-def monotonic() -> float:
-    return time.monotonic()
+def new_key(gateway: GatewayProcess, store: str, name: str, **fields) -> str:
+    """A key created in `store`, once the gateway accepts it (it reloads keys each 0.2 s)."""
+    secret = create_key(store, name, **fields)
+    wait_for(lambda: httpx.get(f"{gateway.url}/v1/models", timeout=5, headers={
+        "authorization": f"Bearer {secret}"}).status_code == 200, 10, f"key {name}")
+    return secret

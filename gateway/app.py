@@ -38,7 +38,7 @@ from gateway.cache import ResponseCache
 from gateway.context import MODEL_PATHS, InFlight, request_context
 from gateway.errors import NotFoundError, handle_api_error, handle_http_exception
 from gateway.keyring import KeyRing
-from gateway.metrics import GatewayMetrics, KeyLimitsCollector
+from gateway.metrics import GatewayMetrics, KeyLimitsCollector, KeyStoreCollector
 from gateway.middleware.access import AccessMiddleware
 from gateway.middleware.auth import AuthMiddleware
 from gateway.middleware.body import BodyMiddleware
@@ -102,11 +102,14 @@ def build_state(settings: GatewaySettings) -> GatewayState:
     metrics = GatewayMetrics()
     router = Router(settings.models, settings.rollback, metrics)
     pool = UpstreamPool(settings, metrics)
-    keyring = KeyRing(open_key_store(settings.key_store),
+    keyring = KeyRing(open_key_store(settings.key_store,
+                                     timeout_s=settings.redis_timeout_seconds),
                       refresh_seconds=settings.key_refresh_seconds)
     metrics.registry.register(KeyLimitsCollector(
         keyring, default_rpm=settings.rate_limit.default_rpm,
         default_tpm=settings.rate_limit.default_tpm))
+    metrics.registry.register(KeyStoreCollector(keyring))
+    metrics.watch_rate_limiter(settings.rate_limit.failure_mode)
     return GatewayState(
         settings=settings, metrics=metrics, keyring=keyring,
         limiter=open_limiter(settings), cache=open_cache(settings, metrics), router=router,

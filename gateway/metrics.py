@@ -113,6 +113,21 @@ class GatewayMetrics:
         self.circuit_open = Gauge(
             "quiver_gateway_circuit_open", "1 while the replica's circuit breaker is open",
             ["model", "variant", "replica"], registry=r)
+        # shared state
+        self.rate_limit_failures = Counter(
+            "quiver_gateway_rate_limit_failures_total",
+            "Rate-limit decisions taken without the limiter's backend (Redis unreachable), by "
+            "failure mode: fail_open admitted them unchecked, fail_closed refused them (503)",
+            ["mode"], registry=r)
+        self.rate_limit_fail_open = Gauge(
+            "quiver_gateway_rate_limit_fail_open",
+            "1 when the rate limiter admits calls unchecked while its backend is unreachable "
+            "(rate_limit.failure_mode fail_open), 0 when it refuses them", registry=r)
+
+    def watch_rate_limiter(self, failure_mode: str) -> None:
+        """The configured failure mode, as a gauge and a zero counter."""
+        self.rate_limit_failures.labels(failure_mode)
+        self.rate_limit_fail_open.set(int(failure_mode == "fail_open"))
 
 
 class KeyLimitsCollector(Collector):
@@ -163,3 +178,23 @@ def metrics_endpoint(registry: CollectorRegistry) -> ASGIApp:
                     "body": b"" if scope["method"] == "HEAD" else body})
 
     return app
+
+
+class KeyStoreCollector(Collector):
+    """Whether keys come fresh from the store: while it is unreachable the gateway serves
+    its last snapshot (revocations made meanwhile are not applied yet) and says so."""
+
+    def __init__(self, keyring: KeyRing) -> None:
+        self.keyring = keyring
+
+    def collect(self) -> Iterator[Metric]:
+        age = self.keyring.snapshot_age_s()
+        yield GaugeMetricFamily(
+            "quiver_gateway_key_snapshot_age_seconds",
+            "Seconds since the API keys were last loaded from the key store (refreshed every "
+            "key_refresh_seconds; growing: the store is unreachable, revocations wait)",
+            value=age if age is not None else float("nan"))
+        yield GaugeMetricFamily(
+            "quiver_gateway_key_store_up",
+            "1 when the last reload of API keys from the key store succeeded",
+            value=int(self.keyring.is_store_up))

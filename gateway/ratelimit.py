@@ -41,6 +41,7 @@ class RateLimitDecision:
     reset_tokens_s: float | None = None
     retry_after_s: float | None = None        # when refused: until the request would pass
     refused_by: str | None = None             # "requests" | "tokens" when refused
+    is_unchecked: bool = False                # admitted without the backend (failing open)
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         """`x-ratelimit-{limit,remaining,reset}-{requests,tokens}`, OpenAI's format."""
@@ -144,9 +145,14 @@ def _bucket_view(limit: int | None, level: float) -> tuple[int | None, float | N
     return max(0, math.floor(level + EPSILON)), wait_s(level, float(limit), limit)
 
 
+class LimiterUnavailableError(Exception):
+    """The limiter's backend cannot be reached and it fails closed."""
+
+
 class RateLimiter(Protocol):
     async def acquire(self, key_name: str, limits: Limits, tokens: int) -> RateLimitDecision:
-        """Take 1 request and `tokens` from `key_name`'s buckets, or refuse and take nothing."""
+        """Take 1 request and `tokens` from `key_name`'s buckets, or refuse and take nothing;
+        `LimiterUnavailableError` when the backend is down and the limiter fails closed."""
 
     async def settle(self, key_name: str, limits: Limits, reserved: int, actual: int) -> None:
         """Charge `actual - reserved` tokens (a refund when negative)."""

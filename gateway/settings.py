@@ -121,7 +121,11 @@ class RateLimitSettings(_Section):
     default_rpm: int | None = Field(None, ge=1, description="for keys without their own rpm")
     default_tpm: int | None = Field(None, ge=1, description="for keys without their own tpm")
     default_max_tokens: int = Field(256, ge=1,
-                                    description="completion estimate when max_tokens is absent")
+                                    description="completion estimate when max_tokens is absent "
+                                    "and the model's context length is unknown")
+    failure_mode: Literal["fail_open", "fail_closed"] = Field(
+        "fail_open", description="redis backend unreachable: admit calls unchecked "
+        "(fail_open) or refuse them with 503 (fail_closed)")
 
 
 class CacheSettings(_Section):
@@ -148,6 +152,8 @@ class GatewaySettings(BaseSettings):
                            description="SQLite file path, or a redis:// URL")
     admin_key: SecretStr | None = Field(None, description="guards /admin; unset = no admin API")
     redis_url: str | None = Field(None, description="for rate limits and cache in Redis")
+    redis_timeout_seconds: float = Field(0.5, gt=0, description="bound on every Redis call "
+                                         "(connect, reply, a free pooled connection)")
     key_refresh_seconds: float = Field(1.0, gt=0)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     # HTTP-level limits (common.http_limits), the same fields as the model server's

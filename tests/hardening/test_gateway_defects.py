@@ -11,6 +11,7 @@ from gateway.routing.router import rendezvous_score
 from tests.hardening.conftest import (
     ADMIN,
     GatewayProcess,
+    free_port,
     gateway_config,
     new_key,
     start_gateway,
@@ -170,6 +171,25 @@ def test_metrics_on_the_public_port_need_the_admin_key(stack):
     scraped = httpx.get(f"{stack.url}/metrics", timeout=10,
                         headers={"authorization": f"Bearer {ADMIN}"})
     assert scraped.status_code == 200 and "quiver_gateway_requests_total" in scraped.text
+
+
+def test_prometheus_reads_metrics_on_their_own_port_and_nothing_else(fake_upstreams,
+                                                                      tmp_path):
+    upstream = fake_upstreams("fast")
+    metrics_port = free_port()
+    config = gateway_config(str(tmp_path / "keys.db"), [upstream.url],
+                            metrics_port=metrics_port)
+    config.pop("admin_key")  # no admin key: the API port serves no /metrics at all
+    gateway = start_gateway(config, tmp_path)
+    try:
+        scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
+        assert scraped.status_code == 200 and "quiver_gateway_upstream_healthy" in scraped.text
+        for path in ("/v1/models", "/admin/keys", "/health"):
+            assert httpx.get(f"http://127.0.0.1:{metrics_port}{path}",
+                             timeout=10).status_code == 404
+        assert httpx.get(f"{gateway.url}/metrics", timeout=10).status_code == 404
+    finally:
+        gateway.stop()
 
 
 def test_no_redirect_is_built_from_the_host_header(stack):

@@ -140,7 +140,8 @@ class FakeUpstream:
         return web.json_response({
             "num_requests": len(self.seen), "num_in_flight": self.num_in_flight,
             "num_client_disconnects": self.num_client_disconnects,
-            "streams": [asdict(s) for s in self.streams]})
+            "streams": [asdict(s) for s in self.streams],
+            "last_body": self.seen[-1].body if self.seen else None})
 
     # -- model answers ---------------------------------------------------------------
 

@@ -279,7 +279,8 @@ def _embedding_answer(body: dict[str, Any], name: str) -> dict[str, Any]:
     inputs = body.get("input")
     items = [inputs] if isinstance(inputs, str) or (
         isinstance(inputs, list) and inputs and isinstance(inputs[0], int)) else inputs or []
-    dimensions = body.get("dimensions") or 8
+    dimensions = body.get("dimensions")
+    dimensions = dimensions if isinstance(dimensions, int) and 0 < dimensions <= 64 else 8
     data, num_tokens = [], 0
     for index, item in enumerate(items):
         num_tokens += len(item) if isinstance(item, list) else max(1, len(item) // 4)

@@ -22,6 +22,7 @@ import time
 from gateway.keys import ApiKey, KeyNotFoundError, KeyStore, hash_key
 
 logger = logging.getLogger(__name__)
+CLOSE_WAIT_S = 5.0  # for a reload in progress at shutdown
 
 
 class KeyRing:
@@ -33,6 +34,7 @@ class KeyRing:
         self._since_snapshot: dict[str, int] = {}  # not yet in the snapshot's used_tokens
         self._reserved: dict[str, int] = {}        # estimates of calls in flight
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         self._loaded_at: float | None = None       # monotonic time of the last snapshot
         self.is_store_up = False                   # the last reload succeeded
 
@@ -41,10 +43,17 @@ class KeyRing:
         self._task = asyncio.create_task(self._refresh_forever(), name="quiver-keyring")
 
     async def close(self) -> None:
+        """Stop refreshing — between two reloads, never inside one: a write cancelled half
+        way may have landed or not, and its batch would be lost or counted twice — then
+        write what is pending and close the store."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            self._stopping.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), CLOSE_WAIT_S)
+            except TimeoutError:  # a reload that hangs: give up on it
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
         try:
             await self.flush()
         finally:
@@ -90,7 +99,10 @@ class KeyRing:
 
     async def _refresh_forever(self) -> None:
         while True:
-            await asyncio.sleep(self.refresh_seconds)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.refresh_seconds)
+            if self._stopping.is_set():
+                return
             was_up = self.is_store_up
             try:
                 await self.refresh()

@@ -10,7 +10,8 @@ the gateway's request metrics.
 Usage: the server's own count when it sent one. A stream cut short (the client left, the
 upstream broke, the gateway shut down) is charged its estimated prompt plus every
 completion token delivered: one per generated-output delta sent on (`sse.count_output`),
-which is exact for servers that stream a token per chunk, as Quiver's and vLLM's do.
+which is exact for servers that stream a token per chunk, as Quiver's and vLLM's do; one
+that delivered no token is charged nothing, as is a unary call cut off before its answer.
 """
 
 from __future__ import annotations
@@ -180,8 +181,9 @@ class StreamTally:
         self.is_client_error = self.is_client_error or info.is_client_error
 
     def charge_delivered(self, context: RequestContext) -> None:
-        """Without the server's count: the estimated prompt + every token sent on."""
-        if not self.has_usage:
+        """Without the server's count: the estimated prompt + every token sent on (nothing
+        when no token went out: the client received nothing)."""
+        if not self.has_usage and self.num_tokens:
             context.prompt_tokens = context.estimated_prompt_tokens
             context.completion_tokens = self.num_tokens
 

@@ -85,12 +85,19 @@ class RedisProcess:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
+    def start(self, *, persistent: bool = False) -> None:
+        """Start (again); `persistent` keeps every write in an append-only file, synced
+        before each reply, so a SIGKILL loses nothing that was acknowledged."""
+        durability = (["--appendonly", "yes", "--appendfsync", "always"] if persistent
+                      else ["--appendonly", "no"])
         self.process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+             *durability, "--dir", str(self.workdir)],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         wait_until(self.answers, 10, "redis-server")
+
+    def start_persistent(self) -> None:
+        self.start(persistent=True)
 
     def answers(self) -> bool:
         try:

@@ -94,6 +94,9 @@ class TimeoutSettings(_Section):
     first_byte_seconds: float = Field(120.0, gt=0)
     idle_seconds: float = Field(60.0, gt=0, description="between two stream chunks")
     total_seconds: float = Field(600.0, gt=0)
+    keep_alive_seconds: float = Field(30.0, gt=0, description="idle upstream connections "
+                                      "are closed after this (keep it below the servers' "
+                                      "keep_alive_timeout_seconds)")
 
 
 class RetrySettings(_Section):

@@ -103,6 +103,7 @@ class UpstreamPool:
                             clock, upstream_model=variant.upstream_model, headers=headers)
                     for url in variant.replicas]
         self._session: aiohttp.ClientSession | None = None
+        self._probe_session: aiohttp.ClientSession | None = None
         self._health: HealthChecker | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -110,23 +111,33 @@ class UpstreamPool:
     async def start(self) -> None:
         if self._session is not None:
             return
-        connector = aiohttp.TCPConnector(limit=4096, limit_per_host=0, keepalive_timeout=30)
+        connector = aiohttp.TCPConnector(
+            limit=4096, limit_per_host=0,
+            keepalive_timeout=self._settings.timeouts.keep_alive_seconds)
         timeout = aiohttp.ClientTimeout(total=None,
                                         sock_connect=self._settings.timeouts.connect_seconds)
         self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
         if self._settings.health_checks.enabled:
+            # Probes get their own pool: aiohttp reuses the oldest idle connection first,
+            # so a probe every few seconds would keep a burst's connections alive for ever.
+            self._probe_session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit_per_host=1,
+                    keepalive_timeout=self._settings.timeouts.keep_alive_seconds),
+                timeout=timeout)
             replicas = [r for group in self._replicas.values() for r in group]
             self._health = HealthChecker(replicas, self._settings.health_checks,
-                                         self._session)
+                                         self._probe_session)
             self._health.start()
 
     async def close(self) -> None:
         if self._health is not None:
             await self._health.stop()
             self._health = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._probe_session, self._session):
+            if session is not None:
+                await session.close()
+        self._session = self._probe_session = None
 
     # -- state -------------------------------------------------------------------------
 

@@ -141,6 +141,8 @@ class FakeUpstream:
             "num_requests": len(self.seen), "num_in_flight": self.num_in_flight,
             "num_client_disconnects": self.num_client_disconnects,
             "streams": [asdict(s) for s in self.streams],
+            "num_connections": (len(self._runner.server.connections)
+                                if self._runner is not None and self._runner.server else 0),
             "last_body": self.seen[-1].body if self.seen else None})
 
     # -- model answers ---------------------------------------------------------------

@@ -28,6 +28,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
 DRAIN_LINGER_S = 1.0
 HEADER_END = b"\r\n\r\n"
 
@@ -68,125 +70,126 @@ TOO_MANY_CONNECTIONS = json.dumps({"error": {
     separators=(",", ":")).encode()
 
 
-def limited_protocol(limits: HttpLimits) -> type[asyncio.Protocol]:
-    """uvicorn's httptools protocol with `limits` (pass it as `uvicorn.Config(http=...)`)."""
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's `HttpToolsProtocol` with `LIMITS` (set by `limited_protocol`)."""
 
-    class LimitedHttpToolsProtocol(HttpToolsProtocol):
-        LIMITS = limits
+    LIMITS: HttpLimits
 
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.timeout_keep_alive = self.LIMITS.keep_alive_timeout_s
-            self._wrapped_app = self.app
-            self.app = self._admit
-            self._is_awaiting_headers = True
-            self._header_bytes = 0
-            self._tail = b""
-            self._header_timer: asyncio.TimerHandle | None = None
-            self._is_draining = False
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.timeout_keep_alive = self.LIMITS.keep_alive_timeout_s
+        self._wrapped_app = self.app
+        self.app = self._admit
+        self._is_awaiting_headers = True
+        self._header_bytes = 0
+        self._tail = b""
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._is_draining = False
 
-        # -- connection lifecycle ---------------------------------------------------
+    # -- connection lifecycle ---------------------------------------------------
 
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            super().connection_made(transport)  # type: ignore[arg-type]
-            self._await_headers()
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self._await_headers()
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._cancel_header_timer()
-            super().connection_lost(exc)
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
 
-        def data_received(self, data: bytes) -> None:
-            if self._is_awaiting_headers and not self._count_header_bytes(data):
-                return
-            super().data_received(data)
+    def data_received(self, data: bytes) -> None:
+        if self._is_awaiting_headers and not self._count_header_bytes(data):
+            return
+        super().data_received(data)
 
-        def on_headers_complete(self) -> None:
-            self._is_awaiting_headers = False
-            self._cancel_header_timer()
-            super().on_headers_complete()
-            if self._is_draining and self.cycle is not None:
-                self.cycle.keep_alive = False
+    def on_headers_complete(self) -> None:
+        self._is_awaiting_headers = False
+        self._cancel_header_timer()
+        super().on_headers_complete()
+        if self._is_draining and self.cycle is not None:
+            self.cycle.keep_alive = False
 
-        def on_response_complete(self) -> None:
-            starts_pipelined = bool(self.pipeline)  # its headers are in already
-            super().on_response_complete()
-            if not self.transport.is_closing() and not starts_pipelined:
-                self._await_headers(start_timer=False)  # keep-alive's timer runs first
+    def on_response_complete(self) -> None:
+        starts_pipelined = bool(self.pipeline)  # its headers are in already
+        super().on_response_complete()
+        if not self.transport.is_closing() and not starts_pipelined:
+            self._await_headers(start_timer=False)  # keep-alive's timer runs first
 
-        def shutdown(self) -> None:
-            if self.cycle is not None and not self.cycle.response_complete:
-                self.cycle.keep_alive = False
-                return
-            self._is_draining = True
-            self._unset_keepalive_if_required()
-            grace = self.config.timeout_graceful_shutdown
-            linger = DRAIN_LINGER_S if grace is None else min(DRAIN_LINGER_S, grace)
-            self.timeout_keep_alive_task = self.loop.call_later(
-                linger, self.timeout_keep_alive_handler)
+    def shutdown(self) -> None:
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False
+            return
+        self._is_draining = True
+        self._unset_keepalive_if_required()
+        grace = self.config.timeout_graceful_shutdown
+        linger = DRAIN_LINGER_S if grace is None else min(DRAIN_LINGER_S, grace)
+        self.timeout_keep_alive_task = self.loop.call_later(
+            linger, self.timeout_keep_alive_handler)
 
-        # -- limits -----------------------------------------------------------------
+    # -- limits -----------------------------------------------------------------
 
-        def _await_headers(self, *, start_timer: bool = True) -> None:
-            self._is_awaiting_headers = True
-            self._header_bytes = 0
-            self._tail = b""
-            if start_timer:
-                self._start_header_timer()
+    def _await_headers(self, *, start_timer: bool = True) -> None:
+        self._is_awaiting_headers = True
+        self._header_bytes = 0
+        self._tail = b""
+        if start_timer:
+            self._start_header_timer()
 
-        def _count_header_bytes(self, data: bytes) -> bool:
-            """False (and the connection answered and closed) once headers run over."""
-            if self._header_timer is None:  # the first byte after a keep-alive pause
-                self._start_header_timer()
-            window = self._tail + data
-            end = window.find(HEADER_END)
-            self._header_bytes += len(data) if end < 0 else end + len(HEADER_END) - len(
-                self._tail)
-            self._tail = window[-(len(HEADER_END) - 1):]
-            if self._header_bytes <= self.LIMITS.max_header_bytes:
-                return True
-            self._reject(error_response(
-                431, "Request Header Fields Too Large",
-                f"The request's headers are larger than this server's limit of "
-                f"{self.LIMITS.max_header_bytes} bytes.", "request_header_fields_too_large"))
-            return False
+    def _count_header_bytes(self, data: bytes) -> bool:
+        """False (and the connection answered and closed) once headers run over."""
+        if self._header_timer is None:  # the first byte after a keep-alive pause
+            self._start_header_timer()
+        window = self._tail + data
+        end = window.find(HEADER_END)
+        self._header_bytes += len(data) if end < 0 else end + len(HEADER_END) - len(
+            self._tail)
+        self._tail = window[-(len(HEADER_END) - 1):]
+        if self._header_bytes <= self.LIMITS.max_header_bytes:
+            return True
+        self._reject(error_response(
+            431, "Request Header Fields Too Large",
+            f"The request's headers are larger than this server's limit of "
+            f"{self.LIMITS.max_header_bytes} bytes.", "request_header_fields_too_large"))
+        return False
 
-        def _start_header_timer(self) -> None:
-            self._cancel_header_timer()
-            self._header_timer = self.loop.call_later(self.LIMITS.header_timeout_s,
-                                                      self._on_header_timeout)
+    def _start_header_timer(self) -> None:
+        self._cancel_header_timer()
+        self._header_timer = self.loop.call_later(self.LIMITS.header_timeout_s,
+                                                  self._on_header_timeout)
 
-        def _cancel_header_timer(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
-
-        def _on_header_timeout(self) -> None:
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
             self._header_timer = None
-            if self.transport.is_closing() or not self._is_awaiting_headers:
-                return
-            if self._header_bytes == 0:
-                self.transport.close()
-                return
-            self._reject(error_response(
-                408, "Request Timeout", "The request's headers did not arrive within "
-                f"{self.LIMITS.header_timeout_s:g} s.", "request_timeout"))
 
-        def _reject(self, answer: bytes) -> None:
-            self._is_awaiting_headers = False
-            self._cancel_header_timer()
-            if not self.transport.is_closing():
-                self.transport.write(answer)
-                self.transport.close()
+    def _on_header_timeout(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing() or not self._is_awaiting_headers:
+            return
+        if self._header_bytes == 0:
+            self.transport.close()
+            return
+        self._reject(error_response(
+            408, "Request Timeout", "The request's headers did not arrive within "
+            f"{self.LIMITS.header_timeout_s:g} s.", "request_timeout"))
 
-        async def _admit(self, scope: Any, receive: Any, send: Any) -> None:
-            if len(self.connections) <= self.LIMITS.max_connections:
-                await self._wrapped_app(scope, receive, send)
-                return
-            await send({"type": "http.response.start", "status": 503, "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(TOO_MANY_CONNECTIONS)).encode()),
-                (b"retry-after", b"1"), (b"connection", b"close")]})
-            await send({"type": "http.response.body", "body": TOO_MANY_CONNECTIONS})
+    def _reject(self, answer: bytes) -> None:
+        self._is_awaiting_headers = False
+        self._cancel_header_timer()
+        if not self.transport.is_closing():
+            self.transport.write(answer)
+            self.transport.close()
 
-    return LimitedHttpToolsProtocol
+    async def _admit(self, scope: Any, receive: Any, send: Any) -> None:
+        if len(self.connections) <= self.LIMITS.max_connections:
+            await self._wrapped_app(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 503, "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(TOO_MANY_CONNECTIONS)).encode()),
+            (b"retry-after", b"1"), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": TOO_MANY_CONNECTIONS})
+
+
+def limited_protocol(limits: HttpLimits) -> type[LimitedHttpToolsProtocol]:
+    """The protocol class with `limits`, for `uvicorn.Config(http=...)`."""
+    return type("LimitedHttpToolsProtocol", (LimitedHttpToolsProtocol,), {"LIMITS": limits})

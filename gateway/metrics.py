@@ -113,7 +113,10 @@ class GatewayMetrics:
         self.circuit_open = Gauge(
             "quiver_gateway_circuit_open", "1 while the replica's circuit breaker is open",
             ["model", "variant", "replica"], registry=r)
-        # shared state
+        self._add_shared_state_metrics(r)
+
+    def _add_shared_state_metrics(self, r: CollectorRegistry) -> None:
+        """The stores shared by gateway replicas (Redis) and how they fail."""
         self.rate_limit_failures = Counter(
             "quiver_gateway_rate_limit_failures_total",
             "Rate-limit decisions taken without the limiter's backend (Redis unreachable), by "

@@ -17,8 +17,6 @@ import types
 from typing import Any, Literal, Union, get_args, get_origin
 
 from common.errors import QuiverError
-from common.http_limits import HttpLimits
-from common.server import make_draining_server, server_config
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +120,8 @@ async def _serve_engine(settings, banner: str | None) -> None:
     from prometheus_client import CollectorRegistry
 
     from common.build_info import register_build_info
+    from common.http_limits import HttpLimits
+    from common.server import make_draining_server, server_config
     from serving.api.app import create_app
     from serving.api.info_metrics import register_model_load_time
     from serving.backends.factory import create_engine_client

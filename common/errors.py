@@ -6,8 +6,9 @@
   or null. Every error response of the model server and the gateway has this shape.
   `ApiError` is the base of both servers' error hierarchies (`serving.errors`,
   `gateway.errors`): an exception that knows its HTTP status, headers and OpenAI body, and
-  `send_api_error` writes one straight onto an ASGI `send`. The two errors the shared
-  middlewares answer with (413, and the last-resort 500) are defined here.
+  `send_api_error` writes one straight onto an ASGI `send`. The errors the shared
+  middlewares answer with (413, the last-resort 500, and the 503 of a request the
+  shutdown's grace period cut off) are defined here.
 """
 
 from __future__ import annotations
@@ -84,6 +85,19 @@ class InternalServerError(ApiError):
     def __init__(self, request_id: str) -> None:
         super().__init__(f"The server had an error while processing your request "
                          f"(request id {request_id}); it has been logged.")
+
+
+class ShuttingDownError(ApiError):
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "server_shutting_down"
+
+    def __init__(self) -> None:
+        super().__init__("The server is shutting down and stopped this request before it "
+                         "finished; retry it.")
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": "1", "connection": "close"}
 
 
 async def send_api_error(send: Send, error: ApiError, request_id: str | None = None,

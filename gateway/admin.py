@@ -13,8 +13,10 @@ state, guarded by the admin key.
 `GET /admin/upstreams` lists every replica of every model and variant, in config order:
 `model`, `variant`, `url`, `is_healthy`, `num_failed_health_checks` (in a row), `circuit`
 (closed | open | half_open), `circuit_retry_in_s`, `num_outstanding`,
-`num_consecutive_failures` and `recent_failures` (the last few failed attempts, newest
-first: `outcome` connect_error | timeout | http_error | protocol_error, `seconds_ago`).
+`num_consecutive_failures`, `recent_failures` (the last few failed attempts, newest
+first: `outcome` connect_error | timeout | http_error | protocol_error, `seconds_ago`) and
+`max_model_len` (the context length its `/v1/models` reported, which bounds token
+estimates; null until read).
 
 Every request needs `Authorization: Bearer <admin key>` (401 otherwise). With no admin key
 configured, every `/admin` path answers 404. Bodies are validated strictly and a bad one is
@@ -111,7 +113,7 @@ def _parse_bool(value: str | None, param: str) -> bool:
     raise BadRequestError(f"{param} must be true or false, got {value!r}", param=param)
 
 
-def _admin_guard(admin_key: SecretStr) -> Callable[[Request], Awaitable[None]]:
+def admin_guard(admin_key: SecretStr) -> Callable[[Request], Awaitable[None]]:
     expected = admin_key.get_secret_value().encode("utf-8")
 
     async def require_admin(request: Request) -> None:
@@ -145,7 +147,7 @@ def build_admin_router(*, admin_key: SecretStr | None, key_store: KeyStore,
         if admin_key is not None:
             logger.warning("admin_key is empty: the admin API is disabled")
         return _disabled_router()
-    router = APIRouter(prefix="/admin", dependencies=[Depends(_admin_guard(admin_key))])
+    router = APIRouter(prefix="/admin", dependencies=[Depends(admin_guard(admin_key))])
     _add_key_routes(router, key_store)
     _add_route_routes(router, routes)
 

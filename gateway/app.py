@@ -2,15 +2,18 @@
 
 Outermost first: request id -> tracing -> HTTP metrics -> verdict headers -> body size
 limit -> auth (who) -> body (parse once) -> access (models, pinning, budget) -> rate limit
--> response cache -> routes. The routes
-are the two proxied model calls, `/v1/models`, `/health`, `/ready`, `/metrics` and the admin
-API. Stores are opened from the settings; the lifespan starts the key refresh and the
-upstream pool's health checks and closes everything on shutdown.
+-> route (which variant) -> response cache -> routes. The routes are the three proxied model
+calls (chat, completions, embeddings), `/v1/models`, `/health`, `/ready`, `/metrics` (with
+the admin key; Prometheus scrapes the `metrics_port`) and the admin API. Stores are opened
+from the settings; the lifespan starts the key refresh and the upstream pool's health
+checks, and on shutdown waits for in-flight calls' bookkeeping, then closes everything.
+No trailing-slash redirects: they would be built from the client's `Host` header.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -30,18 +33,19 @@ from common.asgi import (
     TracingMiddleware,
 )
 from common.errors import ApiError
-from gateway.admin import build_admin_router
+from gateway.admin import admin_guard, build_admin_router
 from gateway.cache import ResponseCache
-from gateway.context import request_context
+from gateway.context import MODEL_PATHS, InFlight, request_context
 from gateway.errors import NotFoundError, handle_api_error, handle_http_exception
 from gateway.keyring import KeyRing
-from gateway.metrics import GatewayMetrics, KeyLimitsCollector
+from gateway.metrics import GatewayMetrics, KeyLimitsCollector, KeyStoreCollector
 from gateway.middleware.access import AccessMiddleware
 from gateway.middleware.auth import AuthMiddleware
 from gateway.middleware.body import BodyMiddleware
 from gateway.middleware.cache import CacheMiddleware
 from gateway.middleware.headers import ResponseHeadersMiddleware
 from gateway.middleware.ratelimit import RateLimitMiddleware
+from gateway.middleware.route import RouteMiddleware
 from gateway.proxy import ProxyEndpoint
 from gateway.ratelimit import RateLimiter
 from gateway.routing.router import Router
@@ -49,6 +53,8 @@ from gateway.settings import GatewaySettings
 from gateway.stores import open_cache, open_key_store, open_limiter
 from gateway.upstream.pool import UpstreamPool
 
+logger = logging.getLogger(__name__)
+BOOKKEEPING_WAIT_S = 5.0
 
 @dataclass
 class GatewayState:
@@ -60,18 +66,30 @@ class GatewayState:
     router: Router
     pool: UpstreamPool
     proxy: ProxyEndpoint
+    in_flight: InFlight
     started_at: int
     draining: bool = False     # set on SIGTERM: /ready answers 503 while requests finish
 
     def is_ready(self) -> bool:
-        """Not draining, and every model has a healthy replica in a variant with traffic."""
+        """Not draining, and every model's stable variant can serve (a healthy replica
+        that passed a check): a canary alone never makes the gateway ready."""
         if self.draining:
             return False
-        return all(any(weight > 0 and self.pool.has_healthy_replica(model, variant)
-                       for variant, weight in variants.items())
-                   for model, variants in self.router.weights().items())
+        return all(self.pool.can_serve(route.name, route.stable)
+                   for route in self.settings.models)
+
+    def context_tokens(self, model: str) -> int | None:
+        """A model's context length for token estimates: configured, else reported."""
+        for route in self.settings.models:
+            if route.name == model and route.max_context_tokens is not None:
+                return route.max_context_tokens
+        return self.pool.context_tokens(model)
 
     async def close(self) -> None:
+        # calls cut off at the end of the grace period finish their bookkeeping first
+        if not await self.in_flight.wait_idle(BOOKKEEPING_WAIT_S):
+            logger.warning("%d calls still in flight at shutdown: their usage may be lost",
+                           self.in_flight.count)
         await self.proxy.close()
         await self.pool.close()
         await self.keyring.close()
@@ -84,16 +102,19 @@ def build_state(settings: GatewaySettings) -> GatewayState:
     metrics = GatewayMetrics()
     router = Router(settings.models, settings.rollback, metrics)
     pool = UpstreamPool(settings, metrics)
-    keyring = KeyRing(open_key_store(settings.key_store),
+    keyring = KeyRing(open_key_store(settings.key_store,
+                                     timeout_s=settings.redis_timeout_seconds),
                       refresh_seconds=settings.key_refresh_seconds)
     metrics.registry.register(KeyLimitsCollector(
         keyring, default_rpm=settings.rate_limit.default_rpm,
         default_tpm=settings.rate_limit.default_tpm))
+    metrics.registry.register(KeyStoreCollector(keyring))
+    metrics.watch_rate_limiter(settings.rate_limit.failure_mode)
     return GatewayState(
         settings=settings, metrics=metrics, keyring=keyring,
         limiter=open_limiter(settings), cache=open_cache(settings, metrics), router=router,
         pool=pool, proxy=ProxyEndpoint(router=router, pool=pool, metrics=metrics),
-        started_at=int(time.time()))
+        in_flight=InFlight(), started_at=int(time.time()))
 
 
 class ProxyRoute(Route):
@@ -108,7 +129,7 @@ class ProxyRoute(Route):
 
 
 def add_routes(app: FastAPI, state: GatewayState) -> None:
-    for path in ("/v1/chat/completions", "/v1/completions"):
+    for path in sorted(MODEL_PATHS):
         app.router.routes.append(ProxyRoute(path, state.proxy, methods=["POST"]))
 
     def visible_models(request: Request) -> list[dict[str, Any]]:
@@ -139,8 +160,15 @@ def add_routes(app: FastAPI, state: GatewayState) -> None:
         return JSONResponse({"status": "ready" if is_ready else "unavailable"},
                             status_code=200 if is_ready else 503)
 
+    admin_key = state.settings.admin_key
+    guard = admin_guard(admin_key) if admin_key and admin_key.get_secret_value() else None
+
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        if guard is None:
+            raise NotFoundError("/metrics is served on the gateway's metrics_port, or here "
+                                "with the admin key (none is set).", code="not_found")
+        await guard(request)
         return Response(generate_latest(state.metrics.registry),
                         media_type=CONTENT_TYPE_LATEST)
 
@@ -162,6 +190,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                   openapi_url=None,
                   telemetry={"tracing": False, "metrics": False, "logs": False,
                              "auto_configure": False})
+    app.router.redirect_slashes = False
     app.state.gateway = state
     app.add_exception_handler(ApiError, handle_api_error)
     app.add_exception_handler(StarletteHTTPException, handle_http_exception)
@@ -178,10 +207,12 @@ def wrap_middleware(app: FastAPI, state: GatewayState) -> None:
     settings, metrics = state.settings, state.metrics
     app.add_middleware(CacheMiddleware, cache=state.cache, settings=settings.cache,
                        metrics=metrics)
+    app.add_middleware(RouteMiddleware, router=state.router)
     app.add_middleware(RateLimitMiddleware, limiter=state.limiter,
                        settings=settings.rate_limit, metrics=metrics)
     app.add_middleware(AccessMiddleware, keyring=state.keyring, settings=settings.rate_limit,
-                       metrics=metrics)
+                       metrics=metrics, context_tokens=state.context_tokens,
+                       in_flight=state.in_flight)
     app.add_middleware(BodyMiddleware)
     app.add_middleware(AuthMiddleware, keyring=state.keyring, metrics=metrics)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)

@@ -49,24 +49,29 @@ def run(args: argparse.Namespace) -> int:
 
 
 def serve(settings, *, banner: str | None = None) -> None:
-    import uvicorn
-
+    from common.http_limits import HttpLimits
     from common.logging_setup import configure_logging
-    from common.server import make_draining_server
+    from common.server import SideListener, make_draining_server, server_config
     from common.telemetry import configure_tracing, shutdown_tracing
     from gateway.app import create_app
+    from gateway.metrics import metrics_endpoint
 
     configure_logging(json_lines=settings.log_json)
     tracer_provider = configure_tracing("quiver-gateway")
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, lifespan="on",
-                            ws="none", access_log=False, log_level="warning",
-                            timeout_graceful_shutdown=settings.shutdown_grace_seconds)
+    config = server_config(app, host=settings.host, port=settings.port,
+                           limits=HttpLimits.of(settings),
+                           grace_s=settings.shutdown_grace_seconds)
+    side: tuple[SideListener, ...] = ()
+    if settings.metrics_port is not None:
+        registry = app.state.gateway.metrics.registry
+        side = (SideListener(settings.metrics_port, metrics_endpoint(registry),
+                             "metrics for Prometheus"),)
     logger.info("gateway on http://%s:%d for %s", settings.host, settings.port,
                 ", ".join(m.name for m in settings.models))
     if banner:
         print(banner, flush=True)
     try:
-        make_draining_server(config, state=app.state.gateway).run()
+        make_draining_server(config, state=app.state.gateway, side_listeners=side).run()
     finally:
         shutdown_tracing(tracer_provider)

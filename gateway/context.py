@@ -1,21 +1,25 @@
 """What the middleware chain learns about one request, shared through the ASGI scope.
 
-The body middleware parses the JSON once; auth sets the key; the proxy records the variant,
-the usage and whether the response completed, which rate limiting (settle), budgets and
+The body middleware parses the JSON once; auth sets the key; the route middleware the
+variant's decision; the proxy records the variant that answered, the usage and whether the
+response completed, which rate limiting (settle), budgets and
 the cache (store or not) read after the response.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
 from starlette.types import Message, Scope
 
 from gateway.keys import ApiKey
+from gateway.routing import RouteDecision
 
 STATE_KEY = "quiver.gateway"
-MODEL_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+MODEL_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 
 
 @dataclass
@@ -24,9 +28,11 @@ class RequestContext:
     body: dict[str, Any] | None = None        # set for model calls (MODEL_PATHS, POST)
     key: ApiKey | None = None
     pinned_variant: str | None = None         # x-quiver-variant, once the key may pin
-    estimated_tokens: int = 0                 # prompt + max_tokens x n, before the call
+    estimated_tokens: int = 0                 # prompt + most completion, before the call
+    estimated_prompt_tokens: int = 0          # its prompt part (charged for cut streams)
     cache_status: str = "bypass"              # hit | miss | bypass
-    variant: str | None = None
+    decision: RouteDecision | None = None     # the variant chosen, before the cache
+    variant: str | None = None                # the variant that answered
     prompt_tokens: int = 0
     completion_tokens: int = 0
     is_complete: bool = False                 # a 200 answer that ended normally
@@ -57,3 +63,30 @@ def with_headers(message: Message, extra: list[tuple[bytes, bytes]]) -> Message:
     names = {name for name, _ in extra}
     headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in names]
     return {**message, "headers": headers + extra}
+
+
+class InFlight:
+    """Model calls between admission and the end of their bookkeeping (usage charged,
+    limits settled). Shutdown waits for them before it closes the stores, so a call cut
+    off by the grace period still has its usage written."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def __enter__(self) -> InFlight:
+        self.count += 1
+        self._idle.clear()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """True once no call is in flight; False when `timeout_s` passed first."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        return self.count == 0

@@ -10,6 +10,7 @@
 | QuotaExceededError       | 429    | insufficient_quota     | insufficient_quota     |
 | UpstreamError            | 502    | upstream_error         | bad_gateway            |
 | NoUpstreamError          | 503    | service_unavailable    | no_healthy_upstream    |
+| LimiterDownError         | 503    | service_unavailable    | rate_limiter_unavailable |
 | UpstreamTimeoutError     | 504    | upstream_error         | upstream_timeout       |
 
 Keys never appear in a message: only a key's name. A body over the limit gets the shared
@@ -101,6 +102,14 @@ class NoUpstreamError(_RetryAfter):
     status_code = 503
     error_type = "service_unavailable"
     code = "no_healthy_upstream"
+
+
+class LimiterDownError(_RetryAfter):
+    """The rate limiter's backend is unreachable and `failure_mode` is `fail_closed`."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "rate_limiter_unavailable"
 
 
 class UpstreamTimeoutError(GatewayError):

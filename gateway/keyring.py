@@ -7,7 +7,8 @@ API take effect within a second, without a restart.
 
 Token usage is counted locally at once (so a budget holds between refreshes) and written
 to the store in one batch per key just before each reload, and at shutdown: no store write
-on the request path.
+on the request path. While the store is unreachable the last snapshot keeps serving, and
+`snapshot_age_s` / `is_store_up` say so (the `quiver_gateway_key_*` gauges).
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import time
 
 from gateway.keys import ApiKey, KeyNotFoundError, KeyStore, hash_key
 
 logger = logging.getLogger(__name__)
+CLOSE_WAIT_S = 5.0  # for a reload in progress at shutdown
 
 
 class KeyRing:
@@ -31,50 +34,85 @@ class KeyRing:
         self._since_snapshot: dict[str, int] = {}  # not yet in the snapshot's used_tokens
         self._reserved: dict[str, int] = {}        # estimates of calls in flight
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._loaded_at: float | None = None       # monotonic time of the last snapshot
+        self.is_store_up = False                   # the last reload succeeded
 
     async def start(self) -> None:
         await self.refresh()
         self._task = asyncio.create_task(self._refresh_forever(), name="quiver-keyring")
 
     async def close(self) -> None:
+        """Stop refreshing — between two reloads, never inside one: a write cancelled half
+        way may have landed or not, and its batch would be lost or counted twice — then
+        write what is pending and close the store."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            self._stopping.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), CLOSE_WAIT_S)
+            except TimeoutError:  # a reload that hangs: give up on it
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
         try:
             await self.flush()
         finally:
             await self.store.close()
 
     async def flush(self) -> None:
-        """Write pending usage per key; what fails stays pending (unless the key is gone)."""
+        """Write pending usage per key; what fails stays pending (unless the key is gone).
+        A store that fails is not tried again for the other keys until the next flush."""
         pending, self._unflushed = self._unflushed, {}
+        failure: Exception | None = None
         for name, tokens in pending.items():
+            if failure is not None:
+                self._unflushed[name] = self._unflushed.get(name, 0) + tokens
+                continue
             try:
                 await self.store.add_usage(name, tokens)
             except KeyNotFoundError:
                 logger.warning("dropping %d tokens of usage: key %r is not in the store",
                                tokens, name)
-            except Exception:
-                logger.warning("could not record %d tokens for key %r; will retry", tokens,
-                               name, exc_info=True)
+            except Exception as exc:
+                failure = exc
                 self._unflushed[name] = self._unflushed.get(name, 0) + tokens
+        if failure is not None and self.is_store_up:  # said once per outage, not per second
+            logger.warning("could not write usage to the key store (%s: %s); it stays pending",
+                           type(failure).__name__, failure)
+
+    def snapshot_age_s(self) -> float | None:
+        """Seconds since keys were last loaded; None before the first load."""
+        return None if self._loaded_at is None else time.monotonic() - self._loaded_at
 
     async def refresh(self) -> None:
         await self.flush()
-        keys = await self.store.active_keys()
+        try:
+            keys = await self.store.active_keys()
+        except Exception:
+            self.is_store_up = False
+            raise
+        self._loaded_at = time.monotonic()
+        self.is_store_up = True
         self._keys = keys
         # usage recorded while the snapshot was read is in neither: keep counting it
         self._since_snapshot = dict(self._unflushed)
 
     async def _refresh_forever(self) -> None:
         while True:
-            await asyncio.sleep(self.refresh_seconds)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.refresh_seconds)
+            if self._stopping.is_set():
+                return
+            was_up = self.is_store_up
             try:
                 await self.refresh()
-            except Exception:  # the store is down: keep the last snapshot, say so
-                logger.warning("key store refresh failed; keeping the last snapshot",
-                               exc_info=True)
+            except Exception as exc:  # the store is down: keep the last snapshot, say so once
+                if was_up:
+                    logger.warning("key store unreachable (%s: %s); serving the last snapshot "
+                                   "of keys until it answers again", type(exc).__name__, exc)
+                continue
+            if not was_up:
+                logger.warning("key store reachable again; keys reloaded")
 
     def snapshot(self) -> list[ApiKey]:
         """The active keys as last loaded (for metrics and the admin API)."""

@@ -1,7 +1,10 @@
 """The gateway's Prometheus metrics: `quiver_gateway_*`, units in their names.
 
 One `GatewayMetrics` per app, on the app's own registry (no global state), so several
-gateways can live in one process (tests). Labels carry a key's *name*, never the key.
+gateways can live in one process (tests). Labels carry a key's *name*, never the key; yet
+they name every key, its budget and the replicas' internal URLs, so the exposition is
+served where only Prometheus reaches it: `metrics_endpoint` on the `metrics_port`, or on
+the main port with the admin key.
 """
 
 from __future__ import annotations
@@ -9,12 +12,22 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from common.asgi import DURATION_BUCKETS, HttpMetrics
 from common.build_info import register_build_info
+from common.errors import send_api_error
+from gateway.errors import NotFoundError
 
 if TYPE_CHECKING:
     from gateway.keyring import KeyRing
@@ -100,6 +113,24 @@ class GatewayMetrics:
         self.circuit_open = Gauge(
             "quiver_gateway_circuit_open", "1 while the replica's circuit breaker is open",
             ["model", "variant", "replica"], registry=r)
+        self._add_shared_state_metrics(r)
+
+    def _add_shared_state_metrics(self, r: CollectorRegistry) -> None:
+        """The stores shared by gateway replicas (Redis) and how they fail."""
+        self.rate_limit_failures = Counter(
+            "quiver_gateway_rate_limit_failures_total",
+            "Rate-limit decisions taken without the limiter's backend (Redis unreachable), by "
+            "failure mode: fail_open admitted them unchecked, fail_closed refused them (503)",
+            ["mode"], registry=r)
+        self.rate_limit_fail_open = Gauge(
+            "quiver_gateway_rate_limit_fail_open",
+            "1 when the rate limiter admits calls unchecked while its backend is unreachable "
+            "(rate_limit.failure_mode fail_open), 0 when it refuses them", registry=r)
+
+    def watch_rate_limiter(self, failure_mode: str) -> None:
+        """The configured failure mode, as a gauge and a zero counter."""
+        self.rate_limit_failures.labels(failure_mode)
+        self.rate_limit_fail_open.set(int(failure_mode == "fail_open"))
 
 
 class KeyLimitsCollector(Collector):
@@ -130,3 +161,43 @@ class KeyLimitsCollector(Collector):
                 budget.add_metric([key.name], key.budget_tokens)
             used.add_metric([key.name], self.keyring.used_tokens(key))
         yield from (limits, budget, used)
+
+
+def metrics_endpoint(registry: CollectorRegistry) -> ASGIApp:
+    """The app of the metrics port: `GET /metrics` and nothing else."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["path"] != "/metrics" or scope["method"] not in ("GET", "HEAD"):
+            await send_api_error(send, NotFoundError(
+                f"This port serves GET /metrics only, not {scope['method']} {scope['path']}."))
+            return
+        body = generate_latest(registry)
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", CONTENT_TYPE_LATEST.encode()),
+            (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body",
+                    "body": b"" if scope["method"] == "HEAD" else body})
+
+    return app
+
+
+class KeyStoreCollector(Collector):
+    """Whether keys come fresh from the store: while it is unreachable the gateway serves
+    its last snapshot (revocations made meanwhile are not applied yet) and says so."""
+
+    def __init__(self, keyring: KeyRing) -> None:
+        self.keyring = keyring
+
+    def collect(self) -> Iterator[Metric]:
+        age = self.keyring.snapshot_age_s()
+        yield GaugeMetricFamily(
+            "quiver_gateway_key_snapshot_age_seconds",
+            "Seconds since the API keys were last loaded from the key store (refreshed every "
+            "key_refresh_seconds; growing: the store is unreachable, revocations wait)",
+            value=age if age is not None else float("nan"))
+        yield GaugeMetricFamily(
+            "quiver_gateway_key_store_up",
+            "1 when the last reload of API keys from the key store succeeded",
+            value=int(self.keyring.is_store_up))

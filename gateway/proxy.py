@@ -1,7 +1,6 @@
-"""The routed model calls: POST /v1/chat/completions and /v1/completions.
+"""The routed model calls: POST /v1/chat/completions, /v1/completions and /v1/embeddings.
 
-Picks a variant (`Router.choose`: sticky per key or `user`, or pinned by `x-quiver-variant`
-for keys allowed to, as `AccessMiddleware` checked) and rewrites only what it must: the
+Relays to the variant `RouteMiddleware` chose and rewrites only what it must: the
 upstream's model name, and usage always requested on streams so that limits and budgets
 see real tokens (the relay drops the usage chunk again when the client did not ask for
 it). Mirrors a share to a shadow variant, and relays through the `UpstreamPool`
@@ -21,26 +20,26 @@ from starlette.types import Receive, Scope, Send
 
 from common.asgi import request_id_var, tracing_enabled
 from common.asgi.disconnect import ClientDisconnectedError, until_disconnect
-from common.errors import send_api_error
-from gateway.context import RequestContext, request_context
-from gateway.errors import GatewayError
+from gateway.context import request_context
+from gateway.estimate import EMBEDDINGS_PATH
 from gateway.metrics import GatewayMetrics
 from gateway.relay import Relay, wants_usage
 from gateway.routing import RouteDecision
 from gateway.routing.router import Router
-from gateway.spans import phase_span, set_attributes
 from gateway.upstream.pool import UpstreamPool
 
 logger = logging.getLogger(__name__)
 PASSED_HEADERS = ("traceparent", "tracestate")
 
 
-def upstream_body(body: dict[str, Any], raw: bytes, decision: RouteDecision) -> bytes:
+def upstream_body(body: dict[str, Any], raw: bytes, decision: RouteDecision, *,
+                  path: str) -> bytes:
     """The body for the variant's replicas; the client's bytes when nothing changes."""
     changes: dict[str, Any] = {}
     if decision.upstream_model != body["model"]:
         changes["model"] = decision.upstream_model
-    if body.get("stream") is True and not wants_usage(body):
+    is_stream = body.get("stream") is True and path != EMBEDDINGS_PATH
+    if is_stream and not wants_usage(body):
         options = body.get("stream_options")
         changes["stream_options"] = {**(options if isinstance(options, dict) else {}),
                                      "include_usage": True}
@@ -73,15 +72,10 @@ class ProxyEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         context = request_context(scope)
-        try:
-            with phase_span("route") as span:
-                decision = self.choose(scope, context)
-                set_attributes(span, variant=decision.variant)
-        except GatewayError as error:
-            await send_api_error(send, error)
-            return
+        decision = context.decision
+        assert decision is not None  # RouteMiddleware ran
         context.variant = decision.variant
-        body = upstream_body(context.body, context.raw_body, decision)
+        body = upstream_body(context.body, context.raw_body, decision, path=scope["path"])
         headers = forward_headers(scope)
         if decision.shadow_variant is not None:
             self.mirror(scope["path"], context.body, decision, headers)
@@ -89,13 +83,6 @@ class ProxyEndpoint:
                                   headers=headers)
         with contextlib.suppress(ClientDisconnectedError):  # the upstream call is cancelled
             await until_disconnect(receive, work)
-
-    def choose(self, scope: Scope, context: RequestContext) -> RouteDecision:
-        key, body = context.key, context.body
-        assert key is not None and body is not None  # auth and body middleware ran
-        user = body.get("user")
-        sticky = user if isinstance(user, str) and user else key.name
-        return self.router.choose(body["model"], sticky, context.pinned_variant)
 
     def mirror(self, path: str, body: dict[str, Any], decision: RouteDecision,
                headers: dict[str, str]) -> None:

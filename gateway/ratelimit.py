@@ -12,10 +12,9 @@ gateway replicas together admit within 2 % of the limit).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 WINDOW_S = 60.0          # a bucket refills from empty to full in one minute
 EPSILON = 1e-9           # float slack: a level within this of the need passes
@@ -42,6 +41,7 @@ class RateLimitDecision:
     reset_tokens_s: float | None = None
     retry_after_s: float | None = None        # when refused: until the request would pass
     refused_by: str | None = None             # "requests" | "tokens" when refused
+    is_unchecked: bool = False                # admitted without the backend (failing open)
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         """`x-ratelimit-{limit,remaining,reset}-{requests,tokens}`, OpenAI's format."""
@@ -145,25 +145,17 @@ def _bucket_view(limit: int | None, level: float) -> tuple[int | None, float | N
     return max(0, math.floor(level + EPSILON)), wait_s(level, float(limit), limit)
 
 
+class LimiterUnavailableError(Exception):
+    """The limiter's backend cannot be reached and it fails closed."""
+
+
 class RateLimiter(Protocol):
     async def acquire(self, key_name: str, limits: Limits, tokens: int) -> RateLimitDecision:
-        """Take 1 request and `tokens` from `key_name`'s buckets, or refuse and take nothing."""
+        """Take 1 request and `tokens` from `key_name`'s buckets, or refuse and take nothing;
+        `LimiterUnavailableError` when the backend is down and the limiter fails closed."""
 
     async def settle(self, key_name: str, limits: Limits, reserved: int, actual: int) -> None:
         """Charge `actual - reserved` tokens (a refund when negative)."""
 
     async def close(self) -> None: ...
 
-
-CHARS_PER_TOKEN = 4
-
-
-def estimate_tokens(body: dict[str, Any], default_max_tokens: int) -> int:
-    """Prompt + completion tokens this request may use, before any tokenizer has seen it."""
-    prompt = body.get("messages", body.get("prompt", ""))
-    prompt_chars = len(prompt) if isinstance(prompt, str) else len(json.dumps(prompt))
-    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-    if not isinstance(max_tokens, int) or max_tokens <= 0:
-        max_tokens = default_max_tokens
-    n = body.get("n") if isinstance(body.get("n"), int) and body.get("n", 0) > 0 else 1
-    return prompt_chars // CHARS_PER_TOKEN + 1 + max_tokens * n

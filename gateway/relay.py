@@ -6,6 +6,12 @@ Streamed: events pass through one by one as they arrive, never buffered; once th
 has started, an upstream failure (or a stream that ends without `[DONE]`) ends it with an
 error event, never a silent cut. Both record usage, the outcome for canary rollback, and
 the gateway's request metrics.
+
+Usage: the server's own count when it sent one. A stream cut short (the client left, the
+upstream broke, the gateway shut down) is charged its estimated prompt plus every
+completion token delivered: one per generated-output delta sent on (`sse.count_output`),
+which is exact for servers that stream a token per chunk, as Quiver's and vLLM's do; one
+that delivered no token is charged nothing, as is a unary call cut off before its answer.
 """
 
 from __future__ import annotations
@@ -26,10 +32,18 @@ from common.asgi import trace_headers, tracing_enabled
 from common.errors import ErrorResponse, send_api_error
 from gateway.context import RequestContext
 from gateway.errors import GatewayError, UpstreamError
+from gateway.estimate import EMBEDDINGS_PATH
 from gateway.metrics import GatewayMetrics
-from gateway.routing import RouteDecision
+from gateway.routing import CallOutcome, RouteDecision
 from gateway.routing.router import Router
-from gateway.sse import EventSplitter, carries_text, error_event, inspect_event, without_null_usage
+from gateway.sse import (
+    EventInfo,
+    EventSplitter,
+    count_output,
+    error_event,
+    inspect_event,
+    without_null_usage,
+)
 from gateway.upstream.pool import UpstreamPool, UpstreamStream, UpstreamStreamError
 
 logger = logging.getLogger(__name__)
@@ -70,11 +84,14 @@ def parse_json_object(body: bytes) -> dict[str, Any] | None:
     return payload if isinstance(payload, dict) else None
 
 
-def record_usage(context: RequestContext, usage: Any) -> None:
-    if isinstance(usage, dict):
-        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        context.prompt_tokens = prompt if isinstance(prompt, int) else 0
-        context.completion_tokens = completion if isinstance(completion, int) else 0
+def record_usage(context: RequestContext, usage: Any) -> bool:
+    """The server's usage object into the context; False when there is none."""
+    if not isinstance(usage, dict):
+        return False
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    context.prompt_tokens = prompt if isinstance(prompt, int) else 0
+    context.completion_tokens = completion if isinstance(completion, int) else 0
+    return True
 
 
 def upstream_error_body(status: int, body: bytes, variant: str) -> bytes:
@@ -136,6 +153,41 @@ def wants_usage(body: dict[str, Any]) -> bool:
     return isinstance(options, dict) and options.get("include_usage") is True
 
 
+@dataclass
+class StreamTally:
+    """What a relayed stream delivered, counted as it went."""
+
+    first_byte: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    num_token_events: int = 0      # events sent on with generated output
+    num_tokens: int = 0            # generated-output deltas in them (a token each)
+    saw_done: bool = False
+    saw_error: bool = False
+    is_client_error: bool = False  # the upstream's error event blamed the request
+    has_usage: bool = False        # the server's usage object came
+
+    def sent(self, event: bytes, now: float) -> None:
+        num_tokens = count_output(event)
+        if num_tokens:
+            self.first_token = self.first_token or now
+            self.last_token = now
+            self.num_token_events += 1
+            self.num_tokens += num_tokens
+
+    def seen(self, info: EventInfo) -> None:
+        self.saw_done = self.saw_done or info.is_done
+        self.saw_error = self.saw_error or info.is_error
+        self.is_client_error = self.is_client_error or info.is_client_error
+
+    def charge_delivered(self, context: RequestContext) -> None:
+        """Without the server's count: the estimated prompt + every token sent on (nothing
+        when no token went out: the client received nothing)."""
+        if not self.has_usage and self.num_tokens:
+            context.prompt_tokens = context.estimated_prompt_tokens
+            context.completion_tokens = self.num_tokens
+
+
 class Relay:
     def __init__(self, *, pool: UpstreamPool, router: Router, metrics: GatewayMetrics) -> None:
         self.pool = pool
@@ -146,7 +198,7 @@ class Relay:
                       path: str, body: bytes, headers: dict[str, str]) -> None:
         """Relay one routed call and answer the client: streamed when its body asks."""
         client_body = context.body or {}
-        is_stream = client_body.get("stream") is True
+        is_stream = client_body.get("stream") is True and path != EMBEDDINGS_PATH
         with upstream_span(decision, is_stream=is_stream) as span:
             call = RelayCall(send=send, context=context, decision=decision, path=path,
                              body=body, headers={**headers, **trace_headers()},
@@ -155,20 +207,44 @@ class Relay:
             await (self._stream(call) if is_stream else self._unary(call))
 
     def observe(self, call: RelayCall, status: int, first_byte: float | None = None,
-                first_token: float | None = None) -> None:
+                tally: StreamTally | None = None) -> None:
         now = time.perf_counter()
         decision, context = call.decision, call.context
         labels = (decision.model, decision.variant)
         key_name = context.key.name if context.key is not None else ""
         self.metrics.requests.labels(*labels, key_name, str(status)).inc()
         self.metrics.request_duration.labels(*labels).observe(now - call.started)
+        first_byte = tally.first_byte if tally is not None else first_byte
         if first_byte is not None:
             self.metrics.time_to_first_byte.labels(*labels).observe(first_byte - call.started)
-        if first_token is not None:
+        if tally is not None and tally.first_token is not None:
             self.metrics.time_to_first_token.labels(*labels).observe(
-                first_token - call.started)
-        self.router.record(decision.model, decision.variant, is_error=status >= 500,
-                           latency_s=now - call.started)
+                tally.first_token - call.started)
+        outcome = self.outcome(call, status, now, tally)
+        if outcome is not None:
+            self.router.record(decision.model, decision.variant, outcome)
+
+    def outcome(self, call: RelayCall, status: int, now: float,
+                tally: StreamTally | None) -> CallOutcome | None:
+        """The call as canary judging sees it; None for the client's own errors."""
+        context = call.context
+        key_name = context.key.name if context.key is not None else ""
+        if tally is not None and tally.is_client_error:
+            return None
+        if status >= 500:
+            return CallOutcome(key_name, is_error=True)
+        if status != 200:
+            return None
+        if call.path == EMBEDDINGS_PATH:
+            return CallOutcome(key_name, is_error=False)
+        if tally is None:  # unary: its duration per output token
+            per_token = (now - call.started) / max(1, context.completion_tokens)
+            return CallOutcome(key_name, is_error=False, itl_s=per_token)
+        ttft = None if tally.first_token is None else tally.first_token - call.started
+        itl = None
+        if tally.num_token_events >= 2 and tally.first_token and tally.last_token:
+            itl = (tally.last_token - tally.first_token) / (tally.num_token_events - 1)
+        return CallOutcome(key_name, is_error=False, ttft_s=ttft, itl_s=itl)
 
     async def _unary(self, call: RelayCall) -> None:
         decision = call.decision
@@ -209,9 +285,8 @@ class Relay:
                 return
             await call.send({"type": "http.response.start", "status": 200,
                              "headers": list(STREAM_START_HEADERS)})
-            first_byte, first_token = await self._pump(call, stream)
-            status = 200 if call.context.is_complete else 502
-            self.observe(call, status, first_byte, first_token)
+            tally = await self._pump(call, stream)
+            self.observe(call, 200 if call.context.is_complete else 502, tally=tally)
         finally:
             await stream.aclose()
 
@@ -231,50 +306,52 @@ class Relay:
         self.observe(call, error.status_code)
         await send_api_error(call.send, error)
 
-    async def _pump(self, call: RelayCall,
-                    stream: UpstreamStream) -> tuple[float | None, float | None]:
-        """Events out as they come; returns when the first byte and the first text came."""
+    async def _pump(self, call: RelayCall, stream: UpstreamStream) -> StreamTally:
+        """Events out as they come, counted in the returned tally."""
         context, send = call.context, call.send
-        splitter, first_byte, first_token, failure = EventSplitter(), None, None, None
-        saw_done = saw_error = False
+        splitter, tally, failure = EventSplitter(), StreamTally(), None
         try:
             async for chunk in stream:
-                first_byte = first_byte or time.perf_counter()
-                out = []
-                for event in splitter.feed(chunk):
-                    info = inspect_event(event)
-                    saw_done = saw_done or info.is_done
-                    saw_error = saw_error or info.is_error
-                    if first_token is None and carries_text(event):
-                        first_token = time.perf_counter()
-                    if info.usage is not None:
-                        record_usage(context, info.usage)
-                    if call.wants_usage:
-                        out.append(event)
-                    elif not info.is_usage_only:
-                        out.append(without_null_usage(event))
+                tally.first_byte = tally.first_byte or time.perf_counter()
+                passed = (self._passed_on(call, tally, event) for event in splitter.feed(chunk))
+                out = [event for event in passed if event is not None]
                 if out:
+                    now = time.perf_counter()
+                    for event in out:  # counted before it goes: charged even if cut off
+                        tally.sent(event, now)
                     await send({"type": "http.response.body", "body": b"".join(out),
                                 "more_body": True})
         except UpstreamStreamError as exc:
             failure = str(exc)
         except asyncio.CancelledError:  # client gone (harmless) or the gateway shutting down
+            tally.charge_delivered(context)
             await send({"type": "http.response.body", "more_body": False,
                         "body": error_event("The gateway stopped this stream (shutting down "
                                             "or cancelled).", code="stream_cancelled")})
             raise
-        if failure is None and not saw_done:
+        if failure is None and not tally.saw_done:
             failure = "the upstream closed the stream before it finished"
         tail = b""
-        if failure is not None and not saw_error:
+        if failure is not None and not tally.saw_error:
             decision = call.decision
             self.metrics.stream_errors.labels(decision.model, decision.variant).inc()
             logger.warning("stream from variant %r failed: %s", decision.variant, failure)
             tail = error_event(f"The upstream for variant {decision.variant!r} failed "
                                f"mid-stream: {failure}.")
-        context.is_complete = failure is None and saw_done and not saw_error
+        context.is_complete = failure is None and tally.saw_done and not tally.saw_error
+        tally.charge_delivered(context)
         await send({"type": "http.response.body", "body": tail, "more_body": False})
-        return first_byte, first_token
+        return tally
+
+    def _passed_on(self, call: RelayCall, tally: StreamTally, event: bytes) -> bytes | None:
+        """The event as the client gets it (None: dropped), its facts noted."""
+        info = inspect_event(event)
+        tally.seen(info)
+        if info.usage is not None:
+            tally.has_usage = record_usage(call.context, info.usage)
+        if call.wants_usage:
+            return event
+        return None if info.is_usage_only else without_null_usage(event)
 
     async def shadow(self, decision: RouteDecision, path: str, body: dict[str, Any],
                      headers: dict[str, str]) -> None:

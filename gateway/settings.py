@@ -57,6 +57,9 @@ class ModelRouteSettings(_Section):
     stable: str = Field("stable", description="the baseline variant canaries are judged by")
     variants: list[VariantSettings] = Field(min_length=1)
     shadow: ShadowSettings | None = None
+    max_context_tokens: int | None = Field(
+        None, ge=1, description="context length for token estimates of calls without "
+        "max_tokens (default: the replicas' /v1/models max_model_len)")
 
     @model_validator(mode="after")
     def _check_variants(self) -> ModelRouteSettings:
@@ -80,7 +83,10 @@ class RollbackSettings(_Section):
     min_samples: int = Field(20, ge=1)
     max_error_rate_increase: float = Field(0.05, ge=0, le=1,
                                            description="absolute, e.g. 0.05 = 5 points")
-    max_p95_latency_ratio: float = Field(2.0, ge=1)
+    max_p95_latency_ratio: float = Field(2.0, ge=1, description="of time to first token "
+                                         "and of inter-token latency, each against stable's")
+    max_key_share: float = Field(0.2, gt=0, le=1, description="most of a judging window "
+                                 "one API key's calls may fill (1 = no cap)")
 
 
 class TimeoutSettings(_Section):
@@ -88,6 +94,9 @@ class TimeoutSettings(_Section):
     first_byte_seconds: float = Field(120.0, gt=0)
     idle_seconds: float = Field(60.0, gt=0, description="between two stream chunks")
     total_seconds: float = Field(600.0, gt=0)
+    keep_alive_seconds: float = Field(30.0, gt=0, description="idle upstream connections "
+                                      "are closed after this (keep it below the servers' "
+                                      "keep_alive_timeout_seconds)")
 
 
 class RetrySettings(_Section):
@@ -115,7 +124,11 @@ class RateLimitSettings(_Section):
     default_rpm: int | None = Field(None, ge=1, description="for keys without their own rpm")
     default_tpm: int | None = Field(None, ge=1, description="for keys without their own tpm")
     default_max_tokens: int = Field(256, ge=1,
-                                    description="completion estimate when max_tokens is absent")
+                                    description="completion estimate when max_tokens is absent "
+                                    "and the model's context length is unknown")
+    failure_mode: Literal["fail_open", "fail_closed"] = Field(
+        "fail_open", description="redis backend unreachable: admit calls unchecked "
+        "(fail_open) or refuse them with 503 (fail_closed)")
 
 
 class CacheSettings(_Section):
@@ -134,13 +147,27 @@ class GatewaySettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="serve /metrics (and only it) on this port, for "
+        "Prometheus; on the main port /metrics needs the admin key")
     models: list[ModelRouteSettings] = Field(min_length=1)
     key_store: str = Field(DEFAULT_KEY_STORE,
                            description="SQLite file path, or a redis:// URL")
     admin_key: SecretStr | None = Field(None, description="guards /admin; unset = no admin API")
     redis_url: str | None = Field(None, description="for rate limits and cache in Redis")
+    redis_timeout_seconds: float = Field(0.5, gt=0, description="bound on every Redis call "
+                                         "(connect, reply, a free pooled connection)")
     key_refresh_seconds: float = Field(1.0, gt=0)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    # HTTP-level limits (common.http_limits), the same fields as the model server's
+    max_header_bytes: int = Field(32 * 1024, ge=1024, description="request line + headers")
+    header_timeout_seconds: float = Field(10.0, gt=0, description="until a request's "
+                                          "headers are in; then the connection is closed")
+    keep_alive_timeout_seconds: float = Field(75.0, gt=0, description="idle keep-alive "
+                                              "connections close after this (keep it above "
+                                              "a load balancer's idle timeout)")
+    max_connections: int = Field(4096, ge=1, description="beyond it a request gets 503")
+    backlog: int = Field(2048, ge=1, description="listen() queue of unaccepted connections")
     rate_limit: RateLimitSettings = RateLimitSettings()
     cache: CacheSettings = CacheSettings()
     rollback: RollbackSettings = RollbackSettings()
@@ -171,6 +198,8 @@ class GatewaySettings(BaseSettings):
                        if backend == "redis"]
         if needs_redis and not self.redis_url:
             raise ValueError(f"{', '.join(needs_redis)} backend is redis but redis_url is unset")
+        if self.metrics_port is not None and self.metrics_port == self.port:
+            raise ValueError(f"metrics_port must differ from port ({self.port})")
         return self
 
 

@@ -32,6 +32,7 @@ class EventSplitter:
 class EventInfo:
     is_done: bool = False
     is_error: bool = False
+    is_client_error: bool = False       # an error event blaming the request (4xx-like)
     is_usage_only: bool = False         # `choices: []` and a usage object
     usage: dict[str, Any] | None = None
 
@@ -57,16 +58,37 @@ def inspect_event(event: bytes) -> EventInfo:
     if not isinstance(payload, dict):
         return EventInfo()
     if "error" in payload:
-        return EventInfo(is_error=True)
+        return EventInfo(is_error=True, is_client_error=blames_request(payload["error"]))
     usage = payload.get("usage")
     if not isinstance(usage, dict):
         return EventInfo()
     return EventInfo(usage=usage, is_usage_only=payload.get("choices") == [])
 
 
+CLIENT_ERROR_TYPES = frozenset({"invalid_request_error", "BadRequestError", "NotFoundError"})
+
+
+def blames_request(error: Any) -> bool:
+    """An error object (OpenAI's, or vLLM's with a numeric code) about the request itself:
+    type `invalid_request_error`, or an HTTP code from 400 to 499."""
+    if not isinstance(error, dict):
+        return False
+    code = error.get("code")
+    is_4xx = isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 500
+    return is_4xx or error.get("type") in CLIENT_ERROR_TYPES
+
+
 def carries_text(event: bytes) -> bool:
     """True when the event delivers generated text (not a role-only or usage chunk)."""
     return TEXT_FIELD.search(event) is not None
+
+
+def count_output(event: bytes) -> int:
+    """Generated-output fields in the event: one per choice that got text, reasoning or a
+    tool-call delta. Quiver's engine and vLLM stream one token per such delta, so over a
+    stream this counts the completion tokens delivered (a lower bound if a server ever
+    packs several tokens into one delta)."""
+    return len(TEXT_FIELD.findall(event))
 
 
 def without_null_usage(event: bytes) -> bytes:

@@ -31,7 +31,7 @@ READY_TIMEOUT_S = 60
 
 @dataclass(frozen=True)
 class ScrapeTargets:
-    gateway: str              # host:port
+    gateway: str              # host:port of the gateway's metrics_port (not its API port)
     servers: tuple[str, ...]
 
 

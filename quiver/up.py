@@ -1,8 +1,9 @@
 """`quiver up`: the local stack on 127.0.0.1 — model server(s) and the gateway in front.
 
 The model is served by `quiver serve` on :8001 (a canary, when given, on :8002), both under
-one public name; the gateway runs in this process on :8000 with the key store shared with
-`quiver keys` (`.quiver/keys.db`). The API key is `QUIVER_API_KEY` when set, else a new one
+one public name; the gateway runs in this process on :8000 (its Prometheus metrics on
+:8100, the gateway port + 100) with the key store shared with `quiver keys`
+(`.quiver/keys.db`). The API key is `QUIVER_API_KEY` when set, else a new one
 printed at start (named `quiver-up`, replacing the previous one). With `--monitoring` a
 local Prometheus (:9090) scrapes them all with Quiver's recording and alert rules loaded.
 Ctrl-C stops everything.
@@ -31,6 +32,7 @@ from quiver.monitoring import (
 DEFAULT_MODEL = Path("models/smollm2-135m-instruct")
 GATEWAY_PORT = 8000
 SERVER_PORT = 8001
+METRICS_PORT_OFFSET = 100
 UP_KEY_NAME = "quiver-up"
 API_KEY_ENV = "QUIVER_API_KEY"
 READY_TIMEOUT_S = 300
@@ -50,6 +52,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help=f"gateway port (default {GATEWAY_PORT})")
     parser.add_argument("--server-port", type=int, default=SERVER_PORT,
                         help=f"first model server port (default {SERVER_PORT})")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="the gateway's /metrics port, for Prometheus (default: the "
+                             f"gateway port + {METRICS_PORT_OFFSET})")
     parser.add_argument("--store", default=None,
                         help="key store (default .quiver/keys.db, env QUIVER_GATEWAY_KEY_STORE)")
     parser.add_argument("--monitoring", action="store_true",
@@ -63,10 +68,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def banner(name: str, port: int, api_key: str | None) -> str:
+def metrics_port(args: argparse.Namespace) -> int:
+    return args.metrics_port or args.port + METRICS_PORT_OFFSET
+
+
+def banner(name: str, port: int, api_key: str | None, metrics: int | None = None) -> str:
     base = f"http://127.0.0.1:{port}"
     shown = api_key if api_key is not None else f"${API_KEY_ENV}"
     lines = [f"quiver up: gateway on {base} (OpenAI API at {base}/v1) for model {name!r}."]
+    if metrics is not None:
+        lines.append(f"Gateway metrics (for Prometheus): http://127.0.0.1:{metrics}/metrics")
     if api_key is not None:
         lines.append(f"API key (new, named {UP_KEY_NAME!r}): {api_key}")
     else:
@@ -137,11 +148,12 @@ def gateway_settings(args: argparse.Namespace, name: str, weight: float, store: 
         variants.append({"name": "canary", "weight": weight,
                          "replicas": [f"http://127.0.0.1:{args.server_port + 1}"]})
     return load_settings(None, host="127.0.0.1", port=args.port, key_store=store,
+                         metrics_port=metrics_port(args),
                          models=[{"name": name, "variants": variants}])
 
 
 def start_monitoring(args: argparse.Namespace, server_ports: list[int]):
-    targets = ScrapeTargets(gateway=f"127.0.0.1:{args.port}",
+    targets = ScrapeTargets(gateway=f"127.0.0.1:{metrics_port(args)}",
                             servers=tuple(f"127.0.0.1:{port}" for port in server_ports))
     return start_prometheus(targets, port=args.prometheus_port, interval=args.scrape_interval)
 
@@ -162,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
             wait_ready(process, port)
         settings = gateway_settings(args, name, weight, store)
         api_key = asyncio.run(ensure_key(store))
-        text = banner(name, args.port, api_key)
+        text = banner(name, args.port, api_key, metrics_port(args))
         if args.monitoring:
             prometheus = start_monitoring(args, [port for _, port in servers])
             if prometheus is not None:

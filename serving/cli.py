@@ -17,7 +17,6 @@ import types
 from typing import Any, Literal, Union, get_args, get_origin
 
 from common.errors import QuiverError
-from common.server import make_draining_server
 
 logger = logging.getLogger(__name__)
 
@@ -118,10 +117,11 @@ async def _serve(settings, banner: str | None) -> None:
 
 
 async def _serve_engine(settings, banner: str | None) -> None:
-    import uvicorn
     from prometheus_client import CollectorRegistry
 
     from common.build_info import register_build_info
+    from common.http_limits import HttpLimits
+    from common.server import make_draining_server, server_config
     from serving.api.app import create_app
     from serving.api.info_metrics import register_model_load_time
     from serving.artifact import ArtifactSummary
@@ -142,9 +142,9 @@ async def _serve_engine(settings, banner: str | None) -> None:
                         model=settings.name)
     try:
         app = create_app(settings, engine, tokenizer, registry)
-        config = uvicorn.Config(app, host=settings.host, port=settings.port, lifespan="off",
-                                ws="none", access_log=False, log_level="info",
-                                timeout_graceful_shutdown=settings.shutdown_grace_seconds)
+        config = server_config(app, host=settings.host, port=settings.port,
+                               limits=HttpLimits.of(settings), lifespan="off",
+                               log_level="info", grace_s=settings.shutdown_grace_seconds)
         server = make_draining_server(config, state=app.state.server)
         logger.info("serving %s (%s engine) on http://%s:%d: OpenAI API at /v1",
                     settings.name, engine.info.engine, settings.host, settings.port)

@@ -64,6 +64,13 @@ class ServerSettings(BaseSettings):
     max_logit_bias: int = Field(300, ge=0, le=4096, description="logit_bias entries")
     # HTTP
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_header_bytes: int = Field(32 * 1024, ge=1024, description="request line + headers")
+    header_timeout_seconds: float = Field(10.0, gt=0, description="until a request's "
+                                          "headers are in; then the connection is closed")
+    keep_alive_timeout_seconds: float = Field(75.0, gt=0, description="idle keep-alive "
+                                              "connections close after this")
+    max_connections: int = Field(2048, ge=1, description="beyond it a request gets 503")
+    backlog: int = Field(2048, ge=1, description="listen() queue of unaccepted connections")
     shutdown_grace_seconds: float = Field(30.0, ge=0)
     log_json: bool = False
 

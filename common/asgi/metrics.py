@@ -1,10 +1,12 @@
 """HTTP metrics: `<prefix>_http_requests_total{route,method,status}` and
 `<prefix>_http_request_duration_seconds{route,method}` (prefix `quiver_server` or
 `quiver_gateway`); `route` is the matched route's template (or `other`), so labels stay
-bounded. A client gone before the response counts as status 499."""
+bounded. A client gone before the response counts as status 499, a request the shutdown
+cut off before it answered as 503 (what the request-id middleware then sends)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -51,6 +53,10 @@ class MetricsMiddleware:
 
         try:
             await self.app(scope, receive, recording_send)
+        except asyncio.CancelledError:  # the shutdown cut it off: answered 503 if unstarted
+            if status["code"] == 499:
+                status["code"] = 503
+            raise
         except Exception:
             status["code"] = 500
             raise

@@ -1,11 +1,14 @@
 """Request ids: `x-request-id` echoed when the client sends a sane one, else minted; set in
 `request_id_var` for handlers and logs (`RequestIdLogFilter`), and sent on every response.
 As the outermost middleware it is also the last line of defence: an exception nobody
-handled becomes a logged 500 in OpenAI's shape that carries the request id.
+handled becomes a logged 500 in OpenAI's shape that carries the request id, and a request
+cancelled by the server's shutdown (the grace period ran out) a 503
+`server_shutting_down` — never uvicorn's plain-text 500, never a traceback.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import uuid
@@ -15,7 +18,12 @@ from opentelemetry import trace
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from common.errors import REQUEST_ID_HEADER, InternalServerError, send_api_error
+from common.errors import (
+    REQUEST_ID_HEADER,
+    InternalServerError,
+    ShuttingDownError,
+    send_api_error,
+)
 
 logger = logging.getLogger(__name__)
 request_id_var: ContextVar[str | None] = ContextVar("quiver_request_id", default=None)
@@ -52,20 +60,29 @@ class RequestIdMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         token = request_id_var.set(request_id)
 
-        started = False
+        started = finished = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal started
+            nonlocal started, finished
             if message["type"] == "http.response.start":
                 started = True
                 headers = [(k, v) for k, v in message.get("headers", [])
                            if k.lower() != REQUEST_ID_HEADER]
                 headers.append((REQUEST_ID_HEADER, request_id.encode()))
                 message = {**message, "headers": headers}
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                finished = True
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            # Only the server cancels a request's task: its shutdown grace period is over.
+            if started and not finished:
+                raise  # a half-sent answer: uvicorn closes the connection
+            if not started:
+                logger.warning("request %s cut off by the shutdown", request_id)
+                await send_api_error(send, ShuttingDownError(), request_id)
         except Exception:
             logger.exception("request %s failed", request_id)
             if started:

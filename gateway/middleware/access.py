@@ -3,24 +3,27 @@
 - The model must be one the key allows -> else 403 `model_not_allowed`.
 - `x-quiver-variant` pins a variant only for keys allowed to -> else 403
   `variant_pinning_not_allowed` (checked here, before the cache could answer).
-- A token budget is reserved up front: the call's estimate (prompt + `max_tokens` x `n`)
-  must fit in what is left, counting calls in flight -> else 429 `insufficient_quota`.
+- A token budget is reserved up front: the call's estimate (`gateway.estimate`: prompt +
+  `max_tokens` x `n` x prompts, or up to the model's context without `max_tokens`) must
+  fit in what is left, counting calls in flight -> else 429 `insufficient_quota`.
 After the response the reservation is released and the real usage is counted against the
 budget and in `quiver_gateway_tokens_total{key,model,kind}` (the key's name, never the key).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from common.errors import send_api_error
-from gateway.context import RequestContext, is_model_call, request_context
+from gateway.context import InFlight, RequestContext, is_model_call, request_context
 from gateway.errors import GatewayError, PermissionDeniedError, QuotaExceededError
+from gateway.estimate import estimate_tokens
 from gateway.keyring import KeyRing
 from gateway.keys import ApiKey
 from gateway.metrics import GatewayMetrics
-from gateway.ratelimit import estimate_tokens
 from gateway.settings import RateLimitSettings
 
 PIN_HEADER = "x-quiver-variant"
@@ -28,11 +31,14 @@ PIN_HEADER = "x-quiver-variant"
 
 class AccessMiddleware:
     def __init__(self, app: ASGIApp, *, keyring: KeyRing, settings: RateLimitSettings,
-                 metrics: GatewayMetrics) -> None:
+                 metrics: GatewayMetrics, context_tokens: Callable[[str], int | None],
+                 in_flight: InFlight) -> None:
         self.app = app
+        self.in_flight = in_flight
         self.keyring = keyring
         self.settings = settings
         self.metrics = metrics
+        self.context_tokens = context_tokens  # a model's context length, when known
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         context = request_context(scope) if is_model_call(scope) else None
@@ -40,18 +46,22 @@ class AccessMiddleware:
             await self.app(scope, receive, send)
             return
         key = context.key
-        context.estimated_tokens = estimate_tokens(context.body,
-                                                   self.settings.default_max_tokens)
+        estimate = estimate_tokens(context.body, scope["path"],
+                                   default_max_tokens=self.settings.default_max_tokens,
+                                   context_tokens=self.context_tokens(context.body["model"]))
+        context.estimated_tokens = estimate.total_tokens
+        context.estimated_prompt_tokens = estimate.prompt_tokens
         try:
             self.check(key, context, Headers(scope=scope).get(PIN_HEADER))
         except GatewayError as error:
             await send_api_error(send, error)
             return
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.keyring.release(key, context.estimated_tokens)
-            self.account(key, context)
+        with self.in_flight:
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                self.keyring.release(key, context.estimated_tokens)
+                self.account(key, context)
 
     def check(self, key: ApiKey, context: RequestContext, pinned: str | None) -> None:
         model = context.model
@@ -72,8 +82,8 @@ class AccessMiddleware:
             raise QuotaExceededError(
                 f"The API key {key.name!r} has {max(0, left)} tokens of its budget of "
                 f"{key.budget_tokens} left, and this request may use up to "
-                f"{context.estimated_tokens} (prompt + max_tokens x n). Lower max_tokens or "
-                "raise the budget.")
+                f"{context.estimated_tokens} (prompt + max_tokens x n, or up to the model's "
+                "context without max_tokens). Set or lower max_tokens, or raise the budget.")
 
     def account(self, key: ApiKey, context: RequestContext) -> None:
         if context.total_tokens <= 0:

@@ -1,9 +1,11 @@
-"""The response cache in front of the router, for model calls.
+"""The response cache for model calls, between the router's choice and the relay.
 
 Lookup unless `Cache-Control: no-cache`; store unless `no-store`; only deterministic
-requests (temperature 0 or a seed) unless configured otherwise; only complete 200 answers
-(the proxy says so: no error, no truncated stream). Keys are per tenant, so one tenant never
-sees another's entries. A hit replays the stored bytes (a JSON body or a whole SSE stream).
+requests (temperature 0 or a seed; embeddings always) unless configured otherwise; only
+complete 200 answers (the proxy says so: no error, no truncated stream). Keys are per
+tenant, so one tenant never sees another's entries, and per variant (the router chose it
+before the lookup), so a canary's answers never pass for stable's or the other way round.
+A hit replays the stored bytes (a JSON body or a whole SSE stream).
 The verdict goes into the request context; `ResponseHeadersMiddleware` puts it on every
 response as `x-quiver-cache: hit|miss|bypass`.
 """
@@ -19,6 +21,7 @@ from gateway.context import (
     is_model_call,
     request_context,
 )
+from gateway.estimate import EMBEDDINGS_PATH
 from gateway.metrics import GatewayMetrics
 from gateway.settings import CacheSettings
 from gateway.spans import phase_span, set_attributes
@@ -49,13 +52,15 @@ class CacheMiddleware:
         self.metrics = metrics
 
     def lookup_key(self, scope: Scope, context: RequestContext) -> str | None:
-        body, key = context.body, context.key
-        if self.cache is None or body is None or key is None:
+        body, key, decision = context.body, context.key, context.decision
+        if self.cache is None or body is None or key is None or decision is None:
             return None
-        if not (self.settings.cache_nondeterministic or is_deterministic(body)):
+        path = scope["path"]
+        deterministic = path == EMBEDDINGS_PATH or is_deterministic(body)
+        if not (self.settings.cache_nondeterministic or deterministic):
             return None
-        # a pinned call is answered by its variant only: its entries are its own
-        return cache_key(key.tenant, f"{scope['path']}#{context.pinned_variant or ''}", body)
+        # entries are the answering variant's: a canary's answer is never stable's
+        return cache_key(key.tenant, f"{path}#{decision.variant}", body)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not is_model_call(scope):

@@ -5,6 +5,10 @@ context by `AccessMiddleware`) are taken atomically; a refusal is a 429 with
 `Retry-After`. After it: the estimate is settled against the real usage the proxy
 recorded (0 for a cache hit or a failed call). Every admitted model call of a key with
 limits carries `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`, as does its 429.
+When the limiter's backend (Redis) is unreachable, `rate_limit.failure_mode` decides:
+`fail_open` admits the call unchecked (no headers), `fail_closed` answers 503
+`rate_limiter_unavailable`; either way `quiver_gateway_rate_limit_failures_total{mode}`
+counts it.
 """
 
 from __future__ import annotations
@@ -13,9 +17,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.errors import send_api_error
 from gateway.context import is_model_call, request_context, with_headers
-from gateway.errors import RateLimitError
+from gateway.errors import LimiterDownError, RateLimitError
 from gateway.metrics import GatewayMetrics
-from gateway.ratelimit import Limits, RateLimitDecision, RateLimiter
+from gateway.ratelimit import LimiterUnavailableError, Limits, RateLimitDecision, RateLimiter
 from gateway.settings import RateLimitSettings
 from gateway.spans import phase_span, set_attributes
 
@@ -42,12 +46,21 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         reserved = context.estimated_tokens  # set by AccessMiddleware
-        with phase_span("ratelimit") as span:
-            decision = await self.limiter.acquire(key.name, limits, reserved)
-            set_attributes(span, allowed=decision.allowed, reserved_tokens=reserved)
+        try:
+            with phase_span("ratelimit") as span:
+                decision = await self.limiter.acquire(key.name, limits, reserved)
+                set_attributes(span, allowed=decision.allowed, reserved_tokens=reserved)
+        except LimiterUnavailableError:
+            self.metrics.rate_limit_failures.labels("fail_closed").inc()
+            await send_api_error(send, LimiterDownError(
+                "Rate limits cannot be checked right now (their store is unreachable), so "
+                "this gateway refuses calls; retry shortly.", retry_after_s=1.0))
+            return
         if not decision.allowed:
             await self.refuse(send, key.name, decision)
             return
+        if decision.is_unchecked:
+            self.metrics.rate_limit_failures.labels("fail_open").inc()
         headers = decision.headers()
 
         async def send_with_limits(message: Message) -> None:

@@ -16,3 +16,13 @@ class RouteDecision:
     variant: str
     upstream_model: str        # the name the variant's replicas serve
     shadow_variant: str | None = None  # also mirror this request there, answers discarded
+
+
+@dataclass(frozen=True)
+class CallOutcome:
+    """One finished call as canary judging sees it (client errors are never one)."""
+
+    key: str                    # the API key's name: a key's share of a window is capped
+    is_error: bool              # the variant's fault: a 5xx or a stream it broke
+    ttft_s: float | None = None  # streams: until the first generated token
+    itl_s: float | None = None   # inter-token latency; unary calls: time per output token

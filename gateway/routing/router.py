@@ -22,7 +22,7 @@ from typing import Any, get_args
 
 from gateway.errors import BadRequestError, NotFoundError
 from gateway.metrics import GatewayMetrics
-from gateway.routing import RouteDecision
+from gateway.routing import CallOutcome, RouteDecision
 from gateway.routing.rollback import RollbackMonitor, RollbackReason, RollbackVerdict
 from gateway.settings import ModelRouteSettings, RollbackSettings
 
@@ -86,11 +86,11 @@ class Router:
                              upstream_model=self._upstream_models[(model, variant)],
                              shadow_variant=self._shadow_for(route, variant))
 
-    def record(self, model: str, variant: str, *, is_error: bool, latency_s: float) -> None:
-        """One finished request's outcome; may roll a canary of `model` back."""
+    def record(self, model: str, variant: str, outcome: CallOutcome) -> None:
+        """One finished call's outcome; may roll a canary of `model` back."""
         if (model, variant) not in self._upstream_models:
             return
-        self._monitor.record(model, variant, is_error=is_error, latency_s=latency_s)
+        self._monitor.record(model, variant, outcome)
         stable = self._routes[model].stable
         for name, weight in self._weights[model].items():
             if weight <= 0 or (model, name) in self._rolled_back:
@@ -198,8 +198,9 @@ class Router:
                 "rolled_back": verdict is not None,
                 "rollback_reason": verdict.reason if verdict else None,
                 "rollback_detail": verdict.detail if verdict else None,
-                "window": {"samples": stats.num_samples, "error_rate": stats.error_rate,
-                           "p95_s": stats.p95_s},
+                "window": {"samples": stats.num_samples, "keys": stats.num_keys,
+                           "error_rate": stats.error_rate, "p95_ttft_s": stats.p95_ttft_s,
+                           "p95_itl_s": stats.p95_itl_s},
             }
         shadow = route.shadow
         return {"stable": route.stable, "variants": variants,

@@ -26,15 +26,17 @@ if TYPE_CHECKING:
 __all__ = ["open_cache", "open_key_store", "open_limiter"]
 
 
-def open_key_store(location: str) -> KeyStore:
+def open_key_store(location: str, *, timeout_s: float | None = None) -> KeyStore:
     """The store at `location`: a `redis://`, `rediss://` or `unix://` URL gives a
-    `RedisKeyStore`, anything else is a SQLite file path (parent dirs are created)."""
+    `RedisKeyStore` (each call bounded by `timeout_s`), anything else is a SQLite file
+    path (parent dirs are created)."""
     if not location.strip():
         raise KeyStoreUnavailableError("the key store location is empty")
     if is_redis_location(location):
+        from gateway.stores.redis_client import DEFAULT_TIMEOUT_S
         from gateway.stores.redis_keys import RedisKeyStore
 
-        return RedisKeyStore(location)
+        return RedisKeyStore(location, timeout_s=timeout_s or DEFAULT_TIMEOUT_S)
     from gateway.stores.sqlite_keys import SqliteKeyStore
 
     return SqliteKeyStore(Path(location))
@@ -44,7 +46,8 @@ def open_limiter(settings: GatewaySettings) -> RateLimiter:
     if settings.rate_limit.backend == "redis":
         from gateway.stores.redis_ratelimit import RedisRateLimiter
 
-        return RedisRateLimiter(settings.redis_url)
+        return RedisRateLimiter(settings.redis_url, timeout_s=settings.redis_timeout_seconds,
+                                fail_open=settings.rate_limit.failure_mode == "fail_open")
     from gateway.stores.memory_ratelimit import MemoryRateLimiter
 
     return MemoryRateLimiter()
@@ -59,7 +62,8 @@ def open_cache(settings: GatewaySettings, metrics: GatewayMetrics) -> ResponseCa
         from gateway.stores.redis_cache import RedisCache
 
         return RedisCache(settings.redis_url, ttl_seconds=cache.ttl_seconds,
-                          max_entry_bytes=cache.max_entry_bytes)
+                          max_entry_bytes=cache.max_entry_bytes,
+                          timeout_s=settings.redis_timeout_seconds)
     from gateway.stores.memory_cache import MemoryCache
 
     return MemoryCache(max_bytes=cache.max_bytes, max_entry_bytes=cache.max_entry_bytes,

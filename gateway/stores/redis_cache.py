@@ -7,7 +7,9 @@ Eviction under memory pressure is Redis's own `maxmemory-policy` (allkeys-lru su
 
 The cache is an optimisation, never a dependency: a Redis error (or an unreadable value)
 on `get` is a miss and on `put` a skip, with a warning at most every `WARN_INTERVAL_S`
-naming only the error (never the URL, which may hold a password).
+naming only the error (never the URL, which may hold a password). Every call is bounded
+by the client's timeout, and after a failure `RedisBreaker` skips Redis for a moment, so
+an outage costs requests no waiting.
 """
 
 from __future__ import annotations
@@ -18,10 +20,14 @@ import struct
 import time
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from gateway.cache import CachedResponse
-from gateway.stores.redis_client import open_redis
+from gateway.stores.redis_client import (
+    DEFAULT_TIMEOUT_S,
+    RedisBreaker,
+    RedisUnavailableError,
+    open_redis,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +64,13 @@ def decode_entry(data: bytes) -> CachedResponse:
 
 class RedisCache:
     def __init__(self, url_or_client: str | aioredis.Redis, ttl_seconds: float,
-                 max_entry_bytes: int, prefix: str = "quiver:cache:") -> None:
+                 max_entry_bytes: int, prefix: str = "quiver:cache:", *,
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         if ttl_seconds <= 0 or max_entry_bytes <= 0:
             raise ValueError(f"ttl_seconds and max_entry_bytes must be positive, got "
                              f"{ttl_seconds} and {max_entry_bytes}")
         if isinstance(url_or_client, str):
-            self._client = open_redis(url_or_client)
+            self._client = open_redis(url_or_client, timeout_s=timeout_s)
             self._owns_client = True
         else:
             if url_or_client.get_connection_kwargs().get("decode_responses"):
@@ -75,11 +82,12 @@ class RedisCache:
         self.max_entry_bytes = max_entry_bytes
         self._prefix = prefix
         self._last_warning = float("-inf")
+        self._breaker = RedisBreaker()
 
     async def get(self, key: str) -> CachedResponse | None:
         try:
-            data = await self._client.get(self._prefix + key)
-        except (RedisError, OSError) as exc:
+            data = await self._breaker.call(lambda: self._client.get(self._prefix + key))
+        except RedisUnavailableError as exc:
             self._warn("get", exc)
             return None
         if data is None:
@@ -94,8 +102,9 @@ class RedisCache:
         if entry.size_bytes > self.max_entry_bytes:
             return
         try:
-            await self._client.set(self._prefix + key, encode_entry(entry), px=self.ttl_ms)
-        except (RedisError, OSError) as exc:
+            await self._breaker.call(lambda: self._client.set(
+                self._prefix + key, encode_entry(entry), px=self.ttl_ms))
+        except RedisUnavailableError as exc:
             self._warn("put", exc)
 
     async def close(self) -> None:
@@ -107,5 +116,4 @@ class RedisCache:
         now = time.monotonic()
         if now - self._last_warning >= WARN_INTERVAL_S:
             self._last_warning = now
-            logger.warning("response cache %s skipped: %s: %s", operation,
-                           type(exc).__name__, exc)
+            logger.warning("response cache %s skipped: Redis unavailable: %s", operation, exc)

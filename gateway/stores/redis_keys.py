@@ -10,9 +10,12 @@ Layout, all under `quiver:keys:`:
 | `quiver:keys:all`       | set  | every key hash, revoked ones included             |
 
 Create, revoke and usage are Lua scripts, so each is atomic: two creates of one name cannot
-both win, and a revoke cannot race an increment. `active_keys()` is one script call (one
-round trip). The scripts build record keys from the prefix, so this layout targets a single
-Redis (or a primary with replicas), not Redis Cluster.
+both win, and a revoke cannot race an increment. Every call is bounded by `timeout_s`: a
+hung or partitioned Redis fails a key reload instead of freezing it (and with it every
+later revocation); the gateway keeps serving its last snapshot and says how old it is.
+`active_keys()` is one script call (one round trip). The scripts build record keys from
+the prefix, so this layout targets a single Redis (or a primary with replicas), not Redis
+Cluster.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from gateway.keys import (
     validate_key,
 )
 from gateway.stores.location import describe_location
+from gateway.stores.redis_client import DEFAULT_TIMEOUT_S, open_redis
 
 PREFIX = "quiver:keys:"
 RECORD_PREFIX = PREFIX + "k:"
@@ -118,9 +122,10 @@ def _decode(flat: list[str]) -> ApiKey:
 class RedisKeyStore:
     """`KeyStore` over Redis (`redis://`, `rediss://` or `unix://` URL)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self._where = describe_location(url)
-        self._client = aioredis.Redis.from_url(url, decode_responses=True)
+        self._client: aioredis.Redis = open_redis(url, timeout_s=timeout_s,
+                                                  decode_responses=True)
         self._create = self._client.register_script(_CREATE)
         self._revoke = self._client.register_script(_REVOKE)
         self._add_usage = self._client.register_script(_ADD_USAGE)
@@ -133,7 +138,7 @@ class RedisKeyStore:
     def _translate(self) -> Iterator[None]:
         try:
             yield
-        except RedisError as exc:
+        except (RedisError, OSError) as exc:  # TimeoutError is an OSError
             raise KeyStoreUnavailableError(
                 f"key store {self._where}: {type(exc).__name__}: {exc}") from exc
 

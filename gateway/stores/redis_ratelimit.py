@@ -8,8 +8,11 @@ with skewed clocks still share one exact budget; a second script settles. The Lu
 Python with `summarize` from the levels the script returns. A hash expires a couple of
 minutes after both its buckets are full again (a missing bucket reads as full).
 
-When Redis cannot be reached the limiter fails open (admits, logs a warning) unless
-constructed with `fail_open=False`, in which case the Redis error propagates.
+When Redis cannot be reached (within `timeout_s`; then, for a second, at once: see
+`RedisBreaker`) the limiter fails open — admits, with `is_unchecked` on the decision and a
+warning now and then — or, constructed with `fail_open=False` (`rate_limit.failure_mode:
+fail_closed`), raises `LimiterUnavailableError` (the gateway answers 503). A settle that
+cannot reach Redis is dropped.
 """
 
 from __future__ import annotations
@@ -18,10 +21,20 @@ import logging
 import time
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
-from gateway.ratelimit import Limits, RateLimitDecision, summarize, token_need
-from gateway.stores.redis_client import open_redis
+from gateway.ratelimit import (
+    LimiterUnavailableError,
+    Limits,
+    RateLimitDecision,
+    summarize,
+    token_need,
+)
+from gateway.stores.redis_client import (
+    DEFAULT_TIMEOUT_S,
+    RedisBreaker,
+    RedisUnavailableError,
+    open_redis,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -102,9 +115,9 @@ return fmt(tl)
 
 class RedisRateLimiter:
     def __init__(self, url_or_client: str | aioredis.Redis, prefix: str = "quiver:rl:", *,
-                 fail_open: bool = True) -> None:
+                 fail_open: bool = True, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         if isinstance(url_or_client, str):
-            self._client = open_redis(url_or_client)
+            self._client = open_redis(url_or_client, timeout_s=timeout_s)
             self._owns_client = True
         else:
             self._client = url_or_client
@@ -114,19 +127,20 @@ class RedisRateLimiter:
         self._acquire_script = self._client.register_script(_ACQUIRE_LUA)
         self._settle_script = self._client.register_script(_SETTLE_LUA)
         self._last_warning = float("-inf")
+        self._breaker = RedisBreaker()
 
     async def acquire(self, key_name: str, limits: Limits, tokens: int) -> RateLimitDecision:
         if limits.is_unlimited:
             return RateLimitDecision(allowed=True)
         args = [limits.rpm or 0, limits.tpm or 0, max(tokens, 0), EXPIRE_MARGIN_MS]
         try:
-            allowed, request_level, token_level = await self._acquire_script(
-                keys=[self._key(key_name)], args=args)
-        except RedisError as exc:
-            if not self._fail_open:
-                raise
+            allowed, request_level, token_level = await self._breaker.call(
+                lambda: self._acquire_script(keys=[self._key(key_name)], args=args))
+        except RedisUnavailableError as exc:
             self._warn("acquire", key_name, exc)
-            return RateLimitDecision(allowed=True)
+            if not self._fail_open:
+                raise LimiterUnavailableError(f"the rate limiter's Redis: {exc}") from exc
+            return RateLimitDecision(allowed=True, is_unchecked=True)
         return summarize(limits, tokens, bool(allowed), float(request_level),
                          float(token_level))
 
@@ -135,10 +149,9 @@ class RedisRateLimiter:
             return
         args = [limits.rpm or 0, limits.tpm, reserved, actual, EXPIRE_MARGIN_MS]
         try:
-            await self._settle_script(keys=[self._key(key_name)], args=args)
-        except RedisError as exc:
-            if not self._fail_open:
-                raise
+            await self._breaker.call(
+                lambda: self._settle_script(keys=[self._key(key_name)], args=args))
+        except RedisUnavailableError as exc:
             self._warn("settle", key_name, exc)
 
     async def close(self) -> None:
@@ -149,10 +162,12 @@ class RedisRateLimiter:
         # The braces make it a Redis Cluster hash tag (one slot per key, as the script needs).
         return f"{self._prefix}{{{key_name}}}"
 
-    def _warn(self, operation: str, key_name: str, exc: RedisError) -> None:
+    def _warn(self, operation: str, key_name: str, exc: Exception) -> None:
         """One warning per interval while Redis is down, not one per request."""
         now = time.monotonic()
         if now - self._last_warning >= WARN_INTERVAL_S:
             self._last_warning = now
-            logger.warning("rate limit %s for key %s failed open: Redis error %s: %s",
-                           operation, key_name, type(exc).__name__, exc)
+            outcome = "admitted unchecked" if self._fail_open else "refused"
+            logger.warning("rate limit %s for key %s %s: Redis unavailable: %s",
+                           operation, key_name,
+                           outcome if operation == "acquire" else "dropped", exc)

@@ -1,4 +1,8 @@
-"""Active health checks: one task per replica GETs `health_checks.path` every interval."""
+"""Active health checks: one task per replica GETs `health_checks.path` every interval.
+
+A replica that passes and whose context length is not known yet is also asked for its
+`/v1/models`: the `max_model_len` of the model it serves bounds the gateway's token
+estimate of calls without `max_tokens` (vLLM and Quiver both list it)."""
 
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ class HealthChecker:
         timeout = aiohttp.ClientTimeout(total=self._settings.timeout_seconds)
         try:
             async with self._session.get(replica.url + self._settings.path,
+                                         headers=replica.headers,
                                          timeout=timeout) as response:
                 await response.read()
                 return response.status == 200
@@ -44,10 +49,29 @@ class HealthChecker:
             logger.debug("health check of %s failed: %r", replica.url, exc)
             return False
 
+    async def model_len(self, replica: Replica) -> int | None:
+        """The `max_model_len` its `/v1/models` gives the model it serves, if any."""
+        timeout = aiohttp.ClientTimeout(total=self._settings.timeout_seconds)
+        try:
+            async with self._session.get(replica.url + "/v1/models", headers=replica.headers,
+                                         timeout=timeout) as response:
+                listing = await response.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
+            return None
+        entries = listing.get("data") if isinstance(listing, dict) else None
+        for entry in entries if isinstance(entries, list) else []:
+            length = entry.get("max_model_len") if isinstance(entry, dict) else None
+            if entry.get("id") == replica.upstream_model and isinstance(length, int):
+                return length
+        return None
+
     async def _run(self, replica: Replica) -> None:
         while True:
             try:
-                replica.record_health(await self.check(replica), self._settings)
+                is_ok = await self.check(replica)
+                replica.record_health(is_ok, self._settings)
+                if is_ok and replica.max_model_len is None:
+                    replica.max_model_len = await self.model_len(replica)
             except Exception:  # keep probing whatever one probe did
                 logger.exception("health check of %s crashed", replica.url)
             await asyncio.sleep(self._settings.interval_seconds)

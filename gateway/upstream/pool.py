@@ -94,12 +94,16 @@ class UpstreamPool:
         for route in settings.models:
             for variant in route.variants:
                 key = (route.name, variant.name)
-                self._replicas[key] = [
-                    Replica(route.name, variant.name, url, settings.circuit_breaker, metrics,
-                            clock) for url in variant.replicas]
                 self._api_keys[key] = (variant.api_key.get_secret_value()
                                        if variant.api_key else None)
+                headers = ({"authorization": f"Bearer {self._api_keys[key]}"}
+                           if self._api_keys[key] else {})
+                self._replicas[key] = [
+                    Replica(route.name, variant.name, url, settings.circuit_breaker, metrics,
+                            clock, upstream_model=variant.upstream_model, headers=headers)
+                    for url in variant.replicas]
         self._session: aiohttp.ClientSession | None = None
+        self._probe_session: aiohttp.ClientSession | None = None
         self._health: HealthChecker | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -107,29 +111,48 @@ class UpstreamPool:
     async def start(self) -> None:
         if self._session is not None:
             return
-        connector = aiohttp.TCPConnector(limit=4096, limit_per_host=0, keepalive_timeout=30)
+        connector = aiohttp.TCPConnector(
+            limit=4096, limit_per_host=0,
+            keepalive_timeout=self._settings.timeouts.keep_alive_seconds)
         timeout = aiohttp.ClientTimeout(total=None,
                                         sock_connect=self._settings.timeouts.connect_seconds)
         self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
         if self._settings.health_checks.enabled:
+            # Probes get their own pool: aiohttp reuses the oldest idle connection first,
+            # so a probe every few seconds would keep a burst's connections alive for ever.
+            self._probe_session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit_per_host=1,
+                    keepalive_timeout=self._settings.timeouts.keep_alive_seconds),
+                timeout=timeout)
             replicas = [r for group in self._replicas.values() for r in group]
             self._health = HealthChecker(replicas, self._settings.health_checks,
-                                         self._session)
+                                         self._probe_session)
             self._health.start()
 
     async def close(self) -> None:
         if self._health is not None:
             await self._health.stop()
             self._health = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._probe_session, self._session):
+            if session is not None:
+                await session.close()
+        self._session = self._probe_session = None
 
     # -- state -------------------------------------------------------------------------
 
-    def has_healthy_replica(self, model: str, variant: str) -> bool:
-        """True when a replica of the variant passes its health checks."""
-        return any(r.is_healthy for r in self._replicas.get((model, variant), []))
+    def can_serve(self, model: str, variant: str) -> bool:
+        """True when a replica of the variant is healthy: with health checks on, it has
+        passed one since start (a replica never probed yet may be dead)."""
+        must_pass = self._settings.health_checks.enabled
+        return any(r.is_healthy and (r.num_checks_passed > 0 or not must_pass)
+                   for r in self._replicas.get((model, variant), []))
+
+    def context_tokens(self, model: str) -> int | None:
+        """The largest context length any replica of the model reported, if any did."""
+        lengths = [r.max_model_len for (name, _), group in self._replicas.items()
+                   if name == model for r in group if r.max_model_len is not None]
+        return max(lengths) if lengths else None
 
     def replica_states(self) -> list[dict[str, Any]]:
         """Every replica's health, circuit and load, JSON-ready (`GET /admin/upstreams`)."""

@@ -104,15 +104,22 @@ class ReplicaState:
     num_outstanding: int             # requests in flight on it now
     num_consecutive_failures: int    # failed attempts in a row (what opens the circuit)
     recent_failures: tuple[RecentFailure, ...]  # failed attempts, newest first
+    max_model_len: int | None        # its /v1/models context length, once read
 
 
 class Replica:
     def __init__(self, model: str, variant: str, url: str,
                  breaker: CircuitBreakerSettings, metrics: GatewayMetrics,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *,
+                 upstream_model: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         self.model, self.variant, self.url = model, variant, url.rstrip("/")
+        self.upstream_model = upstream_model or model  # the name the replica serves
+        self.headers = dict(headers or {})             # sent with every probe
         self.breaker = CircuitBreaker(breaker, clock)
         self.is_healthy = True
+        self.num_checks_passed = 0         # health checks passed since start
+        self.max_model_len: int | None = None  # from its /v1/models, once read
         self.num_outstanding = 0
         self._clock = clock
         self._recent_failures: deque[tuple[Outcome, float]] = deque(maxlen=NUM_RECENT_FAILURES)
@@ -135,6 +142,7 @@ class Replica:
 
     def record_health(self, is_ok: bool, settings: HealthCheckSettings) -> None:
         if is_ok:
+            self.num_checks_passed += 1
             self._num_health_successes += 1
             self._num_health_failures = 0
             if (not self.is_healthy
@@ -161,7 +169,8 @@ class Replica:
             num_outstanding=self.num_outstanding,
             num_consecutive_failures=self.breaker.num_consecutive_failures,
             recent_failures=tuple(RecentFailure(outcome, round(now - at, 3))
-                                  for outcome, at in self._recent_failures))
+                                  for outcome, at in self._recent_failures),
+            max_model_len=self.max_model_len)
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self.state())

@@ -20,6 +20,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# Subprocesses import this checkout's code whatever their working directory (an editable
+# install elsewhere would otherwise win outside the repository root).
+CHILD_ENV = {"PYTHONUNBUFFERED": "1",
+             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
+                                                         os.environ.get("PYTHONPATH")]))}
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -102,13 +109,14 @@ class ModelServer:
             self.process.wait(10)
 
 
-def start_model_server(model_dir: Path, name: str, port: int | None = None) -> ModelServer:
+def start_model_server(model_dir: Path, name: str, port: int | None = None,
+                       *extra_args: str) -> ModelServer:
     """`quiver serve` on the given model, in a subprocess, once /ready answers 200."""
     port = port or free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **CHILD_ENV}
     process = subprocess.Popen(
         [sys.executable, "-m", "quiver", "serve", "--model", str(model_dir), "--port",
-         str(port), "--served-model-name", name, "--max-num-seqs", "16"],
+         str(port), "--served-model-name", name, "--max-num-seqs", "16", *extra_args],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     server = ModelServer(url=f"http://127.0.0.1:{port}", name=name, process=process)
     try:
@@ -168,7 +176,7 @@ def start_gateway(config: dict, workdir: Path, *, name: str = "gateway",
     with log_path.open("w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "quiver", "gateway", "--config", str(config_path)],
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, cwd=workdir,
+            env={**os.environ, **CHILD_ENV, **(env or {})}, cwd=workdir,
             stdout=log, stderr=subprocess.STDOUT)
     gateway = GatewayProcess(url=f"http://127.0.0.1:{port}", process=process,
                              log_path=log_path)
@@ -223,8 +231,7 @@ class FakeProcess:
             self.process.wait(10)
 
 
-@pytest.fixture
-def fake_upstreams() -> Iterator:
+def _fake_starter() -> Iterator:
     """`start(**flags)` runs `fake_upstream.py` in a subprocess; all are killed afterwards."""
     started: list[FakeProcess] = []
 
@@ -242,3 +249,15 @@ def fake_upstreams() -> Iterator:
     yield start
     for fake in started:
         fake.kill()
+
+
+@pytest.fixture
+def fake_upstreams() -> Iterator:
+    """`start(**flags)` runs `fake_upstream.py` in a subprocess; all are killed afterwards."""
+    yield from _fake_starter()
+
+
+@pytest.fixture(scope="module")
+def fake_upstreams_module() -> Iterator:
+    """As `fake_upstreams`, for a module's shared stack."""
+    yield from _fake_starter()

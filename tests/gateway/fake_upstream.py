@@ -15,25 +15,34 @@ Modes, for `POST /v1/chat/completions` and `/v1/completions`: `normal` (a JSON a
 usage, or an SSE stream of `num_chunks` chunks `chunk_delay_s` apart, a usage chunk when
 `stream_options.include_usage`, then `data: [DONE]`), `fail503`, `fail500`, `hang` (never
 sends headers), `die_mid_stream` (closes the socket abruptly after `die_after_chunks` chunks,
-or half-way through a JSON body), `garbage` (answers bytes that are not HTTP). `/ready` and
-`/health` answer 503 when `ready` / `healthy` are off. `POST /_fake/behaviour` changes the
-behaviour over HTTP and `GET /_fake/stats` reports what was seen.
+or half-way through a JSON body), `garbage` (answers bytes that are not HTTP),
+`bad_request` (400 in OpenAI's shape), `bad_request_text` (400 in plain text),
+`stream_client_error` (streams `die_after_chunks` chunks, then an `invalid_request_error`
+event and `[DONE]`, as a server that finds fault with the request mid-way). A body holding
+`fail_marker` (when set) gets a 500 whatever the mode. `POST /v1/embeddings` answers in
+OpenAI's embeddings format (float lists, or base64 with `encoding_format: base64`;
+`dimensions` honoured). `/ready` and `/health` answer 503 when `ready` / `healthy` are off.
+`POST /_fake/behaviour` changes the behaviour over HTTP and `GET /_fake/stats` reports what
+was seen.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import socket
+import struct
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from aiohttp import web
 
-MODES = ("normal", "fail503", "fail500", "hang", "die_mid_stream", "garbage")
+MODES = ("normal", "fail503", "fail500", "hang", "die_mid_stream", "garbage", "bad_request",
+         "bad_request_text", "stream_client_error")
 _WRITE_ERRORS = (ConnectionResetError, ConnectionError, RuntimeError)
 
 
@@ -46,6 +55,7 @@ class Behaviour:
     die_after_chunks: int = 2
     ready: bool = True
     healthy: bool = True
+    fail_marker: str = ""           # a body holding it gets a 500
 
 
 @dataclass
@@ -95,6 +105,7 @@ class FakeUpstream:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._model_answer)
         app.router.add_post("/v1/completions", self._model_answer)
+        app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/ready", self._ready)
         app.router.add_get("/health", self._health)
@@ -129,7 +140,10 @@ class FakeUpstream:
         return web.json_response({
             "num_requests": len(self.seen), "num_in_flight": self.num_in_flight,
             "num_client_disconnects": self.num_client_disconnects,
-            "streams": [asdict(s) for s in self.streams]})
+            "streams": [asdict(s) for s in self.streams],
+            "num_connections": (len(self._runner.server.connections)
+                                if self._runner is not None and self._runner.server else 0),
+            "last_body": self.seen[-1].body if self.seen else None})
 
     # -- model answers ---------------------------------------------------------------
 
@@ -143,8 +157,27 @@ class FakeUpstream:
         finally:
             self.num_in_flight -= 1
 
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        body = json.loads(raw) if raw else {}
+        self.seen.append(SeenRequest(request.path, dict(request.headers), body))
+        if self.behaviour.fail_marker and self.behaviour.fail_marker in raw.decode():
+            return web.json_response({"error": {"message": "fake 500", "type": "server_error",
+                                                "param": None, "code": None}}, status=500)
+        return web.json_response(_embedding_answer(body, self.name),
+                                 headers={"x-fake-upstream": self.name})
+
     async def _answer(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         mode = self.behaviour.mode
+        marker = self.behaviour.fail_marker
+        if marker and marker in json.dumps(body):
+            mode = "fail500"
+        if mode == "bad_request":
+            return web.json_response({"error": {"message": "fake bad request", "type":
+                                                "invalid_request_error", "param": None,
+                                                "code": None}}, status=400)
+        if mode == "bad_request_text":
+            return web.Response(status=400, text="that text makes no sense to me")
         if mode == "hang":
             await self._sleep_watching(request, 3600)
             return web.Response(status=504)
@@ -192,6 +225,12 @@ class FakeUpstream:
                 assert request.transport is not None
                 request.transport.abort()
                 return response
+            if (self.behaviour.mode == "stream_client_error"
+                    and record.num_chunks_sent >= self.behaviour.die_after_chunks):
+                await response.write(CLIENT_ERROR_EVENT + b"data: [DONE]\n\n")
+                record.outcome = "client_error"
+                await response.write_eof()
+                return response
             if record.num_chunks_sent and not await self._sleep_watching(
                     request, self.behaviour.chunk_delay_s):
                 return self._client_left(record, response)
@@ -232,6 +271,28 @@ def _completion(body: dict[str, Any], name: str) -> dict[str, Any]:
     return {"id": "cmpl-fake", "object": "text_completion", "created": 0, "model": model,
             "choices": [{"index": 0, "text": f"hi from {name}", "finish_reason": "stop"}],
             "usage": usage}
+
+
+CLIENT_ERROR_EVENT = (b'data: {"error":{"message":"the prompt cannot be continued",'
+                      b'"type":"invalid_request_error","param":null,"code":null}}\n\n')
+
+
+def _embedding_answer(body: dict[str, Any], name: str) -> dict[str, Any]:
+    inputs = body.get("input")
+    items = [inputs] if isinstance(inputs, str) or (
+        isinstance(inputs, list) and inputs and isinstance(inputs[0], int)) else inputs or []
+    dimensions = body.get("dimensions")
+    dimensions = dimensions if isinstance(dimensions, int) and 0 < dimensions <= 64 else 8
+    data, num_tokens = [], 0
+    for index, item in enumerate(items):
+        num_tokens += len(item) if isinstance(item, list) else max(1, len(item) // 4)
+        vector = [round(((index + 1) * (d + 1) % 7) / 7, 4) for d in range(dimensions)]
+        embedding: Any = vector
+        if body.get("encoding_format") == "base64":
+            embedding = base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": embedding})
+    return {"object": "list", "data": data, "model": body.get("model", name),
+            "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens}}
 
 
 def _stream_events(body: dict[str, Any], num_chunks: int, name: str) -> list[bytes]:

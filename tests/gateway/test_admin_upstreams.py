@@ -77,7 +77,8 @@ async def wait_for(client: httpx.AsyncClient,
 def untroubled(url: str) -> dict[str, Any]:
     return {"model": "tiny", "variant": "stable", "url": url, "is_healthy": True,
             "num_failed_health_checks": 0, "circuit": "closed", "circuit_retry_in_s": 0.0,
-            "num_outstanding": 0, "num_consecutive_failures": 0, "recent_failures": []}
+            "num_outstanding": 0, "num_consecutive_failures": 0, "recent_failures": [],
+            "max_model_len": None}  # the fakes list no context length
 
 
 async def test_the_listing_needs_the_admin_key(tmp_path: Path, live: str):

@@ -112,7 +112,7 @@ def test_completions_endpoint_and_model_lookup(stack):
 
 
 @pytest.mark.parametrize(("method", "path", "status"), [
-    ("GET", "/v1/chat/completions", 405), ("POST", "/v1/embeddings", 404),
+    ("GET", "/v1/chat/completions", 405), ("POST", "/v1/audio/speech", 404),
     ("GET", "/nowhere", 404)])
 def test_unknown_routes_and_methods_answer_in_openai_shape(stack, method, path, status):
     key = stack.key(f"lost-{status}-{path.count('/')}")
@@ -251,15 +251,15 @@ def test_cache_hit_miss_bypass_and_directives(stack):
     assert stack.post(key, {**body, "temperature": 0.8}).headers["x-quiver-cache"] == "bypass"
 
 
-def test_cache_keeps_pinned_variants_apart_and_checks_pinning_first(stack):
+def test_cache_keys_by_variant_and_checks_pinning_first(stack):
     body = {"model": "tiny", "messages": [{"role": "user", "content": "pinned"}],
             "max_tokens": 4, "temperature": 0}
     pinner = stack.key("pinner", can_pin_variant=True)
     assert stack.post(pinner, body).headers["x-quiver-cache"] == "miss"
+    # entries are keyed by the variant that answers: pinning the one that served is a hit
     pinned = stack.post(pinner, body, **{"x-quiver-variant": "stable"})
-    assert pinned.headers["x-quiver-cache"] == "miss"        # its own entry
-    assert stack.post(pinner, body, **{"x-quiver-variant": "stable"}).headers[
-        "x-quiver-cache"] == "hit"
+    assert pinned.headers["x-quiver-cache"] == "hit"
+    assert pinned.headers["x-quiver-variant"] == "stable"
     other = stack.key("no-pinning", owner="shared-tenant")
     stack.post(other, body)                                   # cached for this tenant
     refused = stack.post(other, body, **{"x-quiver-variant": "stable"})
@@ -296,7 +296,8 @@ def test_keys_never_reach_logs_or_metrics(stack):
     chat(stack.client(key), temperature=1.0)
     httpx.post(f"{stack.gateway.url}/v1/chat/completions", json={"model": "tiny"},
                headers={"authorization": "Bearer qk-leaked-attempt"}, timeout=30)
-    metrics = httpx.get(f"{stack.gateway.url}/metrics", timeout=30).text
+    metrics = httpx.get(f"{stack.gateway.url}/metrics", timeout=30,
+                        headers={"authorization": f"Bearer {ADMIN_KEY}"}).text
     assert ('quiver_gateway_requests_total{key="secretive",model="tiny",status="200",'
             'variant="stable"}') in metrics
     assert 'quiver_gateway_tokens_total{key="secretive"' in metrics

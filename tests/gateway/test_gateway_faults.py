@@ -123,7 +123,7 @@ def test_canary_is_rolled_back_when_it_errors(fake_upstreams, tmp_path):
     stable = fake_upstreams("stable")
     canary = fake_upstreams("canary", mode="fail500")
     store = str(tmp_path / "keys.db")
-    key = create_key(store, "rollout")
+    keys = [create_key(store, f"rollout-{i}") for i in range(5)]  # no one key decides
     config = gateway_config(store, [variant("stable", 50, stable.url),
                                     variant("canary", 50, canary.url)],
                             rollback={"window_seconds": 60, "min_samples": 10,
@@ -132,8 +132,8 @@ def test_canary_is_rolled_back_when_it_errors(fake_upstreams, tmp_path):
     try:
         variants = []
         for user in range(80):
-            response = post(gateway.url, key, {"model": "tiny", "messages": MESSAGES,
-                                               "user": f"user-{user}"})
+            response = post(gateway.url, keys[user % 5], {
+                "model": "tiny", "messages": MESSAGES, "user": f"user-{user}"})
             variants.append((response.headers.get("x-quiver-variant"), response.status_code))
         routes = httpx.get(f"{gateway.url}/admin/routes", timeout=10,
                            headers={"authorization": f"Bearer {ADMIN}"}).json()
@@ -143,7 +143,8 @@ def test_canary_is_rolled_back_when_it_errors(fake_upstreams, tmp_path):
         # after the rollback every request goes to stable and succeeds
         assert all(v == ("stable", 200) for v in variants[-20:])
         assert sum(1 for v, _ in variants if v == "canary") >= 10
-        metrics = httpx.get(f"{gateway.url}/metrics", timeout=10).text
+        metrics = httpx.get(f"{gateway.url}/metrics", timeout=10,
+                            headers={"authorization": f"Bearer {ADMIN}"}).text
         assert 'quiver_gateway_rollbacks_total{model="tiny"' in metrics
         assert "rolled back" in gateway.log.lower() or "rollback" in gateway.log.lower()
     finally:

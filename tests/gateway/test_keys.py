@@ -199,3 +199,34 @@ async def test_redis_store_reports_an_unreachable_server():
         await store.active_keys()
     assert "topsecret" not in str(exc.value)
     await store.close()
+
+
+class SlowUsageStore(SqliteKeyStore):
+    """SQLite whose usage writes take a while: a reload is in progress at shutdown."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.writing = asyncio.Event()
+
+    async def add_usage(self, name: str, tokens: int) -> int:
+        self.writing.set()
+        await asyncio.sleep(0.3)
+        return await super().add_usage(name, tokens)
+
+
+async def test_closing_the_keyring_mid_reload_loses_no_usage(tmp_path: Path):
+    from gateway.keyring import KeyRing
+
+    store = SlowUsageStore(tmp_path / "keys.db")
+    _, key = mint_key("busy")
+    await store.create(key)
+    ring = KeyRing(store, refresh_seconds=0.01)
+    await ring.start()
+    ring.add_usage(key, 100)
+    await asyncio.wait_for(store.writing.wait(), 5)  # the reload is writing those 100 now
+    ring.add_usage(key, 7)                           # and more comes in meanwhile
+    await ring.close()
+    reopened = SqliteKeyStore(tmp_path / "keys.db")
+    (stored,) = await reopened.list_keys()
+    await reopened.close()
+    assert stored.used_tokens == 107

@@ -12,12 +12,16 @@ import textwrap
 from collections.abc import AsyncIterator
 
 import pytest
-import redis
 import redis.asyncio as aioredis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.ratelimit import Limits, RateLimitDecision, format_duration
+from gateway.ratelimit import (
+    LimiterUnavailableError,
+    Limits,
+    RateLimitDecision,
+    format_duration,
+)
 from gateway.stores.memory_ratelimit import MemoryRateLimiter
 from gateway.stores.redis_ratelimit import RedisRateLimiter
 from tests.gateway.conftest import free_port
@@ -319,11 +323,11 @@ async def test_redis_down_fails_open_or_raises(unused_port: int) -> None:
     url = f"redis://127.0.0.1:{unused_port}/0"
     open_limiter = RedisRateLimiter(url)
     decision = await open_limiter.acquire("k", Limits(rpm=1), 1)
-    assert decision == RateLimitDecision(allowed=True)
+    assert decision == RateLimitDecision(allowed=True, is_unchecked=True)
     await open_limiter.settle("k", Limits(tpm=10), 1, 5)          # no exception
     await open_limiter.close()
     strict = RedisRateLimiter(url, fail_open=False)
-    with pytest.raises(redis.ConnectionError):
+    with pytest.raises(LimiterUnavailableError):
         await strict.acquire("k", Limits(rpm=1), 1)
     await strict.close()
 

@@ -7,6 +7,7 @@ import logging
 import pytest
 
 from gateway.metrics import GatewayMetrics
+from gateway.routing import CallOutcome
 from gateway.routing.rollback import OutcomeWindow
 from gateway.routing.router import Router
 from gateway.settings import ModelRouteSettings, RollbackSettings
@@ -35,10 +36,14 @@ def make_router(**rollback: object) -> tuple[Router, GatewayMetrics, FakeClock]:
 
 
 def feed(router: Router, variant: str, num: int, *, num_errors: int = 0,
-         latency_s: float = 0.1) -> None:
-    for i in range(num):  # errors spread evenly over the samples
+         latency_s: float = 0.1, num_keys: int = 10) -> None:
+    """`num` calls from `num_keys` keys in turn; errors spread evenly; each success
+    with `latency_s` as both its time to first token and its inter-token latency."""
+    for i in range(num):
         is_error = (i + 1) * num_errors // num > i * num_errors // num
-        router.record("tiny", variant, is_error=is_error, latency_s=latency_s)
+        latency = None if is_error else latency_s
+        router.record("tiny", variant, CallOutcome(f"key-{i % num_keys}", is_error=is_error,
+                                                   ttft_s=latency, itl_s=latency))
 
 
 def rollbacks(metrics: GatewayMetrics, reason: str) -> float:
@@ -112,7 +117,8 @@ def test_window_expiry_forgets_old_samples() -> None:
     feed(router, "canary", 20)  # would be 19 / 39 errors if the old ones counted
     assert router.weights()["tiny"]["canary"] == 10.0
     window = router.snapshot()["tiny"]["variants"]["canary"]["window"]
-    assert window == {"samples": 20, "error_rate": 0.0, "p95_s": 0.1}
+    assert window == {"samples": 20, "keys": 10, "error_rate": 0.0, "p95_ttft_s": 0.1,
+                      "p95_itl_s": 0.1}
 
 
 def test_set_weight_resets_a_rollback() -> None:
@@ -146,8 +152,41 @@ def test_stable_is_never_rolled_back() -> None:
 def test_outcome_window_percentile_and_cap() -> None:
     window = OutcomeWindow(window_seconds=10, max_samples=100)
     for i in range(1, 201):  # latencies 1..200; only the last 100 are kept
-        window.add(0.0, is_error=i % 2 == 0, latency_s=float(i))
+        window.add(0.0, CallOutcome(f"k{i % 7}", is_error=i % 2 == 0, itl_s=float(i)))
     stats = window.stats(0.0)
     assert stats.num_samples == 100 and stats.error_rate == 0.5
-    assert stats.p95_s == 195.0
+    assert stats.p95_itl_s == 195.0 and stats.p95_ttft_s is None
     assert window.stats(10.0).num_samples == 0
+
+
+def test_one_key_holds_at_most_its_share_of_a_window() -> None:
+    window = OutcomeWindow(window_seconds=60, max_key_share=0.2, min_key_samples=4)
+    for i in range(100):
+        window.add(float(i) / 100, CallOutcome("flooder", is_error=True))
+    assert window.stats(1.0).num_samples == 4          # its floor, never more
+    for i in range(40):
+        window.add(1.0, CallOutcome(f"user-{i % 8}", is_error=False))
+    stats = window.stats(1.0)
+    assert stats.num_keys == 9 and stats.num_samples == 44
+    assert stats.error_rate == 4 / 44                   # the flood weighs 9 %, not 71 %
+
+
+def test_a_flooding_key_cannot_roll_a_canary_back() -> None:
+    router, metrics, _ = make_router()
+    feed(router, "stable", 40)
+    feed(router, "canary", 40)                          # ten good keys
+    feed(router, "canary", 500, num_errors=500, num_keys=1)  # one key, all errors
+    assert router.weights()["tiny"]["canary"] == 10.0
+    assert rollbacks(metrics, "error_rate") == 0
+
+
+def test_long_answers_are_not_slow_answers() -> None:
+    """Latency is judged per token: a canary serving longer completions at the same
+    token rate is not rolled back, one with slower tokens is."""
+    router, metrics, _ = make_router()
+    feed(router, "stable", 40, latency_s=0.01)
+    feed(router, "canary", 40, latency_s=0.015)
+    assert router.weights()["tiny"]["canary"] == 10.0
+    feed(router, "canary", 40, latency_s=0.05)          # tokens 5x slower
+    assert router.weights()["tiny"]["canary"] == 0.0
+    assert rollbacks(metrics, "latency") == 1

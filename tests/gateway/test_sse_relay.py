@@ -8,8 +8,8 @@ import json
 import pytest
 
 from gateway.errors import UpstreamError
+from gateway.estimate import estimate_tokens
 from gateway.middleware.body import parse_model_call
-from gateway.ratelimit import estimate_tokens
 from gateway.relay import json_messages, upstream_error_body
 from gateway.sse import (
     EventSplitter,
@@ -99,11 +99,46 @@ def test_model_call_bodies_the_gateway_acts_on_are_checked(raw, param):
     assert exc.value.param == param
 
 
+def estimate(body: dict, path: str = "/v1/chat/completions", context: int | None = None) -> int:
+    return estimate_tokens(body, path, default_max_tokens=256,
+                           context_tokens=context).total_tokens
+
+
 def test_token_estimate_covers_prompt_max_tokens_and_n():
     chat = {"messages": [{"role": "user", "content": "x" * 400}], "max_tokens": 10, "n": 2}
-    assert estimate_tokens(chat, 256) == len(json.dumps(chat["messages"])) // 4 + 1 + 20
-    assert estimate_tokens({"prompt": "abcd"}, 256) == 1 + 1 + 256
-    assert estimate_tokens({"prompt": "abcd", "max_completion_tokens": 5}, 256) == 7
+    assert estimate(chat) == len(json.dumps(chat["messages"])) // 4 + 1 + 20
+    completions = "/v1/completions"
+    assert estimate({"prompt": "abcd"}, completions) == 1 + 1 + 256
+    assert estimate({"prompt": "abcd", "max_completion_tokens": 5}, completions) == 7
+
+
+def test_token_estimate_counts_every_prompt_times_n():
+    many = {"prompt": ["x" * 40] * 4, "max_tokens": 50, "n": 2}
+    assert estimate(many, "/v1/completions") == 4 * 11 + 4 * 50 * 2
+    ids = {"prompt": [[1, 2, 3], [4, 5]], "max_tokens": 10, "best_of": 3, "n": 1}
+    assert estimate(ids, "/v1/completions") == 5 + 2 * 10 * 3
+
+
+def test_without_max_tokens_the_estimate_runs_to_the_context():
+    body = {"prompt": "x" * 400}
+    assert estimate(body, "/v1/completions", context=2048) == 2048
+    assert estimate({**body, "n": 2}, "/v1/completions", context=2048) == 101 + 2 * 1947
+    assert estimate(body, "/v1/completions") == 101 + 256  # no context known
+
+
+def test_tools_and_response_formats_are_prompt_tokens():
+    base = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    tools = [{"type": "function", "function": {"name": "f", "description": "d" * 4000,
+                                               "parameters": {"type": "object"}}}]
+    assert estimate({**base, "tools": tools}) - estimate(base) >= 1000
+    schema = {"type": "json_schema", "json_schema": {"name": "s", "schema": {
+        "type": "object", "description": "d" * 2000}}}
+    assert estimate({**base, "response_format": schema}) - estimate(base) >= 500
+
+
+def test_embeddings_estimate_is_their_input():
+    assert estimate({"input": "x" * 400}, "/v1/embeddings") == 101
+    assert estimate({"input": ["ab", "cd", [1, 2, 3]]}, "/v1/embeddings") == 1 + 1 + 3
 
 
 @pytest.mark.parametrize("event,has_output", [

@@ -273,13 +273,13 @@ async def test_health_checks_mark_unhealthy_and_balancing_avoids_it(fakes) -> No
         fakes[0].behaviour.ready = False
         await until(lambda: not state(pool, fakes[0].url)["is_healthy"])
         assert metric(m, "quiver_gateway_upstream_healthy", replica=fakes[0].url) == 0
-        assert pool.has_healthy_replica("tiny", "stable")
+        assert pool.can_serve("tiny", "stable")
         num_seen = len(fakes[0].seen)
         results = [await pool.fetch("tiny", "stable", CHAT, BODY, HEADERS) for _ in range(10)]
         assert {r.replica for r in results} == {fakes[1].url}
         assert len(fakes[0].seen) == num_seen
         fakes[1].behaviour.ready = False
-        await until(lambda: not pool.has_healthy_replica("tiny", "stable"))
+        await until(lambda: not pool.can_serve("tiny", "stable"))
         with pytest.raises(NoUpstreamError):
             await pool.fetch("tiny", "stable", CHAT, BODY, HEADERS)
         fakes[0].behaviour.ready = True
@@ -397,3 +397,17 @@ async def test_pool_against_real_tiny_servers(tiny_servers: list[ModelServer]) -
             assert s.status == 200
             data = b"".join([chunk async for chunk in s])
     assert data.rstrip().endswith(b"data: [DONE]") and data.count(b"data: ") >= 2
+
+
+async def test_connections_of_a_burst_return_to_idle_while_health_checks_run(fakes) -> None:
+    """aiohttp reuses the oldest idle connection first: health checks sharing the request
+    pool would touch every connection of a burst in turn and keep them open for ever."""
+    fake = fakes[0]
+    fake.behaviour.response_delay_s = 0.2
+    health = {"enabled": True, "interval_seconds": 0.05}
+    async with running_pool([fake.url], health_checks=health,
+                            timeouts={"keep_alive_seconds": 0.5}) as (pool, _):
+        await asyncio.gather(*(pool.fetch("tiny", "stable", CHAT, BODY, HEADERS)
+                               for _ in range(8)))
+        assert len(fake._runner.server.connections) >= 8
+        await until(lambda: len(fake._runner.server.connections) <= 1, timeout_s=5)

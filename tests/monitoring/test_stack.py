@@ -17,7 +17,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.gateway.conftest import create_key, free_port, wait_until
+from tests.gateway.conftest import CHILD_ENV, create_key, free_port, wait_until
 from tests.monitoring.promql import metric_names, panel_queries, rules, variable_queries
 from tests.quiver.test_up import read_log, start_up, stop
 
@@ -32,6 +32,7 @@ class Stack:
     prometheus: str
     model: str
     store: str
+    metrics: str               # the gateway's metrics_port: what Prometheus scrapes
 
     def query(self, promql: str) -> list[dict]:
         reply = httpx.get(f"{self.prometheus}/api/v1/query", params={"query": promql},
@@ -46,18 +47,20 @@ def stack(tiny_model_dir, tmp_path_factory) -> Iterator[Stack]:
     if shutil.which("prometheus") is None:
         pytest.skip("prometheus is not installed (make system-deps installs it)")
     tmp_path = tmp_path_factory.mktemp("monitoring-stack")
-    prometheus_port = free_port()
+    prometheus_port, metrics_port = free_port(), free_port()
     process, log, port = start_up(
         tmp_path, "--model", str(tiny_model_dir), "--canary-model", str(tiny_model_dir),
         "--canary-weight", "50", "--monitoring", "--prometheus-port", str(prometheus_port),
-        "--scrape-interval", SCRAPE, env={"QUIVER_API_KEY": UP_KEY})
+        "--metrics-port", str(metrics_port), "--scrape-interval", SCRAPE,
+        env={"QUIVER_API_KEY": UP_KEY, **CHILD_ENV})
     try:
         wait_until(lambda: "Prometheus: http://" in read_log(log) or process.poll() is not None,
                    240, "quiver up --monitoring")
         assert process.poll() is None, read_log(log)[-3000:]
         wait_until(lambda: _is_ready(f"http://127.0.0.1:{port}/ready"), 30, "the gateway")
         yield Stack(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{prometheus_port}",
-                    tiny_model_dir.name, str(tmp_path / "keys.db"))
+                    tiny_model_dir.name, str(tmp_path / "keys.db"),
+                    f"http://127.0.0.1:{metrics_port}")
     finally:
         output = read_log(log)
         stop(process, log)
@@ -136,7 +139,7 @@ def traffic(stack) -> dict[str, int]:
 
 def _gateway_requests(stack: Stack) -> float:
     """Routed requests as the gateway's own /metrics counts them."""
-    text = httpx.get(f"{stack.gateway}/metrics", timeout=30).text
+    text = httpx.get(f"{stack.metrics}/metrics", timeout=30).text
     return sum(sample.value for family in text_string_to_metric_families(text)
                if family.name == "quiver_gateway_requests" for sample in family.samples
                if sample.name == "quiver_gateway_requests_total")
@@ -211,3 +214,9 @@ def test_no_alert_fires_on_a_healthy_stack(stack, traffic):
     alerts = httpx.get(f"{stack.prometheus}/api/v1/alerts", timeout=30).json()
     assert [a["labels"]["alertname"] for a in alerts["data"]["alerts"]
             if a["state"] == "firing"] == []
+
+
+def test_the_gateways_metrics_stay_off_its_public_port(stack):
+    """Prometheus reads the metrics port; the API port shows no key names or URLs."""
+    assert httpx.get(f"{stack.gateway}/metrics", timeout=30).status_code == 404
+    assert httpx.get(f"{stack.metrics}/v1/models", timeout=30).status_code == 404

@@ -1,6 +1,6 @@
 {{/*
 The gateway's YAML config (`quiver gateway --config`), built from values: the settings under
-gateway.config, plus the listen address and one route per public model whose variants are the
+gateway.config, plus the listen address and metrics port and one route per public model whose variants are the
 enabled server variants, each pointing at its Service. Secrets (admin key, key store, Redis
 URL) are not here: the Deployment sets them as QUIVER_GATEWAY_* env vars from the Secret.
 */}}
@@ -8,6 +8,7 @@ URL) are not here: the Deployment sets them as QUIVER_GATEWAY_* env vars from th
 {{- $config := deepCopy .Values.gateway.config }}
 {{- $_ := set $config "host" "0.0.0.0" }}
 {{- $_ = set $config "port" (int .Values.gateway.port) }}
+{{- $_ = set $config "metrics_port" (int .Values.gateway.metricsPort) }}
 {{- if not (include "quiver.redis.used" .) }}
 {{- $_ = set $config "key_store" "/data/keys.db" }}
 {{- else }}

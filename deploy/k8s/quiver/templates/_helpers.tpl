@@ -151,6 +151,9 @@ quiver/variant: {{ . }}
 
 {{/* Checks a schema cannot express; rendered by every template that depends on them. */}}
 {{- define "quiver.validate" -}}
+{{- if eq (int .Values.gateway.port) (int .Values.gateway.metricsPort) }}
+{{- fail "gateway.metricsPort must differ from gateway.port: the metrics port is for Prometheus only" }}
+{{- end }}
 {{- $redis := include "quiver.redis.used" . }}
 {{- if and (not $redis) (or (gt (int .Values.gateway.replicaCount) 1) .Values.autoscaling.gateway.enabled) }}
 {{- fail "gateway.replicaCount > 1 (or autoscaling.gateway.enabled) needs shared keys, limits and cache: set redis.enabled=true or redis.external.url" }}

@@ -4,6 +4,10 @@ Every scheduled request of a step — decodes and prefill chunks alike — goes 
 forward pass. The batch is ordered decodes first (one token each), then prefill chunks, as
 `AttentionMetadata` expects. Logits are computed only at the last token of the requests
 whose step completes their known tokens (`is_last_chunk`), and those rows are sampled.
+
+At start the runner picks its paged-attention op (the C++ kernel where it builds) and, on
+CPU, compiles the forward pass (`serving.models.compiled`) and warms every graph up, so no
+request waits for a compile; where compiling fails it runs eagerly (`CompilationConfig`).
 """
 
 from __future__ import annotations
@@ -15,10 +19,14 @@ from pathlib import Path
 
 import torch
 
+from serving.engine.config import CompilationConfig
 from serving.engine.outputs import Logprobs, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from serving.engine.sampler import Sampler, SamplingRow
+from serving.kernels import Kernels, select_kernels
 from serving.models.attention import AttentionMetadata
+from serving.models.compiled import CompiledForward, Forward
 from serving.models.config import ModelArchConfig
+from serving.models.linear import Packing
 from serving.models.loader import load_model
 
 logger = logging.getLogger(__name__)
@@ -45,22 +53,65 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         sampler: Sampler,
+        compilation: CompilationConfig | None = None,
     ) -> None:
+        compilation = compilation or CompilationConfig()
         self.device = torch.device(device)
         self.dtype = dtype
         self.block_size = block_size
         self.sampler = sampler
-        self.model = load_model(model_dir, dtype=dtype, device=self.device)
+        arch = ModelArchConfig.from_model_dir(model_dir)
+        kernels = select_kernels(
+            self.device, use_cpp=compilation.use_cpp_kernels, cache_dir=compilation.cache_dir,
+            head_dim=arch.head_dim, num_queries_per_kv=arch.num_queries_per_kv,
+        )
+        self.model = load_model(
+            model_dir, dtype=dtype, device=self.device, attention_op=kernels.attention,
+            packing=Packing.KERNEL if kernels.has_cpp_library else Packing.EAGER,
+        )
         self.arch: ModelArchConfig = self.model.arch
         self.kv_caches: list[torch.Tensor] = self.model.make_kv_caches(num_blocks, block_size)
+        self.forward: Forward = self._compile(compilation, kernels)
+        self.is_compiled = isinstance(self.forward, CompiledForward) and self.forward.is_compiled
         logger.info(
-            "model runner: %s on %s (%s), KV cache %d blocks x %d tokens",
+            "model runner: %s on %s (%s), KV cache %d blocks x %d tokens, %s, attention %s",
             model_dir,
             self.device,
             str(dtype).removeprefix("torch."),
             num_blocks,
             block_size,
+            "compiled" if self.is_compiled else "eager",
+            kernels.attention.name,
         )
+
+    def _compile(self, compilation: CompilationConfig, kernels: Kernels) -> Forward:
+        """The compiled forward pass, warmed up; the eager model where that fails."""
+        if compilation.enforce_eager or self.device.type != "cpu":
+            return self.model
+        if not kernels.has_cpp_library:  # a compiled graph cannot trace EAGER's packing
+            self.model.prepack(Packing.NONE)
+        compiled = CompiledForward(self.model, compilation.cache_dir)
+        try:
+            seconds = compiled.warm_up(self.kv_caches, self._example_step)
+        except Exception as exc:  # any compiler failure: serve eagerly rather than not at all
+            logger.warning("compiling the model failed, running it eagerly: %s",
+                           str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
+            compiled.run_eagerly()
+            self.model.prepack(Packing.KERNEL if kernels.has_cpp_library else Packing.EAGER)
+            return compiled
+        logger.info("model compiled and warmed up in %.1f s", seconds)
+        return compiled
+
+    def _example_step(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                      AttentionMetadata]:
+        """`num_tokens` one-token requests, all in block 0: a step for warming graphs up
+        (whatever it writes to block 0 is overwritten before any request reads it)."""
+        metadata = AttentionMetadata.build(
+            query_lens=[1] * num_tokens, seq_lens=[1] * num_tokens,
+            block_tables=[[0]] * num_tokens, block_size=self.block_size, device=self.device,
+        )
+        zeros = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        return zeros, zeros.clone(), metadata
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -68,7 +119,7 @@ class ModelRunner:
         if scheduler_output.is_empty:
             return ModelRunnerOutput(sampled_token_ids={})
         model_input = self.prepare_inputs(scheduler_output.scheduled_requests)
-        hidden_states = self.model(
+        hidden_states = self.forward(
             model_input.input_ids,
             model_input.positions,
             self.kv_caches,
@@ -99,13 +150,11 @@ class ModelRunner:
         sampled = [index for index, request in enumerate(requests) if request.is_last_chunk]
         positions = positions.to(self.device)
         attn_metadata = AttentionMetadata.build(
-            positions=positions,
             query_lens=query_lens,
             seq_lens=[start + n for start, n in zip(start_positions, query_lens, strict=True)],
             block_tables=[request.block_table for request in requests],
             block_size=self.block_size,
-            num_queries_per_kv=self.arch.num_queries_per_kv,
-            dtype=self.dtype,
+            device=self.device,
         )
         return ModelInput(
             input_ids=torch.tensor(input_ids, device=self.device),

@@ -45,19 +45,20 @@ def compiler() -> str:
     return os.environ.get("CXX") or "c++"
 
 
-def compile_command(output: Path) -> list[str]:
+def compile_flags() -> list[str]:
     from torch.utils import cpp_extension
 
-    includes = [f"-I{path}" for path in cpp_extension.include_paths()]
-    torch_lib = Path(torch.__file__).parent / "lib"
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    return [
-        compiler(), *(str(source) for source in SOURCES), "-o", str(output),
-        "-shared", "-fPIC", "-std=c++17", "-O3", "-march=native", "-fopenmp",
-        f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes,
-        f"-I{sysconfig.get_paths()['include']}",
-        f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}",
-    ]
+    return ["-fPIC", "-std=c++17", "-O3", "-march=native", "-fopenmp",
+            "-DTORCH_ASSERT_ONLY_METHOD_OPERATORS", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+            *(f"-I{path}" for path in cpp_extension.include_paths()),
+            f"-I{sysconfig.get_paths()['include']}"]
+
+
+def link_flags() -> list[str]:
+    torch_lib = Path(torch.__file__).parent / "lib"
+    return ["-shared", "-fopenmp", f"-L{torch_lib}", "-lc10", "-ltorch_cpu",
+            f"-Wl,-rpath,{torch_lib}"]
 
 
 def cache_key() -> str:
@@ -92,16 +93,37 @@ def load_cpu_kernels(cache_dir: Path) -> KernelLoad:
 
 
 def _build(library: Path) -> None:
+    """Compile every source at once (one per core: most of the time is torch's headers),
+    link, then move the library into place."""
+    logger.info("building Quiver's C++ CPU kernels into %s (once per host)", library.parent)
     with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+        objects = [Path(scratch) / f"{source.stem}.o" for source in SOURCES]
+        _run([[compiler(), "-c", str(source), "-o", str(obj), *compile_flags()]
+              for source, obj in zip(SOURCES, objects, strict=True)])
         output = Path(scratch) / LIBRARY_NAME
-        logger.info("building Quiver's C++ CPU kernels into %s (once per host)", library.parent)
-        result = subprocess.run(compile_command(output), capture_output=True, text=True,
-                                timeout=BUILD_TIMEOUT_S, check=False)
-        if result.returncode != 0:
-            errors = [line for line in result.stderr.splitlines() if "error" in line]
-            raise RuntimeError(f"{compiler()} exited {result.returncode}: "
-                               + "\n".join(errors or result.stderr.splitlines()[-5:]))
+        _run([[compiler(), *(str(obj) for obj in objects), "-o", str(output), *link_flags()]])
         os.replace(output, library)  # atomic: readers see no library or a whole one
+
+
+def _run(commands: list[list[str]]) -> None:
+    """Run the commands side by side; raise with the compiler's errors if any fails."""
+    processes = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True) for command in commands]
+    failures = []
+    try:
+        for process in processes:
+            _, stderr = process.communicate(timeout=BUILD_TIMEOUT_S)
+            if process.returncode != 0:
+                errors = [line for line in stderr.splitlines() if "error" in line]
+                failures.append(f"{compiler()} exited {process.returncode}: "
+                                + "\n".join(errors or stderr.splitlines()[-5:]))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    if failures:
+        raise RuntimeError("\n".join(failures))
 
 
 class _locked:

@@ -12,8 +12,8 @@ custom op per layer (`serving.kernels`), so one graph serves decodes and prefill
 Shapes: every size is dynamic except where torch specialises 1, so a one-token step
 (batch-1 decode) gets its own graph and every larger step shares one. Quantized
 projections switch kernels at a token count (`serving.models.quant`), which splits the
-dynamic graph at that size; `WARM_UP_TOKENS` covers every such split, so after `warm_up` no
-request waits for a compile: a step that would need one runs eagerly instead (logged).
+dynamic graph at that size; `warm_up` runs one step on each side of every split, so after
+it no request waits for a compile: a step that would need one runs eagerly (logged).
 
 Inductor's parallel compile workers are disabled: on a 2-core host they kept stealing the
 engine's cores after compiling.
@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,9 +35,6 @@ from serving.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
-# 1: the one-token graph; 2: the dynamic graph; 33 and 257: past the largest batch the
-# int8 and int4 kernels take (quant.kernel_max_tokens), so their splits compile too.
-WARM_UP_TOKENS = (1, 2, 33, 257)
 INDUCTOR_CONFIG = {"compile_threads": 1}
 
 Forward = Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor], AttentionMetadata],
@@ -68,10 +65,15 @@ class CompiledForward:
         """Give up on the compiled layers for good (compiling failed)."""
         self.is_compiled = False
 
-    def warm_up(self, kv_caches: list[torch.Tensor], example_step: ExampleStep,
-                sizes: Iterable[int] = WARM_UP_TOKENS) -> float:
+    def warm_up_sizes(self) -> list[int]:
+        """Step sizes (tokens) covering every graph: 1, 2 (the dynamic one) and one past each
+        size where a projection switches kernels."""
+        return sorted({1, 2, *(split + 1 for split in self.model.kernel_token_splits())})
+
+    def warm_up(self, kv_caches: list[torch.Tensor], example_step: ExampleStep) -> float:
         """Compile (or load from the cache) every graph serving will need; seconds spent.
         Raises whatever compiling raised: the caller falls back to eager."""
+        sizes = self.warm_up_sizes()
         start = time.perf_counter()
         with torch.inference_mode(), torch._inductor.config.patch(INDUCTOR_CONFIG):
             for num_tokens in sizes:

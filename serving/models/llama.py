@@ -145,6 +145,12 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, Projection):
                 module.prepack(packing)
 
+    def kernel_token_splits(self) -> list[int]:
+        """Batch sizes (tokens) past which some projection switches kernels."""
+        splits = {module.max_kernel_tokens(self.dtype) for module in self.modules()
+                  if isinstance(module, Projection)}
+        return sorted(split for split in splits if split is not None)
+
     def forward(
         self,
         input_ids: torch.Tensor,

@@ -71,6 +71,11 @@ class Projection(nn.Module):
     def prepack(self, packing: Packing) -> None:
         """Reorder the weight for the kernel `packing` names (float weights only)."""
 
+    def max_kernel_tokens(self, dtype: torch.dtype) -> int | None:
+        """The largest batch (tokens) the kernel takes before another path does, if any:
+        a compiled graph splits there (`serving.models.compiled`)."""
+        return None
+
     def _add_bias(self, output: torch.Tensor) -> torch.Tensor:
         return output if self.bias is None else output + self.bias
 
@@ -127,6 +132,9 @@ class Int8Projection(Projection):
         zero = ", zero-point correction" if self.zero_scales is not None else ""
         groups = "per channel" if self.num_groups == 1 else f"group {self.group_size}"
         return f"{self.kernel} ({groups}{zero})"
+
+    def max_kernel_tokens(self, dtype: torch.dtype) -> int | None:
+        return kernel_max_tokens(self.kernel, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padded_features != self.in_features:
@@ -201,6 +209,9 @@ class Int4Projection(Projection):
             padding = (f", padded [{self.out_features}, {self.in_features}] -> "
                        f"[{self.padded_rows}, {self.padded_features}]")
         return f"{self.kernel} (group {self.group_size}{padding})"
+
+    def max_kernel_tokens(self, dtype: torch.dtype) -> int | None:
+        return kernel_max_tokens(self.kernel, dtype) if int4_layout_is_row_blocked() else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padded_features != self.in_features:

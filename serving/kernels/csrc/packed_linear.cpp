@@ -12,8 +12,9 @@
 // correct, only slower. The table holds each twin until a later `pack_linear_weight` finds
 // its plain weight gone.
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/linear.h>
 #include <torch/library.h>
 
 #include <mutex>

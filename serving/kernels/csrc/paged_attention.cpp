@@ -17,8 +17,13 @@
 //    slot_mapping[num_tokens], query_start[num_seqs + 1], seq_lens[num_seqs],
 //    block_tables[num_seqs * max_blocks]]
 
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/scaled_dot_product_attention.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -325,8 +330,8 @@ void prefill_attention(const at::Tensor& query, const at::Tensor& key, const at:
     values = gather_blocks(kv_cache.select(0, 1), table, num_blocks, block_size, seq_len);
   }
   // Row i (position seq_len - query_len + i) sees keys up to its own position.
-  at::Tensor rows = at::arange(query_len, at::kLong).unsqueeze(1) + (seq_len - query_len);
-  at::Tensor is_future = at::arange(seq_len, at::kLong).unsqueeze(0) > rows;
+  at::Tensor rows = at::arange(query_len, at::kLong).unsqueeze(1).add(seq_len - query_len);
+  at::Tensor is_future = at::arange(seq_len, at::kLong).unsqueeze(0).gt(rows);
   bias = at::zeros({query_len, seq_len}, query.options())
              .masked_fill_(is_future, -std::numeric_limits<double>::infinity())
              .repeat({group, 1});

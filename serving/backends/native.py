@@ -100,6 +100,8 @@ def create(settings, registry: CollectorRegistry) -> NativeEngineClient:
         max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
         max_model_len=settings.max_model_len, max_waiting_requests=settings.max_waiting_requests,
         enable_prefix_caching=settings.enable_prefix_caching,
+        enforce_eager=settings.enforce_eager, cpu_kernels=settings.cpu_kernels,
+        compile_cache_dir=settings.compile_cache_dir,
     )
     return NativeEngineClient(engine_settings, served_model_name=settings.name,
                               registry=registry)

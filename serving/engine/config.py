@@ -1,8 +1,10 @@
-"""Engine configuration: KV cache shape and scheduler limits."""
+"""Engine configuration: KV cache shape, scheduler limits and how the model is compiled."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 
 
 def _require_at_least(name: str, value: int, minimum: int) -> None:
@@ -73,3 +75,20 @@ def num_blocks_for_budget(
             "raise the KV cache memory budget or lower block_size"
         )
     return num_blocks
+
+
+def default_cache_dir() -> Path:
+    """`$XDG_CACHE_HOME/quiver`, else `~/.cache/quiver`: built kernels and compiled graphs."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "quiver"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompilationConfig:
+    """How the model runner runs the model: compiled by inductor (default) or eagerly, with
+    Quiver's C++ attention kernel (default) or its pure-torch fallback. Either falls back on
+    its own when it cannot be built on this host; `cache_dir` keeps what was built."""
+
+    enforce_eager: bool = False
+    use_cpp_kernels: bool = True
+    cache_dir: Path = field(default_factory=default_cache_dir)

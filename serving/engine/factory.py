@@ -1,7 +1,8 @@
 """Build a ready native engine from `EngineSettings`: device, dtype, KV budget, limits.
 
 `EngineSettings` is the engine's part of the server's settings (`--device`, `--dtype`,
-`--kv-cache-memory`, `--max-num-seqs`, `--max-num-batched-tokens`, `--max-model-len` ...);
+`--kv-cache-memory`, `--max-num-seqs`, `--max-num-batched-tokens`, `--max-model-len`,
+`--enforce-eager`, `--cpu-kernels`, `--compile-cache-dir` ...);
 every value is checked here with a message that names it.
 """
 
@@ -17,7 +18,13 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from serving.engine.async_engine import AsyncEngine
-from serving.engine.config import CacheConfig, SchedulerConfig, num_blocks_for_budget
+from serving.engine.config import (
+    CacheConfig,
+    CompilationConfig,
+    SchedulerConfig,
+    default_cache_dir,
+    num_blocks_for_budget,
+)
 from serving.engine.core import EngineCore, RequestStates
 from serving.engine.metrics import EngineMetrics
 from serving.engine.model_runner import ModelRunner
@@ -51,6 +58,9 @@ class EngineSettings:
     max_model_len: int | None = None
     max_waiting_requests: int = 1024
     enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    cpu_kernels: bool = True
+    compile_cache_dir: Path | None = None  # None: default_cache_dir()
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -161,8 +171,12 @@ def build_engine(settings: EngineSettings, *, model_name: str,
     cache_config = CacheConfig(block_size=settings.block_size, num_blocks=num_blocks,
                                enable_prefix_caching=settings.enable_prefix_caching)
     sampler = Sampler(device, guided=guided)
+    compilation = CompilationConfig(
+        enforce_eager=settings.enforce_eager, use_cpp_kernels=settings.cpu_kernels,
+        cache_dir=settings.compile_cache_dir or default_cache_dir())
     runner = ModelRunner(Path(settings.model), device=device, dtype=dtype,
-                         num_blocks=num_blocks, block_size=settings.block_size, sampler=sampler)
+                         num_blocks=num_blocks, block_size=settings.block_size, sampler=sampler,
+                         compilation=compilation)
     core = EngineCore(Scheduler(scheduler_config, cache_config), runner,
                       RequestStates(sampler, runner.pooler))
     metrics = EngineMetrics(registry, model_name) if registry is not None else None

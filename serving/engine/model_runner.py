@@ -4,6 +4,10 @@ Every scheduled request of a step — decodes and prefill chunks alike — goes 
 forward pass. The batch is ordered decodes first (one token each), then prefill chunks, as
 `AttentionMetadata` expects. Logits are computed only at the last token of the requests
 whose step completes their known tokens (`is_last_chunk`), and those rows are sampled.
+
+At start the runner picks its paged-attention op (the C++ kernel where it builds) and, on
+CPU, compiles the forward pass (`serving.models.compiled`) and warms every graph up, so no
+request waits for a compile; where compiling fails it runs eagerly (`CompilationConfig`).
 """
 
 from __future__ import annotations
@@ -16,11 +20,17 @@ from pathlib import Path
 
 import torch
 
+from serving.engine.config import CompilationConfig
 from serving.engine.outputs import Logprobs, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from serving.engine.pooler import Pooler
 from serving.engine.sampler import Sampler, SamplingRow
+from serving.kernels import Kernels, select_kernels
+from serving.kernels.openmp import run_in_passing_thread
 from serving.models.attention import AttentionMetadata
+from serving.models.compiled import CompiledForward, Forward
 from serving.models.config import ModelArchConfig
+from serving.models.linear import Packing
+from serving.models.llama import LlamaForCausalLM
 from serving.models.loader import load_model
 
 logger = logging.getLogger(__name__)
@@ -49,30 +59,81 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         sampler: Sampler,
+        compilation: CompilationConfig | None = None,
     ) -> None:
+        compilation = compilation or CompilationConfig()
         self.device = torch.device(device)
         self.dtype = dtype
         self.block_size = block_size
         self.sampler = sampler
         self.pooler = Pooler()
-        self.model = load_model(model_dir, dtype=dtype, device=self.device)
-        self.arch: ModelArchConfig = self.model.arch
-        self.kv_caches: list[torch.Tensor] = self.model.make_kv_caches(num_blocks, block_size)
+        self.arch = ModelArchConfig.from_model_dir(model_dir)
+        kernels = select_kernels(
+            self.device, use_cpp=compilation.use_cpp_kernels, cache_dir=compilation.cache_dir,
+            head_dim=self.arch.head_dim, num_queries_per_kv=self.arch.num_queries_per_kv,
+        )
+        # Loading and compiling use torch's thread pool; doing it on a thread that then
+        # exits leaves the step-running thread the only pool (serving.kernels.openmp).
+        self.model, self.kv_caches, self.forward = run_in_passing_thread(
+            lambda: self._load(model_dir, num_blocks, compilation, kernels)
+        )
+        self.is_compiled = isinstance(self.forward, CompiledForward) and self.forward.is_compiled
         logger.info(
-            "model runner: %s on %s (%s), KV cache %d blocks x %d tokens",
+            "model runner: %s on %s (%s), KV cache %d blocks x %d tokens, %s, attention %s",
             model_dir,
             self.device,
             str(dtype).removeprefix("torch."),
             num_blocks,
             block_size,
+            "compiled" if self.is_compiled else "eager",
+            kernels.attention.name,
         )
+
+    def _load(self, model_dir: Path, num_blocks: int, compilation: CompilationConfig,
+              kernels: Kernels) -> tuple[LlamaForCausalLM, list[torch.Tensor], Forward]:
+        model = load_model(
+            model_dir, dtype=self.dtype, device=self.device, attention_op=kernels.attention,
+            packing=Packing.KERNEL if kernels.has_cpp_library else Packing.EAGER,
+        )
+        kv_caches = model.make_kv_caches(num_blocks, self.block_size)
+        return model, kv_caches, self._compile(model, kv_caches, compilation, kernels)
+
+    def _compile(self, model: LlamaForCausalLM, kv_caches: list[torch.Tensor],
+                 compilation: CompilationConfig, kernels: Kernels) -> Forward:
+        """The compiled forward pass, warmed up; the eager model where that fails."""
+        if compilation.enforce_eager or self.device.type != "cpu":
+            return model
+        if not kernels.has_cpp_library:  # a compiled graph cannot trace EAGER's packing
+            model.prepack(Packing.NONE)
+        compiled = CompiledForward(model, compilation.cache_dir)
+        try:
+            seconds = compiled.warm_up(kv_caches, self._example_step)
+        except Exception as exc:  # any compiler failure: serve eagerly rather than not at all
+            logger.warning("compiling the model failed, running it eagerly: %s",
+                           str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
+            compiled.run_eagerly()
+            model.prepack(Packing.KERNEL if kernels.has_cpp_library else Packing.EAGER)
+            return compiled
+        logger.info("model compiled and warmed up in %.1f s", seconds)
+        return compiled
+
+    def _example_step(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                      AttentionMetadata]:
+        """`num_tokens` one-token requests, all in block 0: a step for warming graphs up
+        (whatever it writes to block 0 is overwritten before any request reads it)."""
+        metadata = AttentionMetadata.build(
+            query_lens=[1] * num_tokens, seq_lens=[1] * num_tokens,
+            block_tables=[[0]] * num_tokens, block_size=self.block_size, device=self.device,
+        )
+        zeros = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        return zeros, zeros.clone(), metadata
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         if scheduler_output.is_empty:
             return ModelRunnerOutput(sampled_token_ids={})
         model_input = self.prepare_inputs(scheduler_output.scheduled_requests)
-        hidden_states = self.model(
+        hidden_states = self.forward(
             model_input.input_ids,
             model_input.positions,
             self.kv_caches,
@@ -110,13 +171,11 @@ class ModelRunner:
                        if request.sampling_params.pooling is not None}
         positions = positions.to(self.device)
         attn_metadata = AttentionMetadata.build(
-            positions=positions,
             query_lens=query_lens,
             seq_lens=[start + n for start, n in zip(start_positions, query_lens, strict=True)],
             block_tables=[request.block_table for request in requests],
             block_size=self.block_size,
-            num_queries_per_kv=self.arch.num_queries_per_kv,
-            dtype=self.dtype,
+            device=self.device,
         )
         return ModelInput(
             input_ids=torch.tensor(input_ids, device=self.device),

@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serving.kernels import REFERENCE_ATTENTION, AttentionOp
 from serving.models.attention import AttentionMetadata, paged_attention
 from serving.models.config import ModelArchConfig
 from serving.models.layers import GatedMLP, RMSNorm, empty_parameter
-from serving.models.linear import linear, prepack
+from serving.models.linear import Packing, effective_packing, linear, prepack
 from serving.models.quant import FloatProjection, Projection
 from serving.models.rope import RotaryEmbedding
 
@@ -22,9 +23,15 @@ class LlamaAttention(nn.Module):
     """Fused qkv projection (with bias for Qwen2), RoPE, paged attention, o_proj."""
 
     def __init__(
-        self, arch: ModelArchConfig, *, dtype: torch.dtype, device: torch.device | str
+        self,
+        arch: ModelArchConfig,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        attention_op: AttentionOp,
     ) -> None:
         super().__init__()
+        self.attention_op = attention_op
         self.num_heads = arch.num_attention_heads
         self.num_kv_heads = arch.num_key_value_heads
         self.head_dim = arch.head_dim
@@ -54,18 +61,27 @@ class LlamaAttention(nn.Module):
         query_key = RotaryEmbedding.apply(qkv[:, :num_qk_heads], cos, sin)
         query, key = query_key.split((self.num_heads, self.num_kv_heads), dim=1)
         value = qkv[:, num_qk_heads:]
-        output = paged_attention(query, key, value, kv_cache, metadata, self.scale)
+        output = paged_attention(
+            self.attention_op, query, key, value, kv_cache, metadata, self.scale
+        )
         return self.o_proj(output)
 
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(
-        self, arch: ModelArchConfig, *, dtype: torch.dtype, device: torch.device | str
+        self,
+        arch: ModelArchConfig,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        attention_op: AttentionOp,
     ) -> None:
         super().__init__()
         norm_args = {"eps": arch.rms_norm_eps, "dtype": dtype, "device": device}
         self.input_layernorm = RMSNorm(arch.hidden_size, **norm_args)
-        self.self_attn = LlamaAttention(arch, dtype=dtype, device=device)
+        self.self_attn = LlamaAttention(
+            arch, dtype=dtype, device=device, attention_op=attention_op
+        )
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, **norm_args)
         self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size, dtype=dtype, device=device)
 
@@ -92,6 +108,7 @@ class LlamaForCausalLM(nn.Module):
         dtype: torch.dtype,
         device: torch.device | str,
         max_model_len: int | None = None,
+        attention_op: AttentionOp = REFERENCE_ATTENTION,
     ) -> None:
         super().__init__()
         self.arch = arch
@@ -100,7 +117,7 @@ class LlamaForCausalLM(nn.Module):
             arch.vocab_size, arch.hidden_size, dtype=dtype, device=device
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(arch, dtype=dtype, device=device)
+            LlamaDecoderLayer(arch, dtype=dtype, device=device, attention_op=attention_op)
             for _ in range(arch.num_hidden_layers)
         )
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype=dtype, device=device)
@@ -116,14 +133,23 @@ class LlamaForCausalLM(nn.Module):
             dtype,
             device,
         )
+        self.lm_head_packing = Packing.NONE
         self.lm_head_packed: torch.Tensor | None = None
 
-    def prepack(self) -> None:
-        """Reorder float weights for the device's fastest kernel; call after loading."""
-        self.lm_head_packed = prepack(self.lm_head)
+    def prepack(self, packing: Packing) -> None:
+        """Reorder float weights (projections, LM head) for the kernel `packing` names;
+        call after loading, again to change kernels (`serving.models.linear`)."""
+        self.lm_head_packing = effective_packing(self.lm_head, packing)
+        self.lm_head_packed = prepack(self.lm_head, self.lm_head_packing)
         for module in self.modules():
             if isinstance(module, Projection):
-                module.prepack()
+                module.prepack(packing)
+
+    def kernel_token_splits(self) -> list[int]:
+        """Batch sizes (tokens) past which some projection switches kernels."""
+        splits = {module.max_kernel_tokens(self.dtype) for module in self.modules()
+                  if isinstance(module, Projection)}
+        return sorted(split for split in splits if split is not None)
 
     def forward(
         self,
@@ -145,7 +171,9 @@ class LlamaForCausalLM(nn.Module):
         """Float32 logits `[len(logits_indices), vocab]` (all rows when None)."""
         if logits_indices is not None:
             hidden_states = hidden_states.index_select(0, logits_indices)
-        return linear(hidden_states, self.lm_head, self.lm_head_packed).float()
+        logits = linear(hidden_states, self.lm_head, None, packing=self.lm_head_packing,
+                        packed=self.lm_head_packed)
+        return logits.float()
 
     def make_kv_caches(self, num_blocks: int, block_size: int) -> list[torch.Tensor]:
         """Zeroed per-layer caches `[2, num_blocks * block_size, kv_heads, head_dim]`."""

@@ -24,8 +24,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from serving.kernels import REFERENCE_ATTENTION, AttentionOp
 from serving.models.compressed import QuantizationConfig, cat_rows, read_quantized
 from serving.models.config import ModelArchConfig
+from serving.models.linear import Packing
 from serving.models.llama import LlamaForCausalLM
 from serving.models.quant import FloatProjection, Projection, make_projection
 
@@ -53,13 +55,18 @@ def load_model(
     dtype: torch.dtype | str = "auto",
     device: torch.device | str = "cpu",
     max_model_len: int | None = None,
+    attention_op: AttentionOp = REFERENCE_ATTENTION,
+    packing: Packing = Packing.EAGER,
 ) -> LlamaForCausalLM:
-    """Our model with every weight of `model_dir`; quantized projections keep low-bit kernels."""
+    """Our model with every weight of `model_dir`; quantized projections keep low-bit kernels.
+    `attention_op`: the paged-attention op its layers call (`serving.kernels`); `packing`:
+    how float weights are held for their GEMMs (`serving.models.linear`)."""
     model_dir = Path(model_dir)
     arch = ModelArchConfig.from_model_dir(model_dir)
     quantization = QuantizationConfig.from_model_dir(model_dir)
     model = LlamaForCausalLM(
-        arch, dtype=resolve_dtype(dtype, arch), device=device, max_model_len=max_model_len
+        arch, dtype=resolve_dtype(dtype, arch), device=device, max_model_len=max_model_len,
+        attention_op=attention_op,
     )
     with ExitStack() as stack:
         handles = [stack.enter_context(safe_open(path, "pt")) for path in _shard_paths(model_dir)]
@@ -69,7 +76,7 @@ def load_model(
                 _copy_fused(parameter, [reader(name) for name in source_names], source_names)
             for owner, attribute, module_names in _projection_sources(model):
                 _load_projection(owner, attribute, module_names, reader, quantization)
-    model.prepack()
+    model.prepack(packing)
     _log_kernels(model_dir, model)
     return model.eval()
 

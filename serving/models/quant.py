@@ -1,6 +1,7 @@
 """Projections (`y = x @ W.T + b`) whose kernel is chosen once at load.
 
-- `FloatProjection`: a float weight, through oneDNN with a prepacked weight on CPU.
+- `FloatProjection`: a float weight, through oneDNN on a weight reordered once on CPU
+  (`serving.models.linear`).
 - `Int4Projection` (CPU, 4-bit, group size a multiple of 32 or per channel): the weight
   stays packed two values a byte; `torch._weight_int4pack_mm_for_cpu` dequantizes tiles
   inside the matmul. Its convention is `w = (u - 8) * scale + zero` with `u` unsigned in
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from serving.models.compressed import QuantizedTensor, dequantize
-from serving.models.linear import linear, prepack
+from serving.models.linear import Packing, effective_packing, linear, prepack
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +68,13 @@ class Projection(nn.Module):
         """The kernel and its layout, for the load-time log."""
         return self.kernel
 
-    def prepack(self) -> None:
-        """Reorder the weight for the device's fastest kernel (float weights only)."""
+    def prepack(self, packing: Packing) -> None:
+        """Reorder the weight for the kernel `packing` names (float weights only)."""
+
+    def max_kernel_tokens(self, dtype: torch.dtype) -> int | None:
+        """The largest batch (tokens) the kernel takes before another path does, if any:
+        a compiled graph splits there (`serving.models.compiled`)."""
+        return None
 
     def _add_bias(self, output: torch.Tensor) -> torch.Tensor:
         return output if self.bias is None else output + self.bias
@@ -86,16 +92,19 @@ class FloatProjection(Projection):
             torch.empty(out_features, in_features, dtype=dtype, device=device),
             requires_grad=False,
         )
+        self.packing = Packing.NONE
         self.packed: torch.Tensor | None = None
 
     def describe(self) -> str:
-        return "onednn (prepacked)" if self.packed is not None else "F.linear"
+        return {Packing.NONE: "F.linear", Packing.EAGER: "onednn (prepacked)",
+                Packing.KERNEL: "onednn (prepacked, quiver op)"}[self.packing]
 
-    def prepack(self) -> None:
-        self.packed = prepack(self.weight)
+    def prepack(self, packing: Packing) -> None:
+        self.packing = effective_packing(self.weight, packing)
+        self.packed = prepack(self.weight, self.packing)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.packed, self.bias)
+        return linear(x, self.weight, self.bias, packing=self.packing, packed=self.packed)
 
 
 class Int8Projection(Projection):
@@ -123,6 +132,9 @@ class Int8Projection(Projection):
         zero = ", zero-point correction" if self.zero_scales is not None else ""
         groups = "per channel" if self.num_groups == 1 else f"group {self.group_size}"
         return f"{self.kernel} ({groups}{zero})"
+
+    def max_kernel_tokens(self, dtype: torch.dtype) -> int | None:
+        return kernel_max_tokens(self.kernel, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padded_features != self.in_features:
@@ -197,6 +209,9 @@ class Int4Projection(Projection):
             padding = (f", padded [{self.out_features}, {self.in_features}] -> "
                        f"[{self.padded_rows}, {self.padded_features}]")
         return f"{self.kernel} (group {self.group_size}{padding})"
+
+    def max_kernel_tokens(self, dtype: torch.dtype) -> int | None:
+        return kernel_max_tokens(self.kernel, dtype) if int4_layout_is_row_blocked() else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padded_features != self.in_features:

@@ -25,6 +25,7 @@ from serving.engine import (
     SchedulerConfig,
     SchedulerOutput,
 )
+from serving.engine.config import CompilationConfig
 from serving.engine.core import EngineCore
 from serving.engine.model_runner import ModelRunner
 from serving.engine.sampler import Sampler
@@ -103,7 +104,8 @@ def reference_outputs(model_dir: Path, arrivals: list[Arrival], dtype: torch.dty
     return expected
 
 
-def make_runner(model_dir: Path, dtype: torch.dtype, num_blocks: int, block_size: int):
+def make_runner(model_dir: Path, dtype: torch.dtype, num_blocks: int, block_size: int,
+                compilation: CompilationConfig) -> ModelRunner:
     return ModelRunner(
         model_dir,
         device=torch.device("cpu"),
@@ -111,7 +113,15 @@ def make_runner(model_dir: Path, dtype: torch.dtype, num_blocks: int, block_size
         num_blocks=num_blocks,
         block_size=block_size,
         sampler=Sampler("cpu"),
+        compilation=compilation,
     )
+
+
+@pytest.fixture(params=["compiled", "eager"])
+def compilation(request) -> CompilationConfig:
+    """Both ways a runner runs: compiled layers + C++ kernels (the default), and the
+    fallback (eager, pure torch)."""
+    return request.getfixturevalue(f"{request.param}_config")
 
 
 def make_scheduler(
@@ -148,10 +158,11 @@ def tiny_arrivals_and_reference(tiny_model_dir: Path) -> tuple[list[Arrival], di
 
 
 def test_mixed_batch_greedy_matches_transformers(
-    tiny_model_dir: Path, tiny_arrivals_and_reference
+    tiny_model_dir: Path, tiny_arrivals_and_reference, compilation: CompilationConfig
 ) -> None:
     arrivals, expected = tiny_arrivals_and_reference
-    runner = make_runner(tiny_model_dir, torch.float32, num_blocks=256, block_size=16)
+    runner = make_runner(tiny_model_dir, torch.float32, 256, 16, compilation)
+    assert runner.is_compiled == (not compilation.enforce_eager)
     scheduler = make_scheduler(256, 16, max_num_batched_tokens=64, max_model_len=512)
     run = run_engine(runner, scheduler, arrivals, eos_token_id=2)
     assert run.num_prefix_cache_hits > 0
@@ -161,18 +172,18 @@ def test_mixed_batch_greedy_matches_transformers(
 
 
 def test_greedy_matches_transformers_under_preemption(
-    tiny_model_dir: Path, tiny_arrivals_and_reference
+    tiny_model_dir: Path, tiny_arrivals_and_reference, compilation: CompilationConfig
 ) -> None:
     arrivals, expected = tiny_arrivals_and_reference
-    runner = make_runner(tiny_model_dir, torch.float32, num_blocks=24, block_size=16)
+    runner = make_runner(tiny_model_dir, torch.float32, 24, 16, compilation)
     scheduler = make_scheduler(24, 16, max_num_batched_tokens=96, max_model_len=384)
     run = run_engine(runner, scheduler, arrivals, eos_token_id=2)
     assert run.num_preemptions > 0
     assert run.outputs == expected
 
 
-def test_runner_exposes_arch_and_kv_caches(tiny_model_dir: Path) -> None:
-    runner = make_runner(tiny_model_dir, torch.float32, num_blocks=8, block_size=16)
+def test_runner_exposes_arch_and_kv_caches(tiny_model_dir: Path, eager_config) -> None:
+    runner = make_runner(tiny_model_dir, torch.float32, 8, 16, eager_config)
     assert runner.arch.num_hidden_layers == len(runner.kv_caches) == 2
     assert runner.kv_caches[0].shape == (2, 8 * 16, 2, 16)
 
@@ -191,14 +202,21 @@ def text_prompts(model_dir: Path, num: int) -> list[list[int]]:
     return prompts
 
 
-@pytest.mark.slow
-def test_smollm2_float32_greedy_matches_transformers(smollm2_dir: Path) -> None:
+@pytest.fixture(scope="module")
+def smollm2_arrivals_and_reference(smollm2_dir: Path) -> tuple[list[Arrival], dict]:
     prompts = text_prompts(smollm2_dir, 16)
     arrivals = [
         Arrival(index // 4, f"req-{index}", prompt, 12) for index, prompt in enumerate(prompts)
     ]
-    expected = reference_outputs(smollm2_dir, arrivals, torch.float32)
-    runner = make_runner(smollm2_dir, torch.float32, num_blocks=128, block_size=16)
+    return arrivals, reference_outputs(smollm2_dir, arrivals, torch.float32)
+
+
+@pytest.mark.slow
+def test_smollm2_float32_greedy_matches_transformers(
+    smollm2_dir: Path, smollm2_arrivals_and_reference, compilation: CompilationConfig
+) -> None:
+    arrivals, expected = smollm2_arrivals_and_reference
+    runner = make_runner(smollm2_dir, torch.float32, 128, 16, compilation)
     scheduler = make_scheduler(128, 16, max_num_batched_tokens=256, max_model_len=1024)
     run = run_engine(runner, scheduler, arrivals, eos_token_id=2)
     assert run.outputs == expected

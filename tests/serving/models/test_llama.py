@@ -56,13 +56,10 @@ def run_step(
         input_ids += seq.token_ids[seq.num_computed : seq.num_computed + size]
         positions += range(seq.num_computed, seq.num_computed + size)
     metadata = AttentionMetadata.build(
-        positions=torch.tensor(positions),
         query_lens=[size for _, size in work],
         seq_lens=[seq.num_computed + size for seq, size in work],
         block_tables=[seq.block_table for seq, _ in work],
         block_size=BLOCK_SIZE,
-        num_queries_per_kv=model.arch.num_queries_per_kv,
-        dtype=torch.float32,
     )
     with torch.inference_mode():
         hidden = model(torch.tensor(input_ids), torch.tensor(positions), kv_caches, metadata)

@@ -129,10 +129,9 @@ def _step(model: LlamaForCausalLM, kv_caches: list[torch.Tensor], token_ids: lis
           start: int) -> tuple[torch.Tensor, float]:
     positions = torch.arange(start, start + len(token_ids))
     metadata = AttentionMetadata.build(
-        positions=positions, query_lens=[len(token_ids)], seq_lens=[start + len(token_ids)],
+        query_lens=[len(token_ids)], seq_lens=[start + len(token_ids)],
         block_tables=[list(range(kv_caches[0].shape[1] // BLOCK_SIZE))],
-        block_size=BLOCK_SIZE, num_queries_per_kv=model.arch.num_queries_per_kv,
-        dtype=model.dtype,
+        block_size=BLOCK_SIZE,
     )
     began = time.perf_counter()
     with torch.inference_mode():

@@ -1,0 +1,71 @@
+"""Quiver's own kernels for the native engine, as torch custom ops.
+
+`select_kernels` decides once, at load, what the model calls: where the C++ library builds
+(CPU; `serving.kernels.build` compiles and caches it per host), the C++ paged-attention
+kernel and oneDNN linear layers on weights reordered once; elsewhere the pure-torch
+paged-attention reference (any device). The attention ops share one schema and meaning.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from serving.kernels import ops
+from serving.kernels.build import load_cpu_kernels
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AttentionOp:
+    """The paged-attention op a model calls, and which implementation it is."""
+
+    name: str  # "cpp" or "torch"
+    op: torch._ops.OpOverload
+
+
+CPP_ATTENTION = AttentionOp("cpp", torch.ops.quiver.paged_attention.default)
+REFERENCE_ATTENTION = AttentionOp("torch", torch.ops.quiver.paged_attention_reference.default)
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """What a model runs: its attention op, and whether the C++ library (and with it
+    `quiver::linear`) is loaded."""
+
+    attention: AttentionOp
+    has_cpp_library: bool
+
+
+PURE_TORCH = Kernels(REFERENCE_ATTENTION, has_cpp_library=False)
+# What the C++ decode kernel handles (csrc/paged_attention.cpp).
+CPP_HEAD_DIMS = tuple(range(16, 129, 16))
+CPP_MAX_QUERIES_PER_KV = 16
+
+
+def select_kernels(device: torch.device, *, use_cpp: bool, cache_dir: Path, head_dim: int,
+                   num_queries_per_kv: int) -> Kernels:
+    """The C++ kernels on CPU when wanted and buildable, else pure torch (logged why)."""
+    if device.type != "cpu" or not use_cpp:
+        return PURE_TORCH
+    loaded = load_cpu_kernels(cache_dir)
+    if loaded.library is None:
+        logger.warning("Quiver's C++ kernels are unavailable, using pure torch: %s",
+                       loaded.reason)
+        return PURE_TORCH
+    logger.info("Quiver's C++ kernels: %s (%s)", loaded.library,
+                "built now" if loaded.built else "cached")
+    if head_dim not in CPP_HEAD_DIMS or num_queries_per_kv > CPP_MAX_QUERIES_PER_KV:
+        logger.info("paged attention in pure torch: the C++ kernel takes head_dim %s and at "
+                    "most %d query heads per KV head (this model: %d, %d)", CPP_HEAD_DIMS,
+                    CPP_MAX_QUERIES_PER_KV, head_dim, num_queries_per_kv)
+        return Kernels(REFERENCE_ATTENTION, has_cpp_library=True)
+    return Kernels(CPP_ATTENTION, has_cpp_library=True)
+
+
+__all__ = ["CPP_ATTENTION", "PURE_TORCH", "REFERENCE_ATTENTION", "AttentionOp", "Kernels",
+           "ops", "select_kernels"]

@@ -1,0 +1,102 @@
+// Linear layers through oneDNN with weights reordered once, callable inside a compiled graph.
+//
+//   quiver::pack_linear_weight(Tensor weight, int batch_size) -> ()
+//   quiver::linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor
+//
+// oneDNN runs a bf16 GEMM fastest on a weight reordered into its blocked layout, which
+// torch keeps in an opaque (mkldnn) tensor that torch.compile cannot trace; inductor only
+// makes such weights when freezing, and a frozen graph cannot be cached on disk. So the
+// graph carries the plain weight, and this op finds the weight's reordered twin in a table
+// filled once at load (`pack_linear_weight`), keyed by the plain weight's memory. A weight
+// with no twin (or whose memory has since been freed and reused) takes at::linear: always
+// correct, only slower. The table holds each twin until a later `pack_linear_weight` finds
+// its plain weight gone.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/linear.h>
+#include <torch/library.h>
+
+#include <mutex>
+#include <optional>
+#include <unordered_map>
+#include <vector>
+
+namespace quiver {
+namespace {
+
+class PackedWeights {
+ public:
+  void add(const at::Tensor& weight, at::Tensor packed) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = entries_.begin(); it != entries_.end();) {
+      it = it->second.storage.expired() ? entries_.erase(it) : std::next(it);
+    }
+    entries_.insert_or_assign(weight.data_ptr(), Entry{weak_storage(weight), weight.sizes().vec(),
+                                                        weight.strides().vec(), std::move(packed)});
+  }
+
+  std::optional<at::Tensor> find(const at::Tensor& weight) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = entries_.find(weight.data_ptr());
+    if (it == entries_.end()) return std::nullopt;
+    const Entry& entry = it->second;
+    auto storage = entry.storage.lock();
+    if (!storage || storage.get() != weight.storage().unsafeGetStorageImpl() ||
+        weight.sizes() != at::IntArrayRef(entry.sizes) ||
+        weight.strides() != at::IntArrayRef(entry.strides)) {
+      return std::nullopt;
+    }
+    return entry.packed;
+  }
+
+ private:
+  struct Entry {
+    c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+    std::vector<int64_t> sizes, strides;
+    at::Tensor packed;
+  };
+
+  static c10::weak_intrusive_ptr<c10::StorageImpl> weak_storage(const at::Tensor& weight) {
+    return weight.storage().getWeakStorageImpl();
+  }
+
+  std::mutex mutex_;
+  std::unordered_map<const void*, Entry> entries_;
+};
+
+PackedWeights& packed_weights() {
+  static PackedWeights table;
+  return table;
+}
+
+void pack_linear_weight(const at::Tensor& weight, int64_t batch_size) {
+  TORCH_CHECK(weight.dim() == 2, "a linear weight is [out_features, in_features]");
+  static auto reorder = c10::Dispatcher::singleton()
+                            .findSchemaOrThrow("mkldnn::_reorder_linear_weight", "")
+                            .typed<at::Tensor(const at::Tensor&, std::optional<int64_t>)>();
+  packed_weights().add(weight, reorder.call(weight.contiguous(), batch_size));
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias) {
+  std::optional<at::Tensor> packed = packed_weights().find(weight);
+  if (!packed) return at::linear(x, weight, bias);
+  static auto linear_pointwise =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            c10::string_view, c10::List<std::optional<at::Scalar>>,
+                            std::optional<c10::string_view>)>();
+  return linear_pointwise.call(x.contiguous(), *packed, bias, "none",
+                               c10::List<std::optional<at::Scalar>>(), "");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(quiver, CPU, m) {
+  m.impl("pack_linear_weight", &pack_linear_weight);
+  m.impl("linear", &linear);
+}
+
+}  // namespace quiver

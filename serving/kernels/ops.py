@@ -1,0 +1,127 @@
+"""Quiver's torch custom ops (opaque to torch.compile): paged attention and packed linear.
+
+Two attention ops share one schema and one meaning (`csrc/paged_attention.cpp` states it):
+
+- `quiver::paged_attention`: defined here; its CPU kernel is the C++ library that
+  `serving.kernels.build` compiles and loads. Without that library it has no kernel.
+- `quiver::paged_attention_reference`: the same computation in plain torch ops (K/V written
+  with `index_copy_`, decode contexts gathered block by block into one SDPA call, prefill
+  chunks through SDPA with a causal bias). It runs on any device and is the fallback.
+
+Both are registered with fake (meta) implementations so a compiled graph can hold them: the
+graph sees one opaque call per layer, whose only output is `[T, H * D]`.
+
+`quiver::linear(x, weight, bias)` is `F.linear` through oneDNN on a weight reordered once by
+`quiver::pack_linear_weight` (`csrc/packed_linear.cpp` says why and how); both have only the
+C++ CPU kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from serving.kernels.metadata import StepIndex
+
+SCHEMA = (
+    "(Tensor query, Tensor key, Tensor value, Tensor(a!) kv_cache, Tensor metadata, "
+    "int block_size, float scale) -> Tensor"
+)
+
+_LIBRARY = torch.library.Library("quiver", "DEF")  # the op namespace, once per process
+_LIBRARY.define("paged_attention" + SCHEMA)
+_LIBRARY.define("paged_attention_reference" + SCHEMA)
+
+
+def _fake(query, key, value, kv_cache, metadata, block_size, scale):
+    return query.new_empty(query.shape[0], query.shape[1] * query.shape[2])
+
+
+torch.library.register_fake("quiver::paged_attention", _fake, lib=_LIBRARY)
+torch.library.register_fake("quiver::paged_attention_reference", _fake, lib=_LIBRARY)
+
+_LIBRARY.define("pack_linear_weight(Tensor weight, int batch_size) -> ()")
+_LIBRARY.define("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+
+
+@torch.library.register_fake("quiver::linear", lib=_LIBRARY)
+def _linear_fake(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def paged_attention_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    metadata: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """The pure-torch implementation (any device)."""
+    index = StepIndex.unpack(metadata)
+    kv_cache[0].index_copy_(0, index.slot_mapping, key)
+    kv_cache[1].index_copy_(0, index.slot_mapping, value)
+    outputs = []
+    if index.num_decodes:
+        outputs.append(_decode(query[: index.num_decodes], kv_cache, index, block_size, scale))
+    for seq in range(index.num_decodes, index.num_seqs):
+        outputs.append(_prefill(query, key, value, kv_cache, index, seq, block_size, scale))
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+_LIBRARY.impl("paged_attention_reference", paged_attention_reference,
+              "CompositeExplicitAutograd")
+
+
+def _gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor,
+                   block_size: int) -> torch.Tensor:
+    """`[num_slots, KV, D]` gathered by block ids `[B, n]` -> `[B, KV, n * block_size, D]`."""
+    num_slots, num_kv_heads, head_dim = cache.shape
+    blocks = cache.view(num_slots // block_size, block_size * num_kv_heads * head_dim)
+    gathered = blocks.index_select(0, block_tables.reshape(-1))
+    return gathered.view(block_tables.shape[0], -1, num_kv_heads, head_dim).transpose(1, 2)
+
+
+def _decode(query: torch.Tensor, kv_cache: torch.Tensor, index: StepIndex, block_size: int,
+            scale: float) -> torch.Tensor:
+    batch, num_heads, head_dim = query.shape
+    seq_lens = index.seq_lens[:batch]
+    num_blocks = -(-int(seq_lens.max()) // block_size)
+    tables = index.block_tables[:batch, :num_blocks]
+    keys = _gather_blocks(kv_cache[0], tables, block_size)
+    values = _gather_blocks(kv_cache[1], tables, block_size)
+    num_kv_heads = keys.shape[1]
+    is_valid = torch.arange(keys.shape[2], device=query.device)[None, :] < seq_lens[:, None]
+    bias = torch.zeros(is_valid.shape, dtype=query.dtype, device=query.device)
+    bias = bias.masked_fill_(~is_valid, float("-inf"))[:, None, None, :]
+    grouped = query.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    output = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=bias, scale=scale)
+    return output.reshape(batch, num_heads * head_dim)
+
+
+def _prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             kv_cache: torch.Tensor, index: StepIndex, seq: int, block_size: int,
+             scale: float) -> torch.Tensor:
+    start, end = int(index.query_start[seq]), int(index.query_start[seq + 1])
+    query_len, seq_len = end - start, int(index.seq_lens[seq])
+    _, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[1]
+    group = num_heads // num_kv_heads
+    # [T, KV, g, D] -> [1, KV, g * T, D]: query heads sharing a KV head become extra rows
+    grouped = query[start:end].reshape(query_len, num_kv_heads, group, head_dim)
+    grouped = grouped.permute(1, 2, 0, 3).reshape(1, num_kv_heads, group * query_len, head_dim)
+    if seq_len == query_len:
+        keys, values = key[start:end].transpose(0, 1)[None], value[start:end].transpose(0, 1)[None]
+    else:
+        table = index.block_tables[seq : seq + 1, : -(-seq_len // block_size)]
+        keys = _gather_blocks(kv_cache[0], table, block_size)[:, :, :seq_len]
+        values = _gather_blocks(kv_cache[1], table, block_size)[:, :, :seq_len]
+    rows = torch.arange(query_len, device=query.device)[:, None] + (seq_len - query_len)
+    is_future = torch.arange(seq_len, device=query.device)[None, :] > rows
+    bias = torch.zeros(is_future.shape, dtype=query.dtype, device=query.device)
+    bias = bias.masked_fill_(is_future, float("-inf")).repeat(group, 1)
+    output = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=bias, scale=scale)
+    # [1, KV, g * T, D] -> [T, KV * g * D]
+    output = output.view(num_kv_heads, group, query_len, head_dim).permute(2, 0, 1, 3)
+    return output.reshape(query_len, num_heads * head_dim)

@@ -1,0 +1,106 @@
+"""The decoder layers compiled once at start by inductor, eager as the fallback.
+
+`torch.compile` turns a decoder layer (RMSNorms, rotary, the SiLU·mul, the residual adds
+around the projections and the attention op) into fused C++ loops around the GEMMs.
+Every layer has the same code, so one compiled graph serves all of them (regional
+compilation: the layers' weights are graph inputs), which keeps compiling to seconds, and
+inductor's on-disk caches under `<cache_dir>/inductor` make a restart cheaper still. No
+freezing: a frozen graph cannot be cached; the GEMMs get their reordered oneDNN weights
+from Quiver's packed-linear op instead (`serving.models.linear`). Attention is one opaque
+custom op per layer (`serving.kernels`), so one graph serves decodes and prefill chunks.
+
+Shapes: every size is dynamic except where torch specialises 1, so a one-token step
+(batch-1 decode) gets its own graph and every larger step shares one. Quantized
+projections switch kernels at a token count (`serving.models.quant`), which splits the
+dynamic graph at that size; `warm_up` runs one step on each side of every split, so after
+it no request waits for a compile: a step that would need one runs eagerly (logged).
+
+Inductor's parallel compile workers are disabled: on a 2-core host they kept stealing the
+engine's cores after compiling.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch._inductor.config
+
+from serving.models.attention import AttentionMetadata
+from serving.models.llama import LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+INDUCTOR_CONFIG = {"compile_threads": 1}
+
+Forward = Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor], AttentionMetadata],
+                   torch.Tensor]
+# Builds (input_ids, positions, metadata) of a step with that many tokens, for warm-up.
+ExampleStep = Callable[[int], tuple[torch.Tensor, torch.Tensor, AttentionMetadata]]
+
+
+def use_inductor_cache(cache_dir: Path) -> None:
+    """Point inductor's on-disk caches under `cache_dir` unless the user already chose
+    (inductor reads its location from this variable only)."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cache_dir) / "inductor"))
+
+
+class CompiledForward:
+    """The model's forward pass with its decoder layers compiled; `warm_up` before serving."""
+
+    def __init__(self, model: LlamaForCausalLM, cache_dir: Path) -> None:
+        use_inductor_cache(cache_dir)
+        for layer in model.layers:
+            layer.compile(fullgraph=True, dynamic=True)
+        self.model = model
+        self.is_compiled = True
+        self._is_warm = False
+        self._has_logged_fallback = False
+
+    def run_eagerly(self) -> None:
+        """Give up on the compiled layers for good (compiling failed)."""
+        self.is_compiled = False
+
+    def warm_up_sizes(self) -> list[int]:
+        """Step sizes (tokens) covering every graph: 1, 2 (the dynamic one) and one past each
+        size where a projection switches kernels."""
+        return sorted({1, 2, *(split + 1 for split in self.model.kernel_token_splits())})
+
+    def warm_up(self, kv_caches: list[torch.Tensor], example_step: ExampleStep) -> float:
+        """Compile (or load from the cache) every graph serving will need; seconds spent.
+        Raises whatever compiling raised: the caller falls back to eager."""
+        sizes = self.warm_up_sizes()
+        start = time.perf_counter()
+        with torch.inference_mode(), torch._inductor.config.patch(INDUCTOR_CONFIG):
+            for num_tokens in sizes:
+                input_ids, positions, metadata = example_step(num_tokens)
+                self.model(input_ids, positions, kv_caches, metadata)
+        self._is_warm = True
+        return time.perf_counter() - start
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                 kv_caches: list[torch.Tensor], metadata: AttentionMetadata) -> torch.Tensor:
+        if not self.is_compiled:
+            return self._eager(input_ids, positions, kv_caches, metadata)
+        if not self._is_warm:
+            return self.model(input_ids, positions, kv_caches, metadata)
+        try:
+            with torch.compiler.set_stance("fail_on_recompile"):
+                return self.model(input_ids, positions, kv_caches, metadata)
+        except RuntimeError as exc:
+            if "recompile" not in str(exc):
+                raise
+            if not self._has_logged_fallback:
+                logger.warning("a %d-token step needed a new compiled graph; steps like it run "
+                               "eagerly: %s", input_ids.shape[0], str(exc).splitlines()[0])
+                self._has_logged_fallback = True
+        return self._eager(input_ids, positions, kv_caches, metadata)
+
+    def _eager(self, input_ids: torch.Tensor, positions: torch.Tensor,
+               kv_caches: list[torch.Tensor], metadata: AttentionMetadata) -> torch.Tensor:
+        with torch.compiler.set_stance("force_eager"):
+            return self.model(input_ids, positions, kv_caches, metadata)

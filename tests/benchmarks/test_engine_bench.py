@@ -1,0 +1,70 @@
+"""The engine benchmark's own logic: the streaming load client and the report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from aiohttp import web
+
+from benchmarks.engine_load import Workload, run_level
+from benchmarks.engine_report import summarize, table
+
+
+async def fake_completions(request: web.Request) -> web.StreamResponse:
+    """Streams two chunks of two tokens' text each, then usage, as an OpenAI server."""
+    body = await request.json()
+    assert body["stream"] and body["ignore_eos"] and body["stream_options"]["include_usage"]
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for text in ("ab", "cd"):
+        chunk = {"choices": [{"index": 0, "text": text}], "usage": None}
+        await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+    usage = {"choices": [], "usage": {"completion_tokens": 4, "prompt_tokens": 3}}
+    await response.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
+    return response
+
+
+async def test_load_counts_the_servers_usage_not_its_chunks() -> None:
+    app = web.Application()
+    app.router.add_post("/v1/completions", fake_completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        workload = Workload("m", [[1, 2, 3]] * 5, output_tokens=4)
+        level, traces = await run_level(f"http://127.0.0.1:{port}", workload)
+    finally:
+        await runner.cleanup()
+    assert level.concurrency == 5 and level.output_tokens == 20
+    assert all(trace.text == "abcd" and len(trace.chunk_times) == 2 for trace in traces)
+    assert level.tokens_per_s > 0 and level.ttft_p50_ms >= 0
+
+
+def server(ready_cold: float, ready_warm: float, rates: dict[int, float]) -> dict:
+    return {"ready_cold_s": ready_cold, "ready_warm_s": ready_warm,
+            "levels": [{"concurrency": c, "tokens_per_s": r} for c, r in rates.items()]}
+
+
+def test_report_takes_ratios_against_vllms_default_and_judges_targets() -> None:
+    args = argparse.Namespace(concurrency=[1, 32], model=Path("m"), prompt_tokens=128,
+                              output_tokens=128)
+    results = {"vllm": server(90, 40, {1: 20.0, 32: 400.0}),
+               "vllm-eager": server(30, 30, {1: 15.0, 32: 300.0}),
+               "native": server(20, 6, {1: 30.0, 32: 560.0})}
+    ceiling = {"ceiling": [{"batch": 1, "ceiling_tokens_per_s": 60.0},
+                           {"batch": 32, "ceiling_tokens_per_s": 1120.0}]}
+    cpu = {"model": "test", "cores": 2, "flags": ["avx512f"]}
+    summary = summarize(results, ceiling, cpu, args)
+    c32 = summary["by_concurrency"][1]
+    assert c32["native_vs"] == {"vllm": 1.4, "vllm-eager": 1.867}
+    assert c32["native_share_of_ceiling"] == 0.5
+    targets = summary["targets"]
+    assert targets["c32_vs_vllm"]["met"] is False  # 1.4 < 1.5
+    assert targets["c1_vs_vllm"]["met"] is True  # 1.5 >= 1.2
+    assert targets["ready_cold_vs_vllm"]["met"] is True  # 20 / 90 <= 1/3
+    assert targets["ready_warm_vs_vllm"]["met"] is True  # 6 / 40 <= 1/5
+    assert "c32_vs_vllm: 1.4 (target 1.5): MISSED" in table(summary)

@@ -1,0 +1,79 @@
+"""A host where the C++ kernels cannot build and torch.compile cannot compile still serves.
+
+`quiver serve` runs in a subprocess whose C++ compiler (`CXX`, which both our kernel build
+and inductor use) always fails, over empty caches: the engine must log both fallbacks,
+become ready, and answer like the default engine does.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+PROMPT = [5, 17, 33, 101, 7, 64]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def failing_compiler(directory: Path) -> Path:
+    """A `c++` that reports a version (so it looks installed) and fails every build."""
+    path = directory / "failing-c++"
+    path.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo 'c++ 0' && exit 0\n"
+                    "echo 'error: this compiler always fails' >&2\nexit 1\n")
+    path.chmod(0o755)
+    return path
+
+
+def serve_and_complete(model_dir: Path, repo_root: Path, env: dict[str, str],
+                       cache_dir: Path) -> tuple[list[str], str]:
+    """Start `quiver serve`, ask for 8 greedy tokens, stop it; (the answer's text, log)."""
+    port = free_port()
+    env = {key: value for key, value in env.items() if not key.startswith("TORCHINDUCTOR_")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "quiver", "serve", "--model", str(model_dir), "--port", str(port),
+         "--dtype", "float32", "--kv-cache-memory", "0.02", "--compile-cache-dir",
+         str(cache_dir)],
+        cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server never became ready"
+            time.sleep(0.2)
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60, json={
+            "model": model_dir.name, "prompt": PROMPT, "max_tokens": 8, "temperature": 0,
+            "ignore_eos": True, "logprobs": 0})
+        assert response.status_code == 200, response.text
+        choice = response.json()["choices"][0]
+    finally:
+        process.terminate()
+        log, _ = process.communicate(timeout=60)
+    return choice["logprobs"]["tokens"], log
+
+
+def test_server_falls_back_when_nothing_compiles(tiny_model_dir, repo_root, tmp_path,
+                                                 quiver_cache_dir):
+    env = {**os.environ, "CXX": str(failing_compiler(tmp_path))}
+    tokens, log = serve_and_complete(tiny_model_dir, repo_root, env, tmp_path / "cache")
+    assert "C++ kernels are unavailable" in log and "always fails" in log
+    assert "compiling the model failed, running it eagerly" in log
+    assert "eager, attention torch" in log
+    expected, default_log = serve_and_complete(tiny_model_dir, repo_root, dict(os.environ),
+                                               quiver_cache_dir)
+    assert "compiled, attention cpp" in default_log
+    assert tokens == expected and len(tokens) == 8

@@ -1,0 +1,70 @@
+"""`quiver::linear` (oneDNN on a weight reordered once) and the library's build fallback."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from serving.kernels import select_kernels
+from serving.kernels.build import load_cpu_kernels
+
+
+@pytest.fixture(scope="session")
+def cpp_library(compiled_config) -> None:
+    kernels = select_kernels(torch.device("cpu"), use_cpp=True,
+                             cache_dir=compiled_config.cache_dir, head_dim=64,
+                             num_queries_per_kv=1)
+    assert kernels.has_cpp_library, "a C++ compiler is present but the kernels did not build"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_rows", [1, 7, 64])
+def test_packed_linear_matches_f_linear(cpp_library, dtype, num_rows) -> None:
+    generator = torch.Generator().manual_seed(num_rows)
+    weight = torch.randn(96, 80, generator=generator).to(dtype)
+    bias = torch.randn(96, generator=generator).to(dtype)
+    x = torch.randn(num_rows, 80, generator=generator).to(dtype)
+    torch.ops.quiver.pack_linear_weight(weight, 1)
+    expected = F.linear(x.float(), weight.float(), bias.float())
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    for b in (bias, None):
+        output = torch.ops.quiver.linear(x, weight, b)
+        reference = expected if b is not None else expected - bias.float()
+        torch.testing.assert_close(output.float(), reference, atol=tolerance, rtol=tolerance)
+
+
+def test_unpacked_or_freed_weights_take_plain_linear(cpp_library) -> None:
+    """A weight never packed, or one allocated where a packed (now freed) weight was,
+    gets its own product, never a stale reordered twin."""
+    x = torch.randn(4, 32)
+    assert torch.equal(torch.ops.quiver.linear(x, (w := torch.randn(16, 32)), None),
+                       F.linear(x, w))
+    old = torch.randn(16, 32)
+    torch.ops.quiver.pack_linear_weight(old, 1)
+    address = old.data_ptr()
+    del old
+    gc.collect()
+    for _ in range(20):  # the allocator usually hands the freed block straight back
+        new = torch.randn(16, 32)
+        torch.testing.assert_close(torch.ops.quiver.linear(x, new, None), F.linear(x, new))
+        if new.data_ptr() == address:
+            break
+
+
+def test_missing_or_failing_compiler_is_a_reason_not_an_error(tmp_path: Path,
+                                                              monkeypatch) -> None:
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    missing = load_cpu_kernels(tmp_path / "a")
+    assert missing.library is None and "no-such-compiler" in missing.reason
+    failing = tmp_path / "failing-c++"
+    failing.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo 'c++ 0' && exit 0\n"
+                       "echo 'error: this compiler always fails' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("CXX", str(failing))
+    failed = load_cpu_kernels(tmp_path / "b")
+    assert failed.library is None and "always fails" in failed.reason
+    assert not list((tmp_path / "b").rglob("*.so")), "no half-built library is left behind"

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from tests.deploy.conftest import CHART, REPO, run_helm
 
@@ -31,6 +32,9 @@ BAD_VALUES = [
     (["servers.stable.enabled=false", "servers.prod.weight=90", "servers.canary.weight=10"],
      "has variants [canary prod] but none named `stable`"),
     (['redis.maxMemory="lots"'], "at '/redis/maxMemory'"),
+    (['servers.stable.artifactGate="failed"'],
+     "servers.stable: the artifact's quality gate failed (artifactGate: failed)"),
+    (['servers.stable.artifactGate="unknown"'], "at '/servers/stable/artifactGate'"),
 ]
 
 
@@ -48,6 +52,26 @@ def test_good_canary_weights_render(helm: str) -> None:
     result = run_helm(helm, "template", "prod", str(CHART), "--set", "servers.stable.weight=90",
                       "--set", "servers.canary.weight=10")
     assert result.returncode == 0, result.stderr
+
+
+def test_a_failed_gate_is_served_only_when_allowed(helm: str) -> None:
+    """The chart refuses an ungated artifact unless the values say so, and then passes the
+    server the flag its own check at start needs."""
+    def server_args(*sets: str) -> list[str]:
+        args = ["template", "prod", str(CHART)]
+        for item in sets:
+            args += ["--set", item]
+        result = run_helm(helm, *args)
+        assert result.returncode == 0, result.stderr
+        deployments = [doc for doc in yaml.safe_load_all(result.stdout)
+                       if doc and doc["kind"] == "Deployment"
+                       and doc["spec"]["template"]["spec"]["containers"][0]["name"] == "server"]
+        return deployments[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+
+    assert "--allow-failed-gate" not in server_args("servers.stable.artifactGate=passed")
+    allowed = server_args("servers.stable.artifactGate=failed",
+                          "servers.stable.allowFailedGate=true")
+    assert "--allow-failed-gate" in allowed
 
 
 def test_schema_is_strict_at_the_top_level() -> None:

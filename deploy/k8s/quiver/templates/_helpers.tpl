@@ -169,6 +169,9 @@ quiver/variant: {{ . }}
 {{- $model := include "quiver.server.model" (dict "root" $ "server" $server) }}
 {{- $_ := set $sums $model (addf (get $sums $model | default 0) $server.weight) }}
 {{- $_ := set $variants $model (append (get $variants $model | default list) $name) }}
+{{- if and (eq $server.artifactGate "failed") (not $server.allowFailedGate) }}
+{{- fail (printf "servers.%s: the artifact's quality gate failed (artifactGate: failed); set servers.%s.allowFailedGate=true to serve it anyway" $name $name) }}
+{{- end }}
 {{- end }}
 {{- range $model, $list := $variants }}
 {{- if and (gt (len $list) 1) (not (has "stable" $list)) }}

@@ -1,8 +1,11 @@
 """`quiver optimize {int8,awq,onnx,tensorrt,distill,eval} --model SRC --out DIR ...`.
 
-Every method measures the source and the artifact on held-out text and writes
-`manifest.json`; a quality gate (`--max-ppl-increase`, a default per method) refuses an
-artifact that fails it unless `--force`. `eval` prints the same measurements as JSON.
+Every method measures the source and the artifact on held-out text (perplexity, size,
+decode speed, and a task score: exact match on deterministic question sets and greedy
+agreement with the source) and writes `manifest.json`; a quality gate
+(`--max-ppl-increase`, a default per method; `--max-task-score-drop` and
+`--min-greedy-agreement`, off by default) refuses an artifact that fails it unless
+`--force`. `eval` prints the same measurements as JSON (against `--reference` if given).
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ def add_common(parser: argparse.ArgumentParser) -> None:
                         help="tokens scored per passage (default 512)")
     parser.add_argument("--decode-tokens", type=int, default=64,
                         help="tokens decoded to measure speed; 0 skips it (default 64)")
+    parser.add_argument("--no-tasks", dest="tasks", action="store_false",
+                        help="skip the task score (exact match on held-out question sets "
+                             "and greedy agreement with the source)")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -54,13 +60,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         sub.add_argument("--max-ppl-increase", type=float, default=None,
                          help="quality gate: largest perplexity increase allowed, percent "
                               f"(default {default if default is not None else 'none'})")
+        sub.add_argument("--max-task-score-drop", type=float, default=None, metavar="POINTS",
+                         help="quality gate: largest drop of the exact-match task score "
+                              "below the source's, points out of 100 (default none)")
+        sub.add_argument("--min-greedy-agreement", type=float, default=None,
+                         metavar="POINTS",
+                         help="quality gate: least share of the source's greedy tokens the "
+                              "artifact reproduces, points out of 100 (default none)")
         sub.add_argument("--force", action="store_true",
                          help="write the artifact even when it fails the quality gate")
         sub.add_argument("--overwrite", action="store_true", help="replace an existing --out")
         method.add_arguments(sub)
         sub.set_defaults(func=run_method, method_name=name)
-    evaluate = methods.add_parser("eval", help="perplexity, decode tokens/s and size as JSON")
+    evaluate = methods.add_parser(
+        "eval", help="perplexity, decode tokens/s, size and task score as JSON")
     add_common(evaluate)
+    evaluate.add_argument("--reference", type=Path, default=None,
+                          help="the model the measured one came from: its perplexity and "
+                               "task score are measured too, and the greedy agreement "
+                               "between them")
     evaluate.set_defaults(func=run_eval)
 
 
@@ -77,13 +95,24 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from optimize.data import load_texts
     from optimize.evaluate import evaluate
-    from optimize.pipeline import resolve_source
+    from optimize.pipeline import compare_tasks, measure, resolve_source, task_suite
 
     with tempfile.TemporaryDirectory(prefix="quiver-eval-") as work:
-        source = resolve_source(args.model, Path(work))
+        model = resolve_source(args.model, Path(work) / "model")
+        reference = (None if args.reference is None
+                     else resolve_source(args.reference, Path(work) / "reference"))
         texts = load_texts(args.eval_data, "evaluation", limit=args.eval_samples)
-        result = evaluate(source, texts, max_tokens=args.eval_max_tokens,
-                          decode_tokens=args.decode_tokens or None)
-    print(json.dumps({**result.to_dict(), "model": str(args.model),
-                      "eval_data": texts.name}, indent=2))
+        suite = task_suite(reference or model, args)
+        result = measure(model, texts, args, suite)
+        report = {**result.to_dict(), "model": str(args.model), "eval_data": texts.name}
+        baseline = None
+        if reference is not None:  # its speed is not compared: not measured
+            baseline = evaluate(reference, texts, max_tokens=args.eval_max_tokens,
+                                decode_tokens=None, suite=suite)
+            report.update(reference=str(args.reference),
+                          baseline_perplexity=baseline.perplexity)
+    tasks = compare_tasks(suite, result, baseline)
+    if tasks is not None:
+        report.update(tasks.metrics())
+    print(json.dumps(report, indent=2))
     return 0

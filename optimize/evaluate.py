@@ -8,7 +8,10 @@ JSON), so the manifest's numbers compare like with like:
   compressed-tensors (int8 / AWQ), ONNX Runtime for ONNX;
 - decode tokens/s: greedy decoding of `decode_tokens` tokens at batch 1 through the serving
   engine (EOS ignored), after a warm-up;
-- size: bytes of the weight files.
+- size: bytes of the weight files;
+- task score (`optimize.tasks`, when a suite is given): greedy answers to the suite's
+  requests, all in one batch, by the same runtime as perplexity and in the same precision
+  (float32 on the native engine, so the score shows the method and not the host's bf16).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 
 from optimize.data import TextSet, token_ids
 from optimize.manifest import Manifest, size_bytes
+from optimize.tasks import TaskResult, TaskSuite, score
 
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_DECODE_TOKENS = 64
@@ -34,9 +38,11 @@ class EvalResult:
     size_bytes: int
     decode_tokens_per_s: float | None
     runtime: str
+    tasks: TaskResult | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The measurements (the task answers are compared by `TaskComparison`)."""
+        return {key: value for key, value in asdict(self).items() if key != "tasks"}
 
 
 def artifact_format(model_dir: Path) -> str:
@@ -49,9 +55,9 @@ def artifact_format(model_dir: Path) -> str:
 
 
 def evaluate(model_dir: Path, texts: TextSet, *, max_tokens: int = DEFAULT_MAX_TOKENS,
-             decode_tokens: int | None = DEFAULT_DECODE_TOKENS) -> EvalResult:
-    fmt = artifact_format(model_dir)
-    if fmt in ("onnx", "tensorrt"):
+             decode_tokens: int | None = DEFAULT_DECODE_TOKENS,
+             suite: TaskSuite | None = None) -> EvalResult:
+    if is_onnx(model_dir):
         from optimize.onnx_eval import onnx_decode_rate, onnx_perplexity
 
         ppl, count = onnx_perplexity(model_dir, texts.texts, max_tokens=max_tokens)
@@ -61,8 +67,26 @@ def evaluate(model_dir: Path, texts: TextSet, *, max_tokens: int = DEFAULT_MAX_T
         ppl, count = native_perplexity(model_dir, texts.texts, max_tokens=max_tokens)
         rate = native_decode_rate(model_dir, decode_tokens) if decode_tokens else None
         runtime = "native"
+    tasks = run_tasks(model_dir, suite) if suite is not None else None
     return EvalResult(perplexity=ppl, eval_tokens=count, size_bytes=size_bytes(model_dir),
-                      decode_tokens_per_s=rate, runtime=runtime)
+                      decode_tokens_per_s=rate, runtime=runtime, tasks=tasks)
+
+
+def is_onnx(model_dir: Path) -> bool:
+    """Served by ONNX Runtime (an `onnx` or `tensorrt` artifact), else by the native engine."""
+    return artifact_format(model_dir) in ("onnx", "tensorrt")
+
+
+def run_tasks(model_dir: Path, suite: TaskSuite) -> TaskResult:
+    """The model's greedy answers to every request of `suite`, scored."""
+    prompts, lengths = suite.requests()
+    if is_onnx(model_dir):
+        from optimize.onnx_eval import onnx_greedy
+
+        outputs = onnx_greedy(model_dir, prompts, lengths)
+    else:
+        outputs = native_greedy(model_dir, prompts, lengths)
+    return score(suite, outputs)
 
 
 def native_perplexity(model_dir: Path, texts: list[str], *,
@@ -95,10 +119,47 @@ def native_perplexity(model_dir: Path, texts: list[str], *,
     return math.exp(total_nll / count), count
 
 
+async def _generate(engine, prompt: list[int], num_tokens: int) -> list[int]:
+    """One greedy request through a native engine, EOS ignored: its token ids."""
+    from serving.engine import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=num_tokens, ignore_eos=True)
+    produced: list[int] = []
+    async for output in engine.generate(prompt, params, uuid.uuid4().hex):
+        for delta in output.deltas:
+            produced.extend(delta.new_token_ids)
+    return produced
+
+
+def native_greedy(model_dir: Path, prompts: list[list[int]],
+                  num_tokens: list[int]) -> list[list[int]]:
+    """Greedy continuations (EOS ignored) of every prompt, all submitted at once to one
+    native engine, float32, with a KV cache sized to hold them all."""
+    from serving.engine.factory import EngineSettings, build_engine
+    from serving.models.config import ModelArchConfig
+
+    arch = ModelArchConfig.from_model_dir(Path(model_dir))
+    token_bytes = 2 * arch.num_hidden_layers * arch.num_key_value_heads * arch.head_dim * 4
+    num_slots = sum(len(p) + n for p, n in zip(prompts, num_tokens, strict=True))
+    kv_gib = max(2 * num_slots * token_bytes / (1 << 30), 1 / 16)
+    engine = build_engine(EngineSettings(model=Path(model_dir), dtype="float32",
+                                         kv_cache_memory_gib=kv_gib,
+                                         max_num_seqs=min(max(len(prompts), 1), 128)),
+                          model_name="eval")
+
+    async def run() -> list[list[int]]:
+        return list(await asyncio.gather(
+            *(_generate(engine, p, n) for p, n in zip(prompts, num_tokens, strict=True))))
+
+    try:
+        return asyncio.run(run())
+    finally:
+        engine.shutdown()
+
+
 def native_decode_rate(model_dir: Path, decode_tokens: int, *, dtype: str = "auto",
                        batch_size: int = 1) -> float:
     """Output tokens/s of greedy decoding through the native engine (EOS ignored)."""
-    from serving.engine import SamplingParams
     from serving.engine.factory import EngineSettings, build_engine
 
     engine = build_engine(EngineSettings(model=Path(model_dir), dtype=dtype,
@@ -106,19 +167,13 @@ def native_decode_rate(model_dir: Path, decode_tokens: int, *, dtype: str = "aut
                                          max_num_seqs=max(batch_size, 1)),
                           model_name="eval")
 
-    async def one(prompt: list[int], tokens: int) -> int:
-        params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
-        produced = 0
-        async for output in engine.generate(prompt, params, uuid.uuid4().hex):
-            produced += sum(len(d.new_token_ids) for d in output.deltas)
-        return produced
-
     async def run() -> float:
         prompts = [[1 + (i * 7 + j) % 50 for j in range(16)] for i in range(batch_size)]
-        await asyncio.gather(*(one(p, 4) for p in prompts))          # warm-up
+        await asyncio.gather(*(_generate(engine, p, 4) for p in prompts))     # warm-up
         start = time.perf_counter()
-        produced = await asyncio.gather(*(one(p, decode_tokens) for p in prompts))
-        return sum(produced) / (time.perf_counter() - start)
+        produced = await asyncio.gather(*(_generate(engine, p, decode_tokens)
+                                          for p in prompts))
+        return sum(map(len, produced)) / (time.perf_counter() - start)
 
     try:
         return asyncio.run(run())

@@ -2,9 +2,12 @@
 
 Fields (DESIGN.md): `format` (safetensors | compressed-tensors | onnx | tensorrt), `method`,
 `params`, `source` {path, sha256}, `metrics` {perplexity, baseline_perplexity, size_bytes,
-decode_tokens_per_s, eval_data, ...}, `gate` {max_ppl_increase, ppl_increase, passed,
-forced}, `created_at`, `quiver_version`. `quiver serve` picks its engine from `format` and
-refuses an artifact whose gate failed (`serving/artifact.py` reads it there, as JSON).
+decode_tokens_per_s, eval_data, task_suite, task_items, task_score, baseline_task_score,
+task_scores, baseline_task_scores, greedy_agreement, ...}, `gate` {max_ppl_increase,
+ppl_increase, max_task_score_drop, task_score_drop, min_greedy_agreement, greedy_agreement,
+passed, forced}, `created_at`, `quiver_version`. `quiver serve` picks its engine from
+`format` and refuses an artifact whose gate failed (`serving/artifact.py` reads it there,
+as JSON).
 """
 
 from __future__ import annotations
@@ -40,6 +43,16 @@ class Metrics(BaseModel):
     baseline_decode_tokens_per_s: float | None = None
     eval_data: str | None = None
     eval_tokens: int | None = None
+    # The task score (`optimize.tasks`, points out of 100; None when skipped): exact match
+    # of the artifact and of its source on the suite's items, per task too, and how much of
+    # the source's greedy continuations the artifact reproduces.
+    task_suite: str | None = None
+    task_items: int | None = None
+    task_score: float | None = None
+    baseline_task_score: float | None = None
+    task_scores: dict[str, float] | None = None
+    baseline_task_scores: dict[str, float] | None = None
+    greedy_agreement: float | None = None
 
     @property
     def ppl_increase_percent(self) -> float | None:
@@ -49,12 +62,18 @@ class Metrics(BaseModel):
 
 
 class Gate(BaseModel):
-    """The quality gate the artifact was built under: the allowed perplexity increase (%;
-    None: no gate), the measured one, whether it passed, and whether `--force` wrote it
-    although it did not."""
+    """The quality gate the artifact was built under (`optimize.gate`): each limit (None:
+    not gated) next to what was measured, whether every limit held, and whether `--force`
+    wrote it although one did not. The allowed perplexity increase is in percent; the task
+    score drop (source's exact-match score minus the artifact's) and the greedy agreement
+    are in points out of 100, None when the task score was not measured."""
 
     max_ppl_increase: float | None
     ppl_increase: float | None
+    max_task_score_drop: float | None = None
+    task_score_drop: float | None = None
+    min_greedy_agreement: float | None = None
+    greedy_agreement: float | None = None
     passed: bool
     forced: bool = False
 

@@ -4,6 +4,8 @@ tokenizer files): full-sequence logits, perplexity, logit parity and decode toke
 - logits / perplexity: one pass per text through a raw `onnxruntime.InferenceSession` on the
   decoder with an empty past KV cache (og's generator exposes only last-token logits), so
   every next-token prediction is exact; float64 log-softmax.
+- greedy continuations (the task score, `optimize.tasks`): the same raw session, one prompt
+  at a time, the KV cache fed back, EOS ignored;
 - decode tokens/s: og's generator at batch 1, greedy, EOS suppressed (`min_length`), after
   a warm-up: the runtime that serves the artifact. A `tensorrt` artifact (which og cannot
   run) decodes in a raw ONNX Runtime loop on the TensorRT execution provider instead.
@@ -149,6 +151,14 @@ def onnx_perplexity(model_dir: Path, texts: list[str], *,
     if count == 0:
         raise ValueError("no evaluation text with at least two tokens")
     return math.exp(total_nll / count), count
+
+
+def onnx_greedy(model_dir: Path, prompts: list[list[int]],
+                num_tokens: list[int]) -> list[list[int]]:
+    """Greedy continuations (EOS ignored) of every prompt, on the artifact's providers."""
+    decoder = OnnxDecoder.load(model_dir)
+    return [decoder.greedy(prompt, count)
+            for prompt, count in zip(prompts, num_tokens, strict=True)]
 
 
 def _prompt() -> list[int]:

@@ -62,11 +62,26 @@ class ArtifactSummary:
             return
         gate = self.gate or {}
         raise FailedGateError(
-            f"refusing to serve {model_dir}: its quality gate failed (perplexity "
-            f"{gate.get('ppl_increase', 0):+.2f} % over its source, "
-            f"{gate.get('max_ppl_increase', 0):+.2f} % allowed"
+            f"refusing to serve {model_dir}: its quality gate failed ("
+            f"{'; '.join(self.missed_limits() or ['no limit recorded'])}"
             f"{'; written with --force' if gate.get('forced') else ''}); pass "
             "--allow-failed-gate to serve it anyway")
+
+    def missed_limits(self) -> list[str]:
+        """Each limit of the gate that the measurement missed, in words."""
+        gate = self.gate or {}
+        ppl, max_ppl = gate.get("ppl_increase"), gate.get("max_ppl_increase")
+        drop, max_drop = gate.get("task_score_drop"), gate.get("max_task_score_drop")
+        agreement, floor = gate.get("greedy_agreement"), gate.get("min_greedy_agreement")
+        missed = []
+        if ppl is not None and max_ppl is not None and ppl > max_ppl:
+            missed.append(f"perplexity {ppl:+.2f} % over its source, {max_ppl:+.2f} % allowed")
+        if drop is not None and max_drop is not None and drop > max_drop:
+            missed.append(f"task score {drop:.2f} points below its source's, "
+                          f"{max_drop:.2f} allowed")
+        if agreement is not None and floor is not None and agreement < floor:
+            missed.append(f"greedy agreement {agreement:.2f} %, {floor:.2f} % required")
+        return missed
 
     def as_card(self) -> dict[str, Any]:
         """The `quiver` object of a `/v1/models` entry."""

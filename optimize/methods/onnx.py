@@ -130,7 +130,7 @@ def measure_parity(artifact: Path, source: Path, args: argparse.Namespace) -> di
 def check_parity(precision: str, diff: float, *, force: bool) -> None:
     if precision != "fp32" or diff <= FP32_PARITY_LIMIT:
         return
-    from optimize.pipeline import QualityGateError
+    from optimize.gate import QualityGateError
 
     message = (f"ONNX fp32 logits differ from transformers by up to {diff:.3g}, beyond "
                f"{FP32_PARITY_LIMIT:g}: the export is wrong")

@@ -121,13 +121,28 @@ def check_manifest(out: Path, method: str, source: Path) -> dict:
     assert metrics["size_bytes"] == size_bytes(out) < size_bytes(source)
     assert metrics["decode_tokens_per_s"] > 0
     assert metrics["eval_data"] == "pydoc_data.topics:evaluation"
+    check_task_metrics(metrics)
     assert manifest["created_at"] and manifest["quiver_version"]
     gate = manifest["gate"]
     increase = (metrics["perplexity"] / metrics["baseline_perplexity"] - 1) * 100
     assert gate["ppl_increase"] == pytest.approx(increase, abs=1e-3)
     assert gate["passed"] == (gate["max_ppl_increase"] is None
                               or gate["ppl_increase"] <= gate["max_ppl_increase"])
+    assert gate["greedy_agreement"] == metrics["greedy_agreement"]          # what a task
+    assert gate["task_score_drop"] == pytest.approx(                        # limit reads
+        metrics["baseline_task_score"] - metrics["task_score"], abs=0.01)
+    assert gate["max_task_score_drop"] is None and gate["min_greedy_agreement"] is None
     return manifest
+
+
+def check_task_metrics(metrics: dict) -> None:
+    """The task score fields (optimize/tasks.py): points out of 100 for both models, the
+    same items, and the artifact's greedy agreement with its source."""
+    assert metrics["task_suite"] == "quiver-tasks-1" and metrics["task_items"] == 64
+    for prefix in ("", "baseline_"):
+        assert 0 <= metrics[f"{prefix}task_score"] <= 100
+        assert set(metrics[f"{prefix}task_scores"]) == {"cloze", "arithmetic", "sequence"}
+    assert 0 <= metrics["greedy_agreement"] <= 100
 
 
 def check_gate(method: str, model: Path, tmp_path: Path, capsys, *extra: str) -> None:

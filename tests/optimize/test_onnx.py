@@ -63,6 +63,9 @@ def test_fp32_export_matches_torch_and_is_served_by_the_onnx_engine(artifacts):
     assert {"GroupQueryAttention", "MatMul"} <= graph_ops(out)  # KV cache, fp32 weights
     assert (out / "genai_config.json").is_file() and (out / "tokenizer.json").is_file()
     assert ServerSettings(model=out).resolved_engine() == "onnx"
+    # the task score ran in ONNX Runtime, the source's in the native engine: same answers
+    assert metrics.task_items == 64 and metrics.greedy_agreement >= 90.0, metrics
+    assert abs(metrics.task_score - metrics.baseline_task_score) <= 3.2, metrics
 
 
 def test_quantized_artifacts_have_their_ops_gates_and_smaller_weights(artifacts):
@@ -77,6 +80,8 @@ def test_quantized_artifacts_have_their_ops_gates_and_smaller_weights(artifacts)
         assert manifest.metrics.size_bytes < fp32
         assert manifest.metrics.max_abs_logit_diff > 0
         assert manifest.metrics.ppl_increase_percent <= PRECISION_GATES[precision]
+        assert 0 <= manifest.metrics.greedy_agreement <= 100
+        assert manifest.gate.greedy_agreement == manifest.metrics.greedy_agreement
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8", "int4"])

@@ -66,3 +66,19 @@ def test_a_plain_checkpoint_is_method_none(tiny_model_dir):
     assert summary.as_card() == {"method": "none", "format": "safetensors", "metrics": {},
                                  "gate": None}
     summary.check_gate(tiny_model_dir, allow_failed=False)  # nothing to refuse
+
+
+def test_the_refusal_names_every_limit_missed(tmp_path):
+    from serving.artifact import FailedGateError
+
+    summary = ArtifactSummary(method="awq", gate={
+        "max_ppl_increase": 8.0, "ppl_increase": 3.1, "max_task_score_drop": 5.0,
+        "task_score_drop": 9.38, "min_greedy_agreement": 80.0, "greedy_agreement": 61.25,
+        "passed": False, "forced": True})
+    with pytest.raises(FailedGateError) as exc:
+        summary.check_gate(tmp_path, allow_failed=False)
+    message = str(exc.value)
+    assert "perplexity" not in message                       # that limit held
+    assert ("quality gate failed (task score 9.38 points below its source's, 5.00 allowed; "
+            "greedy agreement 61.25 %, 80.00 % required; written with --force)") in message
+    summary.check_gate(tmp_path, allow_failed=True)

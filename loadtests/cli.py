@@ -231,7 +231,8 @@ def run_info(args: argparse.Namespace, setup: RunSetup, tenants: list[Tenant]) -
         model = args.model_name
     else:
         model = Path(args.model).name if args.host is None else "the first of /v1/models"
-    return RunInfo(host=host, model=model, users=args.users or DEFAULT_USERS,
+    users = 0 if args.rate else args.users or DEFAULT_USERS   # 0: an open loop has none
+    return RunInfo(host=host, model=model, users=users,
                    spawn_rate=args.spawn_rate, duration_s=setup.duration_s, shape=args.shape,
                    user_classes=setup.kinds, rate=args.rate,
                    tenant_rates=rate_shares(tenants, args.rate) if args.rate else {})

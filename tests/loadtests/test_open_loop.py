@@ -81,6 +81,7 @@ def test_arrivals_keep_their_rate_while_slow_answers_pile_up(repo_root, slow_ser
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     loop = results["open_loop"]
+    assert results["run"]["rate"] == RATE and results["run"]["users"] == 0   # no users at all
     # ~60 Poisson arrivals: the rate is the target's, not one per answer (bounds ~3 sigma)
     assert 0.65 * RATE <= loop["arrival_rate"] <= 1.35 * RATE, loop
     assert loop["p99_lateness_ms"] < 200

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import requests
+from requests.adapters import HTTPAdapter
 
-from loadtests.sse import StreamResult, read_stream
+from loadtests.sse import StreamResult, Usage, read_stream
 
 TTFT = "TTFT"
 ITL = "ITL"
@@ -40,6 +41,28 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class CallOutcome:
+    """What one call gave: its Locust samples (the first is the call itself: `POST` or
+    `429`), the generated text and the usage the server reported (None when it sent none)."""
+
+    samples: list[Sample]
+    text: str = ""
+    usage: Usage | None = None
+
+    @property
+    def call(self) -> Sample:
+        return self.samples[0]
+
+    @property
+    def ttft_ms(self) -> float | None:
+        return next((s.response_time_ms for s in self.samples if s.request_type == TTFT), None)
+
+    @property
+    def is_ok(self) -> bool:
+        return self.call.request_type == POST and self.call.error is None
+
+
+@dataclass(frozen=True)
 class CallSpec:
     path: str                 # "/v1/chat/completions" or "/v1/completions"
     name: str                 # the Locust entry name
@@ -52,9 +75,15 @@ class CallSpec:
 
 def chat_spec(model: str, prompt: str, max_tokens: int, *, stream: bool, tag: str = "",
               temperature: float = 0.7) -> CallSpec:
-    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": prompt}],
-                            "max_tokens": max_tokens, "temperature": temperature,
-                            "stream": stream}
+    return messages_spec(model, [{"role": "user", "content": prompt}], max_tokens,
+                         stream=stream, tag=tag, temperature=temperature)
+
+
+def messages_spec(model: str, messages: list[dict[str, str]], max_tokens: int, *,
+                  stream: bool, tag: str = "", temperature: float = 0.7) -> CallSpec:
+    """A chat call with the whole message list (a conversation resends its history)."""
+    body: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": max_tokens,
+                            "temperature": temperature, "stream": stream}
     if stream:
         body["stream_options"] = {"include_usage": True}
     path = "/v1/chat/completions"
@@ -68,8 +97,13 @@ def completion_spec(model: str, prompt: str, max_tokens: int,
     return CallSpec(path="/v1/completions", name="/v1/completions", body=body)
 
 
-def new_session() -> requests.Session:
-    return requests.Session()
+def new_session(pool_size: int = 10) -> requests.Session:
+    """A session keeping up to `pool_size` connections per host (open loop: its in-flight cap)."""
+    session = requests.Session()
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
 
 
 def http_error(response: requests.Response) -> str:
@@ -79,6 +113,13 @@ def http_error(response: requests.Response) -> str:
     except (ValueError, AttributeError):
         message = None
     return f"HTTP {response.status_code}: {message or response.text[:200] or response.reason}"
+
+
+def stream_outcome(name: str, start: float, end: float, result: StreamResult) -> CallOutcome:
+    samples = stream_samples(name, start, end, result)
+    if samples[0].error is not None:
+        return CallOutcome(samples)
+    return CallOutcome(samples, result.text, result.usage)
 
 
 def stream_samples(name: str, start: float, end: float, result: StreamResult) -> list[Sample]:
@@ -97,17 +138,31 @@ def stream_samples(name: str, start: float, end: float, result: StreamResult) ->
     return samples
 
 
-def body_samples(name: str, start: float, end: float,
-                 response: requests.Response) -> list[Sample]:
+def body_text(body: dict) -> str:
+    """The first choice's text: chat `message.content` or completions `text`."""
+    choice = (body.get("choices") or [{}])[0]
+    if not isinstance(choice, dict):
+        return ""
+    message = choice.get("message")
+    content = message.get("content") if isinstance(message, dict) else choice.get("text")
+    return content if isinstance(content, str) else ""
+
+
+def body_outcome(name: str, start: float, end: float,
+                 response: requests.Response) -> CallOutcome:
     elapsed_ms = (end - start) * 1000
     try:
-        num_tokens = int(response.json()["usage"]["completion_tokens"])
-    except (ValueError, KeyError, TypeError):
-        return [Sample(POST, name, elapsed_ms, error="bad response body: no usage")]
+        body = response.json()
+        usage = Usage.parse(body.get("usage"))
+    except (ValueError, AttributeError):
+        usage = None
+    if usage is None:
+        return CallOutcome([Sample(POST, name, elapsed_ms, error="bad response body: no usage")])
+    num_tokens = usage.completion_tokens
     samples = [Sample(POST, name, elapsed_ms, response_length=num_tokens)]
     if num_tokens and end > start:
         samples.append(Sample(TOKENS_PER_S, name, num_tokens / (end - start), num_tokens))
-    return samples
+    return CallOutcome(samples, body_text(body), usage)
 
 
 class OpenAICaller:
@@ -122,6 +177,9 @@ class OpenAICaller:
         self.clock = clock
 
     def call(self, spec: CallSpec) -> list[Sample]:
+        return self.exchange(spec).samples
+
+    def exchange(self, spec: CallSpec) -> CallOutcome:
         start = self.clock()
         try:
             response = self.session.post(self.base_url + spec.path, json=spec.body,
@@ -129,17 +187,19 @@ class OpenAICaller:
                                          timeout=(10.0, self.timeout_s))
         except requests.RequestException as exc:
             elapsed_ms = (self.clock() - start) * 1000
-            return [Sample(POST, spec.name, elapsed_ms, error=f"connection error: {exc}")]
+            return CallOutcome([Sample(POST, spec.name, elapsed_ms,
+                                       error=f"connection error: {exc}")])
         with response:
             if response.status_code == 429:
-                return [Sample(RATE_LIMITED, spec.name, (self.clock() - start) * 1000)]
+                return CallOutcome([Sample(RATE_LIMITED, spec.name,
+                                           (self.clock() - start) * 1000)])
             if response.status_code != 200:
-                return [Sample(POST, spec.name, (self.clock() - start) * 1000,
-                               error=http_error(response))]
+                return CallOutcome([Sample(POST, spec.name, (self.clock() - start) * 1000,
+                                           error=http_error(response))])
             if spec.is_stream:
                 result = read_stream(response.iter_lines(), self.clock)
-                return stream_samples(spec.name, start, self.clock(), result)
-            return body_samples(spec.name, start, self.clock(), response)
+                return stream_outcome(spec.name, start, self.clock(), result)
+            return body_outcome(spec.name, start, self.clock(), response)
 
     def first_model(self) -> str:
         """The first model `/v1/models` lists: the default when none is configured."""

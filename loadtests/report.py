@@ -11,8 +11,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loadtests.breakdown import Breakdown, CacheShare, TtftStats
 from loadtests.calls import ITL, POST, RATE_LIMITED, TOKENS_PER_S, TTFT
-from loadtests.results import Entry, RunMetrics, RunResults
+from loadtests.results import Entry, OpenLoopStats, RunMetrics, RunResults
+from loadtests.server_metrics import ServerCacheStats
 from loadtests.slo import SloCheck
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1100px}
@@ -33,6 +35,17 @@ class RunInfo:
     duration_s: float
     shape: str
     user_classes: list[str] = field(default_factory=list)
+    rate: float | None = None               # open loop: target arrivals/s
+    tenant_rates: dict[str, float] = field(default_factory=dict)   # open loop, by weight
+
+
+@dataclass(frozen=True)
+class RunDetails:
+    """What the call log, the open loop and the servers' counters add to Locust's entries."""
+
+    breakdown: Breakdown
+    open_loop: OpenLoopStats | None = None
+    server_cache: ServerCacheStats | None = None
 
 
 def figure_png(fig) -> str:
@@ -163,12 +176,22 @@ def fmt(value: float | None, digits: int = 4) -> str:
     return "–" if value is None else f"{value:.{digits}g}"
 
 
-def cards_html(metrics: RunMetrics) -> str:
+def share(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1%}"
+
+
+def cards_html(metrics: RunMetrics, details: RunDetails) -> str:
     cards = [("requests", str(metrics.num_requests)), ("failures", str(metrics.num_failures)),
              ("429s", str(metrics.num_rate_limited)), ("requests/s", fmt(metrics.requests_per_s)),
              ("p95 TTFT ms", fmt(metrics.p95_ttft_ms)),
              ("p99 latency ms", fmt(metrics.p99_latency_ms)),
              ("output tokens/s", fmt(metrics.output_tokens_per_s))]
+    if (loop := details.open_loop) is not None:
+        cards += [("target arrivals/s", fmt(loop.target_rate)),
+                  ("achieved arrivals/s", fmt(loop.arrival_rate)),
+                  ("dropped arrivals", str(loop.num_dropped))]
+    if metrics.follow_up_cache_hit_share is not None:
+        cards.append(("follow-up prefix hits", share(metrics.follow_up_cache_hit_share)))
     return "<div class=cards>" + "".join(
         f"<div class=card>{html.escape(k)}<b>{html.escape(v)}</b></div>" for k, v in cards
     ) + "</div>"
@@ -195,22 +218,81 @@ def entries_html(results: RunResults) -> str:
         f"<td>{fmt(e.mean())}</td></tr>"
         for e in sorted(results.entries, key=lambda e: (e.request_type, e.name)))
     note = ("<p>Values are ms, except TOKENS/s (output tokens per second of one request). "
-            "429 rows are rate-limited calls, not counted as failures.</p>")
+            "429 rows are rate-limited calls, not counted as failures. ARRIVAL rows are the "
+            "open loop's arrivals, their time how late each left (failures: dropped at the "
+            "in-flight cap).</p>")
     return f"<table>{head}{rows}</table>{note}"
 
 
+def ttft_cells(ttft: TtftStats) -> str:
+    return (f"<td>{ttft.num_samples}</td><td>{fmt(ttft.p50_ms)}</td><td>{fmt(ttft.p95_ms)}</td>"
+            f"<td>{fmt(ttft.p99_ms)}</td>")
+
+
+def cache_cells(cache: CacheShare) -> str:
+    return (f"<td>{cache.prompt_tokens}</td><td>{cache.cached_tokens}</td>"
+            f"<td>{share(cache.hit_share)}</td>")
+
+
+def tenants_html(info: RunInfo, breakdown: Breakdown) -> str:
+    if not breakdown.tenants:
+        return "<p>No call log: per-tenant figures need `quiver loadtest`'s call log.</p>"
+    head = ("<tr><th>tenant</th><th>weight</th><th>target req/s</th><th>calls</th>"
+            "<th>failures</th><th>429s</th><th>calls/s</th><th>TTFT n</th><th>p50 ms</th>"
+            "<th>p95 ms</th><th>p99 ms</th><th>prompt tokens</th><th>cached</th>"
+            "<th>hit share</th></tr>")
+    rows = "".join(
+        f"<tr><td>{html.escape(t.tenant)}</td><td>{fmt(t.weight)}</td>"
+        f"<td>{fmt(info.tenant_rates.get(t.tenant))}</td><td>{t.num_calls}</td>"
+        f"<td>{t.num_failures}</td><td>{t.num_rate_limited}</td><td>{fmt(t.calls_per_s)}</td>"
+        f"{ttft_cells(t.ttft)}{cache_cells(t.cache)}</tr>" for t in breakdown.tenants)
+    return (f"<table>{head}{rows}</table><p>TTFT over each tenant's answered streamed calls "
+            f"(exact percentiles); calls/s over the run's span.</p>")
+
+
+def prefix_cache_html(details: RunDetails) -> str:
+    if not details.breakdown.turns:
+        return "<p>No call log: prefix-cache figures need `quiver loadtest`'s call log.</p>"
+    head = ("<tr><th>calls</th><th>count</th><th>TTFT n</th><th>p50 ms</th><th>p95 ms</th>"
+            "<th>p99 ms</th><th>prompt tokens</th><th>cached</th><th>hit share</th>"
+            "<th>ceiling</th></tr>")
+    rows = "".join(f"<tr><td>{html.escape(t.label)}</td><td>{t.num_calls}</td>"
+                   f"{ttft_cells(t.ttft)}{cache_cells(t.cache)}<td>{share(t.cache.ceiling)}</td>"
+                   f"</tr>" for t in details.breakdown.turns)
+    text = ("<p>Hit share: cached prompt tokens / prompt tokens, from each answer's "
+            "<code>usage.prompt_tokens_details.cached_tokens</code>; first turns can find only "
+            "their shared system prompt, follow-ups their whole history. Ceiling: the share of "
+            "a follow-up's prompt that repeats the previous turn's prompt and reply (usage "
+            "counts), the most a prefix cache could serve from its own history.")
+    if (server := details.server_cache) is not None:
+        text += (f" Servers' own counters over the run (<code>vllm:prefix_cache_hits_total / "
+                 f"queries_total</code>, {len(server.urls)} server(s)): "
+                 f"{server.hits:.0f} / {server.queries:.0f} tokens = {share(server.hit_share)}.")
+    return f"<table>{head}{rows}</table>{text}</p>"
+
+
+def setup_text(info: RunInfo, metrics: RunMetrics) -> str:
+    classes = ", ".join(info.user_classes) or "mix of all users"
+    if info.rate is not None:
+        load = f"open loop: Poisson arrivals at {info.rate:g}/s of {classes}"
+    else:
+        load = (f"{info.users} users (spawn {info.spawn_rate:g}/s) · shape {info.shape} · "
+                f"{classes}")
+    return (f"{html.escape(info.host)} · model {html.escape(info.model)} · "
+            f"{html.escape(load)} · {info.duration_s:g} s · measured span "
+            f"{metrics.duration_s:.1f} s")
+
+
 def write_report(path: Path, info: RunInfo, results: RunResults, metrics: RunMetrics,
-                 checks: list[SloCheck]) -> None:
+                 checks: list[SloCheck], details: RunDetails) -> None:
     plots = "".join(f"<figure><img alt='{html.escape(title)}' src='data:image/png;base64,"
                     f"{png}'></figure>" for title, png in render_plots(results))
-    classes = ", ".join(info.user_classes) or "mix of all users"
-    setup = (f"{html.escape(info.host)} · model {html.escape(info.model)} · {info.users} users"
-             f" (spawn {info.spawn_rate:g}/s) · {info.duration_s:g} s · shape {info.shape}"
-             f" · {html.escape(classes)} · measured span {metrics.duration_s:.1f} s")
     path.write_text(
         f"<!doctype html><html><head><meta charset=utf-8><title>Quiver load test</title>"
-        f"<style>{STYLE}</style></head><body><h1>Quiver load test</h1><p>{setup}</p>"
-        f"{cards_html(metrics)}<h2>SLOs</h2>{slo_html(checks)}<h2>Plots</h2>"
+        f"<style>{STYLE}</style></head><body><h1>Quiver load test</h1>"
+        f"<p>{setup_text(info, metrics)}</p>{cards_html(metrics, details)}"
+        f"<h2>SLOs</h2>{slo_html(checks)}<h2>Tenants</h2>{tenants_html(info, details.breakdown)}"
+        f"<h2>Prefix cache and turns</h2>{prefix_cache_html(details)}<h2>Plots</h2>"
         f"<div class=grid>{plots}</div><h2>Entries</h2>{entries_html(results)}"
         f"<p>Raw data: locust.json, locust_stats_history.csv, locust_failures.csv, "
         f"locust.html (Locust's own report).</p></body></html>", encoding="utf-8")

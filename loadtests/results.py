@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loadtests.arrivals import ARRIVAL
+from loadtests.breakdown import Breakdown
 from loadtests.calls import ITL, POST, RATE_LIMITED, TOKENS_PER_S, TTFT
 
 
@@ -100,6 +102,20 @@ class RunMetrics:
     p95_ttft_ms: float | None
     p99_latency_ms: float | None
     output_tokens_per_s: float
+    follow_up_cache_hit_share: float | None = None   # conversations' turns after the first
+    max_tenant_p95_ttft_ms: float | None = None       # the worst tenant's p95 TTFT
+
+
+@dataclass(frozen=True)
+class OpenLoopStats:
+    """The open loop's arrivals as Locust counted them (`ARRIVAL` entry)."""
+
+    target_rate: float          # arrivals/s asked for
+    num_arrivals: int           # every arrival, sent or dropped
+    num_dropped: int            # found the in-flight cap reached: nothing sent
+    arrival_rate: float | None  # achieved: (arrivals - 1) / (last - first arrival time)
+    p50_lateness_ms: float | None   # how late arrivals left against their schedule
+    p99_lateness_ms: float | None
 
 
 def entry_from_json(item: dict) -> Entry:
@@ -155,7 +171,20 @@ def run_span_s(entries: list[Entry]) -> float:
     return max(ends) - min(starts)
 
 
-def compute_metrics(results: RunResults) -> RunMetrics:
+def open_loop_stats(results: RunResults, target_rate: float) -> OpenLoopStats:
+    arrivals = merge(results.of_type(ARRIVAL), ARRIVAL)
+    entries = results.of_type(ARRIVAL)
+    first = min((e.start_time for e in entries if e.start_time), default=0.0)
+    last = max((e.last_request_timestamp or 0.0 for e in entries), default=0.0)
+    num = arrivals.num_requests
+    rate = (num - 1) / (last - first) if num >= 2 and last > first else None
+    return OpenLoopStats(target_rate=target_rate, num_arrivals=num,
+                         num_dropped=arrivals.num_failures, arrival_rate=rate,
+                         p50_lateness_ms=arrivals.percentile(0.5),
+                         p99_lateness_ms=arrivals.percentile(0.99))
+
+
+def compute_metrics(results: RunResults, breakdown: Breakdown | None = None) -> RunMetrics:
     calls = results.of_type(POST)
     endpoint = merge(calls, POST)
     num_calls = endpoint.num_requests
@@ -169,7 +198,9 @@ def compute_metrics(results: RunResults) -> RunMetrics:
         requests_per_s=num_calls / duration_s if duration_s > 0 else 0.0,
         error_ratio=endpoint.num_failures / num_calls if num_calls else None,
         p95_ttft_ms=ttft.percentile(0.95), p99_latency_ms=endpoint.percentile(0.99),
-        output_tokens_per_s=tokens / duration_s if duration_s > 0 else 0.0)
+        output_tokens_per_s=tokens / duration_s if duration_s > 0 else 0.0,
+        follow_up_cache_hit_share=breakdown.follow_up_hit_share if breakdown else None,
+        max_tenant_p95_ttft_ms=breakdown.max_tenant_p95_ttft_ms if breakdown else None)
 
 
-ENTRY_TYPES = (POST, TTFT, ITL, TOKENS_PER_S, RATE_LIMITED)
+ENTRY_TYPES = (POST, TTFT, ITL, TOKENS_PER_S, RATE_LIMITED, ARRIVAL)

@@ -20,11 +20,15 @@ class Slo:
     p99_latency_ms: float | None = None
     max_error_ratio: float | None = None
     min_output_tokens_per_s: float | None = None
+    max_tenant_p95_ttft_ms: float | None = None           # every tenant's p95 TTFT
+    min_follow_up_cache_hit_share: float | None = None    # conversations' follow-up turns
 
 
 SLO_KEYS = tuple(f.name for f in fields(Slo))
 UNITS = {"p95_ttft_ms": "ms", "p99_latency_ms": "ms", "max_error_ratio": "",
-         "min_output_tokens_per_s": "tokens/s"}
+         "min_output_tokens_per_s": "tokens/s", "max_tenant_p95_ttft_ms": "ms",
+         "min_follow_up_cache_hit_share": ""}
+RATIOS = ("max_error_ratio", "min_follow_up_cache_hit_share")
 
 
 @dataclass(frozen=True)
@@ -60,8 +64,8 @@ def parse_value(key: str, value: object, source: str) -> float:
         raise SloFileError(f"{source}: {key} must be a number, got {value!r}")
     if value < 0:
         raise SloFileError(f"{source}: {key} must not be negative, got {value!r}")
-    if key == "max_error_ratio" and value > 1:
-        raise SloFileError(f"{source}: max_error_ratio is a ratio in [0, 1], got {value!r}")
+    if key in RATIOS and value > 1:
+        raise SloFileError(f"{source}: {key} is a ratio in [0, 1], got {value!r}")
     return float(value)
 
 
@@ -94,7 +98,9 @@ def load_slo(path: Path) -> Slo:
 def check_slo(slo: Slo, metrics: RunMetrics) -> list[SloCheck]:
     measured = {"p95_ttft_ms": metrics.p95_ttft_ms, "p99_latency_ms": metrics.p99_latency_ms,
                 "max_error_ratio": metrics.error_ratio,
-                "min_output_tokens_per_s": metrics.output_tokens_per_s}
+                "min_output_tokens_per_s": metrics.output_tokens_per_s,
+                "max_tenant_p95_ttft_ms": metrics.max_tenant_p95_ttft_ms,
+                "min_follow_up_cache_hit_share": metrics.follow_up_cache_hit_share}
     return [SloCheck(key=key, limit=limit, measured=measured[key],
                      is_minimum=key.startswith("min_"))
             for key in SLO_KEYS if (limit := getattr(slo, key)) is not None]

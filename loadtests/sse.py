@@ -13,12 +13,43 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 
+@dataclass(frozen=True)
+class Usage:
+    """A response's `usage`; `cached_tokens` from `prompt_tokens_details`, None when absent."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int | None = None
+
+    @classmethod
+    def parse(cls, usage: object) -> Usage | None:
+        if not isinstance(usage, dict) or usage.get("completion_tokens") is None:
+            return None
+        details = usage.get("prompt_tokens_details")
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        try:
+            return cls(prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                       completion_tokens=int(usage["completion_tokens"]),
+                       cached_tokens=None if cached is None else int(cached))
+        except (TypeError, ValueError):
+            return None   # not numbers: treated as no usage
+
+
 @dataclass
 class StreamResult:
     token_times: list[float] = field(default_factory=list)  # clock() at each content chunk
-    usage_tokens: int | None = None      # usage.completion_tokens, when the server sent usage
+    chunks: list[str] = field(default_factory=list)          # the generated text, in pieces
+    usage: Usage | None = None           # the usage event, when the server sent one
     error: str | None = None             # the error event's message, or why parsing stopped
     is_done: bool = False                # `data: [DONE]` was seen
+
+    @property
+    def text(self) -> str:
+        return "".join(self.chunks)
+
+    @property
+    def usage_tokens(self) -> int | None:
+        return None if self.usage is None else self.usage.completion_tokens
 
     @property
     def num_output_tokens(self) -> int:
@@ -64,11 +95,11 @@ def apply_event(result: StreamResult, payload: str, clock: Callable[[], float]) 
     elif "error" in event:
         result.error = f"error event in stream: {error_message(event)}"
     else:
-        if chunk_text(event):
+        if text := chunk_text(event):
             result.token_times.append(clock())
-        usage = event.get("usage")
-        if isinstance(usage, dict) and usage.get("completion_tokens") is not None:
-            result.usage_tokens = int(usage["completion_tokens"])
+            result.chunks.append(text)
+        if (usage := Usage.parse(event.get("usage"))) is not None:
+            result.usage = usage
 
 
 def read_stream(lines: Iterable[bytes | str],

@@ -24,7 +24,7 @@ from loadtests.calls import (
     chat_spec,
     completion_spec,
 )
-from loadtests.sse import read_stream
+from loadtests.sse import Usage, read_stream
 
 
 def chunk(text: str) -> str:
@@ -175,3 +175,34 @@ def test_a_refused_connection_is_a_failed_call():
             completion_spec("m", "ok", 8))
     assert len(samples) == 1 and samples[0].request_type == POST
     assert samples[0].error.startswith("connection error:")
+
+
+def test_a_stream_keeps_its_text_and_the_usage_with_cached_tokens():
+    usage = {"prompt_tokens": 640, "completion_tokens": 2,
+             "prompt_tokens_details": {"cached_tokens": 608}}
+    lines = [ROLE, chunk("Hel"), chunk("lo"), "data: " + json.dumps({"choices": [],
+                                                                      "usage": usage}),
+             "data: [DONE]"]
+    result = read_stream(lines)
+    assert result.text == "Hello"
+    assert result.usage == Usage(prompt_tokens=640, completion_tokens=2, cached_tokens=608)
+
+
+@pytest.mark.parametrize("usage, parsed", [
+    ({"prompt_tokens": 5, "completion_tokens": 1}, Usage(5, 1, None)),   # no details
+    ({"prompt_tokens": 5, "completion_tokens": "many"}, None),
+    ({"prompt_tokens": 5}, None),
+    ("usage", None),
+])
+def test_usage_without_details_or_with_garbage(usage, parsed):
+    assert Usage.parse(usage) == parsed
+
+
+def test_an_exchange_returns_the_answer_text_and_usage(caller):
+    streamed = caller.exchange(chat_spec("m", "ok", 8, stream=True))
+    assert (streamed.text, streamed.usage, streamed.is_ok) == ("abc", Usage(0, 3, None), True)
+    assert streamed.ttft_ms is not None and streamed.ttft_ms <= streamed.call.response_time_ms
+    plain = caller.exchange(completion_spec("m", "ok", 8))
+    assert (plain.text, plain.usage.completion_tokens, plain.ttft_ms) == ("abc", 3, None)
+    failed = caller.exchange(chat_spec("m", "http-500", 8, stream=True))
+    assert not failed.is_ok and failed.text == "" and failed.usage is None

@@ -22,8 +22,8 @@ def test_bad_durations(text):
 
 
 def test_user_classes():
-    assert parse_user_classes("mix") == []
-    assert parse_user_classes("stream, cached") == ["StreamingChatUser", "CachedPromptUser"]
+    assert parse_user_classes("mix") == ["stream", "chat", "completion", "cached"]
+    assert parse_user_classes("stream, conversation,stream") == ["stream", "conversation"]
     with pytest.raises(LoadTestError, match="choose mix or a comma list of stream"):
         parse_user_classes("stream,video")
 
@@ -34,6 +34,17 @@ def test_user_classes():
     (["--host", "localhost:8000"], "is not an http(s) URL"),
     (["--duration", "forever"], "--duration 'forever' is not a duration"),
     (["--user-class", "bots"], "--user-class 'bots'"),
+    (["--rate", "0"], "--rate must be positive"),
+    (["--rate", "5", "--users", "3"], "--users and --shape drive closed-loop users"),
+    (["--rate", "5", "--shape", "ramp"], "--rate runs an open loop"),
+    (["--rate", "5", "--max-in-flight", "0"], "--max-in-flight must be at least 1"),
+    (["--seed", "3"], "--seed and --max-in-flight shape the open loop's arrivals: they "
+                      "need --rate"),
+    (["--max-in-flight", "8"], "--seed and --max-in-flight shape the open loop's arrivals"),
+    (["--turns", "0", "--user-class", "conversation"], "--turns must be at least 1"),
+    (["--turns", "3"], "--turns sets the length of conversations: add conversation to "
+                       "--user-class"),
+    (["--server-metrics", "localhost:8001/metrics"], "is not an http(s) URL"),
 ])
 def test_bad_arguments_fail_with_a_clear_message(args, message, capsys, tmp_path):
     assert main(["loadtest", "--model", str(tmp_path), "--out", str(tmp_path / "o"),
@@ -56,3 +67,25 @@ def test_a_bad_slo_file_fails_before_the_run_starts(capsys, tmp_path):
                  "--out", str(out)]) == 1
     assert "unknown SLO key(s) p95_ttft" in capsys.readouterr().err
     assert not out.exists()   # nothing ran
+
+
+def test_a_local_stack_makes_tenant_keys_itself(capsys, tmp_path):
+    tenants = tmp_path / "tenants.yaml"
+    tenants.write_text("quiet: {weight: 1, api_key: qk-given}\n")
+    assert main(["loadtest", "--model", str(tmp_path), "--tenants", str(tenants)]) == 1
+    err = capsys.readouterr().err
+    assert "a local stack creates each tenant's key; leave api_key" in err and "quiet" in err
+
+
+def test_an_endpoint_needs_a_key_per_tenant(capsys, tmp_path):
+    tenants = tmp_path / "tenants.yaml"
+    tenants.write_text("quiet: {weight: 1, api_key: qk-q}\nnoisy: {weight: 10}\n")
+    assert main(["loadtest", "--host", "http://127.0.0.1:9", "--tenants", str(tenants),
+                 "--out", str(tmp_path / "o")]) == 1
+    assert "--host needs a key per tenant" in capsys.readouterr().err
+
+
+def test_api_keys_from_the_environment_need_an_endpoint(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("QUIVER_API_KEYS", "quiet=qk-q,noisy=qk-n:10")
+    assert main(["loadtest", "--model", str(tmp_path)]) == 1
+    assert "$QUIVER_API_KEYS names keys of a running endpoint" in capsys.readouterr().err

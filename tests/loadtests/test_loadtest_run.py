@@ -107,3 +107,41 @@ def test_an_impossible_slo_fails_the_run_naming_it(repo_root, tiny_model_dir, tm
     assert "(limit <= 0.001ms) BREACHED by" in err
     assert "max_error_ratio" not in err.split("SLO breached:")[1]
     assert (run.out / "report.html").is_file()
+
+
+@pytest.fixture(scope="module")
+def conversation_run(repo_root, tiny_model_dir, tmp_path_factory) -> Run:
+    base = tmp_path_factory.mktemp("conversations")
+    tenants = base / "tenants.yaml"
+    tenants.write_text("quiet: {weight: 1}\nnoisy: {weight: 3}\n")
+    return loadtest(repo_root, base / "run", "--model", str(tiny_model_dir), "--rate", "4",
+                    "--seed", "3", "--duration", "15s", "--user-class", "conversation",
+                    "--tenants", str(tenants))
+
+
+@pytest.mark.slow
+def test_an_open_loop_of_conversations_reports_tenants_and_prefix_hits(conversation_run):
+    result, out = conversation_run.result, conversation_run.out
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    loop = results["open_loop"]
+    assert 0.65 * 4 <= loop["arrival_rate"] <= 1.35 * 4 and loop["num_dropped"] == 0, loop
+    tenants = {t["tenant"]: t for t in results["tenants"]}
+    assert list(tenants) == ["quiet", "noisy"]   # each with its own key, made for the run
+    for tenant in tenants.values():
+        assert tenant["num_calls"] > 0 and tenant["num_failures"] == 0, tenant
+        assert tenant["ttft"]["p50_ms"] <= tenant["ttft"]["p95_ms"], tenant
+    assert tenants["noisy"]["num_calls"] > tenants["quiet"]["num_calls"]
+    turns = {t["label"]: t for t in results["turns"]}
+    first, follow = turns["first turns"]["cache"], turns["follow-ups"]["cache"]
+    assert turns["turn 2"]["num_calls"] > 0 and follow["num_calls"] > 0
+    # the native engine's prefix cache: first turns find their shared system prompt (but not
+    # the first conversation of each), follow-ups their whole history
+    assert follow["hit_share"] >= 0.7 and follow["hit_share"] > first["hit_share"] + 0.03
+    assert follow["hit_share"] <= follow["ceiling"] <= 1
+    assert 0.5 < results["server_prefix_cache"]["hit_share"] < 1
+    assert results["metrics"]["follow_up_cache_hit_share"] == follow["hit_share"]
+    assert re.search(r"prefix cache: first turns [\d.]+%, follow-ups [\d.]+%", result.stdout)
+    report = (out / "report.html").read_text()
+    assert "<h2>Tenants</h2>" in report and "<td>noisy</td>" in report
+    assert "<td>follow-ups</td>" in report and "achieved arrivals/s" in report

@@ -52,9 +52,10 @@ import importlib.util
 spec = importlib.util.spec_from_file_location("locustfile", {root!r} + "/loadtests/locustfile.py")
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
-from locust.util.load_locustfile import is_shape_class
+from locust.util.load_locustfile import is_shape_class, is_user_class
 shapes = [v for v in vars(module).values() if is_shape_class(v)]
-out = {{"shapes": [s.__name__ for s in shapes]}}
+users = [v.__name__ for v in vars(module).values() if is_user_class(v)]
+out = {{"shapes": [s.__name__ for s in shapes], "users": users}}
 if shapes:
     shape = shapes[0]()
     ticks = []
@@ -66,10 +67,10 @@ print(json.dumps(out))
 """
 
 
-def locustfile_shapes(repo_root, shape: str | None) -> dict:
+def locustfile_shapes(repo_root, shape: str | None, **extra_env: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("QUIVER_")}
     env.update({"QUIVER_SHAPE_USERS": "8", "QUIVER_SHAPE_SPAWN_RATE": "2",
-                "QUIVER_SHAPE_DURATION_S": "100"})
+                "QUIVER_SHAPE_DURATION_S": "100", **extra_env})
     if shape is not None:
         env["QUIVER_LOAD_SHAPE"] = shape
     result = subprocess.run([sys.executable, "-c", TICK_SCRIPT.format(root=str(repo_root))],
@@ -84,3 +85,10 @@ def test_locustfile_binds_only_the_shape_the_env_selects(repo_root):
     assert [tuple(t) if t else None for t in selected["ticks"]] == [
         (2, 8.0), (8, 8.0), (2, 8.0), None]
     assert locustfile_shapes(repo_root, None)["shapes"] == []
+
+
+def test_locustfile_binds_the_open_loop_generator_alone_when_a_rate_is_set(repo_root):
+    assert locustfile_shapes(repo_root, None)["users"] == [
+        "StreamingChatUser", "ChatUser", "CompletionUser", "CachedPromptUser",
+        "ConversationUser"]
+    assert locustfile_shapes(repo_root, None, QUIVER_RATE="5")["users"] == ["OpenLoopUser"]

@@ -85,3 +85,16 @@ def test_a_limit_on_data_the_run_lacks_is_a_breach():
 def test_zero_error_budget_is_breached_by_one_failure():
     assert check_slo(Slo(max_error_ratio=0), metrics(error_ratio=0.0))[0].passed
     assert not check_slo(Slo(max_error_ratio=0), metrics(error_ratio=0.01))[0].passed
+
+
+def test_tenant_and_prefix_cache_slos_check_their_own_metrics():
+    slo = parse_slo("max_tenant_p95_ttft_ms: 300\nmin_follow_up_cache_hit_share: 0.93\n")
+    checks = check_slo(slo, metrics(max_tenant_p95_ttft_ms=280.0,
+                                    follow_up_cache_hit_share=0.9))
+    assert [(c.key, c.passed) for c in checks] == [("max_tenant_p95_ttft_ms", True),
+                                                   ("min_follow_up_cache_hit_share", False)]
+    assert "min_follow_up_cache_hit_share: 0.9 (limit >= 0.93) BREACHED" in breach_message(checks)
+    # a run without conversations has no follow-ups: a breach, not a pass
+    assert not check_slo(slo, metrics())[1].passed
+    with pytest.raises(SloFileError, match="min_follow_up_cache_hit_share is a ratio"):
+        parse_slo("min_follow_up_cache_hit_share: 93\n")

@@ -256,7 +256,12 @@ def test_cache_key_ignores_fields_that_do_not_change_the_answer(field: str) -> N
     {"temperature": 0.5}, {"seed": 1}, {"stop": ["\n"]}, {"max_tokens": 17}, {"stream": True},
     {"stream_options": {"include_usage": True}}, {"n": 2}, {"model": "other"},
     {"messages": list(reversed(CHAT["messages"]))},
-    {"messages": [{"role": "user", "content": "hi "}]}])
+    {"messages": [{"role": "user", "content": "hi "}]},
+    {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+    {"tool_choice": "required"}, {"parallel_tool_calls": False},
+    {"response_format": {"type": "json_object"}},
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {}}}},
+    {"structured_outputs": {"choice": ["yes", "no"]}}, {"logit_bias": {"17": -100}}])
 def test_cache_key_changes_with_anything_that_changes_the_answer(change: dict) -> None:
     assert cache_key("t", "/p", {**CHAT, **change}) != cache_key("t", "/p", CHAT)
 

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from serving.kernels import select_kernels
 from serving.kernels.build import load_cpu_kernels
 
+pytestmark = pytest.mark.isa  # against torch references: run under lower ISAs (make test-isa)
+
 
 @pytest.fixture(scope="session")
 def cpp_library(compiled_config) -> None:

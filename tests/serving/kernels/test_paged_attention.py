@@ -16,6 +16,8 @@ import torch
 from serving.kernels import CPP_ATTENTION, REFERENCE_ATTENTION, AttentionOp, select_kernels
 from serving.kernels.metadata import StepIndex, pack_step_index
 
+pytestmark = pytest.mark.isa  # against torch references: run under lower ISAs (make test-isa)
+
 
 @pytest.fixture(scope="session")
 def cpp_attention(compiled_config) -> AttentionOp:

@@ -49,6 +49,10 @@ class ModelInput:
     pooled_rows: dict[str, tuple[ScheduledRequest, int, int]]
 
 
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -100,19 +104,24 @@ class ModelRunner:
 
     def _compile(self, model: LlamaForCausalLM, kv_caches: list[torch.Tensor],
                  compilation: CompilationConfig, kernels: Kernels) -> Forward:
-        """The compiled forward pass, warmed up; the eager model where that fails."""
+        """The compiled forward pass, warmed up and checked; the eager model where that fails.
+
+        Only the C++ kernels are compiled around: inductor's code around the pure-torch
+        attention op corrupted memory on AVX-512 hosts, so without the C++ library (no
+        compiler, an unsupported head size, `--no-cpu-kernels`) the model runs eagerly."""
         if compilation.enforce_eager or self.device.type != "cpu":
             return model
-        if not kernels.has_cpp_library:  # a compiled graph cannot trace EAGER's packing
-            model.prepack(Packing.NONE)
+        if not kernels.has_cpp_library:
+            logger.warning("not compiling the model: it compiles only around the C++ kernels, "
+                           "which are unavailable; running it eagerly")
+            return model
         compiled = CompiledForward(model, compilation.cache_dir)
         try:
             seconds = compiled.warm_up(kv_caches, self._example_step)
         except Exception as exc:  # any compiler failure: serve eagerly rather than not at all
             logger.warning("compiling the model failed, running it eagerly: %s",
-                           str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
+                           _first_line(exc))
             compiled.run_eagerly()
-            model.prepack(Packing.KERNEL if kernels.has_cpp_library else Packing.EAGER)
             return compiled
         logger.info("model compiled and warmed up in %.1f s", seconds)
         return compiled

@@ -36,6 +36,9 @@ from serving.models.llama import LlamaForCausalLM
 logger = logging.getLogger(__name__)
 
 INDUCTOR_CONFIG = {"compile_threads": 1}
+# The largest error a compiled step may have against eager, relative to the hidden states'
+# magnitude: fused bf16 kernels round differently (~1e-2); a miscompile is off by O(1) or NaN.
+CHECK_TOLERANCE = 0.05
 
 Forward = Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor], AttentionMetadata],
                    torch.Tensor]
@@ -79,8 +82,30 @@ class CompiledForward:
             for num_tokens in sizes:
                 input_ids, positions, metadata = example_step(num_tokens)
                 self.model(input_ids, positions, kv_caches, metadata)
+            for num_tokens in sizes:
+                self._check_against_eager(kv_caches, example_step, num_tokens)
         self._is_warm = True
         return time.perf_counter() - start
+
+    def _check_against_eager(self, kv_caches: list[torch.Tensor], example_step: ExampleStep,
+                             num_tokens: int) -> None:
+        """Raise if the compiled graph's answer to a step differs from the eager model's.
+
+        A miscompile is rare but silent (seen: inductor's AVX2 code with the packed-linear op
+        gave NaN hidden states), and serving garbage fast is worse than serving eagerly, so
+        every warmed graph runs one step both ways at start. Distinct token ids make the rows
+        differ; both runs write the same K/V to block 0, which requests overwrite later."""
+        input_ids, positions, metadata = example_step(num_tokens)
+        vocab_size = self.model.arch.vocab_size
+        input_ids = torch.arange(3, 3 + num_tokens, device=input_ids.device) % vocab_size
+        compiled = self.model(input_ids, positions, kv_caches, metadata).float()
+        with torch.compiler.set_stance("force_eager"):
+            eager = self.model(input_ids, positions, kv_caches, metadata).float()
+        error = (compiled - eager).abs().max().item()
+        scale = eager.abs().max().item()
+        if not error <= CHECK_TOLERANCE * scale + 1e-3:  # also false for NaN
+            raise RuntimeError(f"the compiled {num_tokens}-token step differs from eager "
+                               f"(max error {error:.3g}, scale {scale:.3g})")
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  kv_caches: list[torch.Tensor], metadata: AttentionMetadata) -> torch.Tensor:

@@ -71,9 +71,52 @@ def test_server_falls_back_when_nothing_compiles(tiny_model_dir, repo_root, tmp_
     env = {**os.environ, "CXX": str(failing_compiler(tmp_path))}
     tokens, log = serve_and_complete(tiny_model_dir, repo_root, env, tmp_path / "cache")
     assert "C++ kernels are unavailable" in log and "always fails" in log
-    assert "compiling the model failed, running it eagerly" in log
+    assert "not compiling the model" in log and "running it eagerly" in log
     assert "eager, attention torch" in log
     expected, default_log = serve_and_complete(tiny_model_dir, repo_root, dict(os.environ),
                                                quiver_cache_dir)
     assert "compiled, attention cpp" in default_log
     assert tokens == expected and len(tokens) == 8
+
+
+
+
+def test_a_miscompiled_graph_is_caught_at_start_and_the_model_runs_eagerly(
+        tiny_model_dir, compiled_config, monkeypatch, caplog) -> None:
+    """The start-up check compares every warmed graph with eager; a graph that answers
+    wrongly (as inductor's AVX2 code around the packed-linear op did, with NaNs) is never
+    served: the runner logs why and runs eagerly, with the same answers."""
+    import torch
+
+    from serving.engine.model_runner import ModelRunner
+    from serving.engine.sampler import Sampler
+    from serving.models import compiled as compiled_module
+
+    def miscompiled(self, kv_caches, example_step, num_tokens):
+        raise RuntimeError("the compiled 1-token step differs from eager (max error nan)")
+
+    monkeypatch.setattr(compiled_module.CompiledForward, "_check_against_eager", miscompiled)
+    with caplog.at_level("WARNING"):
+        runner = ModelRunner(tiny_model_dir, device="cpu", dtype=torch.float32, num_blocks=16,
+                             block_size=16, sampler=Sampler("cpu"), compilation=compiled_config)
+    assert "compiling the model failed, running it eagerly: the compiled 1-token step" \
+        in caplog.text
+    assert not runner.is_compiled
+    input_ids, positions, metadata = runner._example_step(3)
+    input_ids = torch.tensor([5, 17, 33])
+    with torch.inference_mode():
+        served = runner.forward(input_ids, positions, runner.kv_caches, metadata)
+        with torch.compiler.set_stance("force_eager"):
+            eager = runner.model(input_ids, positions, runner.kv_caches, metadata)
+    torch.testing.assert_close(served, eager, atol=0, rtol=0)
+
+def test_the_start_check_rejects_nan_and_wrong_answers() -> None:
+    """What the check accepts: rounding differences; not O(1) errors or NaN."""
+    from serving.models.compiled import CHECK_TOLERANCE
+
+    def accepted(error: float, scale: float) -> bool:
+        return error <= CHECK_TOLERANCE * scale + 1e-3
+
+    assert accepted(0.01, 3.0)
+    assert not accepted(1.0, 3.0)
+    assert not accepted(float("nan"), 3.0)

@@ -7,6 +7,7 @@ may change a single greedy token.
 
 from __future__ import annotations
 
+import os
 import pydoc_data.topics
 import random
 from dataclasses import dataclass
@@ -162,7 +163,11 @@ def test_mixed_batch_greedy_matches_transformers(
 ) -> None:
     arrivals, expected = tiny_arrivals_and_reference
     runner = make_runner(tiny_model_dir, torch.float32, 256, 16, compilation)
-    assert runner.is_compiled == (not compilation.enforce_eager)
+    if not os.environ.get("ATEN_CPU_CAPABILITY"):
+        # Under an emulated lower ISA (make test-isa) inductor's AVX2 code around the packed
+        # linear op answers wrongly; the start-up check catches it and the runner runs eagerly
+        # (test_compile_fallback.py), so only the host's own ISA must compile.
+        assert runner.is_compiled == (not compilation.enforce_eager)
     scheduler = make_scheduler(256, 16, max_num_batched_tokens=64, max_model_len=512)
     run = run_engine(runner, scheduler, arrivals, eos_token_id=2)
     assert run.num_prefix_cache_hits > 0

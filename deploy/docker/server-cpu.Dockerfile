@@ -19,6 +19,13 @@ RUN /opt/quiver/bin/pip install --extra-index-url https://download.pytorch.org/w
       -c constraints.txt ".[serve]"
 
 FROM ${PYTHON_IMAGE}
+# g++ + libc headers: the native engine builds its C++ kernels and inductor compiles the
+# decoder layers at first start (cached under XDG_CACHE_HOME); without them it runs eagerly,
+# at roughly half the speed. libc6-dev follows the base image's libc6, so it stays unpinned.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends g++=4:12.2.0-3 libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/quiver /opt/quiver
 RUN groupadd --system --gid 10001 quiver \
  && useradd --system --uid 10001 --gid quiver --home-dir /tmp --shell /usr/sbin/nologin quiver

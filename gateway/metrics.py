@@ -89,6 +89,11 @@ class GatewayMetrics:
         self.rollbacks = Counter(
             "quiver_gateway_rollbacks_total", "Automatic canary rollbacks",
             ["model", "variant", "reason"], registry=r)
+        self.fallbacks = Counter(
+            "quiver_gateway_fallbacks_total",
+            "Calls passed on to a fallback model because the one before could not answer, by "
+            "routed model, the fallback tried and reason (unavailable|error|timeout|"
+            "context_length)", ["model", "fallback", "reason"], registry=r)
         self.shadow_requests = Counter(
             "quiver_gateway_shadow_requests_total", "Mirrored requests by outcome",
             ["model", "variant", "outcome"], registry=r)

@@ -1,10 +1,11 @@
 """The routed model calls: POST /v1/chat/completions, /v1/completions and /v1/embeddings.
 
-Relays to the variant `RouteMiddleware` chose and rewrites only what it must: the
-upstream's model name, and usage always requested on streams so that limits and budgets
-see real tokens (the relay drops the usage chunk again when the client did not ask for
-it). Mirrors a share to a shadow variant, and relays through the `UpstreamPool`
-(`gateway.relay`). A client that disconnects cancels the upstream request.
+Relays to the variant `RouteMiddleware` chose (or a fallback model's, when it cannot answer)
+and rewrites only what it must: the upstream's model name, and usage always requested on
+streams so that limits and budgets see real tokens (the relay drops the usage chunk again
+when the client did not ask for it). Mirrors a share to a shadow variant, and relays
+through the `UpstreamPool` (`gateway.relay`). A client that disconnects cancels the upstream
+request.
 """
 
 from __future__ import annotations
@@ -79,7 +80,13 @@ class ProxyEndpoint:
         headers = forward_headers(scope)
         if decision.shadow_variant is not None:
             self.mirror(scope["path"], context.body, decision, headers)
-        work = self.relay.forward(send, context, decision, path=scope["path"], body=body,
+        path, raw = scope["path"], context.raw_body
+
+        def body_for(chosen: RouteDecision) -> bytes:  # the routed model's, or a fallback's
+            return body if chosen is decision else upstream_body(context.body, raw, chosen,
+                                                                 path=path)
+
+        work = self.relay.forward(send, context, decision, path=path, body_for=body_for,
                                   headers=headers)
         with contextlib.suppress(ClientDisconnectedError):  # the upstream call is cancelled
             await until_disconnect(receive, work)

@@ -154,6 +154,7 @@ class RelayCall:
     span: trace.Span | None    # the CLIENT span around the upstream call; None untraced
     started: float             # perf_counter when the upstream call began
     may_fall_back: bool = False  # a fallback model is left to try if this one cannot answer
+    affinity: str | None = None  # keeps it with calls sharing its prefix or session
 
 
 def wants_usage(body: dict[str, Any]) -> bool:
@@ -204,7 +205,7 @@ class Relay:
 
     async def forward(self, send: Send, context: RequestContext, decision: RouteDecision, *,
                       path: str, body_for: Callable[[RouteDecision], bytes],
-                      headers: dict[str, str]) -> None:
+                      headers: dict[str, str], affinity: str | None = None) -> None:
         """Relay one routed call and answer the client, streamed when its body asks; when
         the routed model cannot answer, its fallbacks try in turn (`routing.fallback`)."""
         client_body = context.body or {}
@@ -218,7 +219,7 @@ class Relay:
                                  body=body_for(current), headers={**headers, **trace_headers()},
                                  is_stream=is_stream, wants_usage=wants_usage(client_body),
                                  span=span, started=time.perf_counter(),
-                                 may_fall_back=index + 1 < len(chain))
+                                 may_fall_back=index + 1 < len(chain), affinity=affinity)
                 reason = await (self._stream(call) if is_stream else self._unary(call))
             if reason is None:
                 return
@@ -288,7 +289,7 @@ class Relay:
         decision = call.decision
         try:
             result = await self.pool.fetch(decision.model, decision.variant, call.path,
-                                           call.body, call.headers)
+                                           call.body, call.headers, affinity=call.affinity)
             answer = result.body
             reason = reason_for_answer(result.status, answer)
             if reason is not None and call.may_fall_back:
@@ -315,7 +316,8 @@ class Relay:
         decision = call.decision
         try:
             stream = await self.pool.open_stream(decision.model, decision.variant, call.path,
-                                                 call.body, call.headers)
+                                                 call.body, call.headers,
+                                                 affinity=call.affinity)
         except GatewayError as error:
             return await self._fail(call, error)
         end_span(call.span, stream.status, stream.replica)

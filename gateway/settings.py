@@ -36,6 +36,9 @@ class VariantSettings(_Section):
     upstream_model: str | None = Field(
         None, description="model name the replicas serve (default: the public name)")
     api_key: SecretStr | None = Field(None, description="sent to the replicas as a Bearer key")
+    balance: Literal["prefix", "least_outstanding"] = Field(
+        "prefix", description="prefix: calls sharing a prompt prefix (or a session) go to the "
+        "same replica, within a bounded load; least_outstanding: the least busy replica")
 
     @model_validator(mode="after")
     def _check_urls(self) -> VariantSettings:

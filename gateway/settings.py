@@ -39,6 +39,10 @@ class VariantSettings(_Section):
     balance: Literal["prefix", "least_outstanding"] = Field(
         "prefix", description="prefix: calls sharing a prompt prefix (or a session) go to the "
         "same replica, within a bounded load; least_outstanding: the least busy replica")
+    balance_load_factor: float = Field(
+        1.25, ge=1.0, le=10.0, description="balance: prefix: a replica takes a call while "
+        "its outstanding requests stay within this many times the average; over it the call "
+        "spills to the next replica (higher: more prefix-cache hits, less even load)")
 
     @model_validator(mode="after")
     def _check_urls(self) -> VariantSettings:

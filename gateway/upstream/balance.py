@@ -2,7 +2,7 @@
 
 `balance: prefix` (the default) ranks a variant's replicas for a call's affinity key by
 rendezvous hashing (highest `hash(key, replica URL)` first) and takes the first usable one
-whose outstanding requests stay within `LOAD_FACTOR` x the average after this call
+whose outstanding requests stay within `balance_load_factor` (1.25) x the average after this call
 ("consistent hashing with bounded loads", Mirrokni et al. 2018); a replica over it *spills*
 the call to the next in the key's order instead of queueing it. So calls sharing a key meet
 their KV prefix cache on one replica, no replica takes much more than its share, and a
@@ -11,9 +11,10 @@ unchanged). Unhealthy replicas and open circuits are skipped like absent ones.
 
 The affinity key (`affinity_key`): the `x-quiver-session` header, else the request's `user`,
 else the leading part of the prompt: a chat's system prompt and first user turn (what every
-later turn of the conversation starts with), a completion's first `PREFIX_CHARS`
-characters. A call with none (embeddings, a token-id prompt) goes to the least busy replica,
-as does every call of a variant with `balance: least_outstanding`.
+later turn of the conversation starts with; the first `PREFIX_CHARS` characters of each), a
+completion's first `PREFIX_CHARS` characters. A call with none (embeddings, a token-id
+prompt) goes to the least busy replica, as does every call of a variant with `balance:
+least_outstanding`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any, Literal
 from gateway.upstream.replica import Replica
 
 SESSION_HEADER = "x-quiver-session"
-LOAD_FACTOR = 1.25          # a replica may hold this many times the average outstanding
+LOAD_FACTOR = 1.25          # default `balance_load_factor`: times the average outstanding
 PREFIX_CHARS = 2048         # how much of a prompt (or a chat's opening) names its prefix
 CHAT_PATH, COMPLETIONS_PATH = "/v1/chat/completions", "/v1/completions"
 BalanceOutcome = Literal["preferred", "spill", "unkeyed"]
@@ -61,16 +62,18 @@ def affinity_key(body: dict[str, Any] | None, path: str, session: str | None) ->
 
 
 def _chat_opening(messages: Any) -> str | None:
-    """The system prompt(s) and the first user turn, as JSON, cut to `PREFIX_CHARS`."""
+    """The system prompt(s) and the first user turn, each as JSON cut to `PREFIX_CHARS`
+    (cut each, not the whole: a long system prompt shared by every conversation must not
+    crowd out the turn that tells conversations apart)."""
     if not isinstance(messages, list) or not messages:
         return None
     opening = []
     for message in messages:
-        opening.append(message)
+        text = json.dumps(message, sort_keys=True, separators=(",", ":"), default=str)
+        opening.append(text[:PREFIX_CHARS])
         if isinstance(message, dict) and message.get("role") == "user":
             break
-    text = json.dumps(opening, sort_keys=True, separators=(",", ":"), default=str)
-    return f"chat:{text[:PREFIX_CHARS]}"
+    return "chat:" + "\x1e".join(opening)
 
 
 def rendezvous_order(key: str, replicas: Sequence[Replica]) -> list[Replica]:
@@ -81,17 +84,17 @@ def rendezvous_order(key: str, replicas: Sequence[Replica]) -> list[Replica]:
     return sorted(replicas, key=score, reverse=True)
 
 
-def load_bound(replicas: Sequence[Replica]) -> int:
+def load_bound(replicas: Sequence[Replica], load_factor: float = LOAD_FACTOR) -> int:
     """Most outstanding requests a replica may hold once this call joins them."""
     total = sum(r.num_outstanding for r in replicas) + 1
-    return max(1, math.ceil(LOAD_FACTOR * total / len(replicas)))
+    return max(1, math.ceil(load_factor * total / len(replicas)))
 
 
-def choose_by_prefix(key: str, candidates: Sequence[Replica],
-                     usable: Sequence[Replica]) -> BalanceChoice:
+def choose_by_prefix(key: str, candidates: Sequence[Replica], usable: Sequence[Replica],
+                     load_factor: float = LOAD_FACTOR) -> BalanceChoice:
     """The first of the key's ranking among `candidates` within the load bound (the bound
     over every `usable` replica); the least loaded candidate when all are over it."""
-    bound = load_bound(usable)
+    bound = load_bound(usable, load_factor)
     order = rendezvous_order(key, candidates)
     for index, replica in enumerate(order):
         if replica.num_outstanding + 1 <= bound:

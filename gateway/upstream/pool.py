@@ -97,10 +97,12 @@ class UpstreamPool:
         self._replicas: dict[tuple[str, str], list[Replica]] = {}
         self._api_keys: dict[tuple[str, str], str | None] = {}
         self._is_prefix_balanced: dict[tuple[str, str], bool] = {}
+        self._load_factors: dict[tuple[str, str], float] = {}
         for route in settings.models:
             for variant in route.variants:
                 key = (route.name, variant.name)
                 self._is_prefix_balanced[key] = variant.balance == "prefix"
+                self._load_factors[key] = variant.balance_load_factor
                 if variant.balance == "prefix":
                     for outcome in ("preferred", "spill", "unkeyed"):  # zeros
                         metrics.balance_decisions.labels(route.name, variant.name, outcome)
@@ -240,7 +242,8 @@ class UpstreamPool:
         if not candidates:
             return None
         if self._is_prefix_balanced[key] and call.affinity is not None:
-            choice = choose_by_prefix(call.affinity, candidates, usable)
+            choice = choose_by_prefix(call.affinity, candidates, usable,
+                                      self._load_factors[key])
         else:
             choice = choose_least_outstanding(candidates, self._rng)
         if self._is_prefix_balanced[key] and not tried:

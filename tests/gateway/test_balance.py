@@ -55,6 +55,15 @@ def test_every_turn_of_a_conversation_has_its_opening_as_key():
     assert other not in keys
 
 
+def test_a_long_shared_system_prompt_does_not_hide_the_first_turn():
+    system = {"role": "system", "content": "Shared rules. " * 1000}    # past PREFIX_CHARS
+    keys = {affinity_key({"messages": [system, {"role": "user", "content": f"q{i}"}]}, CHAT,
+                         None) for i in range(20)}
+    assert len(keys) == 20
+    spread = {rendezvous_order(k, replicas(2))[0].url for k in keys}
+    assert len(spread) == 2
+
+
 def test_a_session_or_user_outranks_the_prompt():
     body = {"messages": conversation("tides", 1)[0], "user": "u-1"}
     assert affinity_key(body, CHAT, "s-9") == "session:s-9"

@@ -1,8 +1,8 @@
 """What the middleware chain learns about one request, shared through the ASGI scope.
 
 The body middleware parses the JSON once; auth sets the key; the route middleware the
-variant's decision; the proxy records the variant that answered, the usage and whether the
-response completed, which rate limiting (settle), budgets and
+variant's decision; the proxy records the variant (and fallback model) that answered, the
+usage and whether the response completed, which rate limiting (settle), budgets and
 the cache (store or not) read after the response.
 """
 
@@ -33,6 +33,7 @@ class RequestContext:
     cache_status: str = "bypass"              # hit | miss | bypass
     decision: RouteDecision | None = None     # the variant chosen, before the cache
     variant: str | None = None                # the variant that answered
+    fallback_model: str | None = None         # the fallback model that answered, if one did
     prompt_tokens: int = 0
     completion_tokens: int = 0
     is_complete: bool = False                 # a 200 answer that ended normally
@@ -40,6 +41,19 @@ class RequestContext:
     @property
     def model(self) -> str | None:
         return None if self.body is None else self.body.get("model")
+
+    @property
+    def answering_model(self) -> str | None:
+        """The model whose answer the client got: charged, counted and labelled with."""
+        return self.fallback_model or self.model
+
+    @property
+    def sticky_key(self) -> str:
+        """What keeps a caller on one variant: the request's `user`, else the key's name."""
+        user = self.body.get("user") if self.body is not None else None
+        if isinstance(user, str) and user:
+            return user
+        return self.key.name if self.key is not None else ""
 
     @property
     def total_tokens(self) -> int:

@@ -89,6 +89,11 @@ class GatewayMetrics:
         self.rollbacks = Counter(
             "quiver_gateway_rollbacks_total", "Automatic canary rollbacks",
             ["model", "variant", "reason"], registry=r)
+        self.fallbacks = Counter(
+            "quiver_gateway_fallbacks_total",
+            "Calls passed on to a fallback model because the one before could not answer, by "
+            "routed model, the fallback tried and reason (unavailable|error|timeout|"
+            "context_length)", ["model", "fallback", "reason"], registry=r)
         self.shadow_requests = Counter(
             "quiver_gateway_shadow_requests_total", "Mirrored requests by outcome",
             ["model", "variant", "outcome"], registry=r)
@@ -101,6 +106,11 @@ class GatewayMetrics:
             "quiver_gateway_upstream_request_duration_seconds",
             "One attempt against a replica, until its response body is done",
             ["model", "variant", "replica"], buckets=DURATION_BUCKETS, registry=r)
+        self.balance_decisions = Counter(
+            "quiver_gateway_balance_decisions_total",
+            "Replica choices of prefix-balanced variants: preferred (the affinity key's first "
+            "usable replica), spill (a later one: those before were over the load bound), "
+            "unkeyed (no key: the least busy)", ["model", "variant", "outcome"], registry=r)
         self.upstream_retries = Counter(
             "quiver_gateway_upstream_retries_total", "Attempts retried on another replica",
             ["model", "variant"], registry=r)

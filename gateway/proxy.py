@@ -1,10 +1,12 @@
 """The routed model calls: POST /v1/chat/completions, /v1/completions and /v1/embeddings.
 
-Relays to the variant `RouteMiddleware` chose and rewrites only what it must: the
-upstream's model name, and usage always requested on streams so that limits and budgets
-see real tokens (the relay drops the usage chunk again when the client did not ask for
-it). Mirrors a share to a shadow variant, and relays through the `UpstreamPool`
-(`gateway.relay`). A client that disconnects cancels the upstream request.
+Relays to the variant `RouteMiddleware` chose (or a fallback model's, when it cannot answer)
+and rewrites only what it must: the upstream's model name, and usage always requested on
+streams so that limits and budgets see real tokens (the relay drops the usage chunk again
+when the client did not ask for it). Hands the relay the call's affinity key (its session or
+prompt prefix, `upstream.balance`) for prefix-aware balancing. Mirrors a share to a shadow
+variant, and relays through the `UpstreamPool` (`gateway.relay`). A client that disconnects
+cancels the upstream request.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.relay import Relay, wants_usage
 from gateway.routing import RouteDecision
 from gateway.routing.router import Router
+from gateway.upstream.balance import SESSION_HEADER, affinity_key
 from gateway.upstream.pool import UpstreamPool
 
 logger = logging.getLogger(__name__)
@@ -79,8 +82,15 @@ class ProxyEndpoint:
         headers = forward_headers(scope)
         if decision.shadow_variant is not None:
             self.mirror(scope["path"], context.body, decision, headers)
-        work = self.relay.forward(send, context, decision, path=scope["path"], body=body,
-                                  headers=headers)
+        path, raw = scope["path"], context.raw_body
+
+        def body_for(chosen: RouteDecision) -> bytes:  # the routed model's, or a fallback's
+            return body if chosen is decision else upstream_body(context.body, raw, chosen,
+                                                                 path=path)
+
+        affinity = affinity_key(context.body, path, Headers(scope=scope).get(SESSION_HEADER))
+        work = self.relay.forward(send, context, decision, path=path, body_for=body_for,
+                                  headers=headers, affinity=affinity)
         with contextlib.suppress(ClientDisconnectedError):  # the upstream call is cancelled
             await until_disconnect(receive, work)
 

@@ -5,7 +5,13 @@ OpenAI's shape); an upstream error body in OpenAI's shape passes through with it
 Streamed: events pass through one by one as they arrive, never buffered; once the stream
 has started, an upstream failure (or a stream that ends without `[DONE]`) ends it with an
 error event, never a silent cut. Both record usage, the outcome for canary rollback, and
-the gateway's request metrics.
+the gateway's request metrics, once, for the model that answered.
+
+Fallbacks (`routing.fallback`): when the routed model cannot answer (no healthy replica,
+5xx, timeout, prompt over its context) and it has fallbacks the key may use, the next one
+gets the call, its body's `model` rewritten, before any byte went to the client; streams
+fall back only until their response starts. The failed model's variant is judged for
+canary rollback as a failed call; the call is counted and charged once, to the answer.
 
 Usage: the server's own count when it sent one. A stream cut short (the client left, the
 upstream broke, the gateway shut down) is charged its estimated prompt plus every
@@ -21,7 +27,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +41,7 @@ from gateway.errors import GatewayError, UpstreamError
 from gateway.estimate import EMBEDDINGS_PATH
 from gateway.metrics import GatewayMetrics
 from gateway.routing import CallOutcome, RouteDecision
+from gateway.routing.fallback import FallbackReason, reason_for_answer, reason_for_error
 from gateway.routing.router import Router
 from gateway.sse import (
     EventInfo,
@@ -146,6 +153,8 @@ class RelayCall:
     wants_usage: bool          # the client asked for the usage chunk (streams)
     span: trace.Span | None    # the CLIENT span around the upstream call; None untraced
     started: float             # perf_counter when the upstream call began
+    may_fall_back: bool = False  # a fallback model is left to try if this one cannot answer
+    affinity: str | None = None  # keeps it with calls sharing its prefix or session
 
 
 def wants_usage(body: dict[str, Any]) -> bool:
@@ -195,16 +204,45 @@ class Relay:
         self.metrics = metrics
 
     async def forward(self, send: Send, context: RequestContext, decision: RouteDecision, *,
-                      path: str, body: bytes, headers: dict[str, str]) -> None:
-        """Relay one routed call and answer the client: streamed when its body asks."""
+                      path: str, body_for: Callable[[RouteDecision], bytes],
+                      headers: dict[str, str], affinity: str | None = None) -> None:
+        """Relay one routed call and answer the client, streamed when its body asks; when
+        the routed model cannot answer, its fallbacks try in turn (`routing.fallback`)."""
         client_body = context.body or {}
         is_stream = client_body.get("stream") is True and path != EMBEDDINGS_PATH
-        with upstream_span(decision, is_stream=is_stream) as span:
-            call = RelayCall(send=send, context=context, decision=decision, path=path,
-                             body=body, headers={**headers, **trace_headers()},
-                             is_stream=is_stream, wants_usage=wants_usage(client_body),
-                             span=span, started=time.perf_counter())
-            await (self._stream(call) if is_stream else self._unary(call))
+        chain = [decision, *self._fallback_decisions(context, decision.model)]
+        for index, current in enumerate(chain):
+            if index > 0:
+                context.fallback_model, context.variant = current.model, current.variant
+            with upstream_span(current, is_stream=is_stream) as span:
+                call = RelayCall(send=send, context=context, decision=current, path=path,
+                                 body=body_for(current), headers={**headers, **trace_headers()},
+                                 is_stream=is_stream, wants_usage=wants_usage(client_body),
+                                 span=span, started=time.perf_counter(),
+                                 may_fall_back=index + 1 < len(chain), affinity=affinity)
+                reason = await (self._stream(call) if is_stream else self._unary(call))
+            if reason is None:
+                return
+            self._fell_back(call, chain[index + 1].model, reason)
+
+    def _fallback_decisions(self, context: RequestContext, model: str) -> list[RouteDecision]:
+        key = context.key
+        return [self.router.choose(name, context.sticky_key, may_shadow=False)
+                for name in self.router.fallbacks(model)
+                if key is None or key.allows_model(name)]
+
+    def _fell_back(self, call: RelayCall, fallback: str, reason: FallbackReason) -> None:
+        """The routed model (or the last fallback) could not answer: count it, and judge
+        the variant for a failure that was its own."""
+        decision, context = call.decision, call.context
+        logger.warning("model %s variant %s could not answer (%s): falling back to %s",
+                       decision.model, decision.variant, reason, fallback)
+        self.metrics.fallbacks.labels(model=context.model, fallback=fallback,
+                                      reason=reason).inc()
+        if reason != "context_length":
+            key_name = context.key.name if context.key is not None else ""
+            self.router.record(decision.model, decision.variant,
+                               CallOutcome(key_name, is_error=True))
 
     def observe(self, call: RelayCall, status: int, first_byte: float | None = None,
                 tally: StreamTally | None = None) -> None:
@@ -246,12 +284,17 @@ class Relay:
             itl = (tally.last_token - tally.first_token) / (tally.num_token_events - 1)
         return CallOutcome(key_name, is_error=False, ttft_s=ttft, itl_s=itl)
 
-    async def _unary(self, call: RelayCall) -> None:
+    async def _unary(self, call: RelayCall) -> FallbackReason | None:
+        """Answer the client, or (when it may) say why a fallback should try instead."""
         decision = call.decision
         try:
             result = await self.pool.fetch(decision.model, decision.variant, call.path,
-                                           call.body, call.headers)
+                                           call.body, call.headers, affinity=call.affinity)
             answer = result.body
+            reason = reason_for_answer(result.status, answer)
+            if reason is not None and call.may_fall_back:
+                end_span(call.span, result.status, result.replica)
+                return reason
             if result.status == 200:
                 payload = parse_json_object(answer)
                 if payload is None:
@@ -262,44 +305,58 @@ class Relay:
             else:
                 answer = upstream_error_body(result.status, answer, decision.variant)
         except GatewayError as error:
-            end_span(call.span, error.status_code)
-            await self._send_error(call, error)
-            return
+            return await self._fail(call, error)
         end_span(call.span, result.status, result.replica)
         self.observe(call, result.status, time.perf_counter())
         await send_json(call.send, result.status, answer, result.headers)
+        return None
 
-    async def _stream(self, call: RelayCall) -> None:
+    async def _stream(self, call: RelayCall) -> FallbackReason | None:
+        """As `_unary`; a fallback may try only until the response starts."""
         decision = call.decision
         try:
             stream = await self.pool.open_stream(decision.model, decision.variant, call.path,
-                                                 call.body, call.headers)
+                                                 call.body, call.headers,
+                                                 affinity=call.affinity)
         except GatewayError as error:
-            end_span(call.span, error.status_code)
-            await self._send_error(call, error)
-            return
+            return await self._fail(call, error)
         end_span(call.span, stream.status, stream.replica)
         try:
             if stream.status != 200:
-                await self._relay_error(call, stream)
-                return
+                return await self._relay_error(call, stream)
             await call.send({"type": "http.response.start", "status": 200,
                              "headers": list(STREAM_START_HEADERS)})
             tally = await self._pump(call, stream)
             self.observe(call, 200 if call.context.is_complete else 502, tally=tally)
+            return None
         finally:
             await stream.aclose()
 
-    async def _relay_error(self, call: RelayCall, stream: UpstreamStream) -> None:
+    async def _relay_error(self, call: RelayCall,
+                           stream: UpstreamStream) -> FallbackReason | None:
         try:
-            answer = upstream_error_body(stream.status, await stream.read(),
-                                         call.decision.variant)
-        except (GatewayError, UpstreamStreamError) as exc:
-            await self._send_error(
-                call, exc if isinstance(exc, GatewayError) else UpstreamError(str(exc)))
-            return
+            body = await stream.read()
+        except UpstreamStreamError as exc:
+            return await self._fail(call, UpstreamError(str(exc)))
+        reason = reason_for_answer(stream.status, body)
+        if reason is not None and call.may_fall_back:
+            return reason
+        try:
+            answer = upstream_error_body(stream.status, body, call.decision.variant)
+        except GatewayError as error:
+            return await self._fail(call, error)
         self.observe(call, stream.status)
         await send_json(call.send, stream.status, answer, stream.headers)
+        return None
+
+    async def _fail(self, call: RelayCall, error: GatewayError) -> FallbackReason | None:
+        """The gateway's own error: a fallback's turn when it may, else the answer."""
+        end_span(call.span, error.status_code)
+        reason = reason_for_error(error)
+        if reason is not None and call.may_fall_back:
+            return reason
+        await self._send_error(call, error)
+        return None
 
     async def _send_error(self, call: RelayCall, error: GatewayError) -> None:
         """The gateway's own error answer, before any byte went out; counted as such."""

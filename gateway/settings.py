@@ -36,6 +36,13 @@ class VariantSettings(_Section):
     upstream_model: str | None = Field(
         None, description="model name the replicas serve (default: the public name)")
     api_key: SecretStr | None = Field(None, description="sent to the replicas as a Bearer key")
+    balance: Literal["prefix", "least_outstanding"] = Field(
+        "prefix", description="prefix: calls sharing a prompt prefix (or a session) go to the "
+        "same replica, within a bounded load; least_outstanding: the least busy replica")
+    balance_load_factor: float = Field(
+        1.25, ge=1.0, le=10.0, description="balance: prefix: a replica takes a call while "
+        "its outstanding requests stay within this many times the average; over it the call "
+        "spills to the next replica (higher: more prefix-cache hits, less even load)")
 
     @model_validator(mode="after")
     def _check_urls(self) -> VariantSettings:
@@ -60,6 +67,9 @@ class ModelRouteSettings(_Section):
     max_context_tokens: int | None = Field(
         None, ge=1, description="context length for token estimates of calls without "
         "max_tokens (default: the replicas' /v1/models max_model_len)")
+    fallbacks: list[str] = Field(
+        default_factory=list, description="models tried in order when this one cannot "
+        "answer (no healthy replica, 5xx, timeout, prompt over its context)")
 
     @model_validator(mode="after")
     def _check_variants(self) -> ModelRouteSettings:
@@ -193,6 +203,7 @@ class GatewaySettings(BaseSettings):
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique, got {names}")
+        check_fallbacks({m.name: m.fallbacks for m in self.models})
         needs_redis = [name for name, backend in (("rate_limit", self.rate_limit.backend),
                                                   ("cache", self.cache.backend))
                        if backend == "redis"]
@@ -201,6 +212,28 @@ class GatewaySettings(BaseSettings):
         if self.metrics_port is not None and self.metrics_port == self.port:
             raise ValueError(f"metrics_port must differ from port ({self.port})")
         return self
+
+
+def check_fallbacks(fallbacks: dict[str, list[str]]) -> None:
+    """Each fallback names another configured model, once, and no chain leads back."""
+    for model, names in fallbacks.items():
+        for name in names:
+            if name not in fallbacks:
+                raise ValueError(f"model {model!r} falls back to {name!r}, which is not a "
+                                 f"configured model ({', '.join(fallbacks)})")
+        if model in names or len(set(names)) != len(names):
+            raise ValueError(f"model {model!r} fallbacks {names} must not repeat a model nor "
+                             "name the model itself")
+    for model in fallbacks:
+        _walk(model, fallbacks, [model])
+
+
+def _walk(model: str, fallbacks: dict[str, list[str]], path: list[str]) -> None:
+    for name in fallbacks[model]:
+        if name in path:
+            cycle = " -> ".join([*path[path.index(name):], name])
+            raise ValueError(f"fallbacks form a cycle: {cycle}")
+        _walk(name, fallbacks, [*path, name])
 
 
 class ConfigError(ValueError):

@@ -16,6 +16,8 @@ from common.errors import QuiverError
 BENCHMARKS_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 BENCHMARKS = {"engine": "native engine vs vLLM vs Hugging Face generate (tokens/s, TTFT, ITL)",
               "gateway": "gateway added latency (p50/p99, TTFT), cache hits, requests/s",
+              "prefix_balance": "prefix-aware vs least-outstanding balancing over 2 replicas: "
+                                "follow-up turns' prefix-cache hit share, load share, TTFT",
               "optimize": "quiver optimize methods vs fp32/bf16: perplexity, size, decode "
                           "tokens/s at batch 1 and 32"}
 

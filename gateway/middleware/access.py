@@ -7,7 +7,8 @@
   `max_tokens` x `n` x prompts, or up to the model's context without `max_tokens`) must
   fit in what is left, counting calls in flight -> else 429 `insufficient_quota`.
 After the response the reservation is released and the real usage is counted against the
-budget and in `quiver_gateway_tokens_total{key,model,kind}` (the key's name, never the key).
+budget and in `quiver_gateway_tokens_total{key,model,kind}` (the key's name, never the key),
+once, for the model that answered (a fallback's, when one did).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class AccessMiddleware:
     def account(self, key: ApiKey, context: RequestContext) -> None:
         if context.total_tokens <= 0:
             return
-        labels = (key.name, context.model, context.variant or "")
+        labels = (key.name, context.answering_model, context.variant or "")
         self.metrics.tokens.labels(*labels, "prompt").inc(context.prompt_tokens)
         self.metrics.tokens.labels(*labels, "completion").inc(context.completion_tokens)
         self.keyring.add_usage(key, context.total_tokens)

@@ -2,7 +2,8 @@
 
 Lookup unless `Cache-Control: no-cache`; store unless `no-store`; only deterministic
 requests (temperature 0 or a seed; embeddings always) unless configured otherwise; only
-complete 200 answers (the proxy says so: no error, no truncated stream). Keys are per
+complete 200 answers of the routed model (the proxy says so: no error, no truncated stream,
+no fallback model's answer). Keys are per
 tenant, so one tenant never sees another's entries, and per variant (the router chose it
 before the lookup), so a canary's answers never pass for stable's or the other way round.
 A hit replays the stored bytes (a JSON body or a whole SSE stream).
@@ -107,7 +108,9 @@ class CacheMiddleware:
             await send(message)
 
         await self.app(scope, receive, capturing_send)
-        if captured is not None and state["status"] == 200 and context.is_complete:
+        # a fallback's answer is never stored as the routed variant's
+        if (captured is not None and state["status"] == 200 and context.is_complete
+                and context.fallback_model is None):
             await self.cache.put(store_key, CachedResponse(
                 body=b"".join(captured), content_type=str(state["content_type"]),
                 variant=context.variant or "", prompt_tokens=context.prompt_tokens,

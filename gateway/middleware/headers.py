@@ -1,5 +1,6 @@
 """Puts the gateway's verdicts on every response: `x-quiver-cache` (hit|miss|bypass, from
-the cache layer) and `x-quiver-variant` (which variant served, once the router chose)."""
+the cache layer), `x-quiver-variant` (which variant served, once the router chose) and
+`x-quiver-fallback` (the fallback model that answered, when the routed one could not)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from gateway.context import request_context, with_headers
 
 CACHE_HEADER = b"x-quiver-cache"
 VARIANT_HEADER = b"x-quiver-variant"
+FALLBACK_HEADER = b"x-quiver-fallback"
 
 
 class ResponseHeadersMiddleware:
@@ -26,6 +28,8 @@ class ResponseHeadersMiddleware:
                 extra = [(CACHE_HEADER, context.cache_status.encode())]
                 if context.variant:
                     extra.append((VARIANT_HEADER, context.variant.encode()))
+                if context.fallback_model:
+                    extra.append((FALLBACK_HEADER, context.fallback_model.encode()))
                 message = with_headers(message, extra)
             await send(message)
 

@@ -20,11 +20,8 @@ from gateway.spans import phase_span, set_attributes
 
 
 def choose(router: Router, context: RequestContext) -> RouteDecision:
-    key, body = context.key, context.body
-    assert key is not None and body is not None  # auth and body middleware ran
-    user = body.get("user")
-    sticky = user if isinstance(user, str) and user else key.name
-    return router.choose(body["model"], sticky, context.pinned_variant)
+    assert context.key is not None and context.body is not None  # auth and body ran
+    return router.choose(context.body["model"], context.sticky_key, context.pinned_variant)
 
 
 class RouteMiddleware:

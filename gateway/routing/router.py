@@ -23,6 +23,7 @@ from typing import Any, get_args
 from gateway.errors import BadRequestError, NotFoundError
 from gateway.metrics import GatewayMetrics
 from gateway.routing import CallOutcome, RouteDecision
+from gateway.routing.fallback import FALLBACK_REASONS
 from gateway.routing.rollback import RollbackMonitor, RollbackReason, RollbackVerdict
 from gateway.settings import ModelRouteSettings, RollbackSettings
 
@@ -54,8 +55,13 @@ class Router:
         self._monitor = RollbackMonitor(rollback, clock=clock)
         self._metrics = metrics
         self._rng = rng or random.Random()
+        self._fallbacks = {route.name: list(route.fallbacks) for route in routes}
         for route in routes:
             self._update_gauges(route.name)
+            for fallback in route.fallbacks:  # zeros, so increase() works before one
+                for reason in FALLBACK_REASONS:
+                    metrics.fallbacks.labels(model=route.name, fallback=fallback,
+                                             reason=reason)
             for variant in route.variants:  # zeros, so increase() works before a rollback
                 if variant.name != route.stable:
                     for reason in get_args(RollbackReason):
@@ -70,8 +76,12 @@ class Router:
         public name)."""
         return self._upstream_models[(model, variant)]
 
-    def choose(self, model: str, sticky_key: str,
-               pinned_variant: str | None = None) -> RouteDecision:
+    def fallbacks(self, model: str) -> list[str]:
+        """The models tried in order when `model` cannot answer (its config's list)."""
+        return list(self._fallbacks.get(model, ()))
+
+    def choose(self, model: str, sticky_key: str, pinned_variant: str | None = None, *,
+               may_shadow: bool = True) -> RouteDecision:
         """The variant for one request; a pinned variant is honoured even at weight 0."""
         route = self._route(model)
         if pinned_variant is None:
@@ -84,7 +94,8 @@ class Router:
                 f"variants: {', '.join(self._weights[model])}", code="unknown_variant")
         return RouteDecision(model=model, variant=variant,
                              upstream_model=self._upstream_models[(model, variant)],
-                             shadow_variant=self._shadow_for(route, variant))
+                             shadow_variant=(self._shadow_for(route, variant)
+                                             if may_shadow else None))
 
     def record(self, model: str, variant: str, outcome: CallOutcome) -> None:
         """One finished call's outcome; may roll a canary of `model` back."""

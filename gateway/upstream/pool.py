@@ -1,12 +1,15 @@
 """`UpstreamPool`: the model-server replicas of every (model, variant), and the requests
 the gateway sends them.
 
-A request goes to the healthy replica with the fewest outstanding requests whose circuit
-lets it through (ties broken at random). Connect errors, a connection dropped before the
-whole answer, malformed HTTP and 502/503 answers are retried, with exponential backoff and
-jitter, on another replica when there is one; any other answer (200, 4xx, 500, 504) is
-returned as it is. Time limits: `connect_seconds` to connect, `first_byte_seconds` until the
-response headers, `total_seconds` for everything, and (streams) `idle_seconds` per chunk.
+A request goes to a healthy replica whose circuit lets it through, chosen by the variant's
+`balance` (`gateway.upstream.balance`): for `prefix`, the first of its affinity key's
+rendezvous ranking within a bounded load; for `least_outstanding` (or a call without a key),
+the one with the fewest outstanding requests (ties broken at random). Connect errors, a
+connection dropped before the whole answer, malformed HTTP and 502/503 answers are retried,
+with exponential backoff and jitter, on another replica when there is one (a prefix-balanced
+call on the next of its ranking); any other answer (200, 4xx, 500, 504) is returned as it is.
+Time limits: `connect_seconds` to connect, `first_byte_seconds` until the response headers,
+`total_seconds` for everything, and (streams) `idle_seconds` per chunk.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from gateway.errors import (
 )
 from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings
+from gateway.upstream.balance import choose_by_prefix, choose_least_outstanding
 from gateway.upstream.health import HealthChecker
 from gateway.upstream.replica import Outcome, Replica, status_outcome
 from gateway.upstream.stream import (
@@ -66,6 +70,7 @@ class _Call:
     body: bytes
     headers: dict[str, str]  # what goes upstream
     deadline: float          # loop time
+    affinity: str | None     # what keeps it with others on one replica (balance: prefix)
 
     @property
     def description(self) -> str:
@@ -91,9 +96,16 @@ class UpstreamPool:
         self._rng = rng or random.Random()
         self._replicas: dict[tuple[str, str], list[Replica]] = {}
         self._api_keys: dict[tuple[str, str], str | None] = {}
+        self._is_prefix_balanced: dict[tuple[str, str], bool] = {}
+        self._load_factors: dict[tuple[str, str], float] = {}
         for route in settings.models:
             for variant in route.variants:
                 key = (route.name, variant.name)
+                self._is_prefix_balanced[key] = variant.balance == "prefix"
+                self._load_factors[key] = variant.balance_load_factor
+                if variant.balance == "prefix":
+                    for outcome in ("preferred", "spill", "unkeyed"):  # zeros
+                        metrics.balance_decisions.labels(route.name, variant.name, outcome)
                 self._api_keys[key] = (variant.api_key.get_secret_value()
                                        if variant.api_key else None)
                 headers = ({"authorization": f"Bearer {self._api_keys[key]}"}
@@ -161,22 +173,23 @@ class UpstreamPool:
     # -- requests ----------------------------------------------------------------------
 
     async def fetch(self, model: str, variant: str, path: str, body: bytes,
-                    headers: dict[str, str]) -> UpstreamResult:
+                    headers: dict[str, str], *, affinity: str | None = None) -> UpstreamResult:
         """POST `body` to a replica's `path` and read the whole answer."""
-        return await self._with_retries(self._call(model, variant, path, body, headers),
-                                        self._fetch_once)
+        return await self._with_retries(
+            self._call(model, variant, path, body, headers, affinity), self._fetch_once)
 
     async def open_stream(self, model: str, variant: str, path: str, body: bytes,
-                          headers: dict[str, str]) -> UpstreamStream:
+                          headers: dict[str, str], *,
+                          affinity: str | None = None) -> UpstreamStream:
         """POST `body` and return once the answer's headers arrive; the caller reads the
         body from the stream and must `aclose()` it."""
-        return await self._with_retries(self._call(model, variant, path, body, headers),
-                                        self._stream_once)
+        return await self._with_retries(
+            self._call(model, variant, path, body, headers, affinity), self._stream_once)
 
     # -- internals ---------------------------------------------------------------------
 
     def _call(self, model: str, variant: str, path: str, body: bytes,
-              headers: dict[str, str]) -> _Call:
+              headers: dict[str, str], affinity: str | None) -> _Call:
         if self._session is None:
             raise RuntimeError("UpstreamPool.start() has not been called")
         if (model, variant) not in self._replicas:
@@ -190,7 +203,7 @@ class UpstreamPool:
         if api_key:
             forwarded["authorization"] = f"Bearer {api_key}"
         deadline = asyncio.get_running_loop().time() + self._settings.timeouts.total_seconds
-        return _Call(model, variant, path, body, forwarded, deadline)
+        return _Call(model, variant, path, body, forwarded, deadline, affinity)
 
     async def _with_retries(self, call: _Call,
                             attempt_once: Callable[[_Call, Replica, int, bool], Awaitable[T]],
@@ -221,13 +234,21 @@ class UpstreamPool:
         raise self._final_error(call, failure, attempt)
 
     def _pick(self, call: _Call, tried: set[str]) -> Replica | None:
-        """Least outstanding among usable replicas, untried ones first; None if none."""
-        usable = [r for r in self._replicas[(call.model, call.variant)] if r.is_usable()]
+        """A usable replica by the variant's balance, untried ones first; None if none.
+        A prefix-balanced variant's first pick of a call is counted by its outcome."""
+        key = (call.model, call.variant)
+        usable = [r for r in self._replicas[key] if r.is_usable()]
         candidates = [r for r in usable if r.url not in tried] or usable
         if not candidates:
             return None
-        fewest = min(r.num_outstanding for r in candidates)
-        return self._rng.choice([r for r in candidates if r.num_outstanding == fewest])
+        if self._is_prefix_balanced[key] and call.affinity is not None:
+            choice = choose_by_prefix(call.affinity, candidates, usable,
+                                      self._load_factors[key])
+        else:
+            choice = choose_least_outstanding(candidates, self._rng)
+        if self._is_prefix_balanced[key] and not tried:
+            self._metrics.balance_decisions.labels(*key, choice.outcome).inc()
+        return choice.replica
 
     async def _backoff(self, call: _Call, attempt: int) -> bool:
         """Sleep before the next attempt; False when that would pass the deadline."""

@@ -410,3 +410,16 @@ def test_server_settings_reach_the_server_as_it_parses_them(render: Render, tmp_
     settings = ServerSettings(model=tmp_path, engine="vllm")
     assert settings.max_num_batched_tokens == 1048576
     assert settings.vllm_engine_args == {"seed": 7}
+
+
+def test_gateway_fallbacks_render_into_the_route_and_load(render: Render, tmp_path: Path) -> None:
+    from gateway.settings import load_settings
+
+    docs = render(sets=("servers.big.enabled=true", "servers.big.weight=100",
+                        "servers.big.model=big-model",
+                        "gateway.fallbacks.smollm2-135m-instruct={big-model}"))
+    config = tmp_path / "gateway.yaml"
+    config.write_text(find(docs, "ConfigMap", "prod-quiver-gateway")["data"]["gateway.yaml"])
+    routes = {m.name: m for m in load_settings(config).models}
+    assert routes["smollm2-135m-instruct"].fallbacks == ["big-model"]
+    assert routes["big-model"].fallbacks == []

@@ -47,7 +47,9 @@ async def gateway(tmp_path: Path, replicas: list[str],
     await store.create(ApiKey(name="ops", key_hash=hash_key(secret), created_at=time.time()))
     await store.close()
     settings = load_settings(None, key_store=store_path, admin_key=ADMIN, models=[
-        {"name": "tiny", "variants": [{"name": "stable", "weight": 100, "replicas": replicas}]}],
+        # least_outstanding: these tests count on calls reaching each replica at random
+        {"name": "tiny", "variants": [{"name": "stable", "weight": 100, "replicas": replicas,
+                                       "balance": "least_outstanding"}]}],
         **sections)
     app = create_app(settings)
     transport = httpx.ASGITransport(app=app)

@@ -1,7 +1,7 @@
 {{/*
 The gateway's YAML config (`quiver gateway --config`), built from values: the settings under
 gateway.config, plus the listen address and metrics port and one route per public model whose variants are the
-enabled server variants, each pointing at its Service. Secrets (admin key, key store, Redis
+enabled server variants, each pointing at its Service, with its `gateway.fallbacks` list. Secrets (admin key, key store, Redis
 URL) are not here: the Deployment sets them as QUIVER_GATEWAY_* env vars from the Secret.
 */}}
 {{- define "quiver.gateway.config" -}}
@@ -32,7 +32,11 @@ URL) are not here: the Deployment sets them as QUIVER_GATEWAY_* env vars from th
 {{- range $model, $variants := $routes }}
 {{- $stable := (index $variants 0).name }}
 {{- range $variants }}{{ if eq .name "stable" }}{{ $stable = "stable" }}{{ end }}{{ end }}
-{{- $models = append $models (dict "name" $model "stable" $stable "variants" $variants) }}
+{{- $route := dict "name" $model "stable" $stable "variants" $variants }}
+{{- with get ($.Values.gateway.fallbacks | default dict) $model }}
+{{- $_ := set $route "fallbacks" . }}
+{{- end }}
+{{- $models = append $models $route }}
 {{- end }}
 {{- $_ = set $config "models" $models }}
 {{- toYaml $config }}

@@ -4,7 +4,9 @@ Relays to the variant `RouteMiddleware` chose and rewrites only what it must: th
 upstream's model name, and usage always requested on streams so that limits and budgets
 see real tokens (the relay drops the usage chunk again when the client did not ask for
 it). Mirrors a share to a shadow variant, and relays through the `UpstreamPool`
-(`gateway.relay`). A client that disconnects cancels the upstream request.
+(`gateway.relay`). A client that disconnects cancels the upstream request. A call sampled
+for quality judging has its answer copied as it goes out and is replayed on the canaries
+afterwards (`gateway.routing.quality`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from gateway.estimate import EMBEDDINGS_PATH
 from gateway.metrics import GatewayMetrics
 from gateway.relay import Relay, wants_usage
 from gateway.routing import RouteDecision
+from gateway.routing.quality import AnswerCapture, Replayer
 from gateway.routing.router import Router
 from gateway.upstream.pool import UpstreamPool
 
@@ -65,9 +68,11 @@ def forward_headers(scope: Scope) -> dict[str, str]:
 class ProxyEndpoint:
     """The ASGI endpoint behind both model routes."""
 
-    def __init__(self, *, router: Router, pool: UpstreamPool, metrics: GatewayMetrics) -> None:
+    def __init__(self, *, router: Router, pool: UpstreamPool, metrics: GatewayMetrics,
+                 replayer: Replayer | None = None) -> None:
         self.router = router
         self.relay = Relay(pool=pool, router=router, metrics=metrics)
+        self.replayer = replayer
         self._shadow_tasks: set[asyncio.Task[None]] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -79,10 +84,16 @@ class ProxyEndpoint:
         headers = forward_headers(scope)
         if decision.shadow_variant is not None:
             self.mirror(scope["path"], context.body, decision, headers)
+        capture = None
+        if self.replayer is not None and self.replayer.wants(decision, scope["path"],
+                                                             context.body):
+            send = capture = AnswerCapture(send)
         work = self.relay.forward(send, context, decision, path=scope["path"], body=body,
                                   headers=headers)
         with contextlib.suppress(ClientDisconnectedError):  # the upstream call is cancelled
             await until_disconnect(receive, work)
+        if capture is not None and context.is_complete:
+            self.replayer.offer(decision, scope["path"], context.body, capture)
 
     def mirror(self, path: str, body: dict[str, Any], decision: RouteDecision,
                headers: dict[str, str]) -> None:
@@ -95,6 +106,8 @@ class ProxyEndpoint:
         task.add_done_callback(self._shadow_tasks.discard)
 
     async def close(self) -> None:
+        if self.replayer is not None:
+            await self.replayer.close()
         for task in list(self._shadow_tasks):
             task.cancel()
         await asyncio.gather(*self._shadow_tasks, return_exceptions=True)

@@ -152,13 +152,17 @@ def test_a_perturbed_canary_is_rolled_back_for_quality_and_an_identical_one_is_n
     assert sample(stack, "quiver_gateway_canary_agreement_ratio", model="same") >= 0.9
     assert sample(stack, "quiver_gateway_quality_replays_total", model="same",
                   outcome="compared") >= MIN_SAMPLES
+    # the response cache saw the clients' calls only (a miss each, unique prompts)
+    assert sample(stack, "quiver_gateway_cache_requests_total", result="miss",
+                  variant=None) == len(statuses)
 
 
-def sample(stack: Stack, name: str, **labels: str) -> float | None:
+def sample(stack: Stack, name: str, **labels: str | None) -> float | None:
     """A canary series' value on the gateway's /metrics."""
     text = httpx.get(f"{stack.gateway.url}/metrics", timeout=30,
                      headers={"authorization": f"Bearer {ADMIN_KEY}"}).text
     wanted = {"variant": "canary", **labels}
+    wanted = {k: v for k, v in wanted.items() if v is not None}
     return next((s.value for family in text_string_to_metric_families(text)
                  for s in family.samples if s.name == name
                  and all(s.labels.get(k) == v for k, v in wanted.items())), None)

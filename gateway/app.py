@@ -48,6 +48,7 @@ from gateway.middleware.ratelimit import RateLimitMiddleware
 from gateway.middleware.route import RouteMiddleware
 from gateway.proxy import ProxyEndpoint
 from gateway.ratelimit import RateLimiter
+from gateway.routing.quality import Replayer
 from gateway.routing.router import Router
 from gateway.settings import GatewaySettings
 from gateway.stores import open_cache, open_key_store, open_limiter
@@ -110,10 +111,14 @@ def build_state(settings: GatewaySettings) -> GatewayState:
         default_tpm=settings.rate_limit.default_tpm))
     metrics.registry.register(KeyStoreCollector(keyring))
     metrics.watch_rate_limiter(settings.rate_limit.failure_mode)
+    quality = settings.rollback.quality
+    replayer = (Replayer(quality, settings.models, router=router, pool=pool, metrics=metrics)
+                if quality.enabled else None)
     return GatewayState(
         settings=settings, metrics=metrics, keyring=keyring,
         limiter=open_limiter(settings), cache=open_cache(settings, metrics), router=router,
-        pool=pool, proxy=ProxyEndpoint(router=router, pool=pool, metrics=metrics),
+        pool=pool, proxy=ProxyEndpoint(router=router, pool=pool, metrics=metrics,
+                                       replayer=replayer),
         in_flight=InFlight(), started_at=int(time.time()))
 
 

@@ -94,6 +94,14 @@ class GatewayMetrics:
             "Calls passed on to a fallback model because the one before could not answer, by "
             "routed model, the fallback tried and reason (unavailable|error|timeout|"
             "context_length)", ["model", "fallback", "reason"], registry=r)
+        self.canary_agreement = Gauge(
+            "quiver_gateway_canary_agreement_ratio", "Mean token agreement of a canary's "
+            "replayed answers with stable's over the judging window (0..1)",
+            ["model", "variant"], registry=r)
+        self.quality_replays = Counter(
+            "quiver_gateway_quality_replays_total", "Stable calls replayed on a canary, by "
+            "outcome (compared|invalid|skipped|error|dropped)", ["model", "variant", "outcome"],
+            registry=r)
         self.shadow_requests = Counter(
             "quiver_gateway_shadow_requests_total", "Mirrored requests by outcome",
             ["model", "variant", "outcome"], registry=r)

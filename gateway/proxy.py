@@ -6,7 +6,9 @@ streams so that limits and budgets see real tokens (the relay drops the usage ch
 when the client did not ask for it). Hands the relay the call's affinity key (its session or
 prompt prefix, `upstream.balance`) for prefix-aware balancing. Mirrors a share to a shadow
 variant, and relays through the `UpstreamPool` (`gateway.relay`). A client that disconnects
-cancels the upstream request.
+cancels the upstream request. A call sampled for quality judging has its answer copied as it
+goes out and, when stable itself answered (not a fallback), is replayed on the canaries
+afterwards (`gateway.routing.quality`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from gateway.estimate import EMBEDDINGS_PATH
 from gateway.metrics import GatewayMetrics
 from gateway.relay import Relay, wants_usage
 from gateway.routing import RouteDecision
+from gateway.routing.quality import AnswerCapture, Replayer
 from gateway.routing.router import Router
 from gateway.upstream.balance import SESSION_HEADER, affinity_key
 from gateway.upstream.pool import UpstreamPool
@@ -68,9 +71,11 @@ def forward_headers(scope: Scope) -> dict[str, str]:
 class ProxyEndpoint:
     """The ASGI endpoint behind both model routes."""
 
-    def __init__(self, *, router: Router, pool: UpstreamPool, metrics: GatewayMetrics) -> None:
+    def __init__(self, *, router: Router, pool: UpstreamPool, metrics: GatewayMetrics,
+                 replayer: Replayer | None = None) -> None:
         self.router = router
         self.relay = Relay(pool=pool, router=router, metrics=metrics)
+        self.replayer = replayer
         self._shadow_tasks: set[asyncio.Task[None]] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -88,11 +93,16 @@ class ProxyEndpoint:
             return body if chosen is decision else upstream_body(context.body, raw, chosen,
                                                                  path=path)
 
+        capture = None
+        if self.replayer is not None and self.replayer.wants(decision, path, context.body):
+            send = capture = AnswerCapture(send)
         affinity = affinity_key(context.body, path, Headers(scope=scope).get(SESSION_HEADER))
         work = self.relay.forward(send, context, decision, path=path, body_for=body_for,
                                   headers=headers, affinity=affinity)
         with contextlib.suppress(ClientDisconnectedError):  # the upstream call is cancelled
             await until_disconnect(receive, work)
+        if capture is not None and context.is_complete and context.fallback_model is None:
+            self.replayer.offer(decision, path, context.body, capture)
 
     def mirror(self, path: str, body: dict[str, Any], decision: RouteDecision,
                headers: dict[str, str]) -> None:
@@ -105,6 +115,8 @@ class ProxyEndpoint:
         task.add_done_callback(self._shadow_tasks.discard)
 
     async def close(self) -> None:
+        if self.replayer is not None:
+            await self.replayer.close()
         for task in list(self._shadow_tasks):
             task.cancel()
         await asyncio.gather(*self._shadow_tasks, return_exceptions=True)

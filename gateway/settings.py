@@ -85,6 +85,22 @@ class ModelRouteSettings(_Section):
         return self
 
 
+class QualitySettings(_Section):
+    """Canaries judged by their answers: a share of stable's deterministic calls is replayed
+    on each canary, off the client's path, and the two answers compared
+    (`gateway.routing.quality`)."""
+
+    enabled: bool = False
+    sample_share: float = Field(0.1, ge=0, le=1, description="of stable's deterministic "
+                                "calls (temperature 0, or seeded) replayed on each canary")
+    min_agreement: float = Field(0.9, ge=0, le=1, description="a canary whose mean "
+                                 "agreement over the window is lower is rolled back")
+    min_samples: int = Field(10, ge=1, description="replays in the window before a verdict")
+    max_tokens: int = Field(64, ge=1, description="cap on a replay's completion tokens")
+    max_concurrency: int = Field(2, ge=1, description="replays in flight at once")
+    max_queue: int = Field(64, ge=1, description="replays waiting; more are dropped")
+
+
 class RollbackSettings(_Section):
     """Automatic canary rollback: a variant's weight drops to 0 when it does worse than stable."""
 
@@ -97,6 +113,7 @@ class RollbackSettings(_Section):
                                          "and of inter-token latency, each against stable's")
     max_key_share: float = Field(0.2, gt=0, le=1, description="most of a judging window "
                                  "one API key's calls may fill (1 = no cap)")
+    quality: QualitySettings = QualitySettings()
 
 
 class TimeoutSettings(_Section):

@@ -18,7 +18,7 @@ from gateway import cli as gateway_cli
 from gateway import keys_cli
 from loadtests import cli as loadtest_cli
 from optimize import cli as optimize_cli
-from quiver import __version__, bench, up
+from quiver import __version__, bench, promote, up
 from quiver.models import cli as models_cli
 from serving import cli as serve_cli
 
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(subparsers)
     serve_cli.add_parser(subparsers)
     up.add_parser(subparsers)
+    promote.add_parser(subparsers)
     gateway_cli.add_parser(subparsers)
     keys_cli.add_parser(subparsers)
     optimize_cli.add_parser(subparsers)

@@ -4,7 +4,10 @@ The model is served by `quiver serve` on :8001 (a canary, when given, on :8002),
 one public name; the gateway runs in this process on :8000 (its Prometheus metrics on
 :8100, the gateway port + 100) with the key store shared with `quiver keys`
 (`.quiver/keys.db`). The API key is `QUIVER_API_KEY` when set, else a new one
-printed at start (named `quiver-up`, replacing the previous one). With `--monitoring` a
+printed at start (named `quiver-up`, replacing the previous one). With a canary, its answers
+are judged against stable's (`rollback.quality`, on by default here). The admin API (for
+`quiver promote`) is on when `QUIVER_GATEWAY_ADMIN_KEY` is set; any gateway setting can be
+overridden so (`QUIVER_GATEWAY_ROLLBACK__WINDOW_SECONDS=30`). With `--monitoring` a
 local Prometheus (:9090) scrapes them all with Quiver's recording and alert rules loaded.
 Ctrl-C stops everything.
 """
@@ -147,8 +150,9 @@ def gateway_settings(args: argparse.Namespace, name: str, weight: float, store: 
     if args.canary_model is not None:
         variants.append({"name": "canary", "weight": weight,
                          "replicas": [f"http://127.0.0.1:{args.server_port + 1}"]})
+    rollback = {"quality": {"enabled": True}} if args.canary_model is not None else None
     return load_settings(None, host="127.0.0.1", port=args.port, key_store=store,
-                         metrics_port=metrics_port(args),
+                         metrics_port=metrics_port(args), rollback=rollback,
                          models=[{"name": name, "variants": variants}])
 
 

@@ -33,7 +33,7 @@ from gateway.routing import CallOutcome
 from gateway.settings import RollbackSettings
 
 MAX_SAMPLES_PER_WINDOW = 10_000
-RollbackReason = Literal["error_rate", "latency"]
+RollbackReason = Literal["error_rate", "latency", "quality"]
 
 
 @dataclass(frozen=True)

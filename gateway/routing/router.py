@@ -7,7 +7,9 @@ fall, so a key moves only *to* it, never between the others (and vice versa for 
 
 Weights are percents. Changing a non-stable variant's weight gives or takes the difference
 from the stable variant, so weights that sum to 100 keep doing so; an automatic rollback is
-the same move to 0, with the freed share going to stable.
+the same move to 0, with the freed share going to stable. Rollbacks come from call outcomes
+(`record`, judged by `RollbackMonitor`) and from answer agreement (`record_agreement`, fed
+by `gateway.routing.quality`'s replays and judged by `QualityMonitor`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, get_args
 from gateway.errors import BadRequestError, NotFoundError
 from gateway.metrics import GatewayMetrics
 from gateway.routing import CallOutcome, RouteDecision
+from gateway.routing.agreement import QualityMonitor
 from gateway.routing.fallback import FALLBACK_REASONS
 from gateway.routing.rollback import RollbackMonitor, RollbackReason, RollbackVerdict
 from gateway.settings import ModelRouteSettings, RollbackSettings
@@ -53,6 +56,7 @@ class Router:
             for route in routes for v in route.variants}
         self._rolled_back: dict[tuple[str, str], RollbackVerdict] = {}
         self._monitor = RollbackMonitor(rollback, clock=clock)
+        self._quality = QualityMonitor(rollback.quality, rollback.window_seconds, clock=clock)
         self._metrics = metrics
         self._rng = rng or random.Random()
         self._fallbacks = {route.name: list(route.fallbacks) for route in routes}
@@ -110,6 +114,26 @@ class Router:
             if verdict is not None:
                 self._roll_back(verdict)
 
+    def canaries(self, model: str) -> list[str]:
+        """The variants of `model` judged against stable: not stable, weight above 0."""
+        stable = self._routes[model].stable
+        return [name for name, weight in self._weights[model].items()
+                if name != stable and weight > 0]
+
+    def is_stable(self, model: str, variant: str) -> bool:
+        return self._route(model).stable == variant
+
+    def record_agreement(self, model: str, variant: str, agreement: float) -> None:
+        """One replay's agreement with stable (0..1); may roll the canary back (`quality`)."""
+        if variant not in self.canaries(model):
+            return
+        stats = self._quality.record(model, variant, agreement)
+        if stats.mean is not None:
+            self._metrics.canary_agreement.labels(model=model, variant=variant).set(stats.mean)
+        verdict = self._quality.judge(model, variant)
+        if verdict is not None and (model, variant) not in self._rolled_back:
+            self._roll_back(verdict)
+
     def weights(self) -> dict[str, dict[str, float]]:
         return {name: dict(weights) for name, weights in self._weights.items()}
 
@@ -130,6 +154,7 @@ class Router:
         self._weights[model] = updated
         if self._rolled_back.pop((model, variant), None) is not None:
             self._monitor.forget(model, variant)
+        self._quality.forget(model, variant)  # judged afresh at its new weight
         logger.info("route weights of %s set to %s", model, updated)
         self._update_gauges(model)
 
@@ -201,6 +226,7 @@ class Router:
         for name, weight in self._weights[route.name].items():
             verdict = self._rolled_back.get((route.name, name))
             stats = self._monitor.stats(route.name, name)
+            agreement = self._quality.stats(route.name, name)
             variants[name] = {
                 "weight": weight,
                 "configured_weight": self._configured[route.name][name],
@@ -212,6 +238,7 @@ class Router:
                 "window": {"samples": stats.num_samples, "keys": stats.num_keys,
                            "error_rate": stats.error_rate, "p95_ttft_s": stats.p95_ttft_s,
                            "p95_itl_s": stats.p95_itl_s},
+                "quality": {"samples": agreement.num_samples, "agreement": agreement.mean},
             }
         shadow = route.shadow
         return {"stable": route.stable, "variants": variants,

@@ -94,6 +94,7 @@ def query_variable(name: str, label: str, definition: str) -> dict:
 
 GW = 'instance=~"$instance", model=~"$model", variant=~"$variant"'
 REQUESTS = f"quiver_gateway_requests_total{{{GW}}}"
+AGREEMENT = f"quiver_gateway_canary_agreement_ratio{{{GW}}}"
 
 
 def overview() -> Dashboard:
@@ -113,13 +114,14 @@ def overview() -> Dashboard:
               "percentunit", "stat", 6, 4),
     )
     per_variant = tuple(
-        Panel(f"{title}: $variant", (query,), unit, "stat", 8, 4, repeat="variant")
+        Panel(f"{title}: $variant", (query,), unit, "stat", 6, 4, repeat="variant")
         for title, query, unit in (
             ("Requests/s", q(f"sum(rate({REQUESTS}[{RATE}]))"), "reqps"),
             ("p95 latency", q("histogram_quantile(0.95, sum by (le) (rate("
                               f"quiver_gateway_request_duration_seconds_bucket{{{GW}}}"
                               f"[{RATE}])))"), "s"),
-            ("5xx ratio", q(ratio(five_xx, REQUESTS, "variant")), "percentunit")))
+            ("5xx ratio", q(ratio(five_xx, REQUESTS, "variant")), "percentunit"),
+            ("Agreement with stable", q(f"min({AGREEMENT})"), "percentunit")))
     traffic = (
         Panel("Requests/s by variant", (q(f"sum by (variant) (rate({REQUESTS}[{RATE}]))",
                                           "{{variant}}"),), "reqps"),
@@ -132,6 +134,16 @@ def overview() -> Dashboard:
         Panel("Latency by variant", quantiles("quiver_gateway_request_duration_seconds", GW,
                                               "variant", "{{variant}}"), "s",
               description="Routed requests, until the last byte (streams included)."),
+        Panel("Answer agreement with stable by canary", (
+            q(f"min by (model, variant) ({AGREEMENT})", "{{model}}/{{variant}}"),), "percentunit",
+              description="Mean token agreement of stable's replayed deterministic calls "
+              "with the canary's answers over the judging window (rollback.quality); below "
+              "min_agreement the canary is rolled back with reason quality."),
+        Panel("Quality replays/s by outcome", (q(
+            "sum by (variant, outcome) (rate(quiver_gateway_quality_replays_total"
+            f"{{{GW}}}[{RATE}]))", "{{variant}} {{outcome}}"),), "reqps",
+              description="Stable calls replayed on each canary: compared, invalid (broke "
+              "the JSON or tool-call form), skipped, error, dropped (queue full)."),
         Panel("Time to first token by variant (streamed)",
               quantiles("quiver_gateway_time_to_first_token_seconds", GW, "variant",
                         "{{variant}}"), "s"),

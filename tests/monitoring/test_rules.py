@@ -37,7 +37,8 @@ def test_there_are_rules_and_a_test_for_each_rule_file():
 def test_promtool_check_rules(promtool):
     result = run(promtool, "check", "rules", *map(str, RULE_FILES))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("SUCCESS: 15 rules found") == 2  # 15 recording, 15 alerts
+    assert "SUCCESS: 15 rules found" in result.stdout  # recording
+    assert "SUCCESS: 16 rules found" in result.stdout  # alerts
 
 
 def test_promtool_test_rules(promtool):
@@ -55,7 +56,7 @@ def test_every_alert_has_a_unit_test_that_expects_it_to_fire():
             if name and f"alertname: {name}\n    exp_alerts:\n    - exp_labels" in text:
                 tested.add(name)
     alerts = {rule["alert"] for rule in rules() if "alert" in rule}
-    assert len(alerts) == 15
+    assert len(alerts) == 16
     assert alerts - tested == set()
 
 

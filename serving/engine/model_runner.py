@@ -117,7 +117,8 @@ class ModelRunner:
             return model
         compiled = CompiledForward(model, compilation.cache_dir)
         try:
-            seconds = compiled.warm_up(kv_caches, self._example_step)
+            seconds = compiled.warm_up(kv_caches, self._example_step,
+                                       lambda n: self._check_step(n, kv_caches[0].shape[1]))
         except Exception as exc:  # any compiler failure: serve eagerly rather than not at all
             logger.warning("compiling the model failed, running it eagerly: %s",
                            _first_line(exc))
@@ -136,6 +137,22 @@ class ModelRunner:
         )
         zeros = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         return zeros, zeros.clone(), metadata
+
+    def _check_step(self, num_tokens: int, num_slots: int) -> tuple[
+            torch.Tensor, torch.Tensor, AttentionMetadata] | None:
+        """One request of `num_tokens` distinct tokens from position 0, each token in its
+        own KV slot (blocks 0, 1, ...), for checking compiled graphs against eager; None
+        when the cache has too few blocks (those blocks are overwritten before use)."""
+        num_blocks = -(-num_tokens // self.block_size)
+        if num_blocks * self.block_size > num_slots:
+            return None
+        metadata = AttentionMetadata.build(
+            query_lens=[num_tokens], seq_lens=[num_tokens],
+            block_tables=[list(range(num_blocks))], block_size=self.block_size,
+            device=self.device,
+        )
+        input_ids = torch.arange(3, 3 + num_tokens, device=self.device) % self.arch.vocab_size
+        return input_ids, torch.arange(num_tokens, device=self.device), metadata
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:

@@ -36,14 +36,18 @@ from serving.models.llama import LlamaForCausalLM
 logger = logging.getLogger(__name__)
 
 INDUCTOR_CONFIG = {"compile_threads": 1}
-# The largest error a compiled step may have against eager, relative to the hidden states'
-# magnitude: fused bf16 kernels round differently (~1e-2); a miscompile is off by O(1) or NaN.
-CHECK_TOLERANCE = 0.05
+# The largest error a compiled step may have against eager (L2 norm of the difference over
+# the eager hidden states' norm): fused bf16 kernels round differently (SmolLM2 bf16 and its
+# w4a16 artifact: 0.02-0.06 after 30 layers); a miscompile is off by O(1), or NaN.
+CHECK_TOLERANCE = 0.15
 
 Forward = Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor], AttentionMetadata],
                    torch.Tensor]
 # Builds (input_ids, positions, metadata) of a step with that many tokens, for warm-up.
 ExampleStep = Callable[[int], tuple[torch.Tensor, torch.Tensor, AttentionMetadata]]
+# Builds a step of that many tokens for the start-up check, or None where the KV cache is
+# too small to give each token its own slot.
+CheckStep = Callable[[int], tuple[torch.Tensor, torch.Tensor, AttentionMetadata] | None]
 
 
 def use_inductor_cache(cache_dir: Path) -> None:
@@ -73,39 +77,42 @@ class CompiledForward:
         size where a projection switches kernels."""
         return sorted({1, 2, *(split + 1 for split in self.model.kernel_token_splits())})
 
-    def warm_up(self, kv_caches: list[torch.Tensor], example_step: ExampleStep) -> float:
-        """Compile (or load from the cache) every graph serving will need; seconds spent.
-        Raises whatever compiling raised: the caller falls back to eager."""
+    def warm_up(self, kv_caches: list[torch.Tensor], example_step: ExampleStep,
+                check_step: CheckStep | None = None) -> float:
+        """Compile (or load from the cache) every graph serving will need, then check each
+        against eager (`check_step`); seconds spent. Raises whatever compiling raised, or
+        what the check found: the caller falls back to eager."""
         sizes = self.warm_up_sizes()
         start = time.perf_counter()
         with torch.inference_mode(), torch._inductor.config.patch(INDUCTOR_CONFIG):
             for num_tokens in sizes:
                 input_ids, positions, metadata = example_step(num_tokens)
                 self.model(input_ids, positions, kv_caches, metadata)
-            for num_tokens in sizes:
-                self._check_against_eager(kv_caches, example_step, num_tokens)
+            for num_tokens in sizes if check_step is not None else ():
+                if (step := check_step(num_tokens)) is not None:
+                    self._check_against_eager(kv_caches, step, num_tokens)
         self._is_warm = True
         return time.perf_counter() - start
 
-    def _check_against_eager(self, kv_caches: list[torch.Tensor], example_step: ExampleStep,
+    def _check_against_eager(self, kv_caches: list[torch.Tensor],
+                             step: tuple[torch.Tensor, torch.Tensor, AttentionMetadata],
                              num_tokens: int) -> None:
         """Raise if the compiled graph's answer to a step differs from the eager model's.
 
         A miscompile is rare but silent (seen: inductor's AVX2 code with the packed-linear op
         gave NaN hidden states), and serving garbage fast is worse than serving eagerly, so
-        every warmed graph runs one step both ways at start. Distinct token ids make the rows
-        differ; both runs write the same K/V to block 0, which requests overwrite later."""
-        input_ids, positions, metadata = example_step(num_tokens)
-        vocab_size = self.model.arch.vocab_size
-        input_ids = torch.arange(3, 3 + num_tokens, device=input_ids.device) % vocab_size
+        every warmed graph runs one step both ways at start: one request of `num_tokens`
+        distinct tokens, each in its own KV slot (both runs write the same K/V there)."""
+        input_ids, positions, metadata = step
         compiled = self.model(input_ids, positions, kv_caches, metadata).float()
         with torch.compiler.set_stance("force_eager"):
             eager = self.model(input_ids, positions, kv_caches, metadata).float()
-        error = (compiled - eager).abs().max().item()
-        scale = eager.abs().max().item()
-        if not error <= CHECK_TOLERANCE * scale + 1e-3:  # also false for NaN
+        error = ((compiled - eager).norm() / eager.norm().clamp_min(1e-6)).item()
+        logger.debug("compiled %d-token step: relative error %.2g against eager", num_tokens,
+                     error)
+        if not error <= CHECK_TOLERANCE:  # also false for NaN
             raise RuntimeError(f"the compiled {num_tokens}-token step differs from eager "
-                               f"(max error {error:.3g}, scale {scale:.3g})")
+                               f"(relative error {error:.3g})")
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  kv_caches: list[torch.Tensor], metadata: AttentionMetadata) -> torch.Tensor:

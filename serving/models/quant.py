@@ -199,6 +199,9 @@ class Int4Projection(Projection):
             value=INT4_OFFSET,
         )
         self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(unsigned, 1))
+        # probed here, not in forward: the probe makes a torch.Generator, which a compiled
+        # graph cannot trace (the whole model would run eagerly)
+        self.row_blocked = int4_layout_is_row_blocked()
         self.register_buffer("scales_and_zeros", _scales_and_zeros(
             weight, group_size, self.padded_features, pad_rows
         ).to(dtype))
@@ -211,12 +214,12 @@ class Int4Projection(Projection):
         return f"{self.kernel} (group {self.group_size}{padding})"
 
     def max_kernel_tokens(self, dtype: torch.dtype) -> int | None:
-        return kernel_max_tokens(self.kernel, dtype) if int4_layout_is_row_blocked() else None
+        return kernel_max_tokens(self.kernel, dtype) if self.row_blocked else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padded_features != self.in_features:
             x = F.pad(x, (0, self.padded_features - self.in_features))
-        if x.shape[0] > kernel_max_tokens(self.kernel, x.dtype) and int4_layout_is_row_blocked():
+        if x.shape[0] > kernel_max_tokens(self.kernel, x.dtype) and self.row_blocked:
             output = F.linear(x, self.dequantized(x.dtype))
         else:
             output = torch._weight_int4pack_mm_for_cpu(

@@ -114,9 +114,9 @@ def test_the_start_check_rejects_nan_and_wrong_answers() -> None:
     """What the check accepts: rounding differences; not O(1) errors or NaN."""
     from serving.models.compiled import CHECK_TOLERANCE
 
-    def accepted(error: float, scale: float) -> bool:
-        return error <= CHECK_TOLERANCE * scale + 1e-3
+    def accepted(error: float) -> bool:
+        return error <= CHECK_TOLERANCE
 
-    assert accepted(0.01, 3.0)
-    assert not accepted(1.0, 3.0)
-    assert not accepted(float("nan"), 3.0)
+    assert accepted(0.057)  # SmolLM2 bf16 (and its w4a16) steps against eager, measured
+    assert not accepted(1.0)
+    assert not accepted(float("nan"))

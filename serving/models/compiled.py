@@ -50,6 +50,12 @@ ExampleStep = Callable[[int], tuple[torch.Tensor, torch.Tensor, AttentionMetadat
 CheckStep = Callable[[int], tuple[torch.Tensor, torch.Tensor, AttentionMetadata] | None]
 
 
+def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """`|output - reference| / |reference|` (L2 norms, in float32); NaN stays NaN."""
+    output, reference = output.float(), reference.float()
+    return ((output - reference).norm() / reference.norm().clamp_min(1e-6)).item()
+
+
 def use_inductor_cache(cache_dir: Path) -> None:
     """Point inductor's on-disk caches under `cache_dir` unless the user already chose
     (inductor reads its location from this variable only)."""
@@ -78,7 +84,7 @@ class CompiledForward:
         return sorted({1, 2, *(split + 1 for split in self.model.kernel_token_splits())})
 
     def warm_up(self, kv_caches: list[torch.Tensor], example_step: ExampleStep,
-                check_step: CheckStep | None = None) -> float:
+                check_step: CheckStep) -> float:
         """Compile (or load from the cache) every graph serving will need, then check each
         against eager (`check_step`); seconds spent. Raises whatever compiling raised, or
         what the check found: the caller falls back to eager."""
@@ -88,7 +94,7 @@ class CompiledForward:
             for num_tokens in sizes:
                 input_ids, positions, metadata = example_step(num_tokens)
                 self.model(input_ids, positions, kv_caches, metadata)
-            for num_tokens in sizes if check_step is not None else ():
+            for num_tokens in sizes:
                 if (step := check_step(num_tokens)) is not None:
                     self._check_against_eager(kv_caches, step, num_tokens)
         self._is_warm = True
@@ -104,10 +110,10 @@ class CompiledForward:
         every warmed graph runs one step both ways at start: one request of `num_tokens`
         distinct tokens, each in its own KV slot (both runs write the same K/V there)."""
         input_ids, positions, metadata = step
-        compiled = self.model(input_ids, positions, kv_caches, metadata).float()
+        compiled = self.model(input_ids, positions, kv_caches, metadata)
         with torch.compiler.set_stance("force_eager"):
-            eager = self.model(input_ids, positions, kv_caches, metadata).float()
-        error = ((compiled - eager).norm() / eager.norm().clamp_min(1e-6)).item()
+            eager = self.model(input_ids, positions, kv_caches, metadata)
+        error = relative_error(compiled, eager)
         logger.debug("compiled %d-token step: relative error %.2g against eager", num_tokens,
                      error)
         if not error <= CHECK_TOLERANCE:  # also false for NaN

@@ -9,24 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from serving.kernels import select_kernels
 from serving.kernels.build import load_cpu_kernels
 from serving.models.linear import onednn_supports
 
 pytestmark = pytest.mark.isa  # against torch references: run under lower ISAs (make test-isa)
 
 
-@pytest.fixture(scope="session")
-def cpp_library(compiled_config) -> None:
-    kernels = select_kernels(torch.device("cpu"), use_cpp=True,
-                             cache_dir=compiled_config.cache_dir, head_dim=64,
-                             num_queries_per_kv=1)
-    assert kernels.has_cpp_library, "a C++ compiler is present but the kernels did not build"
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_rows", [1, 7, 64])
-def test_packed_linear_matches_f_linear(cpp_library, dtype, num_rows) -> None:
+def test_packed_linear_matches_f_linear(cpp_kernels, dtype, num_rows) -> None:
     generator = torch.Generator().manual_seed(num_rows)
     weight = torch.randn(96, 80, generator=generator).to(dtype)
     bias = torch.randn(96, generator=generator).to(dtype)
@@ -44,7 +35,7 @@ def test_packed_linear_matches_f_linear(cpp_library, dtype, num_rows) -> None:
         torch.testing.assert_close(output.float(), reference, atol=tolerance, rtol=tolerance)
 
 
-def test_unpacked_or_freed_weights_take_plain_linear(cpp_library) -> None:
+def test_unpacked_or_freed_weights_take_plain_linear(cpp_kernels) -> None:
     """A weight never packed, or one allocated where a packed (now freed) weight was,
     gets its own product, never a stale reordered twin."""
     x = torch.randn(4, 32)

@@ -13,19 +13,15 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from serving.kernels import CPP_ATTENTION, REFERENCE_ATTENTION, AttentionOp, select_kernels
+from serving.kernels import CPP_ATTENTION, REFERENCE_ATTENTION, AttentionOp
 from serving.kernels.metadata import StepIndex, pack_step_index
 
 pytestmark = pytest.mark.isa  # against torch references: run under lower ISAs (make test-isa)
 
 
 @pytest.fixture(scope="session")
-def cpp_attention(compiled_config) -> AttentionOp:
-    kernels = select_kernels(torch.device("cpu"), use_cpp=True,
-                             cache_dir=compiled_config.cache_dir, head_dim=64,
-                             num_queries_per_kv=3)
-    assert kernels.has_cpp_library, "a C++ compiler is present but the kernels did not build"
-    return kernels.attention
+def cpp_attention(cpp_kernels) -> AttentionOp:
+    return cpp_kernels.attention
 
 
 @dataclass

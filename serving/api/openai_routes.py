@@ -55,29 +55,29 @@ async def list_models(request: Request) -> ModelList:
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
 async def create_chat_completion(request: Request) -> Response:
-    state, request_id = _state(request), _request_id(request)
-    state.check_accepting()
-    body = await read_model(request, ChatCompletionRequest)
-    return await _respond(request, state.chat.create(
-        body, request_id=request_id, trace_headers=trace_headers()), prompt_param="messages")
+    return await _create(request, ChatCompletionRequest, "chat", prompt_param="messages")
 
 
 @router.post("/v1/completions", response_model=CompletionResponse)
 async def create_completion(request: Request) -> Response:
-    state, request_id = _state(request), _request_id(request)
-    state.check_accepting()
-    body = await read_model(request, CompletionRequest)
-    return await _respond(request, state.completions.create(
-        body, request_id=request_id, trace_headers=trace_headers()), prompt_param="prompt")
+    return await _create(request, CompletionRequest, "completions", prompt_param="prompt")
 
 
 @router.post("/v1/embeddings", response_model=EmbeddingResponse)
 async def create_embedding(request: Request) -> Response:
-    state, request_id = _state(request), _request_id(request)
+    return await _create(request, EmbeddingRequest, "embeddings", prompt_param="input")
+
+
+async def _create(request: Request, model: type[BaseModel], handler: str, *,
+                  prompt_param: str) -> Response:
+    """Parse the body as `model` and answer it with the state's `handler` (chat, ...)."""
+    state = _state(request)
     state.check_accepting()
-    body = await read_model(request, EmbeddingRequest)
-    return await _respond(request, state.embeddings.create(
-        body, request_id=request_id, trace_headers=trace_headers()), prompt_param="input")
+    body = await read_model(request, model)
+    create = getattr(state, handler).create
+    return await _respond(request, create(body, request_id=_request_id(request),
+                                          trace_headers=trace_headers()),
+                          prompt_param=prompt_param)
 
 
 async def _respond(request: Request, result: Awaitable[BaseModel | AsyncIterator[str]], *,

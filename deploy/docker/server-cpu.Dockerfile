@@ -21,7 +21,7 @@ RUN /opt/quiver/bin/pip install --extra-index-url https://download.pytorch.org/w
 FROM ${PYTHON_IMAGE}
 # g++ + libc headers: the native engine builds its C++ kernels and inductor compiles the
 # decoder layers at first start (cached under XDG_CACHE_HOME); without them it runs eagerly,
-# at roughly half the speed. libc6-dev follows the base image's libc6, so it stays unpinned.
+# without either speed-up. libc6-dev follows the base image's libc6, so it stays unpinned.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends g++=4:12.2.0-3 libc6-dev \

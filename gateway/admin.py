@@ -60,9 +60,10 @@ class RoutesAdmin(Protocol):
     def snapshot(self) -> dict[str, Any]:
         """Current routes as JSON-ready data: models, variants, weights, health, ..."""
 
-    def set_weight(self, model: str, variant: str, weight: float) -> None:
+    async def set_weight(self, model: str, variant: str, weight: float) -> None:
         """Set a variant's weight (percent); `NotFoundError` for an unknown model or
-        variant, `BadRequestError` for a weight the router refuses."""
+        variant, `BadRequestError` for a weight the router refuses, `RouteStateDownError`
+        when the shared route state cannot be written."""
 
 
 class UpstreamsAdmin(Protocol):
@@ -206,6 +207,6 @@ def _add_route_routes(router: APIRouter, routes: RoutesAdmin) -> None:
     @router.put("/routes/{model:path}/{variant}")
     async def set_weight(model: str, variant: str, request: Request) -> JSONResponse:
         body = parse_body(SetWeightBody, await request.body())
-        routes.set_weight(model, variant, body.weight)
+        await routes.set_weight(model, variant, body.weight)
         logger.info("admin: set weight of %s/%s to %s", model, variant, body.weight)
         return JSONResponse(routes.snapshot())

@@ -51,7 +51,7 @@ from gateway.ratelimit import RateLimiter
 from gateway.routing.quality import Replayer
 from gateway.routing.router import Router
 from gateway.settings import GatewaySettings
-from gateway.stores import open_cache, open_key_store, open_limiter
+from gateway.stores import open_cache, open_key_store, open_limiter, open_route_state
 from gateway.upstream.pool import UpstreamPool
 
 logger = logging.getLogger(__name__)
@@ -94,6 +94,7 @@ class GatewayState:
         await self.proxy.close()
         await self.pool.close()
         await self.keyring.close()
+        await self.router.state.close()
         await self.limiter.close()
         if self.cache is not None:
             await self.cache.close()
@@ -101,7 +102,10 @@ class GatewayState:
 
 def build_state(settings: GatewaySettings) -> GatewayState:
     metrics = GatewayMetrics()
-    router = Router(settings.models, settings.rollback, metrics)
+    # samples shared between replicas carry wall-clock times; one process's, monotonic ones
+    clock = time.time if settings.routing.backend == "redis" else time.monotonic
+    router = Router(settings.models, settings.rollback, metrics, clock=clock,
+                    state=open_route_state(settings, metrics))
     pool = UpstreamPool(settings, metrics)
     keyring = KeyRing(open_key_store(settings.key_store,
                                      timeout_s=settings.redis_timeout_seconds),
@@ -184,6 +188,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await state.keyring.start()
+        await state.router.state.start()
         await state.pool.start()
         try:
             yield

@@ -112,6 +112,14 @@ class LimiterDownError(_RetryAfter):
     code = "rate_limiter_unavailable"
 
 
+class RouteStateDownError(_RetryAfter):
+    """An admin change to routes while the shared route state (Redis) is unreachable."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "route_state_unavailable"
+
+
 class UpstreamTimeoutError(GatewayError):
     status_code = 504
     error_type = "upstream_error"

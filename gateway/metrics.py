@@ -140,6 +140,16 @@ class GatewayMetrics:
             "Rate-limit decisions taken without the limiter's backend (Redis unreachable), by "
             "failure mode: fail_open admitted them unchecked, fail_closed refused them (503)",
             ["mode"], registry=r)
+        self.route_state_up = Gauge(
+            "quiver_gateway_route_state_up",
+            "1 while this replica's route state is in sync with its backend (memory: always); "
+            "0 while the shared one (Redis) is out of reach and it routes by the last state "
+            "it read", registry=r)
+        self.route_state_age = Gauge(
+            "quiver_gateway_route_state_age_seconds",
+            "Seconds since this replica last synced the shared route state (memory: 0)",
+            registry=r)
+        self.route_state_up.set(1)
         self.rate_limit_fail_open = Gauge(
             "quiver_gateway_rate_limit_fail_open",
             "1 when the rate limiter admits calls unchecked while its backend is unreachable "

@@ -116,6 +116,16 @@ class RollbackSettings(_Section):
     quality: QualitySettings = QualitySettings()
 
 
+class RoutingSettings(_Section):
+    """Where the route state (weights, rollbacks, judging windows) lives."""
+
+    backend: Literal["memory", "redis"] = Field(
+        "memory", description="memory: this gateway's own; redis: one state for every "
+        "gateway replica (through redis_url), which survives restarts")
+    sync_seconds: float = Field(0.25, gt=0, le=5, description="redis: how often a replica "
+                                "syncs (an admin change is obeyed by all within about this)")
+
+
 class TimeoutSettings(_Section):
     connect_seconds: float = Field(2.0, gt=0)
     first_byte_seconds: float = Field(120.0, gt=0)
@@ -181,7 +191,8 @@ class GatewaySettings(BaseSettings):
     key_store: str = Field(DEFAULT_KEY_STORE,
                            description="SQLite file path, or a redis:// URL")
     admin_key: SecretStr | None = Field(None, description="guards /admin; unset = no admin API")
-    redis_url: str | None = Field(None, description="for rate limits and cache in Redis")
+    redis_url: str | None = Field(None, description="for rate limits, cache and route "
+                                  "state in Redis")
     redis_timeout_seconds: float = Field(0.5, gt=0, description="bound on every Redis call "
                                          "(connect, reply, a free pooled connection)")
     key_refresh_seconds: float = Field(1.0, gt=0)
@@ -198,6 +209,7 @@ class GatewaySettings(BaseSettings):
     rate_limit: RateLimitSettings = RateLimitSettings()
     cache: CacheSettings = CacheSettings()
     rollback: RollbackSettings = RollbackSettings()
+    routing: RoutingSettings = RoutingSettings()
     timeouts: TimeoutSettings = TimeoutSettings()
     retries: RetrySettings = RetrySettings()
     health_checks: HealthCheckSettings = HealthCheckSettings()
@@ -222,7 +234,8 @@ class GatewaySettings(BaseSettings):
             raise ValueError(f"model names must be unique, got {names}")
         check_fallbacks({m.name: m.fallbacks for m in self.models})
         needs_redis = [name for name, backend in (("rate_limit", self.rate_limit.backend),
-                                                  ("cache", self.cache.backend))
+                                                  ("cache", self.cache.backend),
+                                                  ("routing", self.routing.backend))
                        if backend == "redis"]
         if needs_redis and not self.redis_url:
             raise ValueError(f"{', '.join(needs_redis)} backend is redis but redis_url is unset")

@@ -212,12 +212,13 @@ class QualityMonitor:
         self._clock = clock
         self._windows: dict[tuple[str, str], AgreementWindow] = {}
 
-    def record(self, model: str, variant: str, agreement: float) -> AgreementStats:
+    def record(self, model: str, variant: str, agreement: float, *,
+               at: float | None = None) -> AgreementStats:
         key = (model, variant)
         window = self._windows.get(key)
         if window is None:
             window = self._windows[key] = AgreementWindow(self.window_seconds)
-        window.add(self._clock(), agreement)
+        window.add(self._clock() if at is None else at, agreement)
         return window.stats(self._clock())
 
     def stats(self, model: str, variant: str) -> AgreementStats:

@@ -170,8 +170,10 @@ class RollbackMonitor:
         self._clock = clock
         self._windows: dict[tuple[str, str], OutcomeWindow] = {}
 
-    def record(self, model: str, variant: str, outcome: CallOutcome) -> None:
-        self._window(model, variant).add(self._clock(), outcome)
+    def record(self, model: str, variant: str, outcome: CallOutcome, *,
+               at: float | None = None) -> None:
+        """`at`: when the call ended (default now; another replica's samples carry theirs)."""
+        self._window(model, variant).add(self._clock() if at is None else at, outcome)
 
     def stats(self, model: str, variant: str) -> WindowStats:
         return self._window(model, variant).stats(self._clock())

@@ -10,6 +10,13 @@ from the stable variant, so weights that sum to 100 keep doing so; an automatic 
 the same move to 0, with the freed share going to stable. Rollbacks come from call outcomes
 (`record`, judged by `RollbackMonitor`) and from answer agreement (`record_agreement`, fed
 by `gateway.routing.quality`'s replays and judged by `QualityMonitor`).
+
+The weights, rollbacks and epochs are one `RouteDoc` per model (`gateway.routing.state`),
+kept by a `RouteState` backend: this process's (`memory`), or one shared by every gateway
+replica through Redis, which also pools the judging samples so every replica judges a
+canary on all of its traffic (`ingest`). A rollback takes effect here at once and is then
+written to the backend; with several replicas reaching one verdict, the one whose write
+lands counts it (`rollback_won`).
 """
 
 from __future__ import annotations
@@ -22,12 +29,19 @@ import time
 from collections.abc import Callable
 from typing import Any, get_args
 
-from gateway.errors import BadRequestError, NotFoundError
+from gateway.errors import BadRequestError, NotFoundError, RouteStateDownError
 from gateway.metrics import GatewayMetrics
 from gateway.routing import CallOutcome, RouteDecision
 from gateway.routing.agreement import QualityMonitor
 from gateway.routing.fallback import FALLBACK_REASONS
 from gateway.routing.rollback import RollbackMonitor, RollbackReason, RollbackVerdict
+from gateway.routing.state import (
+    MemoryRouteState,
+    RouteDoc,
+    RouteState,
+    RouteStateUnavailableError,
+    Sample,
+)
 from gateway.settings import ModelRouteSettings, RollbackSettings
 
 logger = logging.getLogger(__name__)
@@ -46,20 +60,22 @@ def rendezvous_score(sticky_key: str, model: str, variant: str, weight: float) -
 class Router:
     def __init__(self, routes: list[ModelRouteSettings], rollback: RollbackSettings,
                  metrics: GatewayMetrics, *, clock: Callable[[], float] = time.monotonic,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, state: RouteState | None = None) -> None:
         self._routes = {route.name: route for route in routes}
         self._configured = {route.name: {v.name: v.weight for v in route.variants}
                             for route in routes}
-        self._weights = {name: dict(weights) for name, weights in self._configured.items()}
+        self._docs = {route.name: RouteDoc.initial(route) for route in routes}
         self._upstream_models = {
             (route.name, v.name): v.upstream_model or route.name
             for route in routes for v in route.variants}
-        self._rolled_back: dict[tuple[str, str], RollbackVerdict] = {}
         self._monitor = RollbackMonitor(rollback, clock=clock)
         self._quality = QualityMonitor(rollback.quality, rollback.window_seconds, clock=clock)
+        self._clock = clock
         self._metrics = metrics
         self._rng = rng or random.Random()
         self._fallbacks = {route.name: list(route.fallbacks) for route in routes}
+        self.state = state or MemoryRouteState()
+        self.state.bind(self, self._docs)
         for route in routes:
             self._update_gauges(route.name)
             for fallback in route.fallbacks:  # zeros, so increase() works before one
@@ -90,12 +106,12 @@ class Router:
         route = self._route(model)
         if pinned_variant is None:
             variant = self._pick(model, sticky_key)
-        elif pinned_variant in self._weights[model]:
+        elif pinned_variant in self._docs[model].weights:
             variant = pinned_variant
         else:
             raise BadRequestError(
                 f"model {model!r} has no variant {pinned_variant!r}; "
-                f"variants: {', '.join(self._weights[model])}", code="unknown_variant")
+                f"variants: {', '.join(self._docs[model].weights)}", code="unknown_variant")
         return RouteDecision(model=model, variant=variant,
                              upstream_model=self._upstream_models[(model, variant)],
                              shadow_variant=(self._shadow_for(route, variant)
@@ -103,21 +119,13 @@ class Router:
 
     def record(self, model: str, variant: str, outcome: CallOutcome) -> None:
         """One finished call's outcome; may roll a canary of `model` back."""
-        if (model, variant) not in self._upstream_models:
-            return
-        self._monitor.record(model, variant, outcome)
-        stable = self._routes[model].stable
-        for name, weight in self._weights[model].items():
-            if weight <= 0 or (model, name) in self._rolled_back:
-                continue
-            verdict = self._monitor.judge(model, name, stable)
-            if verdict is not None:
-                self._roll_back(verdict)
+        if (model, variant) in self._upstream_models:
+            self._take_own(model, variant, outcome=outcome)
 
     def canaries(self, model: str) -> list[str]:
         """The variants of `model` judged against stable: not stable, weight above 0."""
         stable = self._routes[model].stable
-        return [name for name, weight in self._weights[model].items()
+        return [name for name, weight in self._docs[model].weights.items()
                 if name != stable and weight > 0]
 
     def is_stable(self, model: str, variant: str) -> bool:
@@ -125,42 +133,69 @@ class Router:
 
     def record_agreement(self, model: str, variant: str, agreement: float) -> None:
         """One replay's agreement with stable (0..1); may roll the canary back (`quality`)."""
-        if variant not in self.canaries(model):
-            return
-        stats = self._quality.record(model, variant, agreement)
-        if stats.mean is not None:
-            self._metrics.canary_agreement.labels(model=model, variant=variant).set(stats.mean)
-        verdict = self._quality.judge(model, variant)
-        if verdict is not None and (model, variant) not in self._rolled_back:
-            self._roll_back(verdict)
+        if variant in self.canaries(model):
+            self._take_own(model, variant, agreement=agreement)
 
     def weights(self) -> dict[str, dict[str, float]]:
-        return {name: dict(weights) for name, weights in self._weights.items()}
+        return {name: dict(doc.weights) for name, doc in self._docs.items()}
 
-    def set_weight(self, model: str, variant: str, weight: float) -> None:
-        """Set a variant's weight (an operator's act; clears a rollback of that variant)."""
-        self._route(model)
-        weights = self._weights[model]
-        if variant not in weights:
+    async def set_weight(self, model: str, variant: str, weight: float) -> None:
+        """Set a variant's weight (an operator's act; clears a rollback of that variant and
+        judges it afresh). `RouteStateUnavailableError` when a shared state is out of reach."""
+        stable = self._route(model).stable
+        if variant not in self._docs[model].weights:
             raise NotFoundError(f"model {model!r} has no variant {variant!r}",
                                 param="variant", code="variant_not_found")
         if not (isinstance(weight, int | float) and 0 <= weight <= 100):
             raise BadRequestError(f"weight must be a number from 0 to 100, got {weight!r}",
                                   param="weight", code="invalid_weight")
-        updated = self._rebalanced(model, variant, float(weight))
-        if sum(updated.values()) <= 0:
-            raise BadRequestError("at least one variant needs a weight above 0",
-                                  param="weight", code="invalid_weight")
-        self._weights[model] = updated
-        if self._rolled_back.pop((model, variant), None) is not None:
-            self._monitor.forget(model, variant)
-        self._quality.forget(model, variant)  # judged afresh at its new weight
-        logger.info("route weights of %s set to %s", model, updated)
-        self._update_gauges(model)
+        try:
+            doc = await self.state.update(
+                model, lambda doc: doc.with_weight(stable, variant, float(weight)))
+        except RouteStateUnavailableError as exc:
+            raise RouteStateDownError(f"cannot change routes now: {exc}",
+                                      retry_after_s=1.0) from exc
+        logger.info("route weights of %s set to %s (state version %d)", model,
+                    dict(doc.weights), doc.version)
 
     def snapshot(self) -> dict[str, Any]:
         """Routes, weights, rollbacks and window stats, JSON-ready (`GET /admin/routes`)."""
         return {name: self._model_snapshot(route) for name, route in self._routes.items()}
+
+    # -- what the state backend tells the router (`RouteSink`) --------------------------
+
+    def apply(self, model: str, doc: RouteDoc) -> None:
+        """Route `model` by `doc`; a variant whose epoch moved is judged afresh."""
+        old = self._docs.get(model)
+        if old is None:
+            return
+        for variant, epoch in doc.epochs.items():
+            if old.epochs.get(variant) != epoch:
+                self._monitor.forget(model, variant)
+                self._quality.forget(model, variant)
+        self._docs[model] = doc
+        if old.weights != doc.weights:
+            self._update_gauges(model)
+            if self.state.is_shared:
+                logger.info("route weights of %s now %s (state version %d)", model,
+                            dict(doc.weights), doc.version)
+
+    def ingest(self, model: str, samples: list[Sample]) -> None:
+        """Samples other replicas took; those of a past epoch are dropped."""
+        doc = self._docs.get(model)
+        if doc is None:
+            return
+        for sample in samples:
+            if doc.epochs.get(sample.variant) == sample.epoch:
+                self._take(model, sample)
+        self._judge(model)
+
+    def rollback_won(self, verdict: RollbackVerdict) -> None:
+        logger.warning("rolled back model %s variant %s (to %s): %s: %s", verdict.model,
+                       verdict.variant, self._routes[verdict.model].stable, verdict.reason,
+                       verdict.detail)
+        self._metrics.rollbacks.labels(model=verdict.model, variant=verdict.variant,
+                                       reason=verdict.reason).inc()
 
     # -- internals ---------------------------------------------------------------------
 
@@ -173,7 +208,7 @@ class Router:
 
     def _pick(self, model: str, sticky_key: str) -> str:
         candidates = [(rendezvous_score(sticky_key, model, name, weight), name)
-                      for name, weight in self._weights[model].items() if weight > 0]
+                      for name, weight in self._docs[model].weights.items() if weight > 0]
         assert candidates, f"every variant of {model} has weight 0"
         return min(candidates)[1]
 
@@ -183,48 +218,65 @@ class Router:
             return None
         return shadow.variant if self._rng.random() * 100 < shadow.percent else None
 
-    def _rebalanced(self, model: str, variant: str, weight: float) -> dict[str, float]:
-        updated = dict(self._weights[model])
+    def _take_own(self, model: str, variant: str, *, outcome: CallOutcome | None = None,
+                  agreement: float | None = None) -> None:
+        sample = Sample(variant, self._docs[model].epochs[variant], self._clock(),
+                        outcome=outcome, agreement=agreement)
+        self.state.publish(model, sample)
+        self._take(model, sample)
+        self._judge(model)
+
+    def _take(self, model: str, sample: Sample) -> None:
+        if sample.outcome is not None:
+            self._monitor.record(model, sample.variant, sample.outcome, at=sample.at)
+        elif sample.agreement is not None:
+            stats = self._quality.record(model, sample.variant, sample.agreement,
+                                         at=sample.at)
+            if stats.mean is not None:
+                self._metrics.canary_agreement.labels(model=model,
+                                                      variant=sample.variant).set(stats.mean)
+
+    def _judge(self, model: str) -> None:
+        doc = self._docs[model]
         stable = self._routes[model].stable
-        if variant != stable:
-            stable_weight = updated[stable] - (weight - updated[variant])
-            if stable_weight < 0:
-                raise BadRequestError(
-                    f"cannot set {model}/{variant} to {weight:g}: the stable variant "
-                    f"{stable!r} has only {updated[stable]:g} to give; lower it elsewhere "
-                    f"first", param="weight", code="invalid_weight")
-            updated[stable] = min(100.0, stable_weight)
-        updated[variant] = weight
-        return updated
+        for variant in self.canaries(model):
+            if variant in doc.rolled_back:
+                continue
+            verdict = (self._monitor.judge(model, variant, stable)
+                       or self._quality.judge(model, variant))
+            if verdict is not None:
+                self._roll_back(verdict)
 
     def _roll_back(self, verdict: RollbackVerdict) -> None:
+        """Take the canary out here at once, then write it to the backend."""
         model, variant = verdict.model, verdict.variant
-        weights = self._weights[model]
         stable = self._routes[model].stable
-        freed = weights[variant]
-        weights[variant] = 0.0
-        weights[stable] = min(100.0, weights[stable] + freed)
-        self._rolled_back[(model, variant)] = verdict
-        logger.warning("rolled back model %s variant %s (weight %g -> 0, to %s): %s: %s",
-                       model, variant, freed, stable, verdict.reason, verdict.detail)
-        self._metrics.rollbacks.labels(model=model, variant=variant,
-                                       reason=verdict.reason).inc()
-        self._update_gauges(model)
+        epoch = self._docs[model].epochs[variant]
+
+        def change(doc: RouteDoc) -> RouteDoc | None:
+            return doc.with_rollback(stable, verdict, epoch)
+
+        local = change(self._docs[model])
+        if local is None:
+            return
+        self.apply(model, local)
+        self.state.roll_back(model, change, verdict)
 
     def _update_gauges(self, model: str) -> None:
         for name, share in self._shares(model).items():
             self._metrics.route_weight.labels(model=model, variant=name).set(share)
 
     def _shares(self, model: str) -> dict[str, float]:
-        weights = self._weights[model]
+        weights = self._docs[model].weights
         total = sum(weights.values())
         return {name: 100.0 * weight / total for name, weight in weights.items()}
 
     def _model_snapshot(self, route: ModelRouteSettings) -> dict[str, Any]:
         shares = self._shares(route.name)
+        doc = self._docs[route.name]
         variants: dict[str, Any] = {}
-        for name, weight in self._weights[route.name].items():
-            verdict = self._rolled_back.get((route.name, name))
+        for name, weight in doc.weights.items():
+            verdict = doc.rolled_back.get(name)
             stats = self._monitor.stats(route.name, name)
             agreement = self._quality.stats(route.name, name)
             variants[name] = {
@@ -243,4 +295,5 @@ class Router:
         shadow = route.shadow
         return {"stable": route.stable, "variants": variants,
                 "shadow": ({"variant": shadow.variant, "percent": shadow.percent}
-                           if shadow else None)}
+                           if shadow else None),
+                "state": {**self.state.status(), "version": doc.version}}

@@ -1,5 +1,5 @@
-"""Storage backends: keys (SQLite, Redis), rate limits and the response cache (memory,
-Redis), and the three factories that open the configured one of each.
+"""Storage backends: keys (SQLite, Redis), rate limits, the response cache and the route
+state (memory, Redis), and the factories that open the configured one of each.
 
 The factories live here, below `gateway.app` and `gateway.keys_cli` and above the store
 modules, so imports run one way: the protocols (`gateway.keys`, `gateway.ratelimit`,
@@ -21,9 +21,10 @@ if TYPE_CHECKING:
     from gateway.keys import KeyStore
     from gateway.metrics import GatewayMetrics
     from gateway.ratelimit import RateLimiter
+    from gateway.routing.state import RouteState
     from gateway.settings import GatewaySettings
 
-__all__ = ["open_cache", "open_key_store", "open_limiter"]
+__all__ = ["open_cache", "open_key_store", "open_limiter", "open_route_state"]
 
 
 def open_key_store(location: str, *, timeout_s: float | None = None) -> KeyStore:
@@ -68,3 +69,17 @@ def open_cache(settings: GatewaySettings, metrics: GatewayMetrics) -> ResponseCa
 
     return MemoryCache(max_bytes=cache.max_bytes, max_entry_bytes=cache.max_entry_bytes,
                        ttl_seconds=cache.ttl_seconds, metrics=metrics)
+
+
+def open_route_state(settings: GatewaySettings, metrics: GatewayMetrics) -> RouteState:
+    """The configured route state backend (`routing.backend`)."""
+    if settings.routing.backend == "redis":
+        from gateway.stores.redis_routes import RedisRouteState
+
+        assert settings.redis_url is not None  # the settings' own check
+        return RedisRouteState(settings.redis_url, settings.models,
+                               sync_seconds=settings.routing.sync_seconds,
+                               timeout_s=settings.redis_timeout_seconds, metrics=metrics)
+    from gateway.routing.state import MemoryRouteState
+
+    return MemoryRouteState()

@@ -34,7 +34,7 @@ class FakeRoutes:
             {"name": name, "weight": weight} for name, weight in variants.items()]}
             for model, variants in self.weights.items()]}
 
-    def set_weight(self, model: str, variant: str, weight: float) -> None:
+    async def set_weight(self, model: str, variant: str, weight: float) -> None:
         if model not in self.weights:
             raise NotFoundError(f"no model {model!r}", param="model", code="model_not_found")
         if variant not in self.weights[model]:

@@ -121,11 +121,11 @@ def test_window_expiry_forgets_old_samples() -> None:
                       "p95_itl_s": 0.1}
 
 
-def test_set_weight_resets_a_rollback() -> None:
+async def test_set_weight_resets_a_rollback() -> None:
     router, metrics, _ = make_router()
     feed(router, "canary", 20, num_errors=20)
     assert router.weights()["tiny"]["canary"] == 0.0
-    router.set_weight("tiny", "canary", 10)
+    await router.set_weight("tiny", "canary", 10)
     assert router.weights()["tiny"] == {"stable": 90.0, "canary": 10.0}
     entry = router.snapshot()["tiny"]["variants"]["canary"]
     assert entry["rolled_back"] is False and entry["window"]["samples"] == 0

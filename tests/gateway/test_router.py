@@ -57,10 +57,10 @@ def test_same_key_always_gets_the_same_variant() -> None:
         assert len(variants) == 1
 
 
-def test_raising_the_canary_weight_moves_only_stable_users() -> None:
+async def test_raising_the_canary_weight_moves_only_stable_users() -> None:
     router, _ = make_router(make_route(10.0))
     before = assignments(router)
-    router.set_weight("tiny", "canary", 30)
+    await router.set_weight("tiny", "canary", 30)
     after = assignments(router)
     assert router.weights()["tiny"] == {"stable": 70.0, "canary": 30.0, "shadow": 0.0}
     assert all(after[key] == "canary" for key, v in before.items() if v == "canary")
@@ -69,10 +69,10 @@ def test_raising_the_canary_weight_moves_only_stable_users() -> None:
     assert abs(share(after, "canary") - 0.30) <= 0.03
 
 
-def test_lowering_the_canary_weight_moves_only_canary_users() -> None:
+async def test_lowering_the_canary_weight_moves_only_canary_users() -> None:
     router, _ = make_router(make_route(30.0))
     before = assignments(router)
-    router.set_weight("tiny", "canary", 10)
+    await router.set_weight("tiny", "canary", 10)
     after = assignments(router)
     assert all(after[key] == "stable" for key, v in before.items() if v == "stable")
 
@@ -125,7 +125,7 @@ def test_no_shadow_without_config() -> None:
     assert all(router.choose("tiny", f"u{i}").shadow_variant is None for i in range(200))
 
 
-def test_set_weight_validates_and_updates_gauges() -> None:
+async def test_set_weight_validates_and_updates_gauges() -> None:
     router, metrics = make_router()
 
     def gauge(variant: str) -> float | None:
@@ -133,22 +133,22 @@ def test_set_weight_validates_and_updates_gauges() -> None:
             "quiver_gateway_route_weight_percent", {"model": "tiny", "variant": variant})
 
     assert (gauge("stable"), gauge("canary"), gauge("shadow")) == (90.0, 10.0, 0.0)
-    router.set_weight("tiny", "canary", 25)
+    await router.set_weight("tiny", "canary", 25)
     assert (gauge("stable"), gauge("canary")) == (75.0, 25.0)
     with pytest.raises(BadRequestError):
-        router.set_weight("tiny", "canary", 101)
+        await router.set_weight("tiny", "canary", 101)
     with pytest.raises(BadRequestError):
-        router.set_weight("tiny", "canary", float("nan"))
+        await router.set_weight("tiny", "canary", float("nan"))
     with pytest.raises(BadRequestError):  # stable has only 75 to give
-        router.set_weight("tiny", "shadow", 80)
+        await router.set_weight("tiny", "shadow", 80)
     with pytest.raises(NotFoundError):
-        router.set_weight("tiny", "nope", 5)
+        await router.set_weight("tiny", "nope", 5)
     with pytest.raises(NotFoundError):
-        router.set_weight("gpt-5", "canary", 5)
-    router.set_weight("tiny", "canary", 0)  # its share goes back to stable
+        await router.set_weight("gpt-5", "canary", 5)
+    await router.set_weight("tiny", "canary", 0)  # its share goes back to stable
     assert router.weights()["tiny"] == {"stable": 100.0, "canary": 0.0, "shadow": 0.0}
     with pytest.raises(BadRequestError):  # nothing would be left with a weight
-        router.set_weight("tiny", "stable", 0)
+        await router.set_weight("tiny", "stable", 0)
     assert router.weights()["tiny"]["stable"] == 100.0
 
 

@@ -229,7 +229,8 @@ def test_gateway_config_loads(render: Render, values: Path | None, tmp_path: Pat
     replicas = find(docs, "Deployment", "prod-quiver-gateway")["spec"].get("replicas")
     if replicas is None or replicas > 1:
         assert settings.redis_url and settings.key_store.startswith("redis")
-        assert settings.rate_limit.backend == settings.cache.backend == "redis"
+        assert (settings.rate_limit.backend == settings.cache.backend
+                == settings.routing.backend == "redis")
 
 
 def test_canary_routes_and_weights(render: Render, tmp_path: Path) -> None:

@@ -3,6 +3,9 @@ The gateway's YAML config (`quiver gateway --config`), built from values: the se
 gateway.config, plus the listen address and metrics port and one route per public model whose variants are the
 enabled server variants, each pointing at its Service, with its `gateway.fallbacks` list. Secrets (admin key, key store, Redis
 URL) are not here: the Deployment sets them as QUIVER_GATEWAY_* env vars from the Secret.
+With Redis (which more than one gateway replica requires) the rate limits, the response cache
+and the route state (canary weights, rollbacks, judging windows) all live in it, so every
+replica obeys one `PUT /admin/routes` and a restart loses nothing.
 */}}
 {{- define "quiver.gateway.config" -}}
 {{- $config := deepCopy .Values.gateway.config }}
@@ -14,8 +17,10 @@ URL) are not here: the Deployment sets them as QUIVER_GATEWAY_* env vars from th
 {{- else }}
 {{- $_ = set $config "rate_limit" (merge (dict "backend" "redis") ($config.rate_limit | default dict)) }}
 {{- $_ = set $config "cache" (merge (dict "backend" "redis") ($config.cache | default dict)) }}
+{{- $_ = set $config "routing" (merge (dict "backend" "redis") ($config.routing | default dict)) }}
 {{- $_ = set $config.rate_limit "backend" "redis" }}
 {{- $_ = set $config.cache "backend" "redis" }}
+{{- $_ = set $config.routing "backend" "redis" }}
 {{- end }}
 {{- $routes := dict }}
 {{- range $name := include "quiver.server.names" . | fromJsonArray }}

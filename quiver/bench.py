@@ -18,6 +18,8 @@ BENCHMARKS = {"engine": "native engine vs vLLM vs Hugging Face generate (tokens/
               "gateway": "gateway added latency (p50/p99, TTFT), cache hits, requests/s",
               "prefix_balance": "prefix-aware vs least-outstanding balancing over 2 replicas: "
                                 "follow-up turns' prefix-cache hit share, load share, TTFT",
+              "route_state": "two gateways sharing route state in Redis: how soon one obeys "
+                             "the other's weight change and rollback",
               "optimize": "quiver optimize methods vs fp32/bf16: perplexity, size, decode "
                           "tokens/s at batch 1 and 32"}
 

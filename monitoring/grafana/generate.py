@@ -191,6 +191,26 @@ def overview() -> Dashboard:
             f"sum by (replica) (quiver_gateway_upstream_outstanding_requests{{{upstream}}})",
             "{{replica}}"),), "short"),
     )
+    replicas = (
+        Panel("Route state in sync, per gateway", (q(
+            'min by (instance) (quiver_gateway_route_state_up{instance=~"$instance"})',
+            "{{instance}}"),), "short", width=8,
+              description="1 while the gateway's canary weights, rollbacks and judging "
+              "windows are in sync with routing.backend (memory: always); 0 while Redis is "
+              "out of reach and it routes by the last state it read."),
+        Panel("Route state age, per gateway", (q(
+            'max by (instance) (quiver_gateway_route_state_age_seconds{instance=~"$instance"})',
+            "{{instance}}"),), "s", width=8,
+              description="Since the gateway last synced the shared route state: an admin "
+              "change or rollback on another replica is obeyed within about this plus "
+              "routing.sync_seconds (memory backend: 0)."),
+        Panel("Replica choice/s by outcome (balance: prefix)", (q(
+            "sum by (variant, outcome) (rate(quiver_gateway_balance_decisions_total"
+            f"{{{GW}}}[{RATE}]))", "{{variant}} {{outcome}}"),), "reqps", width=8,
+              description="preferred: the call went to its prefix's replica (a likely "
+              "prefix-cache hit); spill: that replica was over its load bound, so the next "
+              "in the ranking took it; unkeyed: no prefix or session to key on."),
+    )
     return Dashboard(
         "quiver-overview", "Quiver / Service overview",
         "Gateway traffic, errors, latency, TTFT, tokens, cache, limits and canaries.",
@@ -202,7 +222,9 @@ def overview() -> Dashboard:
          query_variable("variant", "Variant", "label_values(quiver_gateway_route_weight_"
                         'percent{instance=~"$instance", model=~"$model"}, variant)')],
         [Row("Now", headline), Row("Stable vs canary", per_variant), Row("Traffic", traffic),
-         Row("Cache, limits, routing", protection), Row("Upstreams", upstreams)])
+         Row("Cache, limits, routing", protection),
+         Row("Routing across gateway and server replicas", replicas),
+         Row("Upstreams", upstreams)])
 
 
 EN = 'instance=~"$instance", model_name=~"$model_name"'

@@ -39,6 +39,10 @@ class VariantSettings(_Section):
     balance: Literal["prefix", "least_outstanding"] = Field(
         "prefix", description="prefix: calls sharing a prompt prefix (or a session) go to the "
         "same replica, within a bounded load; least_outstanding: the least busy replica")
+    discovery: Literal["static", "dns"] = Field(
+        "static", description="static: each URL is one replica; dns: each URL names a host "
+        "whose addresses (e.g. a Kubernetes headless Service's ready pods) are the replicas, "
+        "re-resolved every discovery_interval_seconds")
     balance_load_factor: float = Field(
         1.25, ge=1.0, le=10.0, description="balance: prefix: a replica takes a call while "
         "its outstanding requests stay within this many times the average; over it the call "
@@ -196,6 +200,8 @@ class GatewaySettings(BaseSettings):
     redis_timeout_seconds: float = Field(0.5, gt=0, description="bound on every Redis call "
                                          "(connect, reply, a free pooled connection)")
     key_refresh_seconds: float = Field(1.0, gt=0)
+    discovery_interval_seconds: float = Field(
+        5.0, gt=0, description="how often variants with discovery: dns re-resolve")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     # HTTP-level limits (common.http_limits), the same fields as the model server's
     max_header_bytes: int = Field(32 * 1024, ge=1024, description="request line + headers")

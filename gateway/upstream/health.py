@@ -20,21 +20,33 @@ logger = logging.getLogger(__name__)
 class HealthChecker:
     def __init__(self, replicas: list[Replica], settings: HealthCheckSettings,
                  session: aiohttp.ClientSession) -> None:
-        self._replicas = replicas
+        self._replicas = list(replicas)
         self._settings = settings
         self._session = session
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[Replica, asyncio.Task[None]] = {}
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._run(replica),
-                                           name=f"health-check {replica.url}")
-                       for replica in self._replicas]
+        for replica in self._replicas:
+            self.add(replica)
+
+    def add(self, replica: Replica) -> None:
+        """Probe `replica` too (one that joined a variant)."""
+        if replica not in self._tasks:
+            self._tasks[replica] = asyncio.create_task(self._run(replica),
+                                                       name=f"health-check {replica.url}")
+
+    def remove(self, replica: Replica) -> None:
+        """Stop probing `replica` (it left its variant)."""
+        task = self._tasks.pop(replica, None)
+        if task is not None:
+            task.cancel()
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = list(self._tasks.values())
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks = {}
 
     async def check(self, replica: Replica) -> bool:
         """One probe: True when the replica answers 200 in time."""

@@ -34,6 +34,7 @@ from gateway.errors import (
 from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings
 from gateway.upstream.balance import choose_by_prefix, choose_least_outstanding
+from gateway.upstream.discovery import DnsDiscovery
 from gateway.upstream.health import HealthChecker
 from gateway.upstream.replica import Outcome, Replica, status_outcome
 from gateway.upstream.stream import (
@@ -98,6 +99,9 @@ class UpstreamPool:
         self._api_keys: dict[tuple[str, str], str | None] = {}
         self._is_prefix_balanced: dict[tuple[str, str], bool] = {}
         self._load_factors: dict[tuple[str, str], float] = {}
+        self._clock = clock
+        self._replica_args: dict[tuple[str, str], dict[str, Any]] = {}
+        discovered: dict[tuple[str, str], list[str]] = {}
         for route in settings.models:
             for variant in route.variants:
                 key = (route.name, variant.name)
@@ -110,10 +114,17 @@ class UpstreamPool:
                                        if variant.api_key else None)
                 headers = ({"authorization": f"Bearer {self._api_keys[key]}"}
                            if self._api_keys[key] else {})
-                self._replicas[key] = [
-                    Replica(route.name, variant.name, url, settings.circuit_breaker, metrics,
-                            clock, upstream_model=variant.upstream_model, headers=headers)
-                    for url in variant.replicas]
+                self._replica_args[key] = {"upstream_model": variant.upstream_model,
+                                           "headers": headers}
+                if variant.discovery == "dns":
+                    discovered[key] = list(variant.replicas)
+                    self._replicas[key] = []  # until the names resolve, at start
+                else:
+                    self._replicas[key] = [self._new_replica(key, url)
+                                           for url in variant.replicas]
+        self._discovery = (DnsDiscovery(discovered, apply=self.set_replicas,
+                                        interval_seconds=settings.discovery_interval_seconds)
+                           if discovered else None)
         self._session: aiohttp.ClientSession | None = None
         self._probe_session: aiohttp.ClientSession | None = None
         self._health: HealthChecker | None = None
@@ -141,8 +152,13 @@ class UpstreamPool:
             self._health = HealthChecker(replicas, self._settings.health_checks,
                                          self._probe_session)
             self._health.start()
+        if self._discovery is not None:
+            await self._discovery.refresh()
+            self._discovery.start()
 
     async def close(self) -> None:
+        if self._discovery is not None:
+            await self._discovery.stop()
         if self._health is not None:
             await self._health.stop()
             self._health = None
@@ -150,6 +166,29 @@ class UpstreamPool:
             if session is not None:
                 await session.close()
         self._session = self._probe_session = None
+
+    def set_replicas(self, key: tuple[str, str], urls: list[str]) -> None:
+        """The variant's replicas are now `urls` (DNS discovery): one that stays keeps its
+        health, circuit and load; a new one is health-checked before it takes calls."""
+        current = {replica.url: replica for replica in self._replicas[key]}
+        if list(current) == urls:
+            return
+        self._replicas[key] = [current.get(url) or self._new_replica(key, url, probed=True)
+                               for url in urls]
+        for url, replica in current.items():
+            if url not in urls:
+                replica.retire()
+                if self._health is not None:
+                    self._health.remove(replica)
+        for replica in self._replicas[key]:
+            if replica.url not in current and self._health is not None:
+                self._health.add(replica)
+        logger.info("replicas of %s/%s now: %s", *key, ", ".join(urls) or "none")
+
+    def _new_replica(self, key: tuple[str, str], url: str, *, probed: bool = False) -> Replica:
+        return Replica(*key, url, self._settings.circuit_breaker, self._metrics, self._clock,
+                       is_healthy=not (probed and self._settings.health_checks.enabled),
+                       **self._replica_args[key])
 
     # -- state -------------------------------------------------------------------------
 

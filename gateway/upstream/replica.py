@@ -6,6 +6,7 @@ until `Lease.finish`, whatever way the attempt ends (the pool calls it in `final
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
@@ -112,12 +113,12 @@ class Replica:
                  breaker: CircuitBreakerSettings, metrics: GatewayMetrics,
                  clock: Callable[[], float] = time.monotonic, *,
                  upstream_model: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, is_healthy: bool = True) -> None:
         self.model, self.variant, self.url = model, variant, url.rstrip("/")
         self.upstream_model = upstream_model or model  # the name the replica serves
         self.headers = dict(headers or {})             # sent with every probe
         self.breaker = CircuitBreaker(breaker, clock)
-        self.is_healthy = True
+        self.is_healthy = is_healthy       # False: takes calls once a health check passes
         self.num_checks_passed = 0         # health checks passed since start
         self.max_model_len: int | None = None  # from its /v1/models, once read
         self.num_outstanding = 0
@@ -127,15 +128,25 @@ class Replica:
         self._num_health_successes = 0
         self._metrics = metrics
         self._labels = {"model": model, "variant": variant, "replica": self.url}
-        metrics.upstream_healthy.labels(**self._labels).set(1)
-        metrics.upstream_outstanding.labels(**self._labels).set(0)
-        metrics.circuit_open.labels(**self._labels).set(0)
+        self._gauges = (metrics.upstream_healthy, metrics.upstream_outstanding,
+                        metrics.circuit_open)
+        self.is_retired = False            # left the variant (DNS discovery)
+        self._set(metrics.upstream_healthy, int(is_healthy))
+        self._set(metrics.upstream_outstanding, 0)
+        self._set(metrics.circuit_open, 0)
         # zeros from the start, so rate() and increase() show 0 rather than no data
         metrics.upstream_retries.labels(model=model, variant=variant)
         metrics.stream_errors.labels(model, variant)
 
     def is_usable(self) -> bool:
         return self.is_healthy and self.breaker.can_acquire()
+
+    def retire(self) -> None:
+        """It left its variant: its gauges go (calls still on it finish unseen there)."""
+        self.is_retired = True
+        for gauge in self._gauges:
+            with contextlib.suppress(KeyError):  # never set
+                gauge.remove(*self._labels.values())
 
     def lease(self) -> Lease:
         return Lease(self)
@@ -158,7 +169,7 @@ class Replica:
                 logger.warning("replica %s of %s/%s is unhealthy after %d failed checks",
                                self.url, self.model, self.variant,
                                self._num_health_failures)
-        self._metrics.upstream_healthy.labels(**self._labels).set(int(self.is_healthy))
+        self._set(self._metrics.upstream_healthy, int(self.is_healthy))
 
     def state(self) -> ReplicaState:
         now = self._clock()
@@ -179,13 +190,13 @@ class Replica:
 
     def _acquire(self) -> bool:
         self.num_outstanding += 1
-        self._metrics.upstream_outstanding.labels(**self._labels).set(self.num_outstanding)
+        self._set(self._metrics.upstream_outstanding, self.num_outstanding)
         return self.breaker.acquire()
 
     def _release(self) -> None:
         self.num_outstanding -= 1
         assert self.num_outstanding >= 0, self.url
-        self._metrics.upstream_outstanding.labels(**self._labels).set(self.num_outstanding)
+        self._set(self._metrics.upstream_outstanding, self.num_outstanding)
 
     def _report(self, is_failure: bool) -> None:
         was_open = self.breaker.state != "closed"
@@ -201,7 +212,11 @@ class Replica:
         elif was_open and not is_open:
             logger.info("circuit of replica %s (%s/%s) closed", self.url, self.model,
                         self.variant)
-        self._metrics.circuit_open.labels(**self._labels).set(int(is_open))
+        self._set(self._metrics.circuit_open, int(is_open))
+
+    def _set(self, gauge: Any, value: float) -> None:
+        if not self.is_retired:
+            gauge.labels(**self._labels).set(value)
 
     def _count(self, outcome: Outcome, duration_s: float) -> None:
         if outcome != "ok":

@@ -238,9 +238,27 @@ def test_canary_routes_and_weights(render: Render, tmp_path: Path) -> None:
     config = yaml.safe_load(find(docs, "ConfigMap", "prod-quiver-gateway")["data"]["gateway.yaml"])
     (model,) = config["models"]
     assert model["stable"] == "stable"
-    assert {(v["name"], v["weight"], v["replicas"][0]) for v in model["variants"]} == {
-        ("stable", 90, "http://prod-quiver-server-stable:8001"),
-        ("canary", 10, "http://prod-quiver-server-canary:8001")}
+    assert {(v["name"], v["weight"], v["replicas"][0], v["discovery"])
+            for v in model["variants"]} == {
+        ("stable", 90, "http://prod-quiver-server-stable-pods:8001", "dns"),
+        ("canary", 10, "http://prod-quiver-server-canary-pods:8001", "dns")}
+    services = {s["metadata"]["name"]: s["spec"] for s in by_kind(docs, "Service")}
+    for name in ("stable", "canary"):
+        # headless: the name resolves to the variant's ready pods, which the gateway balances
+        pods = services[f"prod-quiver-server-{name}-pods"]
+        assert pods["clusterIP"] == "None" and not pods["publishNotReadyAddresses"]
+        assert pods["selector"] == services[f"prod-quiver-server-{name}"]["selector"]
+
+
+def test_without_pod_discovery_the_gateway_calls_each_variants_service(
+        render: Render) -> None:
+    docs = render(EXAMPLE["canary"], sets=("gateway.podDiscovery=false",))
+    config = yaml.safe_load(find(docs, "ConfigMap", "prod-quiver-gateway")["data"]["gateway.yaml"])
+    (model,) = config["models"]
+    assert {v["replicas"][0] for v in model["variants"]} == {
+        "http://prod-quiver-server-stable:8001", "http://prod-quiver-server-canary:8001"}
+    assert all("discovery" not in v for v in model["variants"])
+    assert not [s for s in by_kind(docs, "Service") if s["metadata"]["name"].endswith("-pods")]
 
 
 # -- the server command is what `quiver serve` accepts -----------------------------------------

@@ -1,7 +1,8 @@
 {{/*
 The gateway's YAML config (`quiver gateway --config`), built from values: the settings under
 gateway.config, plus the listen address and metrics port and one route per public model whose variants are the
-enabled server variants, each pointing at its Service, with its `gateway.fallbacks` list. Secrets (admin key, key store, Redis
+enabled server variants, each pointing at its headless Service (`discovery: dns`: the gateway
+balances the pods itself; `gateway.podDiscovery: false` points at the ClusterIP Service instead), with its `gateway.fallbacks` list. Secrets (admin key, key store, Redis
 URL) are not here: the Deployment sets them as QUIVER_GATEWAY_* env vars from the Secret.
 With Redis (which more than one gateway replica requires) the rate limits, the response cache
 and the route state (canary weights, rollbacks, judging windows) all live in it, so every
@@ -26,8 +27,13 @@ replica obeys one `PUT /admin/routes` and a restart loses nothing.
 {{- range $name := include "quiver.server.names" . | fromJsonArray }}
 {{- $server := mergeOverwrite (deepCopy $.Values.serverDefaults) (deepCopy (get $.Values.servers $name | default dict)) }}
 {{- $model := include "quiver.server.model" (dict "root" $ "server" $server) }}
-{{- $url := printf "http://%s:%d" (include "quiver.server.fullname" (dict "root" $ "name" $name)) (int $server.port) }}
+{{- $service := include "quiver.server.fullname" (dict "root" $ "name" $name) }}
+{{- if $.Values.gateway.podDiscovery }}{{ $service = printf "%s-pods" $service }}{{ end }}
+{{- $url := printf "http://%s:%d" $service (int $server.port) }}
 {{- $variant := dict "name" $name "weight" $server.weight "replicas" (list $url) }}
+{{- if $.Values.gateway.podDiscovery }}
+{{- $_ := set $variant "discovery" "dns" }}
+{{- end }}
 {{- if and $server.servedModelName (ne $server.servedModelName $model) }}
 {{- $_ := set $variant "upstream_model" $server.servedModelName }}
 {{- end }}

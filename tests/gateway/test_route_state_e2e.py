@@ -1,6 +1,7 @@
-"""Two gateway processes, one Redis: an admin change on one is obeyed by the other, a canary
-rolled back by their pooled traffic is rolled back on both, and a restarted gateway picks
-the state up (`routing.backend: redis`)."""
+"""Two gateway processes, one Redis, real tiny-model replicas as stable: an admin change on
+one gateway is obeyed by the other, a canary rolled back by their pooled traffic is rolled
+back on both, and a restarted gateway picks the state up (`routing.backend: redis`). The
+canary is a fake upstream, so it can be made to fail on cue."""
 
 from __future__ import annotations
 
@@ -24,12 +25,12 @@ def canary_weight(gateway_url: str) -> float:
     return routes(gateway_url)["variants"]["canary"]["weight"]
 
 
-def test_two_gateways_share_weights_rollbacks_and_restarts(fake_upstreams, redis_url,
-                                                           tmp_path) -> None:
-    stable, canary = fake_upstreams("stable"), fake_upstreams("canary")
+def test_two_gateways_share_weights_rollbacks_and_restarts(fake_upstreams, tiny_servers,
+                                                           redis_url, tmp_path) -> None:
+    canary = fake_upstreams("canary")
     store = redis_url  # keys shared as well, as in any multi-replica deployment
     keys = [create_key(store, f"tenant-{i}") for i in range(6)]
-    config = gateway_config(store, [variant("stable", 90, stable.url),
+    config = gateway_config(store, [variant("stable", 90, *(s.url for s in tiny_servers)),
                                     variant("canary", 10, canary.url)],
                             redis_url=redis_url,
                             routing={"backend": "redis", "sync_seconds": 0.1},
@@ -52,7 +53,8 @@ def test_two_gateways_share_weights_rollbacks_and_restarts(fake_upstreams, redis
         for user in range(200):
             gateway = (a, b)[user % 2]
             answer = post(gateway.url, keys[user % len(keys)],
-                          {"model": "tiny", "messages": MESSAGES, "user": f"pin-{user}"})
+                          {"model": "tiny", "messages": MESSAGES, "user": f"pin-{user}",
+                           "max_tokens": 4})
             canary_calls[gateway.url] += answer.headers.get("x-quiver-variant") == "canary"
             if canary_weight(a.url) == 0:
                 break
@@ -77,7 +79,8 @@ def test_two_gateways_share_weights_rollbacks_and_restarts(fake_upstreams, redis
         # every request now lands on stable, through either gateway
         for user in range(10):
             served = post((a, b)[user % 2].url, keys[0],
-                          {"model": "tiny", "messages": MESSAGES, "user": f"after-{user}"})
+                          {"model": "tiny", "messages": MESSAGES, "user": f"after-{user}",
+                           "max_tokens": 4})
             assert served.status_code == 200
             assert served.headers["x-quiver-variant"] == "stable"
 

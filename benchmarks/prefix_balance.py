@@ -2,7 +2,7 @@
 
     python benchmarks/prefix_balance.py [--model models/tiny-llama] [--conversations 16]
                                         [--turns 6] [--concurrency 8] [--system-chars 4000]
-                                        [--load-factor 1.25]
+                                        [--load-factor 1.5]
 
 Two `quiver serve` replicas of one model (the tiny model by default; SmolLM2 with
 `--model models/smollm2-135m-instruct`) behind one `quiver gateway` that routes two public
@@ -205,7 +205,7 @@ def main() -> int:
     parser.add_argument("--system-chars", type=int, default=4000)
     parser.add_argument("--question-chars", type=int, default=160)
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--load-factor", type=float, default=1.25,
+    parser.add_argument("--load-factor", type=float, default=1.5,
                         help="the prefix variant's balance_load_factor")
     parser.add_argument("--out", type=Path, default=RESULTS / "prefix_balance.json")
     args = parser.parse_args()

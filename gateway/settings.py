@@ -44,7 +44,7 @@ class VariantSettings(_Section):
         "whose addresses (e.g. a Kubernetes headless Service's ready pods) are the replicas, "
         "re-resolved every discovery_interval_seconds")
     balance_load_factor: float = Field(
-        1.25, ge=1.0, le=10.0, description="balance: prefix: a replica takes a call while "
+        1.5, ge=1.0, le=10.0, description="balance: prefix: a replica takes a call while "
         "its outstanding requests stay within this many times the average; over it the call "
         "spills to the next replica (higher: more prefix-cache hits, less even load)")
 

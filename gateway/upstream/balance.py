@@ -2,7 +2,7 @@
 
 `balance: prefix` (the default) ranks a variant's replicas for a call's affinity key by
 rendezvous hashing (highest `hash(key, replica URL)` first) and takes the first usable one
-whose outstanding requests stay within `balance_load_factor` (1.25) x the average after this call
+whose outstanding requests stay within `balance_load_factor` (1.5) x the average after this call
 ("consistent hashing with bounded loads", Mirrokni et al. 2018); a replica over it *spills*
 the call to the next in the key's order instead of queueing it. So calls sharing a key meet
 their KV prefix cache on one replica, no replica takes much more than its share, and a
@@ -30,7 +30,7 @@ from typing import Any, Literal
 from gateway.upstream.replica import Replica
 
 SESSION_HEADER = "x-quiver-session"
-LOAD_FACTOR = 1.25          # default `balance_load_factor`: times the average outstanding
+LOAD_FACTOR = 1.5           # default `balance_load_factor`: times the average outstanding
 PREFIX_CHARS = 2048         # how much of a prompt (or a chat's opening) names its prefix
 CHAT_PATH, COMPLETIONS_PATH = "/v1/chat/completions", "/v1/completions"
 BalanceOutcome = Literal["preferred", "spill", "unkeyed"]

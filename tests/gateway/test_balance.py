@@ -102,21 +102,21 @@ def test_a_replica_over_the_load_bound_spills_to_the_keys_next_replica():
     pool = replicas(2)
     first, second = rendezvous_order("chat:hot", pool)
     assert choose_by_prefix("chat:hot", pool, pool).replica is first
-    first.num_outstanding = 3                     # bound: ceil(1.25 * 4 / 2) = 3 -> full
+    first.num_outstanding = 3                     # bound: ceil(1.5 * 4 / 2) = 3 -> full
     assert load_bound(pool) == 3
     choice = choose_by_prefix("chat:hot", pool, pool)
     assert choice.replica is second and choice.outcome == "spill"
-    first.num_outstanding = 1                     # bound ceil(1.25 * 2 / 2) = 2: room again
+    first.num_outstanding = 1                     # bound ceil(1.5 * 2 / 2) = 2: room again
     assert choose_by_prefix("chat:hot", pool, pool).outcome == "preferred"
 
 
 # -- end to end through a real gateway -------------------------------------------------
 
-def gateway_for(fakes, tmp_path, balance: str = "prefix"):
+def gateway_for(fakes, tmp_path, balance: str = "prefix", **variant_settings):
     store = str(tmp_path / f"keys-{balance}.db")
     key = create_key(store, f"bal-{balance}")
     variant = {"name": "stable", "weight": 100, "replicas": [f.url for f in fakes],
-               "balance": balance}
+               "balance": balance, **variant_settings}
     gateway = start_gateway({"key_store": store, "admin_key": ADMIN,
                              "models": [{"name": "tiny", "variants": [variant]}],
                              "health_checks": {"interval_seconds": 0.3}}, tmp_path,
@@ -175,7 +175,8 @@ def test_a_session_header_or_user_keeps_different_prompts_together(three_fakes, 
 
 def test_load_over_the_bound_spills_and_a_dead_replica_is_skipped(fake_upstreams, tmp_path):
     fakes = [fake_upstreams(f"r{i}", response_delay=1.0) for i in range(2)]
-    gateway, key = gateway_for(fakes, tmp_path)
+    # at 1.25 x the average, 8 calls at once leave the preferred replica at most 5
+    gateway, key = gateway_for(fakes, tmp_path, balance_load_factor=1.25)
     try:
         hot = conversation("the one hot prefix", 1)[0]
         with concurrent.futures.ThreadPoolExecutor(8) as pool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -107,7 +108,22 @@ def check_args(args: argparse.Namespace) -> float:
     for model in (args.model, args.canary_model):
         if model is not None and not Path(model).is_dir():
             raise QuiverError(f"model {model} is not a directory (make model fetches SmolLM2)")
+    servers = ["model server", "canary model server"][:1 + (args.canary_model is not None)]
+    for offset, what in enumerate(servers):
+        check_port_free(args.server_port + offset, what, "--server-port")
+    check_port_free(args.port, "gateway", "--port")
     return weight
+
+
+def check_port_free(port: int, what: str, flag: str) -> None:
+    """Refuse a port something already listens on: a stale server there would answer our
+    readiness check in place of the one we start."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise QuiverError(f"port {port} for the {what} is in use ({exc.strerror}); stop "
+                              f"what listens there or choose another with {flag}") from exc
 
 
 def start_server(model: Path, name: str, port: int) -> subprocess.Popen:

@@ -110,3 +110,24 @@ def test_up_rejects_a_canary_weight_without_a_canary(capsys, tmp_path):
 def test_up_rejects_a_missing_model_dir(capsys, tmp_path):
     assert main(["up", "--model", str(tmp_path / "absent")]) == 1
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_up_refuses_a_canary_port_already_in_use(capsys, tmp_path):
+    """The canary server goes on --server-port + 1: a stale server listening there would
+    answer the readiness check in place of the new one."""
+    import socket
+
+    with socket.socket() as taken, socket.socket() as probe:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        try:
+            probe.bind(("127.0.0.1", port - 1))  # the stable server's port must be free
+        except OSError:
+            pytest.skip(f"port {port - 1} is taken by something else on this host")
+        probe.close()
+        assert main(["up", "--model", str(tmp_path), "--canary-model", str(tmp_path),
+                     "--server-port", str(port - 1)]) == 1
+    error = capsys.readouterr().err
+    assert f"port {port} for the canary model server is in use" in error
+    assert "--server-port" in error

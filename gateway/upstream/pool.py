@@ -98,11 +98,13 @@ class UpstreamPool:
         self._api_keys: dict[tuple[str, str], str | None] = {}
         self._is_prefix_balanced: dict[tuple[str, str], bool] = {}
         self._load_factors: dict[tuple[str, str], float] = {}
+        self._replica_slots: dict[tuple[str, str], int | None] = {}
         for route in settings.models:
             for variant in route.variants:
                 key = (route.name, variant.name)
                 self._is_prefix_balanced[key] = variant.balance == "prefix"
                 self._load_factors[key] = variant.balance_load_factor
+                self._replica_slots[key] = variant.max_concurrency_per_replica
                 if variant.balance == "prefix":
                     for outcome in ("preferred", "spill", "unkeyed"):  # zeros
                         metrics.balance_decisions.labels(route.name, variant.name, outcome)
@@ -159,6 +161,16 @@ class UpstreamPool:
         must_pass = self._settings.health_checks.enabled
         return any(r.is_healthy and (r.num_checks_passed > 0 or not must_pass)
                    for r in self._replicas.get((model, variant), []))
+
+    def capacity(self, model: str, variant: str) -> int | None:
+        """Calls the variant's usable replicas take at once (`max_concurrency_per_replica`
+        each); None when unbounded, or when none is usable (the call then fails fast or
+        falls back rather than wait)."""
+        per_replica = self._replica_slots.get((model, variant))
+        if per_replica is None:
+            return None
+        num_usable = sum(1 for r in self._replicas[(model, variant)] if r.is_usable())
+        return per_replica * num_usable or None
 
     def context_tokens(self, model: str) -> int | None:
         """The largest context length any replica of the model reported, if any did."""

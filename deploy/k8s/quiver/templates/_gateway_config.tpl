@@ -23,6 +23,8 @@ URL) are not here: the Deployment sets them as QUIVER_GATEWAY_* env vars from th
 {{- $model := include "quiver.server.model" (dict "root" $ "server" $server) }}
 {{- $url := printf "http://%s:%d" (include "quiver.server.fullname" (dict "root" $ "name" $name)) (int $server.port) }}
 {{- $variant := dict "name" $name "weight" $server.weight "replicas" (list $url) }}
+{{- /* the Service is the gateway's one replica of the variant: its slots are the Service's */}}
+{{- $_ := set $variant "max_concurrency_per_replica" (ternary (int $server.gatewayMaxConcurrency) nil (gt (int ($server.gatewayMaxConcurrency | default 0)) 0)) }}
 {{- if and $server.servedModelName (ne $server.servedModelName $model) }}
 {{- $_ := set $variant "upstream_model" $server.servedModelName }}
 {{- end }}

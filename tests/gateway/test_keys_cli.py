@@ -56,7 +56,8 @@ def test_create_prints_only_the_key_and_stores_its_hash(db: Path):
     assert listed == [{
         "name": "ci", "models": ["tiny", "big"], "rpm": 60, "tpm": 1000,
         "budget_tokens": 5000, "used_tokens": 0, "owner": "team-a", "can_pin_variant": True,
-        "max_concurrency": 4, "priority": "high", "created_at": listed[0]["created_at"], "revoked_at": None, "metadata": {}}]
+        "max_concurrency": 4, "priority": "high", "created_at": listed[0]["created_at"],
+        "revoked_at": None, "metadata": {}}]
 
 
 def test_list_shows_a_table_without_secrets_or_hashes(db: Path):

@@ -89,6 +89,7 @@ class _Pool:
     queues: dict[Priority, dict[str, deque[_Waiter]]] = field(
         default_factory=lambda: {p: {} for p in PRIORITIES})
     num_waiting: dict[Priority, int] = field(default_factory=lambda: dict.fromkeys(PRIORITIES, 0))
+    last_seen: dict[str, float] = field(default_factory=dict)   # tenant -> its last arrival
 
     def tenant_queue_length(self, tenant: str) -> int:
         return sum(len(self.queues[p].get(tenant, ())) for p in PRIORITIES)
@@ -131,6 +132,7 @@ class AdmissionController:
     def try_admit(self, ticket: Ticket) -> Slot | None:
         """A slot at once when the call may start now (the fast path); else None."""
         pool = self._pool(ticket.model, ticket.variant)
+        self._note_arrival(pool, ticket.tenant)
         if not self._may_start(pool, ticket):
             return None
         self._metrics.admission_wait.labels(pool.model, pool.variant,
@@ -186,6 +188,10 @@ class AdmissionController:
             pool = self._pools[(model, variant)] = _Pool(model, variant)
         return pool
 
+    def _note_arrival(self, pool: _Pool, tenant: str) -> None:
+        pool.last_seen.pop(tenant, None)   # re-inserted last: the dict stays oldest first
+        pool.last_seen[tenant] = self._clock()
+
     def _tenant_cap(self, capacity: int) -> int:
         return max(1, math.floor(capacity * self.settings.max_tenant_share))
 
@@ -199,8 +205,23 @@ class AdmissionController:
         capacity = self._capacity(pool.model, pool.variant)
         if capacity is None:
             return True
-        return (pool.num_in_flight < capacity and pool.tenant_in_flight.get(ticket.tenant, 0)
-                < self._tenant_cap(capacity))
+        num_free = capacity - pool.num_in_flight
+        held = pool.tenant_in_flight.get(ticket.tenant, 0)
+        if num_free <= 0 or held >= self._tenant_cap(capacity):
+            return False
+        num_others = self._num_active_tenants(pool) - (ticket.tenant in pool.last_seen)
+        if held < math.ceil(capacity / (num_others + 1)):   # within its fair share
+            return True
+        return num_free - 1 >= self.settings.spare_slots_per_tenant * num_others
+
+    def _num_active_tenants(self, pool: _Pool) -> int:
+        """Tenants that sent this variant a call within `active_tenant_seconds`, or still
+        hold or wait for one of its slots (the others are forgotten)."""
+        horizon = self._clock() - self.settings.active_tenant_seconds
+        for tenant in [t for t, seen in pool.last_seen.items() if seen < horizon]:
+            if tenant not in pool.tenant_in_flight and not pool.tenant_queue_length(tenant):
+                del pool.last_seen[tenant]
+        return len(pool.last_seen)
 
     def _grant(self, pool: _Pool, ticket: Ticket, waited_s: float) -> Slot:
         pool.num_in_flight += 1

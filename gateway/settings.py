@@ -180,6 +180,14 @@ class AdmissionSettings(_Section):
                                     "one tenant may hold at once: below 1 keeps slots free "
                                     "for other tenants' calls to start at once (isolation), "
                                     "at the cost of a lone tenant's throughput")
+    spare_slots_per_tenant: int = Field(1, ge=0, description="a tenant beyond its fair "
+                                        "share (slots / active tenants) takes a free slot "
+                                        "only while this many stay free per other active "
+                                        "tenant, so their next call starts at once; 0: "
+                                        "fill every slot")
+    active_tenant_seconds: float = Field(10.0, gt=0, description="a tenant counts as active "
+                                         "while it holds or waits for a slot and this long "
+                                         "after its last call arrived")
     retry_after_seconds: float = Field(1.0, gt=0, description="Retry-After of the 503")
 
 

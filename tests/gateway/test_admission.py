@@ -4,6 +4,7 @@ which order waiters start, and how waits end (queue full, timeout, cancellation)
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -22,12 +23,12 @@ def ticket(tenant: str, *, key: str | None = None, priority: str = "normal",
 
 
 class Harness:
-    def __init__(self, slots: int | None, **settings) -> None:
+    def __init__(self, slots: int | None, *, clock=time.monotonic, **settings) -> None:
         self.slots = slots
         self.metrics = GatewayMetrics()
         self.controller = AdmissionController(
             AdmissionSettings(**settings), self.metrics, lambda m, v: self.slots,
-            variants=[(MODEL, VARIANT)])
+            variants=[(MODEL, VARIANT)], clock=clock)
         self.started: list[str] = []     # labels, in the order their calls got a slot
 
     def hold(self, label: str, call: Ticket) -> asyncio.Task[Slot]:
@@ -85,10 +86,16 @@ async def test_a_quiet_tenant_starts_before_a_noisy_tenants_backlog():
     assert harness.started == ["quiet"]      # it arrived last, yet holds no slot
     (await quiet).release()
     await settle()
+    # noisy holds its fair share (1 of 2 slots while quiet is active): the free slot stays
+    # spare for quiet's next call
+    assert harness.started == ["quiet"]
+    held[1].release()
+    await settle()
     assert harness.started == ["quiet", "noisy0"]   # FIFO within the tenant
     for task in noisy:
         task.cancel()
-    held[1].release()
+    await settle()
+    (await noisy[0]).release()
 
 
 async def test_the_tenant_holding_fewest_slots_goes_next():
@@ -229,6 +236,30 @@ async def test_a_slot_granted_as_the_caller_leaves_is_given_back():
     assert harness.controller.try_admit(ticket("c")) is not None
 
 
+async def test_beyond_its_fair_share_a_tenant_leaves_a_spare_slot_per_active_tenant():
+    harness = Harness(slots=4)
+    quiet = harness.controller.try_admit(ticket("quiet"))
+    quiet.release()                          # quiet is idle now, but was active just now
+    noisy = [harness.controller.try_admit(ticket("noisy")) for _ in range(4)]
+    assert [slot is not None for slot in noisy] == [True, True, True, False]
+    assert harness.controller.try_admit(ticket("quiet")) is not None   # no wait at all
+
+
+async def test_a_lone_tenant_may_fill_every_slot():
+    harness = Harness(slots=4)
+    assert all(harness.controller.try_admit(ticket("alone")) is not None for _ in range(4))
+
+
+async def test_tenants_idle_past_active_tenant_seconds_are_forgotten():
+    now = [0.0]
+    harness = Harness(slots=2, active_tenant_seconds=5, clock=lambda: now[0])
+    harness.controller.try_admit(ticket("quiet")).release()
+    assert harness.controller.try_admit(ticket("noisy")) is not None
+    assert harness.controller.try_admit(ticket("noisy")) is None    # one kept for quiet
+    now[0] = 6.0
+    assert harness.controller.try_admit(ticket("noisy")) is not None  # quiet went idle
+
+
 async def test_max_tenant_share_keeps_slots_for_other_tenants():
     harness = Harness(slots=4, max_tenant_share=0.5)
     noisy = [harness.controller.try_admit(ticket("noisy")) for _ in range(3)]
@@ -237,7 +268,7 @@ async def test_max_tenant_share_keeps_slots_for_other_tenants():
 
 
 async def test_capacity_that_grows_is_used_on_the_next_release():
-    harness = Harness(slots=1)
+    harness = Harness(slots=1, spare_slots_per_tenant=0)
     held = harness.controller.try_admit(ticket("a"))
     tasks = [harness.hold(f"w{i}", ticket("b")) for i in range(3)]
     await settle()

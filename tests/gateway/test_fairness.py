@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.gateway.conftest import create_key, start_gateway, wait_until
 
 ADMIN = "admin-key-for-fairness-tests"
-LONG = 300     # completion tokens (EOS ignored) that keep a slot busy for a while
+LONG = 1000    # completion tokens (EOS ignored) that keep a slot busy for a while
 QUEUE = 6
 
 
@@ -75,10 +75,13 @@ def stack(tiny_servers, tmp_path_factory):
         "max_concurrency_per_replica": 1}]}]
     base = {"key_store": store, "admin_key": ADMIN, "models": models,
             "cache": {"enabled": False}}
-    patient = start_gateway({**base, "admission": {"max_queue_per_tenant": QUEUE,
+    # no spare slots for recently active tenants here (unit-tested on their own): each test
+    # then sees exactly two slots, whoever used them in the test before
+    admission = {"spare_slots_per_tenant": 0}
+    patient = start_gateway({**base, "admission": {**admission, "max_queue_per_tenant": QUEUE,
                                                    "queue_timeout_seconds": 60}},
                             tmp_path, name="patient")
-    impatient = start_gateway({**base, "admission": {"queue_timeout_seconds": 0.5,
+    impatient = start_gateway({**base, "admission": {**admission, "queue_timeout_seconds": 0.5,
                                                      "retry_after_seconds": 2}},
                               tmp_path, name="impatient")
     try:

@@ -18,6 +18,8 @@ BENCHMARKS = {"engine": "native engine vs vLLM vs Hugging Face generate (tokens/
               "gateway": "gateway added latency (p50/p99, TTFT), cache hits, requests/s",
               "prefix_balance": "prefix-aware vs least-outstanding balancing over 2 replicas: "
                                 "follow-up turns' prefix-cache hit share, load share, TTFT",
+              "fairness": "a quiet tenant's TTFT alone and next to a tenant at 10x its rate, "
+                          "admission off vs fair, over 2 SmolLM2 replicas",
               "optimize": "quiver optimize methods vs fp32/bf16: perplexity, size, decode "
                           "tokens/s at batch 1 and 32"}
 

@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))  # the `gateway` package, not benchmarks/gateway.p
 
 import httpx  # noqa: E402
 import yaml  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from benchmarks.gateway import Service, free_port, launch, machine, percentile  # noqa: E402
 
@@ -155,8 +156,27 @@ async def tenant(client: httpx.AsyncClient, model: str, secret: str, rate: float
             tally.count(type(task.exception()).__name__)
 
 
-async def run_phase(gateway: Service, model: str, secrets: dict[str, str],
-                    args: argparse.Namespace, *, with_noisy: bool) -> dict:
+async def drain(replicas: list[Service], timeout_s: float) -> None:
+    """Wait until no replica runs or queues a call (what a phase cut off is aborted), so the
+    next phase starts on idle replicas."""
+    deadline = time.perf_counter() + timeout_s
+    async with httpx.AsyncClient(timeout=10) as client:
+        while time.perf_counter() < deadline:
+            busy = 0.0
+            for replica in replicas:
+                text = (await client.get(f"{replica.url}/metrics")).text
+                busy += sum(s.value for f in text_string_to_metric_families(text)
+                            for s in f.samples if s.name in (
+                                "vllm:num_requests_running", "vllm:num_requests_waiting"))
+            if busy == 0:
+                return
+            await asyncio.sleep(0.5)
+    print(f"replicas still busy after {timeout_s:.0f} s", flush=True)
+
+
+async def run_phase(gateway: Service, replicas: list[Service], model: str,
+                    secrets: dict[str, str], args: argparse.Namespace, *,
+                    with_noisy: bool) -> dict:
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
     async with httpx.AsyncClient(base_url=gateway.url, timeout=httpx.Timeout(600),
                                  limits=limits) as client:
@@ -167,7 +187,7 @@ async def run_phase(gateway: Service, model: str, secrets: dict[str, str],
             work.append(tenant(client, model, secrets["noisy"], args.quiet_rate * args.ratio,
                                args, tallies["noisy"], seed=2))
         await asyncio.gather(*work)
-    await asyncio.sleep(args.settle)   # the replicas finish what was cut off
+    await drain(replicas, args.settle)
     return {name: {"ttft_p50_s": t.percentile(50), "ttft_p95_s": t.percentile(95),
                    "num_sent": t.num_sent, "num_first_token": len(t.ttfts),
                    "statuses": t.statuses, "num_unfinished": t.num_unfinished}
@@ -205,7 +225,8 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=60.0, help="seconds per phase")
     parser.add_argument("--grace", type=float, default=20.0,
                         help="seconds calls may finish after a phase's arrivals stop")
-    parser.add_argument("--settle", type=float, default=3.0)
+    parser.add_argument("--settle", type=float, default=60.0,
+                        help="most seconds to wait for idle replicas between phases")
     parser.add_argument("--out", type=Path, default=RESULTS / "fairness.json")
     args = parser.parse_args()
     args.model = args.model.resolve()   # the replicas run in a scratch directory
@@ -229,7 +250,7 @@ def main() -> int:
             results = {}
             for phase, (gateway, model, with_noisy) in phases.items():
                 print(f"phase {phase} ...", flush=True)
-                results[phase] = asyncio.run(run_phase(gateway, model, secrets, args,
+                results[phase] = asyncio.run(run_phase(gateway, replicas, model, secrets, args,
                                                        with_noisy=with_noisy))
         finally:
             for service in services:

@@ -101,8 +101,9 @@ def gateway_sample(stack: Stack, name: str, **labels: str) -> float:
 
 def overrun_a_concurrency_cap(stack: Stack, key: str) -> list[int]:
     """A key with max_concurrency 1 (and tenant queues of 1): one call runs, one waits, a
-    third is refused; returns the three statuses."""
-    body = {"messages": [{"role": "user", "content": "long"}], "max_tokens": 300,
+    third is refused; returns the three statuses. The calls are long (1500 tokens, EOS
+    ignored: seconds on the tiny model) so the first still runs when the third comes."""
+    body = {"messages": [{"role": "user", "content": "long"}], "max_tokens": 1500,
             "ignore_eos": True}
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         running = pool.submit(call, stack, key, "/v1/chat/completions", body)

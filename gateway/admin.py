@@ -41,6 +41,7 @@ from gateway.keys import (
     MAX_LIMIT,
     InvalidKeyError,
     KeyNameTakenError,
+    KeyPriority,
     KeyStore,
     mint_key,
     public_record,
@@ -85,6 +86,8 @@ class CreateKeyBody(_Body):
     budget_tokens: int | None = Field(None, ge=1, le=MAX_LIMIT)
     owner: str | None = Field(None, min_length=1, max_length=256)
     can_pin_variant: bool = False
+    max_concurrency: int | None = Field(None, ge=1, le=MAX_LIMIT)
+    priority: KeyPriority = "normal"
 
 
 class SetWeightBody(_Body):
@@ -179,7 +182,9 @@ def _add_key_routes(router: APIRouter, key_store: KeyStore) -> None:
         try:
             secret, key = mint_key(body.name, models=tuple(body.models), rpm=body.rpm,
                                    tpm=body.tpm, budget_tokens=body.budget_tokens,
-                                   owner=body.owner, can_pin_variant=body.can_pin_variant)
+                                   owner=body.owner, can_pin_variant=body.can_pin_variant,
+                                   max_concurrency=body.max_concurrency,
+                                   priority=body.priority)
             await key_store.create(key)
         except KeyNameTakenError as exc:
             raise BadRequestError(str(exc), param="name", code="key_name_taken") from exc

@@ -2,7 +2,8 @@
 
 Outermost first: request id -> tracing -> HTTP metrics -> verdict headers -> body size
 limit -> auth (who) -> body (parse once) -> access (models, pinning, budget) -> rate limit
--> route (which variant) -> response cache -> routes. The routes are the three proxied model
+-> route (which variant) -> response cache -> admission (a slot of the variant, fair
+between tenants when the upstreams are saturated) -> routes. The routes are the three proxied model
 calls (chat, completions, embeddings), `/v1/models`, `/health`, `/ready`, `/metrics` (with
 the admin key; Prometheus scrapes the `metrics_port`) and the admin API. Stores are opened
 from the settings; the lifespan starts the key refresh and the upstream pool's health
@@ -34,12 +35,14 @@ from common.asgi import (
 )
 from common.errors import ApiError
 from gateway.admin import admin_guard, build_admin_router
+from gateway.admission import AdmissionCollector, AdmissionController
 from gateway.cache import ResponseCache
 from gateway.context import MODEL_PATHS, InFlight, request_context
 from gateway.errors import NotFoundError, handle_api_error, handle_http_exception
 from gateway.keyring import KeyRing
 from gateway.metrics import GatewayMetrics, KeyLimitsCollector, KeyStoreCollector
 from gateway.middleware.access import AccessMiddleware
+from gateway.middleware.admission import AdmissionMiddleware
 from gateway.middleware.auth import AuthMiddleware
 from gateway.middleware.body import BodyMiddleware
 from gateway.middleware.cache import CacheMiddleware
@@ -66,6 +69,7 @@ class GatewayState:
     cache: ResponseCache | None
     router: Router
     pool: UpstreamPool
+    admission: AdmissionController
     proxy: ProxyEndpoint
     in_flight: InFlight
     started_at: int
@@ -115,14 +119,18 @@ def build_state(settings: GatewaySettings) -> GatewayState:
         default_tpm=settings.rate_limit.default_tpm))
     metrics.registry.register(KeyStoreCollector(keyring))
     metrics.watch_rate_limiter(settings.rate_limit.failure_mode)
+    variants = [(route.name, v.name) for route in settings.models for v in route.variants]
+    admission = AdmissionController(settings.admission, metrics, pool.capacity,
+                                    variants=variants)
+    metrics.registry.register(AdmissionCollector(admission, variants))
     quality = settings.rollback.quality
     replayer = (Replayer(quality, settings.models, router=router, pool=pool, metrics=metrics)
                 if quality.enabled else None)
     return GatewayState(
         settings=settings, metrics=metrics, keyring=keyring,
         limiter=open_limiter(settings), cache=open_cache(settings, metrics), router=router,
-        pool=pool, proxy=ProxyEndpoint(router=router, pool=pool, metrics=metrics,
-                                       replayer=replayer),
+        pool=pool, admission=admission,
+        proxy=ProxyEndpoint(router=router, pool=pool, metrics=metrics, replayer=replayer),
         in_flight=InFlight(), started_at=int(time.time()))
 
 
@@ -215,6 +223,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 def wrap_middleware(app: FastAPI, state: GatewayState) -> None:
     """Starlette applies `add_middleware` last-added-outermost: listed innermost first."""
     settings, metrics = state.settings, state.metrics
+    app.add_middleware(AdmissionMiddleware, admission=state.admission)
     app.add_middleware(CacheMiddleware, cache=state.cache, settings=settings.cache,
                        metrics=metrics)
     app.add_middleware(RouteMiddleware, router=state.router)

@@ -8,9 +8,12 @@
 | NotFoundError            | 404    | invalid_request_error  | model_not_found ...    |
 | RateLimitError           | 429    | rate_limit_error       | rate_limit_exceeded    |
 | QuotaExceededError       | 429    | insufficient_quota     | insufficient_quota     |
+| ConcurrencyLimitError    | 429    | rate_limit_error       | concurrency_limit_exceeded |
+| TenantQueueFullError     | 429    | rate_limit_error       | tenant_queue_full      |
 | UpstreamError            | 502    | upstream_error         | bad_gateway            |
 | NoUpstreamError          | 503    | service_unavailable    | no_healthy_upstream    |
 | LimiterDownError         | 503    | service_unavailable    | rate_limiter_unavailable |
+| SaturatedError           | 503    | service_unavailable    | upstreams_saturated    |
 | UpstreamTimeoutError     | 504    | upstream_error         | upstream_timeout       |
 
 Keys never appear in a message: only a key's name. A body over the limit gets the shared
@@ -86,6 +89,23 @@ class RateLimitError(_RetryAfter):
     code = "rate_limit_exceeded"
 
 
+class ConcurrencyLimitError(_RetryAfter):
+    """The key's `max_concurrency` calls are in flight and its tenant's queue is full, or
+    the call waited `queue_timeout_seconds` for one of them (`gateway.admission`)."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "concurrency_limit_exceeded"
+
+
+class TenantQueueFullError(_RetryAfter):
+    """The upstreams are saturated and this tenant's queue holds `max_queue_per_tenant`."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "tenant_queue_full"
+
+
 class QuotaExceededError(GatewayError):
     status_code = 429
     error_type = "insufficient_quota"
@@ -118,6 +138,14 @@ class RouteStateDownError(_RetryAfter):
     status_code = 503
     error_type = "service_unavailable"
     code = "route_state_unavailable"
+
+
+class SaturatedError(_RetryAfter):
+    """The call waited `queue_timeout_seconds` for a free upstream slot (`gateway.admission`)."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "upstreams_saturated"
 
 
 class UpstreamTimeoutError(GatewayError):

@@ -17,10 +17,12 @@ import re
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 KEY_PREFIX = "qk-"
 KEY_NAME_PATTERN = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
+KeyPriority = Literal["high", "normal", "low"]
+PRIORITIES: tuple[KeyPriority, ...] = get_args(KeyPriority)  # served in this order (saturated)
 
 
 def generate_key() -> str:
@@ -44,13 +46,16 @@ class ApiKey:
     used_tokens: int = 0                  # tokens spent against the budget so far
     owner: str | None = None              # tenant for cache isolation; default: the name
     can_pin_variant: bool = False         # may send `x-quiver-variant`
+    max_concurrency: int | None = None    # calls in flight at once; more wait (admission)
+    priority: KeyPriority = "normal"      # class served first when upstreams are saturated
     created_at: float = 0.0
     revoked_at: float | None = None
     metadata: dict[str, str] = field(default_factory=dict)
 
     @property
     def tenant(self) -> str:
-        """Cache namespace: the owner's, or this very key's (a re-created name is new)."""
+        """Cache namespace and fair-sharing unit: the owner's, or this very key's (a
+        re-created name is new)."""
         return f"owner:{self.owner}" if self.owner else f"key:{self.key_hash[:32]}"
 
     @property
@@ -109,7 +114,7 @@ class KeyStoreUnavailableError(KeyStoreError):
     """The store cannot be reached or read (file not writable, Redis down, ...)."""
 
 
-_POSITIVE_FIELDS = ("rpm", "tpm", "budget_tokens")
+_POSITIVE_FIELDS = ("rpm", "tpm", "budget_tokens", "max_concurrency")
 MAX_LIMIT = 2**62  # far beyond any real limit; keeps SQLite's and Lua's integers exact
 
 
@@ -123,6 +128,9 @@ def validate_key(key: ApiKey) -> None:
         if value is not None and (isinstance(value, bool) or not 1 <= value <= MAX_LIMIT):
             raise InvalidKeyError(f"{field_name} must be an integer from 1 to {MAX_LIMIT}, "
                                   f"got {value!r}")
+    if key.priority not in PRIORITIES:
+        raise InvalidKeyError(f"priority must be one of {', '.join(PRIORITIES)}, "
+                              f"got {key.priority!r}")
     if key.used_tokens < 0:
         raise InvalidKeyError(f"used_tokens must be 0 or more, got {key.used_tokens!r}")
     if any(not model or model != model.strip() for model in key.models):
@@ -136,13 +144,15 @@ def validate_key(key: ApiKey) -> None:
 def mint_key(name: str, *, models: tuple[str, ...] = (), rpm: int | None = None,
              tpm: int | None = None, budget_tokens: int | None = None,
              owner: str | None = None, can_pin_variant: bool = False,
+             max_concurrency: int | None = None, priority: KeyPriority = "normal",
              metadata: dict[str, str] | None = None) -> tuple[str, ApiKey]:
     """A fresh secret and its validated record (created now); store the record, show the
     secret once."""
     secret = generate_key()
     key = ApiKey(name=name, key_hash=hash_key(secret), models=tuple(models), rpm=rpm, tpm=tpm,
                  budget_tokens=budget_tokens, owner=owner, can_pin_variant=can_pin_variant,
-                 created_at=time.time(), metadata=dict(metadata or {}))
+                 max_concurrency=max_concurrency, priority=priority, created_at=time.time(),
+                 metadata=dict(metadata or {}))
     validate_key(key)
     return secret, key
 
@@ -159,6 +169,8 @@ def public_record(key: ApiKey) -> dict[str, Any]:
         "used_tokens": key.used_tokens,
         "owner": key.owner,
         "can_pin_variant": key.can_pin_variant,
+        "max_concurrency": key.max_concurrency,
+        "priority": key.priority,
         "created_at": key.created_at,
         "revoked_at": key.revoked_at,
         "metadata": dict(key.metadata),

@@ -24,6 +24,7 @@ from common.errors import QuiverError
 from gateway.keys import (
     KEY_NAME_PATTERN,
     MAX_LIMIT,
+    PRIORITIES,
     ApiKey,
     KeyNameTakenError,
     KeyStore,
@@ -45,8 +46,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 STORE_ENV = "QUIVER_GATEWAY_KEY_STORE"
-_TABLE_COLUMNS = ("NAME", "MODELS", "RPM", "TPM", "BUDGET", "USED", "OWNER", "CREATED",
-                  "REVOKED")
+_TABLE_COLUMNS = ("NAME", "MODELS", "RPM", "TPM", "CONCURRENCY", "PRIORITY", "BUDGET", "USED",
+                  "OWNER", "CREATED", "REVOKED")
 
 
 def _positive_int(text: str) -> int:
@@ -96,6 +97,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="models the key may use (default: all)")
     create.add_argument("--rpm", type=_positive_int, help="requests per minute")
     create.add_argument("--tpm", type=_positive_int, help="tokens per minute")
+    create.add_argument("--max-concurrency", type=_positive_int, metavar="N",
+                        help="calls in flight at once; more wait in the key's queue "
+                             "(default: unlimited)")
+    create.add_argument("--priority", choices=PRIORITIES, default="normal",
+                        help="class served first when the upstreams are saturated "
+                             "(default: normal)")
     create.add_argument("--budget-tokens", type=_positive_int,
                         help="lifetime token budget (default: unlimited)")
     create.add_argument("--owner", type=_owner, metavar="TENANT",
@@ -141,7 +148,8 @@ def _create(args: argparse.Namespace) -> int:
     try:
         secret, key = mint_key(args.name, models=args.models, rpm=args.rpm, tpm=args.tpm,
                                budget_tokens=args.budget_tokens, owner=args.owner,
-                               can_pin_variant=args.allow_variant_pinning)
+                               can_pin_variant=args.allow_variant_pinning,
+                               max_concurrency=args.max_concurrency, priority=args.priority)
     except KeyStoreError as exc:
         raise ApiKeyError(str(exc)) from exc
     _with_store(location, lambda store: store.create(key))
@@ -181,10 +189,12 @@ def _cell(value: int | str | None) -> str:
 
 
 def format_table(keys: list[ApiKey]) -> str:
-    """Aligned columns: name, models, limits, budget, usage, owner, dates; never a hash."""
+    """Aligned columns: name, models, limits, concurrency, priority, budget, usage, owner,
+    dates; never a hash."""
     rows = [_TABLE_COLUMNS] + [
         (key.name, ",".join(key.models) or "*", _cell(key.rpm), _cell(key.tpm),
-         _cell(key.budget_tokens), str(key.used_tokens), _cell(key.owner),
+         _cell(key.max_concurrency), key.priority, _cell(key.budget_tokens),
+         str(key.used_tokens), _cell(key.owner),
          _when(key.created_at), _when(key.revoked_at))
         for key in keys]
     widths = [max(len(row[i]) for row in rows) for i in range(len(_TABLE_COLUMNS))]

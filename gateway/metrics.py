@@ -132,6 +132,7 @@ class GatewayMetrics:
             "quiver_gateway_circuit_open", "1 while the replica's circuit breaker is open",
             ["model", "variant", "replica"], registry=r)
         self._add_shared_state_metrics(r)
+        self._add_admission_metrics(r)
 
     def _add_shared_state_metrics(self, r: CollectorRegistry) -> None:
         """The stores shared by gateway replicas (Redis) and how they fail."""
@@ -154,6 +155,28 @@ class GatewayMetrics:
             "quiver_gateway_rate_limit_fail_open",
             "1 when the rate limiter admits calls unchecked while its backend is unreachable "
             "(rate_limit.failure_mode fail_open), 0 when it refuses them", registry=r)
+
+    def _add_admission_metrics(self, r: CollectorRegistry) -> None:
+        """Fair sharing of saturated upstreams (`gateway.admission`)."""
+        self.admission_queue_depth = Gauge(
+            "quiver_gateway_admission_queued_requests",
+            "Calls waiting for a slot of their variant, by priority class",
+            ["model", "variant", "priority"], registry=r)
+        self.admission_wait = Histogram(
+            "quiver_gateway_admission_wait_seconds",
+            "Time a call waited for a slot of its variant before it went upstream (0 when "
+            "it started at once), by priority class", ["model", "variant", "priority"],
+            buckets=(0.0,) + TTFB_BUCKETS, registry=r)
+        self.admission_rejections = Counter(
+            "quiver_gateway_admission_rejections_total",
+            "Calls refused by admission, by key name and reason (queue_full: the tenant's "
+            "queue was full, 429; queue_timeout: no slot within queue_timeout_seconds, 503; "
+            "concurrency_limit: the key's max_concurrency held it back, 429)",
+            ["model", "variant", "key", "reason"], registry=r)
+        self.key_in_flight = Gauge(
+            "quiver_gateway_key_in_flight_requests",
+            "Calls of each key holding an upstream slot now (what max_concurrency caps)",
+            ["key"], registry=r)
 
     def watch_rate_limiter(self, failure_mode: str) -> None:
         """The configured failure mode, as a gauge and a zero counter."""

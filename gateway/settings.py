@@ -21,6 +21,9 @@ from pydantic_settings import (
 )
 
 DEFAULT_KEY_STORE = ".quiver/keys.db"
+# The native engine's default max_num_seqs: beyond it the engine queues calls itself (FIFO),
+# so queueing them in the gateway instead costs no throughput and makes the order fair.
+DEFAULT_MAX_CONCURRENCY_PER_REPLICA = 64
 
 
 class _Section(BaseModel):
@@ -47,6 +50,12 @@ class VariantSettings(_Section):
         1.5, ge=1.0, le=10.0, description="balance: prefix: a replica takes a call while "
         "its outstanding requests stay within this many times the average; over it the call "
         "spills to the next replica (higher: more prefix-cache hits, less even load)")
+
+    max_concurrency_per_replica: int | None = Field(
+        DEFAULT_MAX_CONCURRENCY_PER_REPLICA, ge=1, description="calls one replica takes at "
+        "once (its engine's max_num_seqs); beyond it the gateway queues calls per tenant and "
+        "starts them in a fair order (`admission`); null: unbounded, no queueing but per-key "
+        "max_concurrency")
 
     @model_validator(mode="after")
     def _check_urls(self) -> VariantSettings:
@@ -172,6 +181,30 @@ class RateLimitSettings(_Section):
         "(fail_open) or refuse them with 503 (fail_closed)")
 
 
+class AdmissionSettings(_Section):
+    """Fair sharing of saturated upstreams between tenants (`gateway.admission`); a variant's
+    slots are its `max_concurrency_per_replica` x its usable replicas."""
+
+    max_queue_per_tenant: int = Field(100, ge=1, description="calls of one tenant waiting "
+                                      "for one variant; beyond it a 429")
+    queue_timeout_seconds: float = Field(30.0, gt=0, description="longest wait for a slot; "
+                                         "then a 503 upstreams_saturated (or a 429 when the "
+                                         "key's own max_concurrency held it back)")
+    max_tenant_share: float = Field(1.0, gt=0, le=1, description="most of a variant's slots "
+                                    "one tenant may hold at once: below 1 keeps slots free "
+                                    "for other tenants' calls to start at once (isolation), "
+                                    "at the cost of a lone tenant's throughput")
+    spare_slots_per_tenant: int = Field(1, ge=0, description="a tenant beyond its fair "
+                                        "share (slots / active tenants) takes a free slot "
+                                        "only while this many stay free per other active "
+                                        "tenant, so their next call starts at once; 0: "
+                                        "fill every slot")
+    active_tenant_seconds: float = Field(10.0, gt=0, description="a tenant counts as active "
+                                         "while it holds or waits for a slot and this long "
+                                         "after its last call arrived")
+    retry_after_seconds: float = Field(1.0, gt=0, description="Retry-After of the 503")
+
+
 class CacheSettings(_Section):
     enabled: bool = True
     backend: Literal["memory", "redis"] = "memory"
@@ -214,6 +247,7 @@ class GatewaySettings(BaseSettings):
     backlog: int = Field(2048, ge=1, description="listen() queue of unaccepted connections")
     rate_limit: RateLimitSettings = RateLimitSettings()
     cache: CacheSettings = CacheSettings()
+    admission: AdmissionSettings = AdmissionSettings()
     rollback: RollbackSettings = RollbackSettings()
     routing: RoutingSettings = RoutingSettings()
     timeouts: TimeoutSettings = TimeoutSettings()

@@ -20,6 +20,8 @@ BENCHMARKS = {"engine": "native engine vs vLLM vs Hugging Face generate (tokens/
                                 "follow-up turns' prefix-cache hit share, load share, TTFT",
               "route_state": "two gateways sharing route state in Redis: how soon one obeys "
                              "the other's weight change and rollback",
+              "fairness": "a quiet tenant's TTFT alone and next to a tenant at 10x its rate, "
+                          "admission off vs fair, over 2 SmolLM2 replicas",
               "optimize": "quiver optimize methods vs fp32/bf16: perplexity, size, decode "
                           "tokens/s at batch 1 and 32"}
 

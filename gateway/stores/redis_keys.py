@@ -90,6 +90,7 @@ def _encode(key: ApiKey) -> list[str]:
         "rpm": _opt(key.rpm), "tpm": _opt(key.tpm), "budget_tokens": _opt(key.budget_tokens),
         "used_tokens": str(key.used_tokens), "owner": key.owner,
         "can_pin_variant": "1" if key.can_pin_variant else "0",
+        "max_concurrency": _opt(key.max_concurrency), "priority": key.priority,
         "created_at": repr(key.created_at), "revoked_at": _opt(key.revoked_at),
         "metadata": json.dumps(key.metadata, sort_keys=True),
     }
@@ -114,6 +115,8 @@ def _decode(flat: list[str]) -> ApiKey:
                   budget_tokens=_int_or_none(f.get("budget_tokens")),
                   used_tokens=int(f.get("used_tokens", "0")), owner=f.get("owner"),
                   can_pin_variant=f.get("can_pin_variant") == "1",
+                  max_concurrency=_int_or_none(f.get("max_concurrency")),
+                  priority=f.get("priority", "normal"),
                   created_at=float(f.get("created_at", "0")),
                   revoked_at=None if revoked_at is None else float(revoked_at),
                   metadata=json.loads(f.get("metadata", "{}")))

@@ -50,6 +50,8 @@ CREATE TABLE IF NOT EXISTS api_keys (
     used_tokens INTEGER NOT NULL DEFAULT 0,
     owner TEXT,
     can_pin_variant INTEGER NOT NULL DEFAULT 0,
+    max_concurrency INTEGER,
+    priority TEXT NOT NULL DEFAULT 'normal',
     created_at REAL NOT NULL,
     revoked_at REAL,
     metadata TEXT NOT NULL DEFAULT '{}'
@@ -60,13 +62,17 @@ CREATE INDEX IF NOT EXISTS api_keys_name ON api_keys (name, id);
 """
 
 _COLUMNS = ("name, key_hash, models, rpm, tpm, budget_tokens, used_tokens, owner, "
-            "can_pin_variant, created_at, revoked_at, metadata")
+            "can_pin_variant, max_concurrency, priority, created_at, revoked_at, metadata")
+# Columns added since the first schema: a file written before gets them on open.
+_ADDED_COLUMNS = {"max_concurrency": "INTEGER",
+                  "priority": "TEXT NOT NULL DEFAULT 'normal'"}
 
 
 def _to_row(key: ApiKey) -> tuple[object, ...]:
     return (key.name, key.key_hash, json.dumps(list(key.models)), key.rpm, key.tpm,
             key.budget_tokens, key.used_tokens, key.owner, int(key.can_pin_variant),
-            key.created_at, key.revoked_at, json.dumps(key.metadata, sort_keys=True))
+            key.max_concurrency, key.priority, key.created_at, key.revoked_at,
+            json.dumps(key.metadata, sort_keys=True))
 
 
 def _from_row(row: sqlite3.Row) -> ApiKey:
@@ -74,8 +80,22 @@ def _from_row(row: sqlite3.Row) -> ApiKey:
                   models=tuple(json.loads(row["models"])), rpm=row["rpm"], tpm=row["tpm"],
                   budget_tokens=row["budget_tokens"], used_tokens=row["used_tokens"],
                   owner=row["owner"], can_pin_variant=bool(row["can_pin_variant"]),
+                  max_concurrency=row["max_concurrency"], priority=row["priority"],
                   created_at=row["created_at"], revoked_at=row["revoked_at"],
                   metadata=json.loads(row["metadata"]))
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Add the columns a file from an older Quiver lacks (their defaults fill old rows)."""
+    present = {row["name"] for row in conn.execute("PRAGMA table_info(api_keys)")}
+    for column, declaration in _ADDED_COLUMNS.items():
+        if column not in present:
+            try:
+                conn.execute(f"ALTER TABLE api_keys ADD COLUMN {column} {declaration}")
+            except sqlite3.OperationalError as exc:  # another process added it first
+                if "duplicate column" not in str(exc):
+                    raise
+            logger.info("key store: added column %s", column)
 
 
 class SqliteKeyStore:
@@ -120,6 +140,7 @@ class SqliteKeyStore:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.executescript(_SCHEMA)
+            _migrate(conn)
         except BaseException:
             conn.close()
             raise

@@ -102,11 +102,13 @@ class UpstreamPool:
         self._clock = clock
         self._replica_args: dict[tuple[str, str], dict[str, Any]] = {}
         discovered: dict[tuple[str, str], list[str]] = {}
+        self._replica_slots: dict[tuple[str, str], int | None] = {}
         for route in settings.models:
             for variant in route.variants:
                 key = (route.name, variant.name)
                 self._is_prefix_balanced[key] = variant.balance == "prefix"
                 self._load_factors[key] = variant.balance_load_factor
+                self._replica_slots[key] = variant.max_concurrency_per_replica
                 if variant.balance == "prefix":
                     for outcome in ("preferred", "spill", "unkeyed"):  # zeros
                         metrics.balance_decisions.labels(route.name, variant.name, outcome)
@@ -198,6 +200,16 @@ class UpstreamPool:
         must_pass = self._settings.health_checks.enabled
         return any(r.is_healthy and (r.num_checks_passed > 0 or not must_pass)
                    for r in self._replicas.get((model, variant), []))
+
+    def capacity(self, model: str, variant: str) -> int | None:
+        """Calls the variant's usable replicas take at once (`max_concurrency_per_replica`
+        each); None when unbounded, or when none is usable (the call then fails fast or
+        falls back rather than wait)."""
+        per_replica = self._replica_slots.get((model, variant))
+        if per_replica is None:
+            return None
+        num_usable = sum(1 for r in self._replicas[(model, variant)] if r.is_usable())
+        return per_replica * num_usable or None
 
     def context_tokens(self, model: str) -> int | None:
         """The largest context length any replica of the model reported, if any did."""

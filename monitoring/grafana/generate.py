@@ -333,13 +333,39 @@ def tenants() -> Dashboard:
     )
     return Dashboard(
         "quiver-tenants", "Quiver / Tenants",
-        "Usage and limits per API key (key names, never keys).",
+        "Usage, limits and fair sharing per API key (key names, never keys).",
         [datasource_variable(),
          query_variable("instance", "Gateway", 'label_values(quiver_build_info'
                         '{component="gateway"}, instance)'),
          query_variable("key", "API key", 'label_values(quiver_gateway_key_used_tokens'
                         '{instance=~"$instance"}, key)')],
-        [Row("Usage", usage), Row("Limits", limits)])
+        [Row("Usage", usage), Row("Limits", limits), Row("Fair sharing", fair_sharing())])
+
+
+def fair_sharing() -> tuple[Panel, ...]:
+    """Admission (`gateway.admission`): slots in use, who waits, for how long, who is refused."""
+    gw = 'instance=~"$instance"'
+    return (
+        Panel("Upstream slots in use by variant", (q(
+            f"sum by (model, variant) (quiver_gateway_admission_in_flight_requests{{{gw}}}) / "
+            f"sum by (model, variant) (quiver_gateway_admission_slots{{{gw}}})",
+            "{{model}}/{{variant}}"),), "percentunit", width=8,
+              description="Calls holding a slot over the variant's slots "
+              "(max_concurrency_per_replica x usable replicas). At 100% calls queue per tenant."),
+        Panel("Queued calls by priority", (q(
+            f"sum by (priority) (quiver_gateway_admission_queued_requests{{{gw}}})",
+            "{{priority}}"),), "short", width=8),
+        Panel("Queue wait by priority", quantiles("quiver_gateway_admission_wait_seconds", gw,
+                                                  "priority", "{{priority}}"), "s", width=8),
+        Panel("Calls in flight by key", (q(
+            f"max by (key) (quiver_gateway_key_in_flight_requests{{{TN}}})", "{{key}}"),),
+              "short", description="What a key's max_concurrency caps."),
+        Panel("Admission refusals/s by key and reason", (q(
+            f"sum by (key, reason) (rate(quiver_gateway_admission_rejections_total{{{TN}}}"
+            f"[{RATE}]))", "{{key}} {{reason}}"),), "reqps",
+              description="queue_full (429 tenant_queue_full), concurrency_limit (429 "
+              "concurrency_limit_exceeded), queue_timeout (503 upstreams_saturated)."),
+    )
 
 
 DASHBOARDS = (overview, engine, tenants)

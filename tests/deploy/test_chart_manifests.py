@@ -442,3 +442,26 @@ def test_gateway_fallbacks_render_into_the_route_and_load(render: Render, tmp_pa
     routes = {m.name: m for m in load_settings(config).models}
     assert routes["smollm2-135m-instruct"].fallbacks == ["big-model"]
     assert routes["big-model"].fallbacks == []
+
+
+def test_admission_settings_and_variant_slots_render_and_load(render: Render,
+                                                              tmp_path: Path) -> None:
+    """`gateway.config.admission` maps one-to-one onto `AdmissionSettings`; a variant's
+    `gatewayMaxConcurrency` becomes its Service's slots, and 0 (the default) none at all."""
+    from gateway.settings import load_settings
+
+    def stable_slots(*sets: str):
+        docs = render(sets=sets)
+        config = tmp_path / "gateway.yaml"
+        config.write_text(find(docs, "ConfigMap", "prod-quiver-gateway")["data"]["gateway.yaml"])
+        settings = load_settings(config)
+        (variant,) = settings.models[0].variants
+        return settings, variant.max_concurrency_per_replica
+
+    settings, slots = stable_slots()
+    assert slots is None
+    assert settings.admission.max_queue_per_tenant == 100
+    settings, slots = stable_slots("servers.stable.gatewayMaxConcurrency=128",
+                                   "gateway.config.admission.max_tenant_share=0.5")
+    assert slots == 128
+    assert settings.admission.max_tenant_share == 0.5

@@ -129,7 +129,8 @@ async def test_create_key_returns_it_once_and_the_gateway_accepts_it(
         client: httpx.AsyncClient, store: KeyStore):
     response = await client.post("/admin/keys", headers=AUTH, json={
         "name": "svc", "models": ["tiny"], "rpm": 10, "tpm": 500, "budget_tokens": 9000,
-        "owner": "tenant-a", "can_pin_variant": True})
+        "owner": "tenant-a", "can_pin_variant": True, "max_concurrency": 4,
+        "priority": "high"})
     assert response.status_code == 201, response.text
     assert response.headers["cache-control"] == "no-store"
     body = response.json()
@@ -137,7 +138,8 @@ async def test_create_key_returns_it_once_and_the_gateway_accepts_it(
     assert secret.startswith("qk-")
     assert body == {"name": "svc", "models": ["tiny"], "rpm": 10, "tpm": 500,
                     "budget_tokens": 9000, "used_tokens": 0, "owner": "tenant-a",
-                    "can_pin_variant": True, "created_at": body["created_at"],
+                    "can_pin_variant": True, "max_concurrency": 4, "priority": "high",
+                    "created_at": body["created_at"],
                     "revoked_at": None, "metadata": {}}
     active = await store.active_keys()
     assert active[hash_key(secret)].name == "svc"
@@ -165,6 +167,8 @@ async def test_duplicate_name_is_a_400(client: httpx.AsyncClient):
     ({"name": "ok", "can_pin_variant": "yes"}, "can_pin_variant"),
     ({"name": "ok", "models": "tiny"}, "models"),
     ({"name": "ok", "surprise": 1}, "surprise"),
+    ({"name": "ok", "max_concurrency": 0}, "max_concurrency"),
+    ({"name": "ok", "priority": "urgent"}, "priority"),
     ({}, "name"),
 ])
 async def test_bad_create_body_is_a_400(client: httpx.AsyncClient, store: KeyStore,

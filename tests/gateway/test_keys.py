@@ -64,14 +64,52 @@ def test_mint_key_validates_and_hashes():
         mint_key("ok", rpm=0)
     with pytest.raises(InvalidKeyError, match="budget_tokens"):
         mint_key("ok", budget_tokens=-3)
+    with pytest.raises(InvalidKeyError, match="max_concurrency must be an integer from 1"):
+        mint_key("ok", max_concurrency=0)
+    with pytest.raises(InvalidKeyError, match="priority must be one of high, normal, low"):
+        mint_key("ok", priority="urgent")
+    assert (key.max_concurrency, key.priority) == (None, "normal")
+
+
+async def test_a_key_store_file_from_before_fair_sharing_is_migrated(tmp_path: Path):
+    """A SQLite file written before `max_concurrency` and `priority` existed opens, keeps
+    its keys (unlimited, normal priority) and stores the new fields."""
+    path = tmp_path / "old.db"
+    with closing(sqlite3.connect(path)) as conn, conn:
+        conn.executescript("""
+            CREATE TABLE api_keys (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL,
+                key_hash TEXT NOT NULL UNIQUE, models TEXT NOT NULL DEFAULT '[]', rpm INTEGER,
+                tpm INTEGER, budget_tokens INTEGER, used_tokens INTEGER NOT NULL DEFAULT 0,
+                owner TEXT, can_pin_variant INTEGER NOT NULL DEFAULT 0,
+                created_at REAL NOT NULL, revoked_at REAL,
+                metadata TEXT NOT NULL DEFAULT '{}');""")
+        conn.execute("INSERT INTO api_keys (name, key_hash, rpm, created_at) "
+                     "VALUES ('old', ?, 7, 1.0)", (hash_key("qk-old"),))
+    store = SqliteKeyStore(path)
+    try:
+        [old] = (await store.active_keys()).values()
+        assert (old.name, old.rpm, old.max_concurrency, old.priority) == ("old", 7, None,
+                                                                         "normal")
+        _, new = mint_key("new", max_concurrency=3, priority="high")
+        await store.create(new)
+        assert new in await store.list_keys()
+    finally:
+        await store.close()
+    second = SqliteKeyStore(path)   # opening a migrated file again changes nothing
+    try:
+        assert len(await second.list_keys()) == 2
+    finally:
+        await second.close()
 
 
 async def test_create_then_list_and_active_keys(store: KeyStore):
     secret, key = mint_key("svc-a", models=("tiny", "big"), rpm=60, tpm=1000,
-                           budget_tokens=5000, owner="team-x", can_pin_variant=True)
+                           budget_tokens=5000, owner="team-x", can_pin_variant=True,
+                           max_concurrency=8, priority="low")
     await store.create(key)
     [listed] = await store.list_keys()
     assert listed == key
+    assert (listed.max_concurrency, listed.priority) == (8, "low")
     active = await store.active_keys()
     assert set(active) == {hash_key(secret)}
     assert active[hash_key(secret)] == key

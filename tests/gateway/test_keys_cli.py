@@ -42,7 +42,8 @@ def db(tmp_path: Path) -> Path:
 def test_create_prints_only_the_key_and_stores_its_hash(db: Path):
     result = quiver_keys("create", "--name", "ci", "--models", "tiny, big", "--rpm", "60",
                          "--tpm", "1000", "--budget-tokens", "5000", "--owner", "team-a",
-                         "--allow-variant-pinning", "--store", str(db))
+                         "--allow-variant-pinning", "--max-concurrency", "4",
+                         "--priority", "high", "--store", str(db))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 1 and result.stdout == lines[0] + "\n"
@@ -55,7 +56,8 @@ def test_create_prints_only_the_key_and_stores_its_hash(db: Path):
     assert listed == [{
         "name": "ci", "models": ["tiny", "big"], "rpm": 60, "tpm": 1000,
         "budget_tokens": 5000, "used_tokens": 0, "owner": "team-a", "can_pin_variant": True,
-        "created_at": listed[0]["created_at"], "revoked_at": None, "metadata": {}}]
+        "max_concurrency": 4, "priority": "high", "created_at": listed[0]["created_at"],
+        "revoked_at": None, "metadata": {}}]
 
 
 def test_list_shows_a_table_without_secrets_or_hashes(db: Path):
@@ -67,10 +69,10 @@ def test_list_shows_a_table_without_secrets_or_hashes(db: Path):
     table = quiver_keys("list", "--store", str(db))
     assert table.returncode == 0, table.stderr
     header, *rows = table.stdout.splitlines()
-    assert header.split() == ["NAME", "MODELS", "RPM", "TPM", "BUDGET", "USED", "OWNER",
-                              "CREATED", "REVOKED"]
+    assert header.split() == ["NAME", "MODELS", "RPM", "TPM", "CONCURRENCY", "PRIORITY",
+                              "BUDGET", "USED", "OWNER", "CREATED", "REVOKED"]
     assert [row.split()[0] for row in rows] == ["alpha"]
-    assert rows[0].split()[1:7] == ["*", "5", "-", "-", "0", "-"]
+    assert rows[0].split()[1:9] == ["*", "5", "-", "-", "normal", "-", "0", "-"]
 
     everything = quiver_keys("list", "--all", "--store", str(db))
     names = [row.split()[0] for row in everything.stdout.splitlines()[1:]]
@@ -124,6 +126,8 @@ def test_revoked_name_can_be_reused_and_duplicates_are_refused(db: Path):
     (["--budget-tokens", "-5"], "must be an integer from 1 to"),
     (["--budget-tokens", str(10**30)], "must be an integer from 1 to"),
     (["--models", " , "], "argument --models: expected model names"),
+    (["--max-concurrency", "0"], "argument --max-concurrency: must be an integer from 1 to"),
+    (["--priority", "urgent"], "argument --priority: invalid choice: 'urgent'"),
 ])
 def test_bad_create_options_are_usage_errors(db: Path, args: list[str], message: str):
     result = quiver_keys("create", "--name", "x", *args, "--store", str(db))

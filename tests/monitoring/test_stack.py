@@ -7,6 +7,7 @@ traffic it describes."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 import shutil
 import time
@@ -53,7 +54,7 @@ def stack(tiny_model_dir, tmp_path_factory) -> Iterator[Stack]:
         "--canary-weight", "50", "--monitoring", "--prometheus-port", str(prometheus_port),
         "--metrics-port", str(metrics_port), "--scrape-interval", SCRAPE,
         env={"QUIVER_API_KEY": UP_KEY, "QUIVER_GATEWAY_ROLLBACK__QUALITY__SAMPLE_SHARE": "1",
-             **CHILD_ENV})
+             "QUIVER_GATEWAY_ADMISSION__MAX_QUEUE_PER_TENANT": "1", **CHILD_ENV})
     try:
         wait_until(lambda: "Prometheus: http://" in read_log(log) or process.poll() is not None,
                    240, "quiver up --monitoring")
@@ -91,11 +92,37 @@ def chat(stack: Stack, key: str, text: str, *, stream: bool = False, variant: st
     return response
 
 
+def gateway_sample(stack: Stack, name: str, **labels: str) -> float:
+    text = httpx.get(f"{stack.metrics}/metrics", timeout=30).text
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples if sample.name == name
+               and all(sample.labels.get(k) == v for k, v in labels.items()))
+
+
+def overrun_a_concurrency_cap(stack: Stack, key: str) -> list[int]:
+    """A key with max_concurrency 1 (and tenant queues of 1): one call runs, one waits, a
+    third is refused; returns the three statuses. The calls are long (1500 tokens, EOS
+    ignored: seconds on the tiny model) so the first still runs when the third comes."""
+    body = {"messages": [{"role": "user", "content": "long"}], "max_tokens": 1500,
+            "ignore_eos": True}
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        running = pool.submit(call, stack, key, "/v1/chat/completions", body)
+        wait_until(lambda: gateway_sample(stack, "quiver_gateway_key_in_flight_requests",
+                                          key="capped") == 1, 30, "the capped key's call")
+        waiting = pool.submit(call, stack, key, "/v1/chat/completions", body)
+        wait_until(lambda: gateway_sample(stack, "quiver_gateway_admission_queued_requests")
+                   == 1, 30, "the capped key's second call queued")
+        refused = call(stack, key, "/v1/chat/completions", body)
+        return [running.result().status_code, waiting.result().status_code,
+                refused.status_code]
+
+
 def send_mixed_traffic(stack: Stack, *, rounds: int = 4, pause_s: float = 2.0) -> dict[str, int]:
     """Every kind of request the dashboards describe, in rounds a few scrapes apart (a
     counter's rate needs to be seen rising); returns the count of each status."""
     tenant = create_key(stack.store, "tenant-a", budget_tokens=1_000_000)
     limited = create_key(stack.store, "tenant-b", rpm=2, tpm=100_000)
+    capped = create_key(stack.store, "capped", max_concurrency=1)
     time.sleep(1.5)  # the gateway reloads keys every second
     statuses: dict[str, int] = {}
 
@@ -125,6 +152,9 @@ def send_mixed_traffic(stack: Stack, *, rounds: int = 4, pause_s: float = 2.0) -
         count(httpx.post(f"{stack.gateway}/v1/chat/completions", timeout=30,
                          headers={"authorization": f"Bearer {UP_KEY}"},
                          json={"model": "no-such-model", "messages": []}))
+        if round_ == 0:
+            for status in overrun_a_concurrency_cap(stack, capped):
+                statuses[str(status)] = statuses.get(str(status), 0) + 1
         time.sleep(pause_s)
     return statuses
 
@@ -159,7 +189,7 @@ def has_numbers(result: list[dict]) -> bool:
 
 def test_the_traffic_was_mixed(traffic):
     assert traffic["200"] >= 4 * 8 + 2
-    assert traffic["429"] == 3 * 2
+    assert traffic["429"] == 3 * 2 + 1   # rpm, and one call over a concurrency cap
     assert traffic["401"] == 4
     assert traffic.get("400", 0) + traffic.get("404", 0) + traffic.get("422", 0) >= 2
 

@@ -34,6 +34,8 @@ replica obeys one `PUT /admin/routes` and a restart loses nothing.
 {{- if $.Values.gateway.podDiscovery }}
 {{- $_ := set $variant "discovery" "dns" }}
 {{- end }}
+{{- /* a replica is a pod with podDiscovery, else the Service: its slots */}}
+{{- $_ := set $variant "max_concurrency_per_replica" (ternary (int $server.gatewayMaxConcurrency) nil (gt (int ($server.gatewayMaxConcurrency | default 0)) 0)) }}
 {{- if and $server.servedModelName (ne $server.servedModelName $model) }}
 {{- $_ := set $variant "upstream_model" $server.servedModelName }}
 {{- end }}

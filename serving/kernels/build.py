@@ -26,8 +26,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).parent / "csrc" / name
-                for name in ("paged_attention.cpp", "packed_linear.cpp"))
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = tuple(CSRC / name for name in ("paged_attention.cpp", "paged_decode.cpp",
+                                         "packed_linear.cpp"))
 LIBRARY_NAME = "libquiver_kernels.so"
 BUILD_TIMEOUT_S = 600
 
@@ -64,7 +65,7 @@ def link_flags() -> list[str]:
 def cache_key() -> str:
     """Hash of everything the binary depends on (see the module docstring)."""
     digest = hashlib.sha256()
-    for source in SOURCES:
+    for source in sorted(CSRC.iterdir()):  # sources and the headers they share
         digest.update(source.read_bytes())
     digest.update(torch.__version__.encode())
     digest.update(_compiler_version().encode())

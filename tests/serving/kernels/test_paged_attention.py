@@ -95,6 +95,8 @@ SHAPES = [  # (num_heads, num_kv_heads, head_dim, block_size)
     (4, 4, 16, 4),  # the tiny model: no GQA, small blocks
     (8, 1, 128, 8),  # multi-query, head_dim 128
     (16, 2, 80, 32),  # GQA 8, head_dim 80
+    (12, 2, 64, 3),  # GQA 6 (query heads in tiles of 4 and 2), blocks not a power of two
+    (14, 2, 96, 16),  # GQA 7, head_dim 96 (tiles of 2 and 1)
 ]
 
 

@@ -1,0 +1,420 @@
+// The decode half of quiver::paged_attention (paged_attention.cpp states the op): every
+// decode row attends to its request's cached keys and values, read in place block by block.
+//
+// One task per (request, KV head) serves the query heads that share that KV head (GQA), in
+// tiles of up to `max_tile` heads per pass over the keys and values, in float32:
+//   1. scores: 16 positions at a time; each position's dot products stay 16-lane vectors
+//      until four shuffle-and-add levels fold the 16 vectors into one vector of 16 scores
+//      (one horizontal sum per position would cost more than its dot product);
+//   2. softmax numerators over the scores, 16 at a time;
+//   3. values: each position's value row, weighted by its probability, added into the
+//      tile's accumulators; one division by the softmax sum at the end.
+// Keys and values are read once per tile; with at most 16 / (head_dim / 16) heads per tile
+// the accumulators and queries stay in AVX-512's 32 vector registers.
+
+#include "paged_attention.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace quiver {
+namespace {
+
+// 16 floats in whatever registers the target has (one AVX-512 register, two AVX2 ...).
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+constexpr int64_t kLanes = 16;
+constexpr int64_t kMaxHeadDim = 128;  // head_dim is a multiple of 16 up to this
+constexpr int64_t kMaxGroup = 16;     // query heads per KV head (serving/kernels checks both)
+
+inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline f32x16 load16(const at::BFloat16* p) {  // bf16 is the top half of a float32
+#if defined(__AVX512F__)  // one widening load (GCC splits the generic form in two)
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                            reinterpret_cast<const __m256i*>(p))), 16));
+#else
+  u16x16 half;
+  std::memcpy(&half, p, sizeof(half));
+  const u32x16 bits = __builtin_convertvector(half, u32x16) << 16;
+  f32x16 v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+#endif
+}
+inline f32x16 load16(const at::Half* p) {
+  f32x16 v;
+  for (int64_t i = 0; i < kLanes; ++i) v[i] = static_cast<float>(p[i]);
+  return v;
+}
+inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof(v)); }
+inline void store16(at::BFloat16* p, f32x16 v) {  // rounded to nearest even, as c10's
+  u32x16 bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const u32x16 rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const u16x16 half = __builtin_convertvector(v != v ? u32x16{} + 0x7FC0u : rounded, u16x16);
+  std::memcpy(p, &half, sizeof(half));
+}
+inline void store16(at::Half* p, f32x16 v) {
+  for (int64_t i = 0; i < kLanes; ++i) p[i] = static_cast<at::Half>(v[i]);
+}
+inline f32x16 broadcast(float x) {
+#if defined(__AVX512F__)
+  return _mm512_set1_ps(x);
+#else
+  return f32x16{} + x;
+#endif
+}
+
+inline float hsum(f32x16 v) {
+  const f32x8 v8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                   __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const f32x4 v4 = __builtin_shufflevector(v8, v8, 0, 1, 2, 3) +
+                   __builtin_shufflevector(v8, v8, 4, 5, 6, 7);
+  return (v4[0] + v4[2]) + (v4[1] + v4[3]);
+}
+
+// The four levels that fold 16 vectors d0..d15 into one vector of their lane sums. Each
+// level adds the two halves of every source's run of lanes and packs two inputs into one:
+// fold8(d0, d1) holds d0's sums in lanes 0-7, d1's in 8-15; fold4 of two of those holds
+// four sources in runs of 4 lanes; fold2, eight in pairs; fold1, sixteen in single lanes.
+inline f32x16 fold8(f32x16 a, f32x16 b) {
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+         __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
+                                 31);
+}
+inline f32x16 fold4(f32x16 a, f32x16 b) {
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+         __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30,
+                                 31);
+}
+inline f32x16 fold2(f32x16 a, f32x16 b) {
+  return __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+         __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30,
+                                 31);
+}
+inline f32x16 fold1(f32x16 a, f32x16 b) {
+  return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28,
+                                 30) +
+         __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// exp(x) for x <= 0 to ~1e-7 relative: x = n ln2 + r, |r| <= ln2 / 2, e^r by its Taylor
+// polynomial, 2^n through the exponent bits. Below -87 it returns 2^-126 (not 0): still
+// nothing next to the row's maximum, whose exp is 1.
+inline f32x16 exp16(f32x16 x) {
+  const f32x16 lowest = broadcast(-87.0f);
+  x = x < lowest ? lowest : x;
+  const float round_magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const f32x16 shifted = x * 1.44269504f + round_magic;
+  const f32x16 n = shifted - round_magic;
+  const f32x16 r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  f32x16 p = broadcast(1.0f / 720.0f);
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  i32x16 exponent;
+  std::memcpy(&exponent, &shifted, sizeof(exponent));
+  i32x16 magic_bits;
+  const f32x16 magic = broadcast(round_magic);
+  std::memcpy(&magic_bits, &magic, sizeof(magic_bits));
+  const i32x16 scale_bits = (exponent - magic_bits + 127) << 23;
+  f32x16 scale;
+  std::memcpy(&scale, &scale_bits, sizeof(scale));
+  return p * scale;
+}
+
+// exp(x - max) in place over [0, n), zero up to padded_len; returns the sum.
+float softmax_numerators(float* x, int64_t n, int64_t padded_len) {
+  constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
+  float max_value = kMinusInf;
+  for (int64_t i = 0; i < n; ++i) max_value = std::max(max_value, x[i]);
+  for (int64_t i = n; i < padded_len; ++i) x[i] = kMinusInf;
+  f32x16 sum = {};
+  for (int64_t i = 0; i < padded_len; i += kLanes) {
+    const f32x16 scores = load16(x + i);
+    const f32x16 e = scores == kMinusInf ? f32x16{} : exp16(scores - max_value);
+    store16(x + i, e);
+    sum += e;
+  }
+  return hsum(sum);
+}
+
+// One request's cached rows of one KV head in one cache half, in position order.
+template <typename scalar_t>
+struct CachedRows {
+  const scalar_t* cache;  // the half's [num_slots, KV, D], offset to this KV head
+  const int64_t* table;
+  int64_t seq_len, block_size, row_size;
+
+  // The rows of positions [start, start + block_count(start)), `row_size` apart.
+  const scalar_t* block_rows(int64_t start) const {
+    return cache + table[start / block_size] * block_size * row_size;
+  }
+  int64_t block_count(int64_t start) const { return std::min(block_size, seq_len - start); }
+
+  // Fills rows[0..16) with the rows of positions [first, first + 16); past the end, a row
+  // of zeros (its scores are masked out by the softmax).
+  void gather16(int64_t first, const scalar_t** rows) const {
+    alignas(64) static const scalar_t zeros[kMaxHeadDim] = {};
+    int64_t i = 0;
+    for (int64_t pos = first; pos < std::min(first + kLanes, seq_len);) {
+      const scalar_t* row = block_rows(pos) + pos % block_size * row_size;
+      const int64_t end = std::min(pos - pos % block_size + block_size, first + kLanes);
+      for (; pos < std::min(end, seq_len); ++pos, row += row_size) rows[i++] = row;
+    }
+    for (; i < kLanes; ++i) rows[i] = zeros;
+  }
+};
+
+// Dot products of a tile's `kTile` query heads (`kChunks` * 16 dims) with one key row, as
+// 16-lane vectors of partial sums, in float32 on any CPU.
+template <typename scalar_t, int64_t kChunks, int64_t kTile>
+struct FloatDots {
+  using Key = std::array<f32x16, kChunks>;
+  f32x16 q[kTile][kChunks];
+
+  explicit FloatDots(const scalar_t* const* q_rows) {
+    for (int64_t g = 0; g < kTile; ++g) {
+      for (int64_t c = 0; c < kChunks; ++c) q[g][c] = load16(q_rows[g] + c * kLanes);
+    }
+  }
+  static Key load(const scalar_t* row) {
+    Key key;
+    for (int64_t c = 0; c < kChunks; ++c) key[c] = load16(row + c * kLanes);
+    return key;
+  }
+  f32x16 dot(int64_t g, const Key& key) const {
+    f32x16 sum = q[g][0] * key[0];
+    for (int64_t c = 1; c < kChunks; ++c) sum += q[g][c] * key[c];
+    return sum;
+  }
+};
+
+#if defined(__AVX512BF16__)
+// The same for bf16 heads of a multiple of 32 dims with AVX512-BF16's dot-product
+// instruction: 32 bf16 pairs per instruction, the products exact, the sums in float32.
+template <int64_t kChunks, int64_t kTile>
+struct Bf16Dots {
+  static constexpr int64_t kPairs = kChunks / 2;
+  using Key = std::array<__m512bh, kPairs>;
+  __m512bh q[kTile][kPairs];
+
+  explicit Bf16Dots(const at::BFloat16* const* q_rows) {
+    for (int64_t g = 0; g < kTile; ++g) {
+      for (int64_t c = 0; c < kPairs; ++c) q[g][c] = load32(q_rows[g] + c * 2 * kLanes);
+    }
+  }
+  static __m512bh load32(const at::BFloat16* p) {
+    return reinterpret_cast<__m512bh>(_mm512_loadu_si512(p));
+  }
+  static Key load(const at::BFloat16* row) {
+    Key key;
+    for (int64_t c = 0; c < kPairs; ++c) key[c] = load32(row + c * 2 * kLanes);
+    return key;
+  }
+  f32x16 dot(int64_t g, const Key& key) const {
+    __m512 sum = _mm512_dpbf16_ps(_mm512_setzero_ps(), q[g][0], key[0]);
+    for (int64_t c = 1; c < kPairs; ++c) sum = _mm512_dpbf16_ps(sum, q[g][c], key[c]);
+    return sum;
+  }
+};
+
+template <typename scalar_t, int64_t kChunks, int64_t kTile>
+using Dots = std::conditional_t<std::is_same_v<scalar_t, at::BFloat16> && kChunks % 2 == 0,
+                                Bf16Dots<kChunks, kTile>, FloatDots<scalar_t, kChunks, kTile>>;
+#else
+template <typename scalar_t, int64_t kChunks, int64_t kTile>
+using Dots = FloatDots<scalar_t, kChunks, kTile>;
+#endif
+
+// The heads of one tile: `kTile` query heads of `kChunks` * 16 dims sharing one KV head.
+template <typename scalar_t, int64_t kChunks, int64_t kTile>
+struct Tile {
+  Dots<scalar_t, kChunks, kTile> dots;
+
+  explicit Tile(const scalar_t* const* q_rows) : dots(q_rows) {}
+
+  // scores[g][first + i] for the 16 rows: each row's dot vectors folded in four levels.
+  void scores16(const scalar_t* const* rows, float scale, float* scores,
+                int64_t padded_len) const {
+    f32x16 halves[kTile][2];  // rows 0-7 and 8-15
+#pragma GCC unroll 2
+    for (int64_t h = 0; h < 2; ++h) {
+      f32x16 quads[kTile][2];
+#pragma GCC unroll 2
+      for (int64_t q = 0; q < 2; ++q) {
+        f32x16 pairs[kTile][2];
+#pragma GCC unroll 2
+        for (int64_t p = 0; p < 2; ++p) {
+          const auto first = dots.load(rows[h * 8 + q * 4 + p * 2]);
+          const auto second = dots.load(rows[h * 8 + q * 4 + p * 2 + 1]);
+#pragma GCC unroll 4
+          for (int64_t g = 0; g < kTile; ++g) {
+            pairs[g][p] = fold8(dots.dot(g, first), dots.dot(g, second));
+          }
+        }
+#pragma GCC unroll 4
+        for (int64_t g = 0; g < kTile; ++g) quads[g][q] = fold4(pairs[g][0], pairs[g][1]);
+      }
+#pragma GCC unroll 4
+      for (int64_t g = 0; g < kTile; ++g) halves[g][h] = fold2(quads[g][0], quads[g][1]);
+    }
+#pragma GCC unroll 4
+    for (int64_t g = 0; g < kTile; ++g) {
+      store16(scores + g * padded_len, fold1(halves[g][0], halves[g][1]) * scale);
+    }
+  }
+
+  // out[g] = sum over positions of probs[g][pos] * value row / sums[g].
+  void values(const CachedRows<scalar_t>& rows, const float* probs, int64_t padded_len,
+              const float* sums, scalar_t* const* out) const {
+    f32x16 acc[kTile][kChunks] = {};
+    for (int64_t start = 0; start < rows.seq_len; start += rows.block_size) {
+      const scalar_t* row = rows.block_rows(start);
+      const int64_t count = rows.block_count(start);
+      for (int64_t i = 0; i < count; ++i, row += rows.row_size) {
+        f32x16 value[kChunks];
+#pragma GCC unroll 8
+        for (int64_t c = 0; c < kChunks; ++c) value[c] = load16(row + c * kLanes);
+#pragma GCC unroll 4
+        for (int64_t g = 0; g < kTile; ++g) {
+          const f32x16 p = broadcast(probs[g * padded_len + start + i]);
+#pragma GCC unroll 8
+          for (int64_t c = 0; c < kChunks; ++c) acc[g][c] += p * value[c];
+        }
+      }
+    }
+    for (int64_t g = 0; g < kTile; ++g) {
+      const float inverse = 1.0f / sums[g];
+      for (int64_t c = 0; c < kChunks; ++c) store16(out[g] + c * kLanes, acc[g][c] * inverse);
+    }
+  }
+
+  // Attention of query rows q_rows[0..kTile) over one request's KV head, into out rows.
+  static void run(const scalar_t* const* q_rows, scalar_t* const* out,
+                  const CachedRows<scalar_t>& keys, const CachedRows<scalar_t>& values,
+                  float scale, std::vector<float>& scratch) {
+    const Tile tile(q_rows);
+    const int64_t padded_len = (keys.seq_len + kLanes - 1) / kLanes * kLanes;
+    scratch.resize(kTile * padded_len);
+    const scalar_t* rows[kLanes];
+    for (int64_t first = 0; first < keys.seq_len; first += kLanes) {
+      keys.gather16(first, rows);
+      tile.scores16(rows, scale, scratch.data() + first, padded_len);
+    }
+    float sums[kTile];
+    for (int64_t g = 0; g < kTile; ++g) {
+      sums[g] = softmax_numerators(scratch.data() + g * padded_len, keys.seq_len, padded_len);
+    }
+    tile.values(values, scratch.data(), padded_len, sums, out);
+  }
+};
+
+// The largest tile whose queries and accumulators fit the registers: 4 heads of 64 dims.
+template <int64_t kChunks>
+constexpr int64_t kMaxTile = std::max<int64_t>(1, std::min<int64_t>(4, 16 / kChunks));
+
+// One task: the `group` query heads of request `seq` sharing KV head `kv_head`, tile by tile.
+template <typename scalar_t, int64_t kChunks>
+void decode_task(const Rows<scalar_t>& query, const Rows<scalar_t>& out,
+                 const CachedRows<scalar_t>& keys, const CachedRows<scalar_t>& values,
+                 int64_t seq, int64_t first_head, int64_t group, float scale,
+                 std::vector<float>& scratch) {
+  constexpr int64_t kHeadDim = kChunks * kLanes;
+  for (int64_t done = 0; done < group;) {
+    const int64_t tile = std::min(group - done, kMaxTile<kChunks>);
+    const scalar_t* q_rows[kMaxGroup];
+    scalar_t* out_rows[kMaxGroup];
+    for (int64_t g = 0; g < tile; ++g) {
+      q_rows[g] = query.row(seq) + (first_head + done + g) * kHeadDim;
+      out_rows[g] = out.row(seq) + (first_head + done + g) * kHeadDim;
+    }
+    switch (tile) {
+      case 1: Tile<scalar_t, kChunks, 1>::run(q_rows, out_rows, keys, values, scale, scratch);
+        break;
+      case 2: Tile<scalar_t, kChunks, 2>::run(q_rows, out_rows, keys, values, scale, scratch);
+        break;
+      case 3: Tile<scalar_t, kChunks, 3>::run(q_rows, out_rows, keys, values, scale, scratch);
+        break;
+      default: Tile<scalar_t, kChunks, kMaxTile<kChunks>>::run(q_rows, out_rows, keys, values,
+                                                              scale, scratch);
+    }
+    done += tile;
+  }
+}
+
+template <typename scalar_t, int64_t kChunks>
+void decode_attention(const at::Tensor& query, const at::Tensor& kv_cache, at::Tensor& out,
+                      const StepIndex& index, int64_t block_size, double scale) {
+  const int64_t num_kv_heads = kv_cache.size(2);
+  const int64_t row_size = num_kv_heads * kChunks * kLanes;
+  const int64_t group = query.size(1) / num_kv_heads;
+  const scalar_t* k_cache = kv_cache.data_ptr<scalar_t>();
+  const scalar_t* v_cache = k_cache + kv_cache.size(1) * row_size;
+  const Rows<scalar_t> q_rows = rows_of<scalar_t>(query);
+  const Rows<scalar_t> out_rows{out.data_ptr<scalar_t>(), out.stride(0)};
+  at::parallel_for(0, index.num_decodes * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t seq = i / num_kv_heads, kv_head = i % num_kv_heads;
+      const int64_t* table = index.block_tables + seq * index.max_blocks;
+      const int64_t offset = kv_head * kChunks * kLanes, seq_len = index.seq_lens[seq];
+      const CachedRows<scalar_t> keys{k_cache + offset, table, seq_len, block_size, row_size};
+      const CachedRows<scalar_t> values{v_cache + offset, table, seq_len, block_size, row_size};
+      decode_task<scalar_t, kChunks>(q_rows, out_rows, keys, values, seq, kv_head * group,
+                                     group, static_cast<float>(scale), scratch);
+    }
+  });
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void decode_rows(const at::Tensor& query, const at::Tensor& kv_cache, at::Tensor& out,
+                 const StepIndex& index, int64_t block_size, double scale) {
+  const int64_t group = query.size(1) / kv_cache.size(2);
+  TORCH_CHECK(group <= kMaxGroup, "at most ", kMaxGroup, " query heads per KV head");
+  switch (query.size(2)) {
+    case 16: return decode_attention<scalar_t, 1>(query, kv_cache, out, index, block_size, scale);
+    case 32: return decode_attention<scalar_t, 2>(query, kv_cache, out, index, block_size, scale);
+    case 48: return decode_attention<scalar_t, 3>(query, kv_cache, out, index, block_size, scale);
+    case 64: return decode_attention<scalar_t, 4>(query, kv_cache, out, index, block_size, scale);
+    case 80: return decode_attention<scalar_t, 5>(query, kv_cache, out, index, block_size, scale);
+    case 96: return decode_attention<scalar_t, 6>(query, kv_cache, out, index, block_size, scale);
+    case 112: return decode_attention<scalar_t, 7>(query, kv_cache, out, index, block_size, scale);
+    case 128: return decode_attention<scalar_t, 8>(query, kv_cache, out, index, block_size, scale);
+    default: TORCH_CHECK(false, "head_dim ", query.size(2), " has no decode kernel");
+  }
+}
+
+template void decode_rows<float>(const at::Tensor&, const at::Tensor&, at::Tensor&,
+                                 const StepIndex&, int64_t, double);
+template void decode_rows<at::BFloat16>(const at::Tensor&, const at::Tensor&, at::Tensor&,
+                                        const StepIndex&, int64_t, double);
+template void decode_rows<at::Half>(const at::Tensor&, const at::Tensor&, at::Tensor&,
+                                    const StepIndex&, int64_t, double);
+
+}  // namespace quiver

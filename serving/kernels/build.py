@@ -30,6 +30,21 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = tuple(CSRC / name for name in ("paged_attention.cpp", "paged_decode.cpp",
                                          "packed_linear.cpp"))
 LIBRARY_NAME = "libquiver_kernels.so"
+# paged_decode.cpp instantiates its kernels for three dtypes; compiled once per dtype (a
+# -D picks which) its three parts build side by side instead of one taking 3x as long.
+DECODE_DTYPES = 3
+
+
+def compile_units() -> list[tuple[Path, str, list[str]]]:
+    """(source, object name, extra flags) of every compiler run."""
+    units: list[tuple[Path, str, list[str]]] = []
+    for source in SOURCES:
+        if source.name == "paged_decode.cpp":
+            units += [(source, f"{source.stem}-{i}", [f"-DQUIVER_DECODE_DTYPE={i}"])
+                      for i in range(DECODE_DTYPES)]
+        else:
+            units.append((source, source.stem, []))
+    return units
 BUILD_TIMEOUT_S = 600
 
 
@@ -98,9 +113,10 @@ def _build(library: Path) -> None:
     link, then move the library into place."""
     logger.info("building Quiver's C++ CPU kernels into %s (once per host)", library.parent)
     with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
-        objects = [Path(scratch) / f"{source.stem}.o" for source in SOURCES]
-        _run([[compiler(), "-c", str(source), "-o", str(obj), *compile_flags()]
-              for source, obj in zip(SOURCES, objects, strict=True)])
+        units = compile_units()
+        objects = [Path(scratch) / f"{name}.o" for _, name, _ in units]
+        _run([[compiler(), "-c", str(source), "-o", str(obj), *compile_flags(), *extra]
+              for (source, _, extra), obj in zip(units, objects, strict=True)])
         output = Path(scratch) / LIBRARY_NAME
         _run([[compiler(), *(str(obj) for obj in objects), "-o", str(output), *link_flags()]])
         os.replace(output, library)  # atomic: readers see no library or a whole one

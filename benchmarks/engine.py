@@ -11,8 +11,10 @@ warm server, each concurrency level sends that many streamed `/v1/completions` a
 distinct 128-token prompts (as token ids), 128 output tokens, greedy, EOS ignored, output
 tokens counted from the server's usage. The same run measures the host's GEMM ceiling for
 the model's decode step (`gemm_ceiling.py`) and records the CPU's flags and, per level,
-the CPU time anything else on the machine used meanwhile (`other_cpu_s`: not 0 means the
-figure is suspect). Results: benchmarks/results/engine.json and engine.png.
+the CPU time anything else on the machine used meanwhile (`other_cpu_s`); a level with more
+than `--max-other-cpu` seconds of it is measured again, up to `--max-attempts` times, and
+the least disturbed attempt is kept, with its `other_cpu_s` and the `attempts` made.
+Results: benchmarks/results/engine.json and engine.png.
 
 vLLM runs from .venv-vllm (`make vllm`; VLLM_PYTHON overrides); it is skipped if missing.
 """
@@ -113,12 +115,21 @@ async def load_levels(server, args: argparse.Namespace, prompts: list[list[int]]
     await run_level(server.url, Workload(server.spec.model_name, prompts[-1:], 16))  # warm-up
     levels = []
     for concurrency in args.concurrency:
-        meter = CpuMeter(server.process.pid, os.getpid())
         workload = Workload(server.spec.model_name, prompts[:concurrency], args.output_tokens)
-        level, _ = await run_level(server.url, workload)
-        levels.append({**dataclasses.asdict(level), "other_cpu_s": meter.other_cpu_s()})
-        print(f"   c={concurrency}: {level.tokens_per_s} tok/s "
-              f"(other CPU {levels[-1]['other_cpu_s']} s)", flush=True)
+        attempts: list[dict] = []
+        for attempt in range(1, args.max_attempts + 1):
+            meter = CpuMeter(server.process.pid, os.getpid())
+            level, _ = await run_level(server.url, workload)
+            attempts.append({**dataclasses.asdict(level), "other_cpu_s": meter.other_cpu_s()})
+            print(f"   c={concurrency}: {level.tokens_per_s} tok/s "
+                  f"(other CPU {attempts[-1]['other_cpu_s']} s)", flush=True)
+            if attempts[-1]["other_cpu_s"] <= args.max_other_cpu:
+                break
+            if attempt < args.max_attempts:  # someone else used the CPU: measure again
+                print(f"   c={concurrency}: disturbed (> {args.max_other_cpu} s of other "
+                      "CPU), measuring again", flush=True)
+        least_disturbed = min(attempts, key=lambda measured: measured["other_cpu_s"])
+        levels.append({**least_disturbed, "attempts": len(attempts)})
     return levels
 
 
@@ -156,6 +167,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lock", default=None,
                         help="flock this file around each timed server (shared hosts)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds to ready, at most")
+    parser.add_argument("--max-other-cpu", type=float, default=1.0,
+                        help="a level during which other processes used more CPU seconds than "
+                        "this is measured again (its figure would be the other work's)")
+    parser.add_argument("--max-attempts", type=int, default=3,
+                        help="measurements of a disturbed level; the least disturbed is kept "
+                        "(with its other_cpu_s, for the reader to judge)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     return parser.parse_args()
 

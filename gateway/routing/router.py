@@ -65,6 +65,7 @@ class Router:
         self._configured = {route.name: {v.name: v.weight for v in route.variants}
                             for route in routes}
         self._docs = {route.name: RouteDoc.initial(route) for route in routes}
+        self._foreign_versions: dict[str, int] = {}  # docs of another config, logged once
         self._upstream_models = {
             (route.name, v.name): v.upstream_model or route.name
             for route in routes for v in route.variants}
@@ -168,6 +169,15 @@ class Router:
         """Route `model` by `doc`; a variant whose epoch moved is judged afresh."""
         old = self._docs.get(model)
         if old is None:
+            return
+        if set(doc.weights) != set(self._configured[model]):
+            # another release's config (a variant added or removed): its variants are not
+            # ours to route to; keep ours until this replica is replaced too
+            if doc.version != self._foreign_versions.get(model):
+                self._foreign_versions[model] = doc.version
+                logger.warning("route state of %s (version %d) names variants %s, this "
+                               "gateway's config %s: not applied", model, doc.version,
+                               sorted(doc.weights), sorted(self._configured[model]))
             return
         for variant, epoch in doc.epochs.items():
             if old.epochs.get(variant) != epoch:

@@ -205,3 +205,19 @@ async def test_while_redis_is_down_rollbacks_apply_locally_and_are_written_on_re
     finally:
         process.terminate()
         process.wait(10)
+
+
+async def test_a_replica_never_routes_to_a_variant_its_config_lacks(replicas) -> None:
+    """A new release adds a variant: old replicas keep their own state rather than route
+    to a variant they have no replicas for."""
+    old = await replicas(route(10))
+    three = ModelRouteSettings(name="tiny", variants=[
+        {"name": "stable", "weight": 80, "replicas": ["http://s:1"]},
+        {"name": "canary", "weight": 10, "replicas": ["http://c:1"]},
+        {"name": "canary2", "weight": 10, "replicas": ["http://c2:1"]}])
+    new = await replicas(three)
+    assert new.weights() == {"stable": 80.0, "canary": 10.0, "canary2": 10.0}
+    await asyncio.sleep(10 * SYNC_S)
+    assert old.weights() == {"stable": 90.0, "canary": 10.0}
+    assert {old.router.choose("tiny", f"user-{i}").variant for i in range(200)} <= {
+        "stable", "canary"}

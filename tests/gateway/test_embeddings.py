@@ -28,7 +28,10 @@ def stack(fake_upstreams_module, tmp_path_factory):
                   {"name": "stable", "weight": 100, "replicas": [upstream.url]}]}]}
     gateway = start_gateway(config, workdir)
     gateway.store, gateway.upstream = store, upstream  # type: ignore[attr-defined]
+    gateway.clients = []  # type: ignore[attr-defined]
     yield gateway
+    for sdk in gateway.clients:  # type: ignore[attr-defined]
+        sdk.close()
     gateway.stop()
 
 
@@ -39,7 +42,11 @@ def key(stack, name: str, **fields) -> str:
 
 
 def client(stack, secret: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{stack.url}/v1", api_key=secret, max_retries=0)
+    """Closed with the stack (left to the garbage collector, its socket would close with a
+    ResourceWarning in whatever test runs then)."""
+    sdk = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=secret, max_retries=0)
+    stack.clients.append(sdk)
+    return sdk
 
 
 def post(stack, secret: str | None, body: dict) -> httpx.Response:

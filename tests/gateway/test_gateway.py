@@ -4,7 +4,7 @@ servers, called with the official `openai` SDK and raw httpx."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -22,14 +22,20 @@ MESSAGES = [{"role": "user", "content": "Name three rivers."}]
 class Stack:
     gateway: GatewayProcess
     store: str
+    clients: list[openai.OpenAI] = field(default_factory=list)  # closed with the stack
 
     def key(self, name: str, **fields) -> str:
         secret = create_key(self.store, name, **fields)
         time.sleep(REFRESH_S * 4)  # the gateway reloads keys every REFRESH_S
         return secret
 
-    def client(self, key: str) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.gateway.url}/v1", api_key=key, max_retries=0)
+    def client(self, key: str, base_url: str | None = None) -> openai.OpenAI:
+        # closed when the stack stops: a client left to the garbage collector closes its
+        # pooled socket with a ResourceWarning in whatever test runs then
+        client = openai.OpenAI(base_url=base_url or f"{self.gateway.url}/v1", api_key=key,
+                               max_retries=0)
+        self.clients.append(client)
+        return client
 
     def post(self, key: str | None, body: dict, **headers: str) -> httpx.Response:
         if key is not None:
@@ -50,7 +56,10 @@ def stack(tiny_servers, tmp_path_factory) -> Stack:
         "health_checks": {"interval_seconds": 0.5},
     }
     gateway = start_gateway(config, workdir)
-    yield Stack(gateway, store)
+    stack = Stack(gateway, store)
+    yield stack
+    for client in stack.clients:
+        client.close()
     gateway.stop()
 
 
@@ -85,7 +94,7 @@ def test_stream_passes_through_with_usage_only_when_asked(stack, tiny_servers):
     assert all(c.choices for c in without)          # the usage-only chunk was dropped
     assert without[-1].choices[0].finish_reason == "length"
     # and the chunks have the shape the model server gives when usage is not asked for
-    direct = openai.OpenAI(base_url=f"{tiny_servers[0].url}/v1", api_key="x").chat.completions
+    direct = stack.client("x", base_url=f"{tiny_servers[0].url}/v1").chat.completions
     plain = list(direct.create(model="tiny", messages=MESSAGES, max_tokens=6, stream=True))
     assert {frozenset(c.model_dump(exclude_unset=True)) for c in without} == {
         frozenset(c.model_dump(exclude_unset=True)) for c in plain}

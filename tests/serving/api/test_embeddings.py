@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+from collections.abc import Iterator
 
 import httpx
 import numpy as np
@@ -15,8 +16,10 @@ from tests.serving.api.conftest import MODEL_NAME
 
 
 @pytest.fixture
-def client(live_server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=live_server.base_url, api_key="unused", max_retries=0)
+def client(live_server) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=live_server.base_url, api_key="unused",
+                       max_retries=0) as sdk:  # closed, not left to the garbage collector
+        yield sdk
 
 
 def vectors(client, inputs, **params) -> list[np.ndarray]:

@@ -15,8 +15,9 @@ HI = [{"role": "user", "content": "Hi"}]
 
 @pytest.fixture(scope="module")
 def client(live_server):
-    return openai.OpenAI(base_url=live_server.base_url, api_key="unused", max_retries=0,
-                         timeout=60)
+    with openai.OpenAI(base_url=live_server.base_url, api_key="unused", max_retries=0,
+                       timeout=60) as sdk:  # closed, not left to the garbage collector
+        yield sdk
 
 
 def assert_error(response: httpx.Response, status: int, *, param=None, code=None,

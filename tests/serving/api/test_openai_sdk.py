@@ -13,14 +13,16 @@ HELLO = [{"role": "user", "content": "Hello, who are you?"}]
 
 @pytest.fixture(scope="module")
 def client(live_server):
-    return openai.OpenAI(base_url=live_server.base_url, api_key="unused", max_retries=0,
-                         timeout=60)
+    with openai.OpenAI(base_url=live_server.base_url, api_key="unused", max_retries=0,
+                       timeout=60) as sdk:  # closed, not left to the garbage collector
+        yield sdk
 
 
 @pytest.fixture
-def aclient(live_server):
-    return openai.AsyncOpenAI(base_url=live_server.base_url, api_key="unused",
-                              max_retries=0, timeout=60)
+async def aclient(live_server):
+    async with openai.AsyncOpenAI(base_url=live_server.base_url, api_key="unused",
+                                  max_retries=0, timeout=60) as sdk:
+        yield sdk
 
 
 def chat_prompt_ids(tokenizer, messages) -> list[int]:

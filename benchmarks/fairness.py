@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import sys
@@ -43,7 +42,13 @@ import httpx  # noqa: E402
 import yaml  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from benchmarks.gateway import Service, free_port, launch, machine, percentile  # noqa: E402
+from benchmarks.gateway import (  # noqa: E402
+    Service,
+    free_port,
+    launch,
+    percentile,
+    write_results,
+)
 
 RESULTS = ROOT / "benchmarks" / "results"
 SMOLLM2 = ROOT / "models" / "smollm2-135m-instruct"
@@ -256,11 +261,7 @@ def main() -> int:
             for service in services:
                 service.stop()
     ok = report(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine(), "args": {
-        k: str(v) for k, v in vars(args).items()}, "results": results, "target_met": ok},
-        indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
+    write_results(args.out, args, results, ok)
     return 0 if ok else 1
 
 

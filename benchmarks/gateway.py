@@ -492,6 +492,15 @@ def machine() -> dict:
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
 
 
+def write_results(path: Path, args: argparse.Namespace, results: dict, target_met: bool) -> None:
+    """A benchmark's JSON: the machine, its arguments, its results and the verdict."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": machine(), "args": {
+        k: str(v) for k, v in vars(args).items()}, "results": results,
+        "target_met": target_met}, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {path}")
+
+
 # -- main --------------------------------------------------------------------------------
 
 def run_upstream(name: str, workdir: Path, args, num_requests: int, max_tokens: int,

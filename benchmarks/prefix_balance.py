@@ -41,7 +41,13 @@ import httpx  # noqa: E402
 import yaml  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from benchmarks.gateway import Service, create_key, free_port, launch, machine  # noqa: E402
+from benchmarks.gateway import (  # noqa: E402
+    Service,
+    create_key,
+    free_port,
+    launch,
+    write_results,
+)
 
 RESULTS = ROOT / "benchmarks" / "results"
 SERVED = "chat"
@@ -226,11 +232,7 @@ def main() -> int:
                 if service is not None:
                     service.stop()
     ok = report(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine(), "args": {
-        k: str(v) for k, v in vars(args).items()}, "results": results, "target_met": ok},
-        indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
+    write_results(args.out, args, results, ok)
     return 0 if ok else 1
 
 

@@ -18,8 +18,32 @@ from tests.gateway.conftest import free_port, wait_until
 KEY_LINE = re.compile(r"API key \(new, named 'quiver-up'\): (qk-\S+)")
 
 
+def free_port_pair() -> int:
+    """A port whose successor is free too: `quiver up` puts the canary server there."""
+    import socket
+
+    while True:
+        with socket.socket() as first, socket.socket() as second:
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            try:
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+
+
 def start_up(tmp_path, *args: str, env: dict[str, str] | None = None):
-    gateway_port, server_port = free_port(), free_port()
+    # ports the caller chose (metrics, Prometheus) are released until quiver up binds them
+    taken = {int(value) for flag, value in zip(args, args[1:], strict=False)
+             if flag.endswith("-port")}
+    server_port = free_port_pair()
+    while {server_port, server_port + 1} & taken:
+        server_port = free_port_pair()
+    taken |= {server_port, server_port + 1}
+    gateway_port = free_port()
+    while gateway_port in taken:
+        gateway_port = free_port()
     log = (tmp_path / "up.log").open("w+")
     process = subprocess.Popen(
         [sys.executable, "-m", "quiver", "up", "--port", str(gateway_port), "--server-port",

@@ -23,8 +23,10 @@ many calls gets what the others leave, and a quiet tenant's call is the next to 
 
 A caller that leaves while queued (client disconnect, cancellation) leaves the queue;
 a slot granted in that instant is given back. The queue lives in this gateway process: each
-gateway replica shares out its own view of the upstreams (README, "Fair sharing").
-Pure asyncio; no I/O.
+gateway replica shares out its own view of the upstreams (README, "Fair sharing"); only a
+key's `max_concurrency` is also counted across replicas, by leases in Redis
+(`gateway.stores.redis_leases`, taken before the slot, in the middleware). Pure asyncio;
+no I/O.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -110,6 +112,30 @@ class Slot:
             self._controller._release(self._pool, self.ticket)
 
 
+@dataclass(frozen=True)
+class Lease:
+    """One call's hold on one of its key's `max_concurrency` places across gateways."""
+
+    key_name: str
+    lease_id: str
+    is_checked: bool = True   # False: the store was down and the call went on unchecked
+
+
+class KeyLeases(Protocol):
+    """Keys' calls in flight counted across gateway replicas (`RedisKeyLeases`)."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def acquire(self, key_name: str, cap: int, *, wait_s: float) -> Lease | None:
+        """A lease once the key has fewer than `cap` calls in flight anywhere, waiting up to
+        `wait_s`; None when the wait ran out (`LimiterUnavailableError`: store down, closed)."""
+        ...
+
+    async def release(self, lease: Lease) -> None: ...
+
+
 class AdmissionController:
     def __init__(self, settings: AdmissionSettings, metrics: GatewayMetrics,
                  capacity: Callable[[str, str], int | None], *,
@@ -179,6 +205,13 @@ class AdmissionController:
 
     def key_in_flight(self, key_name: str) -> int:
         return self._key_in_flight.get(key_name, 0)
+
+    def key_cap_error(self, ticket: Ticket, reason: RejectReason, *,
+                      where: str = "") -> GatewayError:
+        """The 429 for a call its key's `max_concurrency` held back (counted, like every
+        refusal); `where` names whose calls filled the cap (default: this gateway's)."""
+        return self._reject(self._pool(ticket.model, ticket.variant), ticket, reason,
+                            key_at_cap=True, where=where)
 
     # -- internals ---------------------------------------------------------------------
 
@@ -308,17 +341,19 @@ class AdmissionController:
                 return waiter
         return None
 
-    def _reject(self, pool: _Pool, ticket: Ticket, reason: RejectReason) -> GatewayError:
+    def _reject(self, pool: _Pool, ticket: Ticket, reason: RejectReason, *,
+                key_at_cap: bool = False, where: str = "") -> GatewayError:
         """The error for a call that cannot wait (queue full) or waited too long."""
         settings = self.settings
-        if self._is_key_at_cap(ticket):
+        if key_at_cap or self._is_key_at_cap(ticket):
             reason_label: RejectReason = "concurrency_limit"
             detail = ("its queue is full" if reason == "queue_full" else
                       f"no slot came free within {settings.queue_timeout_seconds:g}s")
             error: GatewayError = ConcurrencyLimitError(
                 f"Concurrency limit reached for key {ticket.key_name!r}: "
-                f"{ticket.max_concurrency} requests in flight (its max_concurrency), and "
-                f"{detail}. Wait for a request to finish, then retry.", retry_after_s=1.0)
+                f"{ticket.max_concurrency} requests in flight{where} (its "
+                f"max_concurrency), and {detail}. Wait for a request to finish, then retry.",
+                retry_after_s=1.0)
         elif reason == "queue_full":
             reason_label = reason
             error = TenantQueueFullError(

@@ -35,7 +35,7 @@ from common.asgi import (
 )
 from common.errors import ApiError
 from gateway.admin import admin_guard, build_admin_router
-from gateway.admission import AdmissionCollector, AdmissionController
+from gateway.admission import AdmissionCollector, AdmissionController, KeyLeases
 from gateway.cache import ResponseCache
 from gateway.context import MODEL_PATHS, InFlight, request_context
 from gateway.errors import NotFoundError, handle_api_error, handle_http_exception
@@ -54,7 +54,13 @@ from gateway.ratelimit import RateLimiter
 from gateway.routing.quality import Replayer
 from gateway.routing.router import Router
 from gateway.settings import GatewaySettings
-from gateway.stores import open_cache, open_key_store, open_limiter, open_route_state
+from gateway.stores import (
+    open_cache,
+    open_key_leases,
+    open_key_store,
+    open_limiter,
+    open_route_state,
+)
 from gateway.upstream.pool import UpstreamPool
 
 logger = logging.getLogger(__name__)
@@ -70,6 +76,7 @@ class GatewayState:
     router: Router
     pool: UpstreamPool
     admission: AdmissionController
+    key_leases: KeyLeases | None
     proxy: ProxyEndpoint
     in_flight: InFlight
     started_at: int
@@ -99,6 +106,8 @@ class GatewayState:
         await self.pool.close()
         await self.keyring.close()
         await self.router.state.close()
+        if self.key_leases is not None:
+            await self.key_leases.close()
         await self.limiter.close()
         if self.cache is not None:
             await self.cache.close()
@@ -129,7 +138,7 @@ def build_state(settings: GatewaySettings) -> GatewayState:
     return GatewayState(
         settings=settings, metrics=metrics, keyring=keyring,
         limiter=open_limiter(settings), cache=open_cache(settings, metrics), router=router,
-        pool=pool, admission=admission,
+        pool=pool, admission=admission, key_leases=open_key_leases(settings),
         proxy=ProxyEndpoint(router=router, pool=pool, metrics=metrics, replayer=replayer),
         in_flight=InFlight(), started_at=int(time.time()))
 
@@ -197,6 +206,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await state.keyring.start()
         await state.router.state.start()
+        if state.key_leases is not None:
+            await state.key_leases.start()
         await state.pool.start()
         try:
             yield
@@ -223,7 +234,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 def wrap_middleware(app: FastAPI, state: GatewayState) -> None:
     """Starlette applies `add_middleware` last-added-outermost: listed innermost first."""
     settings, metrics = state.settings, state.metrics
-    app.add_middleware(AdmissionMiddleware, admission=state.admission)
+    app.add_middleware(AdmissionMiddleware, admission=state.admission, leases=state.key_leases)
     app.add_middleware(CacheMiddleware, cache=state.cache, settings=settings.cache,
                        metrics=metrics)
     app.add_middleware(RouteMiddleware, router=state.router)

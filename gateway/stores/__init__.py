@@ -17,6 +17,7 @@ from gateway.keys import KeyStoreUnavailableError
 from gateway.stores.location import is_redis_location
 
 if TYPE_CHECKING:
+    from gateway.admission import KeyLeases
     from gateway.cache import ResponseCache
     from gateway.keys import KeyStore
     from gateway.metrics import GatewayMetrics
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
     from gateway.routing.state import RouteState
     from gateway.settings import GatewaySettings
 
-__all__ = ["open_cache", "open_key_store", "open_limiter", "open_route_state"]
+__all__ = ["open_cache", "open_key_leases", "open_key_store", "open_limiter",
+           "open_route_state"]
 
 
 def open_key_store(location: str, *, timeout_s: float | None = None) -> KeyStore:
@@ -52,6 +54,19 @@ def open_limiter(settings: GatewaySettings) -> RateLimiter:
     from gateway.stores.memory_ratelimit import MemoryRateLimiter
 
     return MemoryRateLimiter()
+
+
+def open_key_leases(settings: GatewaySettings) -> KeyLeases | None:
+    """Keys' `max_concurrency` counted across gateway replicas where their limits are shared
+    (`rate_limit.backend: redis`, failing like the limiter); None: each gateway counts its
+    own calls (`gateway.admission`)."""
+    if settings.rate_limit.backend != "redis":
+        return None
+    from gateway.stores.redis_leases import RedisKeyLeases
+
+    assert settings.redis_url is not None  # the settings' own check
+    return RedisKeyLeases(settings.redis_url, timeout_s=settings.redis_timeout_seconds,
+                          fail_open=settings.rate_limit.failure_mode == "fail_open")
 
 
 def open_cache(settings: GatewaySettings, metrics: GatewayMetrics) -> ResponseCache | None:

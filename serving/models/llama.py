@@ -100,6 +100,27 @@ class LlamaDecoderLayer(nn.Module):
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
+class DecoderBlock(nn.Module):
+    """Consecutive decoder layers run as one unit: `serving.models.compiled` compiles a block
+    into one graph. Not a submodule of the model (its layers are the model's own)."""
+
+    def __init__(self, layers: nn.ModuleList) -> None:
+        super().__init__()
+        self.layers = layers
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden_states = layer(hidden_states, cos, sin, kv_cache, metadata)
+        return hidden_states
+
+
 class LlamaForCausalLM(nn.Module):
     def __init__(
         self,
@@ -135,6 +156,18 @@ class LlamaForCausalLM(nn.Module):
         )
         self.lm_head_packing = Packing.NONE
         self.lm_head_packed: torch.Tensor | None = None
+        self.group_layers(1)
+
+    def group_layers(self, layers_per_block: int) -> None:
+        """Run the decoder layers in blocks of `layers_per_block`, which must divide their
+        number (so every block has the same code: one compiled graph serves them all)."""
+        num_layers = len(self.layers)
+        if layers_per_block < 1 or num_layers % layers_per_block:
+            raise ValueError(f"{layers_per_block} layers per block do not divide "
+                             f"{num_layers} layers")
+        # a plain list: the blocks hold the model's own layers, not new parameters
+        self.blocks = [DecoderBlock(self.layers[start:start + layers_per_block])
+                       for start in range(0, num_layers, layers_per_block)]
 
     def prepack(self, packing: Packing) -> None:
         """Reorder float weights (projections, LM head) for the kernel `packing` names;
@@ -161,8 +194,13 @@ class LlamaForCausalLM(nn.Module):
         """Final-normed hidden states `[T, hidden]` of the flat batch `input_ids` `[T]`."""
         hidden_states = F.embedding(input_ids, self.embed_tokens)
         cos, sin = self.rotary_emb.cos_sin(positions)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden_states = layer(hidden_states, cos, sin, kv_cache, metadata)
+        if len(kv_caches) != len(self.layers):
+            raise ValueError(f"{len(kv_caches)} KV caches for {len(self.layers)} layers")
+        start = 0
+        for block in self.blocks:
+            end = start + len(block.layers)
+            hidden_states = block(hidden_states, cos, sin, kv_caches[start:end], metadata)
+            start = end
         return self.norm(hidden_states)
 
     def compute_logits(

@@ -38,10 +38,10 @@ from serving.models.llama import LlamaForCausalLM
 logger = logging.getLogger(__name__)
 
 INDUCTOR_CONFIG = {"compile_threads": 1}
-# Each compiled graph's call costs ~75 us of dynamo and wrapper code, a tenth of a batch-1
-# step's 30 calls; three layers a graph cut a SmolLM2 decode step by 12 % at batch 1 and 3 %
-# at 32 (2-core Zen 4, in-process A/B), at ~6 s more of a first compile. More layers a graph
-# gained more (whole model: 18 %) but compiled for much longer (whole model: 87 s cold).
+# Each compiled graph's call costs ~75 us of dynamo and wrapper code, 30 of them a tenth of a
+# batch-1 step; three layers a graph cut a SmolLM2 decode step by 5-12 % at batch 1 and 3-9 %
+# at 32 (2-core Zen 4), at ~6 s more of a first compile. More layers a graph gained more
+# (whole model: 18 %) but compiled for much longer (whole model: 87 s cold, 22 s warm).
 MAX_LAYERS_PER_GRAPH = 3
 # The largest error a compiled step may have against eager (L2 norm of the difference over
 # the eager hidden states' norm): fused bf16 kernels round differently (SmolLM2 bf16 and its

@@ -81,15 +81,15 @@ def test_up_serves_through_the_gateway_with_a_printed_key(tiny_model_dir, tmp_pa
         match = KEY_LINE.search(output)
         assert match, output
         assert f"http://127.0.0.1:{port}/v1/chat/completions" in output
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=match[1],
-                               max_retries=2)
-        raw = client.chat.completions.with_raw_response.create(
-            model="tiny-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=match[1],
+                           max_retries=2) as client:
+            raw = client.chat.completions.with_raw_response.create(
+                model="tiny-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
         assert raw.parse().usage.completion_tokens == 4
         assert raw.headers["x-quiver-variant"] == "stable"
-        with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="qk-wrong",
-                          max_retries=0).models.list()
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="qk-wrong",
+                           max_retries=0) as wrong, pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
     finally:
         output = read_log(log)
         stop(process, log)
@@ -107,19 +107,19 @@ def test_up_with_a_canary_and_a_given_key(tiny_model_dir, tmp_path):
                    240, "quiver up")
         assert "API key: the one in $QUIVER_API_KEY" in read_log(log)
         time.sleep(0.5)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=secret,
-                               max_retries=2)
-        seen = set()
-        for user in range(24):
-            raw = client.chat.completions.with_raw_response.create(
-                model="tiny-llama", messages=[{"role": "user", "content": "hi"}],
-                max_tokens=1, user=f"user-{user}")
-            seen.add(raw.headers["x-quiver-variant"])
-        assert seen == {"stable", "canary"}
-        pinned = client.chat.completions.with_raw_response.create(
-            model="tiny-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=1,
-            extra_headers={"x-quiver-variant": "canary"})
-        assert pinned.headers["x-quiver-variant"] == "canary"
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=secret,
+                           max_retries=2) as client:
+            seen = set()
+            for user in range(24):
+                raw = client.chat.completions.with_raw_response.create(
+                    model="tiny-llama", messages=[{"role": "user", "content": "hi"}],
+                    max_tokens=1, user=f"user-{user}")
+                seen.add(raw.headers["x-quiver-variant"])
+            assert seen == {"stable", "canary"}
+            pinned = client.chat.completions.with_raw_response.create(
+                model="tiny-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=1,
+                extra_headers={"x-quiver-variant": "canary"})
+            assert pinned.headers["x-quiver-variant"] == "canary"
     finally:
         output = read_log(log)
         stop(process, log)

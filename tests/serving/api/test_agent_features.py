@@ -60,9 +60,9 @@ def smollm2_up(smollm2_dir: Path, tmp_path: Path) -> Iterator[Endpoint]:
         wait_until(lambda: _http_ok(f"http://127.0.0.1:{port}/ready")
                    or process.poll() is not None, 240, "quiver up")
         assert process.poll() is None, log.read()
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY,
-                               max_retries=0, timeout=120)
-        yield Endpoint(client, smollm2_dir.name)
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY,
+                           max_retries=0, timeout=120) as client:
+            yield Endpoint(client, smollm2_dir.name)
     finally:
         stop(process, log)
 
@@ -84,9 +84,9 @@ def vllm_server(smollm2_dir: Path, tmp_path: Path) -> Iterator[Endpoint]:
         if process.poll() is not None:
             log.seek(0)
             pytest.fail(f"the vllm server exited: {log.read()[-3000:]}")
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
-                               max_retries=0, timeout=120)
-        yield Endpoint(client, smollm2_dir.name)
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
+                           max_retries=0, timeout=120) as client:
+            yield Endpoint(client, smollm2_dir.name)
     finally:
         process.terminate()
         process.wait(60)

@@ -33,14 +33,15 @@ def smollm2_url(smollm2_dir):
 
 
 def test_capital_of_france_is_paris(smollm2_url):
-    client = openai.OpenAI(base_url=f"{smollm2_url}/v1", api_key="unused", max_retries=0)
-    response = client.chat.completions.create(
-        model="smollm2", temperature=0, max_tokens=32,
-        messages=[{"role": "user", "content": "What is the capital of France?"}])
-    assert "Paris" in response.choices[0].message.content
-    assert response.choices[0].finish_reason in ("stop", "length")
-    stream = client.chat.completions.create(
-        model="smollm2", temperature=0, max_tokens=32, stream=True,
-        messages=[{"role": "user", "content": "What is the capital of France?"}])
-    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
-    assert text == response.choices[0].message.content
+    with openai.OpenAI(base_url=f"{smollm2_url}/v1", api_key="unused",
+                       max_retries=0) as client:
+        response = client.chat.completions.create(
+            model="smollm2", temperature=0, max_tokens=32,
+            messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert "Paris" in response.choices[0].message.content
+        assert response.choices[0].finish_reason in ("stop", "length")
+        stream = client.chat.completions.create(
+            model="smollm2", temperature=0, max_tokens=32, stream=True,
+            messages=[{"role": "user", "content": "What is the capital of France?"}])
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+        assert text == response.choices[0].message.content

@@ -74,10 +74,11 @@ def test_completion_stream_with_usage(live_server):
 
 
 def test_sdk_stream_include_usage(live_server):
-    client = openai.OpenAI(base_url=live_server.base_url, api_key="unused", max_retries=0)
-    chunks = list(client.chat.completions.create(
-        model=live_server.model, messages=HELLO, max_tokens=5, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    with openai.OpenAI(base_url=live_server.base_url, api_key="unused",
+                       max_retries=0) as client:
+        chunks = list(client.chat.completions.create(
+            model=live_server.model, messages=HELLO, max_tokens=5, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
     assert chunks[-1].usage.completion_tokens == 5 and chunks[-1].choices == []
     assert all(c.usage is None for c in chunks[:-1])
 
@@ -122,7 +123,7 @@ def test_error_after_streaming_began_is_an_sse_error_event(tiny_model_dir, tiny_
         assert payloads[-1] == "[DONE]"
         error = json.loads(payloads[-2])["error"]
         assert error["type"] == "service_unavailable" and error["code"] == "engine_dead"
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        with pytest.raises(openai.APIError, match=re.compile("engine loop died")):
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client, \
+                pytest.raises(openai.APIError, match=re.compile("engine loop died")):
             for _ in client.chat.completions.create(model="tiny", messages=HELLO, stream=True):
                 pass

@@ -154,3 +154,29 @@ def test_sharded_checkpoint_loads_like_single_file(tmp_path: Path, tiny_model_di
         sharded.state_dict().items(), single.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+def full_prefill_logits(model: LlamaForCausalLM, token_ids: list[int]) -> torch.Tensor:
+    seq = Sequence(token_ids, block_table=list(range(8)), chunk_sizes=[len(token_ids)])
+    run_step(model, model.make_kv_caches(NUM_BLOCKS, BLOCK_SIZE), [seq])
+    return seq.logits[0]
+
+
+def test_layer_blocks_compute_the_same_and_divide_the_layers(models) -> None:
+    from serving.models.compiled import MAX_LAYERS_PER_GRAPH, layers_per_graph
+
+    ours, _ = models
+    token_ids = [1, 15, 42, 7, 99, 3]
+    try:
+        ours.group_layers(1)
+        single = full_prefill_logits(ours, token_ids)
+        ours.group_layers(2)                     # the tiny model's 2 layers in one block
+        assert [len(block.layers) for block in ours.blocks] == [2]
+        assert torch.equal(full_prefill_logits(ours, token_ids), single)
+        with pytest.raises(ValueError, match="do not divide"):
+            ours.group_layers(3)
+    finally:
+        ours.group_layers(1)
+    assert MAX_LAYERS_PER_GRAPH == 3
+    # the largest divisor up to 3, so every block is the same graph
+    assert [layers_per_graph(n) for n in (30, 24, 32, 22, 7, 2)] == [3, 3, 2, 2, 1, 2]

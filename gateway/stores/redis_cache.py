@@ -7,9 +7,9 @@ Eviction under memory pressure is Redis's own `maxmemory-policy` (allkeys-lru su
 
 The cache is an optimisation, never a dependency: a Redis error (or an unreadable value)
 on `get` is a miss and on `put` a skip, with a warning at most every `WARN_INTERVAL_S`
-naming only the error (never the URL, which may hold a password). Every call is bounded
-by the client's timeout, and after a failure `RedisBreaker` skips Redis for a moment, so
-an outage costs requests no waiting.
+(`OccasionalWarning`) naming only the error (never the URL, which may hold a password).
+Every call is bounded by the client's timeout, and after a failure `RedisBreaker` skips
+Redis for a moment, so an outage costs requests no waiting.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import logging
 import struct
-import time
 
 import redis.asyncio as aioredis
 
 from gateway.cache import CachedResponse
 from gateway.stores.redis_client import (
     DEFAULT_TIMEOUT_S,
+    OccasionalWarning,
     RedisBreaker,
     RedisUnavailableError,
     open_redis,
@@ -33,7 +33,6 @@ logger = logging.getLogger(__name__)
 
 MAGIC = b"QVC1"
 _HEADER = struct.Struct(">4sI")
-WARN_INTERVAL_S = 10.0
 
 
 def encode_entry(entry: CachedResponse) -> bytes:
@@ -81,7 +80,7 @@ class RedisCache:
         self.ttl_ms = max(1, round(ttl_seconds * 1000))
         self.max_entry_bytes = max_entry_bytes
         self._prefix = prefix
-        self._last_warning = float("-inf")
+        self._warning = OccasionalWarning(logger)
         self._breaker = RedisBreaker()
 
     async def get(self, key: str) -> CachedResponse | None:
@@ -112,8 +111,4 @@ class RedisCache:
             await self._client.aclose()
 
     def _warn(self, operation: str, exc: Exception) -> None:
-        """One warning per interval while Redis is down, not one per request."""
-        now = time.monotonic()
-        if now - self._last_warning >= WARN_INTERVAL_S:
-            self._last_warning = now
-            logger.warning("response cache %s skipped: Redis unavailable: %s", operation, exc)
+        self._warning.warn("response cache %s skipped: Redis unavailable: %s", operation, exc)

@@ -14,6 +14,7 @@ miss, a limiter failing open or closed) before letting calls try Redis again.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -26,6 +27,7 @@ from redis.exceptions import RedisError
 MAX_CONNECTIONS = 64
 DEFAULT_TIMEOUT_S = 0.5
 COOLDOWN_S = 1.0
+WARN_INTERVAL_S = 10.0
 T = TypeVar("T")
 
 
@@ -42,6 +44,24 @@ def open_redis(url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S,
         retry=Retry(NoBackoff(), 0), decode_responses=decode_responses)
     # the client owns the pool: aclose() closes it
     return aioredis.Redis.from_pool(pool)
+
+
+class OccasionalWarning:
+    """A warning logged at most once per `interval_s` while Redis stays down, not once per
+    request (`warn` says whether it logged)."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = WARN_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._logger, self.interval_s, self._clock = logger, interval_s, clock
+        self._last = float("-inf")
+
+    def warn(self, message: str, *args: object) -> bool:
+        now = self._clock()
+        if now - self._last < self.interval_s:
+            return False
+        self._last = now
+        self._logger.warning(message, *args)
+        return True
 
 
 class RedisBreaker:

@@ -14,6 +14,8 @@ A call that finds its key at the cap waits, polling with a backoff of `POLL_MIN_
 Redis cannot be reached the leases fail like the rate limiter (`rate_limit.failure_mode`):
 open — the call goes on unchecked and only this replica's own count holds the key back (a
 warning now and then) — or closed (`LimiterUnavailableError`: the gateway answers 503).
+The renewal script addresses many keys in one call, so this layout targets a single Redis
+(or a primary with replicas), not Redis Cluster.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from gateway.admission import Lease
 from gateway.ratelimit import LimiterUnavailableError
 from gateway.stores.redis_client import (
     DEFAULT_TIMEOUT_S,
+    OccasionalWarning,
     RedisBreaker,
     RedisUnavailableError,
     open_redis,
@@ -40,7 +43,6 @@ PREFIX = "quiver:leases:"
 TTL_S = 30.0
 POLL_MIN_S = 0.01
 POLL_MAX_S = 0.1
-WARN_INTERVAL_S = 10.0
 
 # KEYS[1] the key's lease set; ARGV: cap, lease id, ttl ms. 1: granted, 0: at the cap.
 _ACQUIRE = """
@@ -81,7 +83,7 @@ class RedisKeyLeases:
         self._held: dict[str, str] = {}     # lease id -> key name, renewed until released
         self._renewer: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
-        self._last_warning = float("-inf")
+        self._warning = OccasionalWarning(logger)
 
     async def start(self) -> None:
         if self._renewer is None:
@@ -145,10 +147,7 @@ class RedisKeyLeases:
     def _unchecked(self, key_name: str, lease_id: str, exc: Exception) -> Lease:
         if not self.fail_open:
             raise LimiterUnavailableError(f"the key leases' Redis: {exc}") from exc
-        now = time.monotonic()
-        if now - self._last_warning >= WARN_INTERVAL_S:
-            self._last_warning = now
-            logger.warning("Redis is unreachable (%s): keys' max_concurrency is counted by "
+        self._warning.warn("Redis is unreachable (%s): keys' max_concurrency is counted by "
                            "this gateway replica alone until it is back", exc)
         return Lease(key_name, lease_id, is_checked=False)
 

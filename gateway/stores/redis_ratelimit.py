@@ -18,7 +18,6 @@ cannot reach Redis is dropped.
 from __future__ import annotations
 
 import logging
-import time
 
 import redis.asyncio as aioredis
 
@@ -31,6 +30,7 @@ from gateway.ratelimit import (
 )
 from gateway.stores.redis_client import (
     DEFAULT_TIMEOUT_S,
+    OccasionalWarning,
     RedisBreaker,
     RedisUnavailableError,
     open_redis,
@@ -39,7 +39,6 @@ from gateway.stores.redis_client import (
 logger = logging.getLogger(__name__)
 
 EXPIRE_MARGIN_MS = 120_000
-WARN_INTERVAL_S = 10.0
 
 _LUA_COMMON = """
 local EPSILON = 1e-9
@@ -126,7 +125,7 @@ class RedisRateLimiter:
         self._fail_open = fail_open
         self._acquire_script = self._client.register_script(_ACQUIRE_LUA)
         self._settle_script = self._client.register_script(_SETTLE_LUA)
-        self._last_warning = float("-inf")
+        self._warning = OccasionalWarning(logger)
         self._breaker = RedisBreaker()
 
     async def acquire(self, key_name: str, limits: Limits, tokens: int) -> RateLimitDecision:
@@ -163,11 +162,6 @@ class RedisRateLimiter:
         return f"{self._prefix}{{{key_name}}}"
 
     def _warn(self, operation: str, key_name: str, exc: Exception) -> None:
-        """One warning per interval while Redis is down, not one per request."""
-        now = time.monotonic()
-        if now - self._last_warning >= WARN_INTERVAL_S:
-            self._last_warning = now
-            outcome = "admitted unchecked" if self._fail_open else "refused"
-            logger.warning("rate limit %s for key %s %s: Redis unavailable: %s",
-                           operation, key_name,
-                           outcome if operation == "acquire" else "dropped", exc)
+        outcome = "admitted unchecked" if self._fail_open else "refused"
+        self._warning.warn("rate limit %s for key %s %s: Redis unavailable: %s", operation,
+                           key_name, outcome if operation == "acquire" else "dropped", exc)

@@ -30,6 +30,7 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = tuple(CSRC / name for name in ("paged_attention.cpp", "paged_decode.cpp",
                                          "packed_linear.cpp"))
 LIBRARY_NAME = "libquiver_kernels.so"
+BUILD_TIMEOUT_S = 600
 # paged_decode.cpp instantiates its kernels for three dtypes; compiled once per dtype (a
 # -D picks which) its three parts build side by side instead of one taking 3x as long.
 DECODE_DTYPES = 3
@@ -45,7 +46,6 @@ def compile_units() -> list[tuple[Path, str, list[str]]]:
         else:
             units.append((source, source.stem, []))
     return units
-BUILD_TIMEOUT_S = 600
 
 
 @dataclass(frozen=True)

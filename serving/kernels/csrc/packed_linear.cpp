@@ -10,7 +10,10 @@
 // filled once at load (`pack_linear_weight`), keyed by the plain weight's memory. A weight
 // with no twin (or whose memory has since been freed and reused) takes at::linear: always
 // correct, only slower. The table holds each twin until a later `pack_linear_weight` finds
-// its plain weight gone.
+// its plain weight gone. A call over a few rows (a small decode step) takes
+// skinny_linear.cpp's kernel instead, on the plain weight.
+
+#include "skinny_linear.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -80,6 +83,7 @@ void pack_linear_weight(const at::Tensor& weight, int64_t batch_size) {
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias) {
+  if (std::optional<at::Tensor> out = skinny_linear(x, weight, bias)) return *out;
   std::optional<at::Tensor> packed = packed_weights().find(weight);
   if (!packed) return at::linear(x, weight, bias);
   static auto linear_pointwise =

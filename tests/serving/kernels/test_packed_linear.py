@@ -35,6 +35,27 @@ def test_packed_linear_matches_f_linear(cpp_kernels, dtype, num_rows) -> None:
         torch.testing.assert_close(output.float(), reference, atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.parametrize("in_features", [80, 576, 1000])
+@pytest.mark.parametrize("leading", [(1,), (2,), (1, 2)])
+def test_a_few_bf16_rows_round_the_exact_product_once(cpp_kernels, in_features,
+                                                      leading) -> None:
+    """One or two rows (a small decode step) take skinny_linear.cpp's kernel on the plain
+    weight: float32 sums rounded to bf16 once, so every output is the exact product's bf16
+    rounding, or its neighbour where float32's order of additions tips it — whatever the
+    row length (whole 32-value chunks, a masked tail) and with or without a bias."""
+    generator = torch.Generator().manual_seed(in_features)
+    weight = torch.randn(136, in_features, generator=generator).bfloat16()
+    bias = torch.randn(136, generator=generator).bfloat16()
+    x = torch.randn(*leading, in_features, generator=generator).bfloat16()
+    for b in (bias, None):
+        exact = F.linear(x.double(), weight.double(), None if b is None else b.double())
+        output = torch.ops.quiver.linear(x, weight, b)
+        assert output.shape == (*leading, 136) and output.dtype == torch.bfloat16
+        one_ulp = exact.abs().clamp_min(1e-3) * 2.0**-7  # bf16 keeps 8 significant bits
+        assert ((output.double() - exact).abs() <= one_ulp).all()
+        assert (output.double() - exact).abs().mean() < (one_ulp / 4).mean()
+
+
 def test_unpacked_or_freed_weights_take_plain_linear(cpp_kernels) -> None:
     """A weight never packed, or one allocated where a packed (now freed) weight was,
     gets its own product, never a stale reordered twin."""

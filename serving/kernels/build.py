@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = tuple(CSRC / name for name in ("paged_attention.cpp", "paged_decode.cpp",
-                                         "packed_linear.cpp", "skinny_linear.cpp"))
+                                         "packed_linear.cpp"))
 LIBRARY_NAME = "libquiver_kernels.so"
 BUILD_TIMEOUT_S = 600
 # paged_decode.cpp instantiates its kernels for three dtypes; compiled once per dtype (a

@@ -11,7 +11,7 @@
 // with no twin (or whose memory has since been freed and reused) takes at::linear: always
 // correct, only slower. The table holds each twin until a later `pack_linear_weight` finds
 // its plain weight gone. A call over a few rows (a small decode step) takes
-// skinny_linear.cpp's kernel instead, on the plain weight.
+// skinny_linear.h's kernel instead, on the plain weight.
 
 #include "skinny_linear.h"
 

@@ -21,7 +21,6 @@
 
 #include "paged_attention.h"
 
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
@@ -39,6 +38,32 @@
 
 namespace quiver {
 namespace {
+
+StepIndex parse_step_index(const at::Tensor& metadata) {
+  TORCH_CHECK(metadata.scalar_type() == at::kLong && metadata.dim() == 1 &&
+                  metadata.is_contiguous(),
+              "metadata must be a contiguous int64 vector");
+  const int64_t* data = metadata.data_ptr<int64_t>();
+  TORCH_CHECK(metadata.numel() >= kHeaderSize, "metadata has no header");
+  StepIndex index{data[0], data[1], data[2], data[3], nullptr, nullptr, nullptr, nullptr};
+  const int64_t expected = kHeaderSize + index.num_tokens + 2 * index.num_seqs + 1 +
+                           index.num_seqs * index.max_blocks;
+  TORCH_CHECK(metadata.numel() == expected, "metadata has ", metadata.numel(),
+              " entries, its header says ", expected);
+  index.slot_mapping = data + kHeaderSize;
+  index.query_start = index.slot_mapping + index.num_tokens;
+  index.seq_lens = index.query_start + index.num_seqs + 1;
+  index.block_tables = index.seq_lens + index.num_seqs;
+  return index;
+}
+
+template <typename scalar_t>
+Rows<scalar_t> rows_of(const at::Tensor& x) {
+  TORCH_CHECK(x.stride(2) == 1 && x.stride(1) == x.size(2),
+              "attention inputs need contiguous heads");
+  return {x.data_ptr<scalar_t>(), x.stride(0)};
+}
+
 
 template <typename scalar_t>
 void write_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& kv_cache,
@@ -108,7 +133,7 @@ void prefill_attention(const at::Tensor& query, const at::Tensor& key, const at:
 at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key,
                            const at::Tensor& value, at::Tensor kv_cache,
                            const at::Tensor& metadata, int64_t block_size, double scale) {
-  const StepIndex index = StepIndex::parse(metadata);
+  const StepIndex index = parse_step_index(metadata);
   TORCH_CHECK(query.dim() == 3 && key.dim() == 3 && value.dim() == 3,
               "query, key and value must be [T, heads, D]");
   TORCH_CHECK(query.size(0) == index.num_tokens, "query has ", query.size(0),
@@ -125,7 +150,16 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key,
     using scalar_t = decltype(zero);
     write_cache<scalar_t>(key, value, kv_cache, index);
     if (index.num_decodes > 0) {
-      decode_rows<scalar_t>(query, kv_cache, out, index, block_size, scale);
+      const DecodeArgs<scalar_t> args{rows_of<scalar_t>(query),
+                                      {out.data_ptr<scalar_t>(), out.stride(0)},
+                                      kv_cache.data_ptr<scalar_t>(),
+                                      kv_cache.size(1),
+                                      query.size(1),
+                                      kv_cache.size(2),
+                                      query.size(2),
+                                      block_size,
+                                      scale};
+      decode_rows<scalar_t>(args, index);
     }
   };
   switch (query.scalar_type()) {

@@ -15,8 +15,7 @@
 #include "paged_attention.h"
 
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <array>
@@ -47,7 +46,7 @@ inline f32x16 load16(const float* p) {
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-inline f32x16 load16(const at::BFloat16* p) {  // bf16 is the top half of a float32
+inline f32x16 load16(const c10::BFloat16* p) {  // bf16 is the top half of a float32
 #if defined(__AVX512F__)  // one widening load (GCC splits the generic form in two)
   return _mm512_castsi512_ps(
       _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
@@ -61,7 +60,7 @@ inline f32x16 load16(const at::BFloat16* p) {  // bf16 is the top half of a floa
   return v;
 #endif
 }
-inline f32x16 load16(const at::Half* p) {
+inline f32x16 load16(const c10::Half* p) {
 #if defined(__AVX512F__)  // one conversion (per-lane c10 casts also cost 3x the build time)
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 #else
@@ -71,19 +70,19 @@ inline f32x16 load16(const at::Half* p) {
 #endif
 }
 inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof(v)); }
-inline void store16(at::BFloat16* p, f32x16 v) {  // rounded to nearest even, as c10's
+inline void store16(c10::BFloat16* p, f32x16 v) {  // rounded to nearest even, as c10's
   u32x16 bits;
   std::memcpy(&bits, &v, sizeof(bits));
   const u32x16 rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
   const u16x16 half = __builtin_convertvector(v != v ? u32x16{} + 0x7FC0u : rounded, u16x16);
   std::memcpy(p, &half, sizeof(half));
 }
-inline void store16(at::Half* p, f32x16 v) {  // rounded to nearest even, as c10's
+inline void store16(c10::Half* p, f32x16 v) {  // rounded to nearest even, as c10's
 #if defined(__AVX512F__)
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
                       _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #else
-  for (int64_t i = 0; i < kLanes; ++i) p[i] = static_cast<at::Half>(v[i]);
+  for (int64_t i = 0; i < kLanes; ++i) p[i] = static_cast<c10::Half>(v[i]);
 #endif
 }
 inline f32x16 broadcast(float x) {
@@ -231,15 +230,15 @@ struct Bf16Dots {
   using Key = std::array<__m512bh, kPairs>;
   __m512bh q[kTile][kPairs];
 
-  explicit Bf16Dots(const at::BFloat16* const* q_rows) {
+  explicit Bf16Dots(const c10::BFloat16* const* q_rows) {
     for (int64_t g = 0; g < kTile; ++g) {
       for (int64_t c = 0; c < kPairs; ++c) q[g][c] = load32(q_rows[g] + c * 2 * kLanes);
     }
   }
-  static __m512bh load32(const at::BFloat16* p) {
+  static __m512bh load32(const c10::BFloat16* p) {
     return reinterpret_cast<__m512bh>(_mm512_loadu_si512(p));
   }
-  static Key load(const at::BFloat16* row) {
+  static Key load(const c10::BFloat16* row) {
     Key key;
     for (int64_t c = 0; c < kPairs; ++c) key[c] = load32(row + c * 2 * kLanes);
     return key;
@@ -252,7 +251,7 @@ struct Bf16Dots {
 };
 
 template <typename scalar_t, int64_t kChunks, int64_t kTile>
-using Dots = std::conditional_t<std::is_same_v<scalar_t, at::BFloat16> && kChunks % 2 == 0,
+using Dots = std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16> && kChunks % 2 == 0,
                                 Bf16Dots<kChunks, kTile>, FloatDots<scalar_t, kChunks, kTile>>;
 #else
 template <typename scalar_t, int64_t kChunks, int64_t kTile>
@@ -376,15 +375,13 @@ void decode_task(const Rows<scalar_t>& query, const Rows<scalar_t>& out,
 }
 
 template <typename scalar_t, int64_t kChunks>
-void decode_attention(const at::Tensor& query, const at::Tensor& kv_cache, at::Tensor& out,
-                      const StepIndex& index, int64_t block_size, double scale) {
-  const int64_t num_kv_heads = kv_cache.size(2);
+void decode_attention(const DecodeArgs<scalar_t>& args, const StepIndex& index) {
+  const int64_t num_kv_heads = args.num_kv_heads, block_size = args.block_size;
   const int64_t row_size = num_kv_heads * kChunks * kLanes;
-  const int64_t group = query.size(1) / num_kv_heads;
-  const scalar_t* k_cache = kv_cache.data_ptr<scalar_t>();
-  const scalar_t* v_cache = k_cache + kv_cache.size(1) * row_size;
-  const Rows<scalar_t> q_rows = rows_of<scalar_t>(query);
-  const Rows<scalar_t> out_rows{out.data_ptr<scalar_t>(), out.stride(0)};
+  const int64_t group = args.num_heads / num_kv_heads;
+  const scalar_t* k_cache = args.kv_cache;
+  const scalar_t* v_cache = k_cache + args.num_slots * row_size;
+  const float scale = static_cast<float>(args.scale);
   at::parallel_for(0, index.num_decodes * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch;
     for (int64_t i = begin; i < end; ++i) {
@@ -393,8 +390,8 @@ void decode_attention(const at::Tensor& query, const at::Tensor& kv_cache, at::T
       const int64_t offset = kv_head * kChunks * kLanes, seq_len = index.seq_lens[seq];
       const CachedRows<scalar_t> keys{k_cache + offset, table, seq_len, block_size, row_size};
       const CachedRows<scalar_t> values{v_cache + offset, table, seq_len, block_size, row_size};
-      decode_task<scalar_t, kChunks>(q_rows, out_rows, keys, values, seq, kv_head * group,
-                                     group, static_cast<float>(scale), scratch);
+      decode_task<scalar_t, kChunks>(args.query, args.out, keys, values, seq, kv_head * group,
+                                     group, scale, scratch);
     }
   });
 }
@@ -402,36 +399,32 @@ void decode_attention(const at::Tensor& query, const at::Tensor& kv_cache, at::T
 }  // namespace
 
 template <typename scalar_t>
-void decode_rows(const at::Tensor& query, const at::Tensor& kv_cache, at::Tensor& out,
-                 const StepIndex& index, int64_t block_size, double scale) {
-  const int64_t group = query.size(1) / kv_cache.size(2);
+void decode_rows(const DecodeArgs<scalar_t>& args, const StepIndex& index) {
+  const int64_t group = args.num_heads / args.num_kv_heads;
   TORCH_CHECK(group <= kMaxGroup, "at most ", kMaxGroup, " query heads per KV head");
-  switch (query.size(2)) {
-    case 16: return decode_attention<scalar_t, 1>(query, kv_cache, out, index, block_size, scale);
-    case 32: return decode_attention<scalar_t, 2>(query, kv_cache, out, index, block_size, scale);
-    case 48: return decode_attention<scalar_t, 3>(query, kv_cache, out, index, block_size, scale);
-    case 64: return decode_attention<scalar_t, 4>(query, kv_cache, out, index, block_size, scale);
-    case 80: return decode_attention<scalar_t, 5>(query, kv_cache, out, index, block_size, scale);
-    case 96: return decode_attention<scalar_t, 6>(query, kv_cache, out, index, block_size, scale);
-    case 112: return decode_attention<scalar_t, 7>(query, kv_cache, out, index, block_size, scale);
-    case 128: return decode_attention<scalar_t, 8>(query, kv_cache, out, index, block_size, scale);
-    default: TORCH_CHECK(false, "head_dim ", query.size(2), " has no decode kernel");
+  switch (args.head_dim) {
+    case 16: return decode_attention<scalar_t, 1>(args, index);
+    case 32: return decode_attention<scalar_t, 2>(args, index);
+    case 48: return decode_attention<scalar_t, 3>(args, index);
+    case 64: return decode_attention<scalar_t, 4>(args, index);
+    case 80: return decode_attention<scalar_t, 5>(args, index);
+    case 96: return decode_attention<scalar_t, 6>(args, index);
+    case 112: return decode_attention<scalar_t, 7>(args, index);
+    case 128: return decode_attention<scalar_t, 8>(args, index);
+    default: TORCH_CHECK(false, "head_dim ", args.head_dim, " has no decode kernel");
   }
 }
 
 // build.py compiles this file once per dtype (QUIVER_DECODE_DTYPE 0, 1, 2) so the three
 // build side by side; everything above has internal linkage, so the objects link together.
 #if !defined(QUIVER_DECODE_DTYPE) || QUIVER_DECODE_DTYPE == 0
-template void decode_rows<float>(const at::Tensor&, const at::Tensor&, at::Tensor&,
-                                 const StepIndex&, int64_t, double);
+template void decode_rows<float>(const DecodeArgs<float>&, const StepIndex&);
 #endif
 #if !defined(QUIVER_DECODE_DTYPE) || QUIVER_DECODE_DTYPE == 1
-template void decode_rows<at::BFloat16>(const at::Tensor&, const at::Tensor&, at::Tensor&,
-                                        const StepIndex&, int64_t, double);
+template void decode_rows<c10::BFloat16>(const DecodeArgs<c10::BFloat16>&, const StepIndex&);
 #endif
 #if !defined(QUIVER_DECODE_DTYPE) || QUIVER_DECODE_DTYPE == 2
-template void decode_rows<at::Half>(const at::Tensor&, const at::Tensor&, at::Tensor&,
-                                    const StepIndex&, int64_t, double);
+template void decode_rows<c10::Half>(const DecodeArgs<c10::Half>&, const StepIndex&);
 #endif
 
 }  // namespace quiver

@@ -133,12 +133,13 @@ async def load_levels(server, args: argparse.Namespace, prompts: list[list[int]]
     return levels
 
 
-def gemm_ceiling(args: argparse.Namespace) -> dict:
+def gemm_ceiling(args: argparse.Namespace, work_dir: Path) -> dict:
     batches = ",".join(str(c) for c in args.concurrency)
     with cpu_lock(args.lock):
-        output = subprocess.run(
+        output = subprocess.run(  # its own kernel cache: the servers' cold starts stay cold
             [sys.executable, str(ROOT / "benchmarks" / "gemm_ceiling.py"), str(args.model),
-             "--batches", batches], capture_output=True, text=True, check=True)
+             "--batches", batches, "--kernel-cache", str(work_dir / "ceiling-kernels")],
+            capture_output=True, text=True, check=True)
     return json.loads(output.stdout.strip().splitlines()[-1])
 
 
@@ -188,7 +189,7 @@ def main() -> int:
     results = {}
     work_dir = Path(tempfile.mkdtemp(prefix="quiver-engine-bench-"))
     try:
-        ceiling = gemm_ceiling(args)
+        ceiling = gemm_ceiling(args, work_dir)
         for name in servers:
             results[name] = bench_server(name, args, prompts, work_dir)
     finally:  # keep the servers' logs, drop their caches

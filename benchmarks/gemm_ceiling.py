@@ -1,11 +1,13 @@
 """The host's GEMM ceiling for one model's decode step: `python benchmarks/gemm_ceiling.py DIR`.
 
 A decode step at batch B multiplies B rows through every projection of every layer and the
-LM head. Timed here alone, with the fastest torch path on this host (oneDNN on weights
-reordered for that batch, or plain `F.linear`, whichever is faster per shape) and one
-weight copy per layer, so weights stream from memory as they do in a real step. B divided
-by that time is the most tokens/s any engine could decode at batch B on this host: the
-share of it an engine reaches says how much of its step is not GEMM. Prints one JSON line.
+LM head. Timed here alone, with the fastest path on this host per shape — oneDNN on weights
+reordered for that batch, plain `F.linear`, or Quiver's own `quiver::linear` (its
+bandwidth-bound kernel at one or two rows) where its C++ library builds (cached under
+`--kernel-cache`) — and one weight copy per layer, so weights stream from memory as they
+do in a real step. B divided by that time is the most tokens/s any engine could decode at
+batch B on this host with these kernels: the share of it an engine reaches says how much of
+its step is not GEMM. Prints one JSON line (`kernels`: which path won each shape).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TRIALS = 5
 
@@ -35,38 +39,54 @@ def decode_shapes(model_dir: Path) -> tuple[list[tuple[int, int]], int, tuple[in
     return layer, config["num_hidden_layers"], (config["vocab_size"], hidden)
 
 
-def time_shape(n: int, k: int, batch: int, copies: int, dtype: torch.dtype) -> float:
-    """Seconds per multiply of `batch` rows by an [n, k] weight, `copies` distinct weights
-    cycled so none stays in cache; the faster of oneDNN-reordered and plain."""
+def time_shape(n: int, k: int, batch: int, copies: int, dtype: torch.dtype,
+               with_quiver: bool) -> tuple[float, str]:
+    """(seconds, kernel) of the fastest multiply of `batch` rows by an [n, k] weight,
+    `copies` distinct weights cycled so none stays in cache."""
     weights = [torch.randn(n, k).to(dtype) for _ in range(copies)]
     packed = [torch.ops.mkldnn._reorder_linear_weight(w, batch) for w in weights]
     x = torch.randn(batch, k).to(dtype)
-    candidates = [
-        lambda i: torch.ops.mkldnn._linear_pointwise(x, packed[i], None, "none", [], ""),
-        lambda i: F.linear(x, weights[i]),
-    ]
-    best = float("inf")
-    for fn in candidates:
+    candidates = {
+        "onednn": lambda i: torch.ops.mkldnn._linear_pointwise(x, packed[i], None, "none", [],
+                                                               ""),
+        "f.linear": lambda i: F.linear(x, weights[i]),
+    }
+    if with_quiver:  # unpacked weights: oneDNN's share of quiver::linear is timed above
+        candidates["quiver"] = lambda i: torch.ops.quiver.linear(x, weights[i], None)
+    best, best_kernel = float("inf"), ""
+    for kernel, fn in candidates.items():
         for i in range(copies):
             fn(i)
         for _ in range(TRIALS):  # the best trial: this host's noise only ever adds time
             start = time.perf_counter()
             for i in range(copies):
                 fn(i)
-            best = min(best, (time.perf_counter() - start) / copies)
-    return best
+            elapsed = (time.perf_counter() - start) / copies
+            if elapsed < best:
+                best, best_kernel = elapsed, kernel
+    return best, best_kernel
 
 
-def ceiling(model_dir: Path, batch: int, dtype: torch.dtype) -> dict:
+def ceiling(model_dir: Path, batch: int, dtype: torch.dtype, with_quiver: bool) -> dict:
     layer, num_layers, lm_head = decode_shapes(model_dir)
     copies = num_layers  # every layer its own weights: they stream from memory as in a step
-    layer_s = sum(time_shape(n, k, batch, copies, dtype) for n, k in layer)
-    lm_head_s = time_shape(*lm_head, batch, 2, dtype)
-    step_s = layer_s * num_layers + lm_head_s
+    timed = [time_shape(n, k, batch, copies, dtype, with_quiver) for n, k in layer]
+    lm_head_s, lm_head_kernel = time_shape(*lm_head, batch, 2, dtype, with_quiver)
+    step_s = sum(seconds for seconds, _ in timed) * num_layers + lm_head_s
     flops = 2 * batch * (num_layers * sum(n * k for n, k in layer) + lm_head[0] * lm_head[1])
     return {"batch": batch, "gemm_ms_per_step": round(step_s * 1e3, 2),
             "gflop_per_s": round(flops / step_s / 1e9, 1),
-            "ceiling_tokens_per_s": round(batch / step_s, 1)}
+            "ceiling_tokens_per_s": round(batch / step_s, 1),
+            "kernels": [kernel for _, kernel in timed] + [lm_head_kernel]}
+
+
+def load_quiver_kernels(cache_dir: Path) -> bool:
+    from serving.kernels.build import load_cpu_kernels
+
+    loaded = load_cpu_kernels(cache_dir)
+    if loaded.library is None:
+        print(f"quiver::linear left out: {loaded.reason}", file=sys.stderr)
+    return loaded.library is not None
 
 
 def main() -> int:
@@ -74,12 +94,20 @@ def main() -> int:
     parser.add_argument("model", type=Path)
     parser.add_argument("--batches", default="1,8,32,64")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--kernel-cache", type=Path, default=None,
+                        help="where Quiver's C++ library is built and cached (default: "
+                             "quiver serve's compile cache); 'none' leaves quiver::linear out")
     args = parser.parse_args()
+    from serving.engine.config import default_cache_dir
+
+    with_quiver = str(args.kernel_cache) != "none" and load_quiver_kernels(
+        args.kernel_cache or default_cache_dir())
     torch.manual_seed(0)
     with torch.inference_mode():
-        rows = [ceiling(args.model, int(batch), getattr(torch, args.dtype))
+        rows = [ceiling(args.model, int(batch), getattr(torch, args.dtype), with_quiver)
                 for batch in args.batches.split(",")]
-    print(json.dumps({"dtype": args.dtype, "threads": torch.get_num_threads(), "ceiling": rows}))
+    print(json.dumps({"dtype": args.dtype, "threads": torch.get_num_threads(),
+                      "quiver_kernels": with_quiver, "ceiling": rows}))
     return 0
 
 

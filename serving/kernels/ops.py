@@ -12,8 +12,10 @@ Both are registered with fake (meta) implementations so a compiled graph can hol
 graph sees one opaque call per layer, whose only output is `[T, H * D]`.
 
 `quiver::linear(x, weight, bias)` is `F.linear` through oneDNN on a weight reordered once by
-`quiver::pack_linear_weight` (`csrc/packed_linear.cpp` says why and how); both have only the
-C++ CPU kernel.
+`quiver::pack_linear_weight` (`csrc/packed_linear.cpp` says why and how), or over one or two
+bf16 rows through Quiver's own bandwidth-bound kernel (`csrc/skinny_linear.h`); both have only
+the C++ CPU kernel. `quiver::set_skinny_max_rows(rows)`, defined by the C++ library itself,
+lowers how many rows that kernel takes (0: none) and returns the previous limit.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 //
 //   quiver::pack_linear_weight(Tensor weight, int batch_size) -> ()
 //   quiver::linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor
+//   quiver::set_skinny_max_rows(int rows) -> int   (the previous limit; 0..2)
 //
 // oneDNN runs a bf16 GEMM fastest on a weight reordered into its blocked layout, which
 // torch keeps in an opaque (mkldnn) tensor that torch.compile cannot trace; inductor only
@@ -96,7 +97,18 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
                                c10::List<std::optional<at::Scalar>>(), "");
 }
 
+int64_t set_skinny_max_rows(int64_t rows) {
+  TORCH_CHECK(rows >= 0 && rows <= kSkinnyMaxRows, "skinny_linear takes 0 to ", kSkinnyMaxRows,
+              " rows, not ", rows);
+  return skinny_rows_limit().exchange(rows);
+}
+
 }  // namespace
+
+// No tensor argument to dispatch on: defined here, with its kernel, for every backend.
+TORCH_LIBRARY_FRAGMENT(quiver, m) {
+  m.def("set_skinny_max_rows(int rows) -> int", &set_skinny_max_rows);
+}
 
 TORCH_LIBRARY_IMPL(quiver, CPU, m) {
   m.impl("pack_linear_weight", &pack_linear_weight);

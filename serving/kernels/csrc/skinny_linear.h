@@ -22,6 +22,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <optional>
 #include <vector>
@@ -33,6 +34,13 @@ namespace quiver {
 
 // The most rows `skinny_linear` takes.
 constexpr int64_t kSkinnyMaxRows = 2;
+
+// The most rows it takes now: kSkinnyMaxRows unless quiver::set_skinny_max_rows lowered it
+// (0 sends every call to oneDNN: benchmarks/engine_steps.py's A/B, a suspected kernel).
+inline std::atomic<int64_t>& skinny_rows_limit() {
+  static std::atomic<int64_t> limit{kSkinnyMaxRows};
+  return limit;
+}
 
 namespace skinny_detail {
 
@@ -122,7 +130,9 @@ inline std::optional<at::Tensor> skinny_linear(const at::Tensor& x, const at::Te
     return std::nullopt;
   }
   const int64_t rows = x.numel() / std::max<int64_t>(k_size, 1);
-  if (rows < 1 || rows > kSkinnyMaxRows || k_size == 0) return std::nullopt;
+  if (rows < 1 || rows > skinny_rows_limit().load(std::memory_order_relaxed) || k_size == 0) {
+    return std::nullopt;
+  }
   const at::Tensor x_rows = x.reshape({rows, k_size}).contiguous();
   std::vector<float> bias_f32;
   if (bias && bias->defined()) {

@@ -56,6 +56,24 @@ def test_a_few_bf16_rows_round_the_exact_product_once(cpp_kernels, in_features,
         assert (output.double() - exact).abs().mean() < (one_ulp / 4).mean()
 
 
+def test_the_skinny_kernel_can_be_switched_off_and_back(cpp_kernels) -> None:
+    """`set_skinny_max_rows(0)` sends one-row calls to oneDNN (the engine A/B's switch): the
+    same products within bf16 rounding, and the limit it returns puts the kernel back."""
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(200, 576, generator=generator).bfloat16()
+    x = torch.randn(1, 576, generator=generator).bfloat16()
+    skinny = torch.ops.quiver.linear(x, weight, None)
+    previous = torch.ops.quiver.set_skinny_max_rows(0)
+    try:
+        assert previous == 2
+        onednn = torch.ops.quiver.linear(x, weight, None)
+    finally:
+        assert torch.ops.quiver.set_skinny_max_rows(previous) == 0
+    torch.testing.assert_close(onednn.float(), skinny.float(), atol=2e-2, rtol=2**-7)
+    with pytest.raises(RuntimeError, match="takes 0 to 2 rows, not 3"):
+        torch.ops.quiver.set_skinny_max_rows(3)
+
+
 def test_unpacked_or_freed_weights_take_plain_linear(cpp_kernels) -> None:
     """A weight never packed, or one allocated where a packed (now freed) weight was,
     gets its own product, never a stale reordered twin."""

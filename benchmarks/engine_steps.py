@@ -1,0 +1,184 @@
+"""In-process A/B of native-engine variants: `python benchmarks/engine_steps.py`.
+
+    python benchmarks/engine_steps.py [--variants default,onednn-linear,eager]
+                                      [--concurrency 1,32] [--rounds 4]
+
+`benchmarks/engine.py` runs whole servers one after the other, so this host's drift (10-25 %
+within an hour) lands between them and can swamp a change of a few percent. Here every
+variant lives in one process and the runs interleave — round after round, each variant in
+turn at each concurrency — so drift hits all of them alike. Each run drives the engine core
+directly (no HTTP): `concurrency` requests of distinct random 128-token prompts, `--output`
+tokens each, greedy, EOS ignored; it records the median decode step over the run's last
+steps and the run's output tokens/s. Reported per variant: the median over rounds and the
+ratio to the first variant.
+
+Variants:
+- `default`: the engine as `quiver serve` builds it (compiled, C++ kernels).
+- `onednn-linear`: the same runner with the one-or-two-row linear kernel switched off
+  (`quiver::set_skinny_max_rows(0)` around its runs): oneDNN takes every projection.
+- `eager`: `--enforce-eager` (its own runner: C++ kernels, no compiled graphs).
+Results: benchmarks/results/engine_steps.json, with the CPU's flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.engine import cpu_info  # noqa: E402
+from serving.engine.config import (  # noqa: E402
+    CacheConfig,
+    CompilationConfig,
+    SchedulerConfig,
+    default_cache_dir,
+)
+from serving.engine.core import EngineCore, RequestStates  # noqa: E402
+from serving.engine.model_runner import ModelRunner  # noqa: E402
+from serving.engine.request import Request  # noqa: E402
+from serving.engine.sampler import Sampler  # noqa: E402
+from serving.engine.sampling_params import SamplingParams  # noqa: E402
+from serving.engine.scheduler import Scheduler  # noqa: E402
+
+VARIANTS = ("default", "onednn-linear", "eager")
+BLOCK_SIZE = 16
+NUM_BLOCKS = 4096
+PROMPT_TOKENS = 128
+
+
+@dataclass
+class Variant:
+    name: str
+    core: EngineCore
+    vocab_size: int
+    skinny_rows: int | None = None  # the linear kernel's row limit during its runs
+    steps_ms: dict[int, list[float]] = field(default_factory=dict)
+    tokens_per_s: dict[int, list[float]] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        if self.skinny_rows is None:
+            yield
+            return
+        previous = torch.ops.quiver.set_skinny_max_rows(self.skinny_rows)
+        try:
+            yield
+        finally:
+            torch.ops.quiver.set_skinny_max_rows(previous)
+
+
+def make_core(model: Path, *, eager: bool, cache_dir: Path) -> EngineCore:
+    sampler = Sampler(torch.device("cpu"))
+    runner = ModelRunner(model, device=torch.device("cpu"), dtype=torch.bfloat16,
+                         num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, sampler=sampler,
+                         compilation=CompilationConfig(enforce_eager=eager,
+                                                       cache_dir=cache_dir))
+    scheduler = Scheduler(SchedulerConfig(max_model_len=2048),
+                          CacheConfig(block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS))
+    return EngineCore(scheduler, runner, RequestStates(sampler, runner.pooler))
+
+
+def make_variants(model: Path, names: list[str],
+                  cache_dir: Path | None = None) -> list[Variant]:
+    cores: dict[bool, EngineCore] = {}  # default and onednn-linear share a runner
+
+    def core(eager: bool) -> EngineCore:
+        if eager not in cores:
+            cores[eager] = make_core(model, eager=eager,
+                                     cache_dir=cache_dir or default_cache_dir())
+        return cores[eager]
+
+    vocab_size = json.loads((model / "config.json").read_text())["vocab_size"]
+    variants = []
+    for name in names:
+        if name not in VARIANTS:
+            raise SystemExit(f"unknown variant {name!r}: choose from {', '.join(VARIANTS)}")
+        variants.append(Variant(name, core(name == "eager"), vocab_size,
+                                skinny_rows=0 if name == "onednn-linear" else None))
+    return variants
+
+
+def run(variant: Variant, concurrency: int, output_tokens: int, rng: random.Random,
+        tag: str) -> tuple[float, float]:
+    """(median decode step in ms over the last steps, output tokens/s) of one run."""
+    core = variant.core
+    for i in range(concurrency):
+        prompt = [rng.randrange(variant.vocab_size) for _ in range(PROMPT_TOKENS)]
+        params = SamplingParams(max_tokens=output_tokens, ignore_eos=True, temperature=0.0)
+        core.add_request(Request(request_id=f"{tag}-{i}", prompt_token_ids=prompt,
+                                 sampling_params=params))
+    steps = []
+    with variant.active(), torch.inference_mode():
+        start = time.perf_counter()
+        while core.has_unfinished_requests():
+            step_start = time.perf_counter()
+            core.step()
+            steps.append(time.perf_counter() - step_start)
+        elapsed = time.perf_counter() - start
+    decode = steps[-max(1, output_tokens // 2):]  # past prefill: every request decoding
+    return statistics.median(decode) * 1e3, concurrency * output_tokens / elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=ROOT / "models/smollm2-135m-instruct")
+    parser.add_argument("--variants", default="default,onednn-linear",
+                        type=lambda text: text.split(","))
+    parser.add_argument("--concurrency", default="1,32",
+                        type=lambda text: [int(c) for c in text.split(",")])
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--output", type=int, default=64, help="output tokens a request")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--compile-cache-dir", type=Path, default=None,
+                        help="built kernels and compiled graphs (default: quiver serve's)")
+    args = parser.parse_args()
+    variants = make_variants(args.model.resolve(), args.variants, args.compile_cache_dir)
+    rng = random.Random(0)
+    for concurrency in args.concurrency:  # warm-up: first-use costs stay out of the rounds
+        for variant in variants:
+            run(variant, concurrency, 8, rng, f"warm-{variant.name}-{concurrency}")
+    for round_index in range(args.rounds):
+        for concurrency in args.concurrency:
+            for variant in variants:
+                step_ms, tokens_per_s = run(variant, concurrency, args.output, rng,
+                                            f"r{round_index}-{variant.name}-{concurrency}")
+                variant.steps_ms.setdefault(concurrency, []).append(round(step_ms, 2))
+                variant.tokens_per_s.setdefault(concurrency, []).append(round(tokens_per_s, 1))
+    rows = []
+    for concurrency in args.concurrency:
+        base = statistics.median(variants[0].steps_ms[concurrency])
+        for variant in variants:
+            step = statistics.median(variant.steps_ms[concurrency])
+            rows.append({"variant": variant.name, "concurrency": concurrency,
+                         "decode_step_ms": round(step, 2),
+                         "step_vs_first": round(step / base, 3),
+                         "tokens_per_s": statistics.median(variant.tokens_per_s[concurrency]),
+                         "rounds_step_ms": variant.steps_ms[concurrency]})
+    cpu = cpu_info()
+    print(f"CPU: {cpu['model']} ({cpu['cores']} cores; {' '.join(cpu['flags'])})")
+    print(f"{'variant':<16}{'concurrency':>12}{'step ms':>10}{'vs first':>10}{'tok/s':>10}")
+    for row in rows:
+        print(f"{row['variant']:<16}{row['concurrency']:>12}{row['decode_step_ms']:>10}"
+              f"{row['step_vs_first']:>10}{row['tokens_per_s']:>10}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "engine_steps.json").write_text(json.dumps(
+        {"cpu": cpu, "rounds": args.rounds, "output_tokens": args.output,
+         "prompt_tokens": PROMPT_TOKENS, "results": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""benchmarks/engine_steps.py: the in-process A/B drives real engine cores and switches the
+one-or-two-row linear kernel only around its own variant's runs."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from serving.engine.config import default_cache_dir
+from serving.kernels.build import compiler
+
+
+def test_variants_run_and_the_kernel_switch_is_scoped(tiny_model_dir):
+    # the serving tests' cache (tests/serving/conftest.py): kernels built once a run
+    quiver_cache_dir = Path(os.environ.get("QUIVER_TEST_CACHE_DIR") or default_cache_dir())
+    if shutil.which(compiler()) is None:
+        pytest.skip(f"no C++ compiler ({compiler()}): the onednn-linear variant needs it")
+    from benchmarks.engine_steps import make_variants, run
+
+    default, onednn, eager = make_variants(tiny_model_dir, ["default", "onednn-linear", "eager"],
+                                           quiver_cache_dir)
+    assert default.core is onednn.core and eager.core is not default.core
+    with onednn.active():
+        assert torch.ops.quiver.set_skinny_max_rows(0) == 0  # off while its runs go
+    assert torch.ops.quiver.set_skinny_max_rows(2) == 2, "the limit came back after the run"
+    with pytest.raises(RuntimeError), onednn.active():
+        raise RuntimeError("a run that fails")
+    assert torch.ops.quiver.set_skinny_max_rows(2) == 2, "the limit came back after a failure"
+    rng = random.Random(0)
+    for variant in (default, onednn, eager):
+        step_ms, tokens_per_s = run(variant, 3, 6, rng, f"test-{variant.name}")
+        assert step_ms > 0 and tokens_per_s > 0
+        assert not variant.core.has_unfinished_requests()
+    with pytest.raises(SystemExit, match="unknown variant 'fast'"):
+        make_variants(tiny_model_dir, ["fast"], quiver_cache_dir)

@@ -16,6 +16,8 @@ graph sees one opaque call per layer, whose only output is `[T, H * D]`.
 bf16 rows through Quiver's own bandwidth-bound kernel (`csrc/skinny_linear.h`); both have only
 the C++ CPU kernel. `quiver::set_skinny_max_rows(rows)`, defined by the C++ library itself,
 lowers how many rows that kernel takes (0: none) and returns the previous limit.
+`quiver::int8_linear(x, packed, scale, bias)` multiplies bf16 rows by a per-channel int8
+weight packed at load (`csrc/int8_linear.h`; AVX512-BF16 CPUs only).
 """
 
 from __future__ import annotations
@@ -44,11 +46,17 @@ torch.library.register_fake("quiver::paged_attention_reference", _fake, lib=_LIB
 
 _LIBRARY.define("pack_linear_weight(Tensor weight, int batch_size) -> ()")
 _LIBRARY.define("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+_LIBRARY.define("int8_linear(Tensor x, Tensor packed, Tensor scale, Tensor? bias) -> Tensor")
 
 
 @torch.library.register_fake("quiver::linear", lib=_LIBRARY)
 def _linear_fake(x, weight, bias):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.register_fake("quiver::int8_linear", lib=_LIBRARY)
+def _int8_linear_fake(x, packed, scale, bias):
+    return x.new_empty(*x.shape[:-1], packed.shape[0] * 16)
 
 
 def paged_attention_reference(

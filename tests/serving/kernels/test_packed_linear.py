@@ -74,6 +74,43 @@ def test_the_skinny_kernel_can_be_switched_off_and_back(cpp_kernels) -> None:
         torch.ops.quiver.set_skinny_max_rows(3)
 
 
+def has_avx512_bf16() -> bool:
+    return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+
+
+def pack_int8(values: torch.Tensor) -> torch.Tensor:
+    """`[N, K]` -> int8_linear's `[N/16, K/2, 32]` (as Int8Projection.prepack packs)."""
+    rows, features = values.shape
+    return (values.view(rows // 16, 16, features // 2, 2).permute(0, 2, 1, 3).contiguous()
+            .view(rows // 16, features // 2, 32))
+
+
+@pytest.mark.parametrize("in_features", [64, 176, 578])
+@pytest.mark.parametrize("leading", [(1,), (3,), (37,), (2, 8)])
+def test_int8_linear_is_the_scaled_integer_product_rounded_once(cpp_kernels, in_features,
+                                                                leading) -> None:
+    """Per-channel int8 weights: (x @ q^T) * scale + bias in float32, rounded to bf16 once,
+    for any row count (blocks of 16, 8, 4, 2 and 1 rows) and any even row length."""
+    generator = torch.Generator().manual_seed(in_features + len(leading))
+    values = torch.randint(-127, 128, (48, in_features), dtype=torch.int8, generator=generator)
+    scale = torch.rand(48, generator=generator) * 0.02
+    bias = torch.randn(48, generator=generator).bfloat16()
+    x = torch.randn(*leading, in_features, generator=generator).bfloat16()
+    if not has_avx512_bf16():
+        with pytest.raises(RuntimeError, match="needs a CPU with AVX512-BF16"):
+            torch.ops.quiver.int8_linear(x, pack_int8(values), scale, bias)
+        return
+    for b in (bias, None):
+        exact = (x.double() @ values.double().t()) * scale.double()
+        exact = exact if b is None else exact + b.double()
+        output = torch.ops.quiver.int8_linear(x, pack_int8(values), scale, b)
+        assert output.shape == (*leading, 48) and output.dtype == torch.bfloat16
+        one_ulp = exact.abs().clamp_min(1e-3) * 2.0**-7
+        assert ((output.double() - exact).abs() <= one_ulp).all()
+    with pytest.raises(RuntimeError, match="x must be bf16"):
+        torch.ops.quiver.int8_linear(x.float(), pack_int8(values), scale, None)
+
+
 def test_unpacked_or_freed_weights_take_plain_linear(cpp_kernels) -> None:
     """A weight never packed, or one allocated where a packed (now freed) weight was,
     gets its own product, never a stale reordered twin."""

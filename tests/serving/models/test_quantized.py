@@ -343,6 +343,40 @@ def test_kernel_and_dequantized_paths_match_the_fallback(
             assert relative_error(kernel(x.to(dtype)).float(), expected) < tolerance
 
 
+@pytest.mark.parametrize("weights", [scheme(8, True, None), scheme(8, False, 32)])
+def test_symmetric_per_channel_int8_runs_quivers_kernel(
+    tiny_model_dir: Path, tmp_path: Path, quiver_cache_dir: Path, weights: dict
+) -> None:
+    """Packed at load, a symmetric per-channel bf16 int8 weight takes `quiver::int8_linear`
+    for every batch (where the CPU has AVX512-BF16): the same products as torch's kernel and
+    the dequantized weight, and nothing dequantizes; other schemes keep torch's kernel."""
+    from serving.kernels.build import load_cpu_kernels
+    from serving.models.linear import Packing
+
+    if load_cpu_kernels(quiver_cache_dir).library is None:
+        pytest.skip("no C++ compiler: the C++ library (and its int8 kernel) cannot build")
+    quant_dir, _ = write_rtn_dirs(tiny_model_dir, tmp_path, weights)
+    config = QuantizationConfig.from_model_dir(quant_dir)
+    name = "model.layers.0.mlp.down_proj"  # N = 64, K = 176
+    with safe_open(quant_dir / "model.safetensors", "pt") as handle:
+        weight = read_quantized(handle.get_tensor, name, config.weight_args(name))
+    reference = Int8Projection(weight, None, torch.bfloat16)
+    packed = Int8Projection(weight, None, torch.bfloat16)
+    packed.prepack(Packing.KERNEL)
+    runs_kernel = weights["symmetric"] and "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    assert (packed.kernel == "quiver_int8") == runs_kernel
+    if not runs_kernel:
+        assert packed.max_kernel_tokens(torch.bfloat16) == 32
+        return
+    assert packed.max_kernel_tokens(torch.bfloat16) is None  # one compiled graph for all
+    assert torch.equal(packed.dequantized(torch.bfloat16), reference.dequantized(torch.bfloat16))
+    x = torch.randn(300, 176, generator=torch.Generator().manual_seed(0)).bfloat16()
+    with torch.inference_mode():
+        for rows in (1, 2, 5, 32, 300):  # 300: torch's path dequantizes, the kernel does not
+            expected = reference(x[:rows]).float()
+            assert relative_error(packed(x[:rows]).float(), expected) < 2e-2
+
+
 def test_fused_projections_keep_per_row_scales(tiny_model_dir: Path, tmp_path: Path) -> None:
     quant_dir, _ = write_rtn_dirs(tiny_model_dir, tmp_path, scheme(4, False, 32))
     model = load_model(quant_dir, dtype=torch.float32)

@@ -17,6 +17,8 @@ Variants:
 - `onednn-linear`: the same runner with the one-or-two-row linear kernel switched off
   (`quiver::set_skinny_max_rows(0)` around its runs): oneDNN takes every projection.
 - `eager`: `--enforce-eager` (its own runner: C++ kernels, no compiled graphs).
+- `other-model`: the default engine on `--other-model DIR` (e.g. an int8 or w4a16 artifact
+  of `--model`: quantized against float, in one process).
 Results: benchmarks/results/engine_steps.json, with the CPU's flags.
 """
 
@@ -52,7 +54,7 @@ from serving.engine.sampler import Sampler  # noqa: E402
 from serving.engine.sampling_params import SamplingParams  # noqa: E402
 from serving.engine.scheduler import Scheduler  # noqa: E402
 
-VARIANTS = ("default", "onednn-linear", "eager")
+VARIANTS = ("default", "onednn-linear", "eager", "other-model")
 BLOCK_SIZE = 16
 NUM_BLOCKS = 4096
 PROMPT_TOKENS = 128
@@ -90,22 +92,25 @@ def make_core(model: Path, *, eager: bool, cache_dir: Path) -> EngineCore:
     return EngineCore(scheduler, runner, RequestStates(sampler, runner.pooler))
 
 
-def make_variants(model: Path, names: list[str],
-                  cache_dir: Path | None = None) -> list[Variant]:
-    cores: dict[bool, EngineCore] = {}  # default and onednn-linear share a runner
+def make_variants(model: Path, names: list[str], cache_dir: Path | None = None,
+                  other_model: Path | None = None) -> list[Variant]:
+    cores: dict[tuple[Path, bool], EngineCore] = {}  # default and onednn-linear share one
 
-    def core(eager: bool) -> EngineCore:
-        if eager not in cores:
-            cores[eager] = make_core(model, eager=eager,
-                                     cache_dir=cache_dir or default_cache_dir())
-        return cores[eager]
+    def core(model_dir: Path, eager: bool) -> EngineCore:
+        if (model_dir, eager) not in cores:
+            cores[model_dir, eager] = make_core(model_dir, eager=eager,
+                                                cache_dir=cache_dir or default_cache_dir())
+        return cores[model_dir, eager]
 
-    vocab_size = json.loads((model / "config.json").read_text())["vocab_size"]
     variants = []
     for name in names:
         if name not in VARIANTS:
             raise SystemExit(f"unknown variant {name!r}: choose from {', '.join(VARIANTS)}")
-        variants.append(Variant(name, core(name == "eager"), vocab_size,
+        if name == "other-model" and other_model is None:
+            raise SystemExit("the other-model variant needs --other-model DIR")
+        model_dir = other_model if name == "other-model" else model
+        vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+        variants.append(Variant(name, core(model_dir, name == "eager"), vocab_size,
                                 skinny_rows=0 if name == "onednn-linear" else None))
     return variants
 
@@ -144,8 +149,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--compile-cache-dir", type=Path, default=None,
                         help="built kernels and compiled graphs (default: quiver serve's)")
+    parser.add_argument("--other-model", type=Path, default=None,
+                        help="the other-model variant's checkpoint or artifact")
     args = parser.parse_args()
-    variants = make_variants(args.model.resolve(), args.variants, args.compile_cache_dir)
+    variants = make_variants(args.model.resolve(), args.variants, args.compile_cache_dir,
+                             args.other_model.resolve() if args.other_model else None)
     rng = random.Random(0)
     for concurrency in args.concurrency:  # warm-up: first-use costs stay out of the rounds
         for variant in variants:

@@ -38,3 +38,5 @@ def test_variants_run_and_the_kernel_switch_is_scoped(tiny_model_dir):
         assert not variant.core.has_unfinished_requests()
     with pytest.raises(SystemExit, match="unknown variant 'fast'"):
         make_variants(tiny_model_dir, ["fast"], quiver_cache_dir)
+    with pytest.raises(SystemExit, match="needs --other-model"):
+        make_variants(tiny_model_dir, ["other-model"], quiver_cache_dir)

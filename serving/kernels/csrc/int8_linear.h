@@ -12,9 +12,10 @@
 // takes (integers up to 127 are exact in bf16); each row of x multiplies them with its own
 // pair of features broadcast to every lane, so a tile's 16 column sums for up to 16 rows
 // stay in registers, with no horizontal sums. Each weight tile is read from memory once per
-// call (further row blocks find it in L1); the per-column scale and the bias apply once, to
-// the float32 sums, which are rounded to bf16 once. Needs AVX512-BF16: elsewhere the op
-// refuses and the projection keeps torch's kernel (serving/models/quant.py probes it).
+// call; past 16 rows it is widened once into a buffer every row block reads. The scale and
+// the bias apply once, to the float32 sums, which are rounded to bf16 once. Needs
+// AVX512-BF16: elsewhere the op refuses and the projection keeps torch's kernel
+// (serving/models/quant.py probes it).
 
 #pragma once
 
@@ -60,10 +61,22 @@ inline __m512bh broadcast_pair(const uint16_t* x) {
   return reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
 }
 
+// The tile's bf16 pairs for feature pair p: widened from int8 now, or read back from a
+// buffer that one pass widened for every row block after it (`kWidened`).
+template <bool kWidened>
+inline __m512bh tile_pairs(const void* tile, int64_t p) {
+  if constexpr (kWidened) {
+    return reinterpret_cast<__m512bh>(
+        _mm512_loadu_si512(static_cast<const uint16_t*>(tile) + p * kPairBytes));
+  } else {
+    return widen_pairs(static_cast<const int8_t*>(tile) + p * kPairBytes);
+  }
+}
+
 // out[m][0..16) = x[m] . tile columns, scaled, biased, for M rows of x. Two accumulators a
 // row while rows are few, so a dependent chain of dot products never sets the pace.
-template <int M>
-inline void tile_rows(const uint16_t* x, int64_t k_size, const int8_t* tile, const float* scale,
+template <int M, bool kWidened>
+inline void tile_rows(const uint16_t* x, int64_t k_size, const void* tile, const float* scale,
                       const float* bias, c10::BFloat16* out, int64_t out_stride) {
   constexpr int kSets = M <= 4 ? 2 : 1;
   __m512 acc[kSets][M];
@@ -73,14 +86,14 @@ inline void tile_rows(const uint16_t* x, int64_t k_size, const int8_t* tile, con
   int64_t p = 0;
   for (; p + kSets <= pairs; p += kSets) {
     for (int s = 0; s < kSets; ++s) {
-      const __m512bh w = widen_pairs(tile + (p + s) * kPairBytes);
+      const __m512bh w = tile_pairs<kWidened>(tile, p + s);
       for (int m = 0; m < M; ++m) {
         acc[s][m] = _mm512_dpbf16_ps(acc[s][m], broadcast_pair(x + m * k_size + 2 * (p + s)), w);
       }
     }
   }
   for (; p < pairs; ++p) {
-    const __m512bh w = widen_pairs(tile + p * kPairBytes);
+    const __m512bh w = tile_pairs<kWidened>(tile, p);
     for (int m = 0; m < M; ++m) {
       acc[0][m] = _mm512_dpbf16_ps(acc[0][m], broadcast_pair(x + m * k_size + 2 * p), w);
     }
@@ -95,26 +108,46 @@ inline void tile_rows(const uint16_t* x, int64_t k_size, const int8_t* tile, con
   }
 }
 
-// Every row of x against one tile: blocks of 16 rows, then 8, 4, 2, 1 for the rest.
-inline void tile_all_rows(const uint16_t* x, int64_t rows, int64_t k_size, const int8_t* tile,
-                          const float* scale, const float* bias, c10::BFloat16* out,
-                          int64_t n_size) {
+// Rows [m, rows) of x against one tile: blocks of 16 rows, then 8, 4, 2, 1 for the rest.
+template <bool kWidened>
+inline void tile_row_blocks(const uint16_t* x, int64_t rows, int64_t k_size, const void* tile,
+                            const float* scale, const float* bias, c10::BFloat16* out,
+                            int64_t n_size) {
   int64_t m = 0;
   for (; m + 16 <= rows; m += 16)
-    tile_rows<16>(x + m * k_size, k_size, tile, scale, bias, out + m * n_size, n_size);
-  if (m + 8 <= rows) {
-    tile_rows<8>(x + m * k_size, k_size, tile, scale, bias, out + m * n_size, n_size);
-    m += 8;
+    tile_rows<16, kWidened>(x + m * k_size, k_size, tile, scale, bias, out + m * n_size,
+                            n_size);
+  for (int block = 8; block >= 1; block /= 2) {
+    if (m + block > rows) continue;
+    const uint16_t* x_rows = x + m * k_size;
+    c10::BFloat16* out_rows = out + m * n_size;
+    switch (block) {
+      case 8: tile_rows<8, kWidened>(x_rows, k_size, tile, scale, bias, out_rows, n_size); break;
+      case 4: tile_rows<4, kWidened>(x_rows, k_size, tile, scale, bias, out_rows, n_size); break;
+      case 2: tile_rows<2, kWidened>(x_rows, k_size, tile, scale, bias, out_rows, n_size); break;
+      default: tile_rows<1, kWidened>(x_rows, k_size, tile, scale, bias, out_rows, n_size);
+    }
+    m += block;
   }
-  if (m + 4 <= rows) {
-    tile_rows<4>(x + m * k_size, k_size, tile, scale, bias, out + m * n_size, n_size);
-    m += 4;
+}
+
+// Every row of x against one tile. Past one block of rows, the tile is widened to bf16 once
+// (`widened`: K * 16 values, the thread's own) and every block reads that instead, so a
+// prefill pays the widening once per tile instead of once per 16 rows.
+inline void tile_all_rows(const uint16_t* x, int64_t rows, int64_t k_size, const int8_t* tile,
+                          const float* scale, const float* bias, c10::BFloat16* out,
+                          int64_t n_size, std::vector<uint16_t>& widened) {
+  if (rows <= 16) {
+    tile_row_blocks<false>(x, rows, k_size, tile, scale, bias, out, n_size);
+    return;
   }
-  if (m + 2 <= rows) {
-    tile_rows<2>(x + m * k_size, k_size, tile, scale, bias, out + m * n_size, n_size);
-    m += 2;
+  const int64_t pairs = k_size / 2;
+  widened.resize(pairs * kPairBytes);
+  for (int64_t p = 0; p < pairs; ++p) {
+    _mm512_storeu_si512(widened.data() + p * kPairBytes,
+                        reinterpret_cast<__m512i>(widen_pairs(tile + p * kPairBytes)));
   }
-  if (m < rows) tile_rows<1>(x + m * k_size, k_size, tile, scale, bias, out + m * n_size, n_size);
+  tile_row_blocks<true>(x, rows, k_size, widened.data(), scale, bias, out, n_size);
 }
 #endif  // __AVX512BF16__
 
@@ -156,10 +189,11 @@ inline at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed,
   const int64_t tile_bytes = k_size / 2 * kPairBytes;
   // Tiles split between threads, each a contiguous run of the packed weight.
   at::parallel_for(0, packed.size(0), 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint16_t> widened;
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t column = tile * kTile;
       tile_all_rows(x_data, rows, k_size, w_data + tile * tile_bytes, s_data + column,
-                    b_data ? b_data + column : nullptr, o_data + column, n_size);
+                    b_data ? b_data + column : nullptr, o_data + column, n_size, widened);
     }
   });
   return out;

@@ -14,8 +14,8 @@ graph sees one opaque call per layer, whose only output is `[T, H * D]`.
 `quiver::linear(x, weight, bias)` is `F.linear` through oneDNN on a weight reordered once by
 `quiver::pack_linear_weight` (`csrc/packed_linear.cpp` says why and how), or over one or two
 bf16 rows through Quiver's own bandwidth-bound kernel (`csrc/skinny_linear.h`); both have only
-the C++ CPU kernel. `quiver::set_skinny_max_rows(rows)`, defined by the C++ library itself,
-lowers how many rows that kernel takes (0: none) and returns the previous limit.
+the C++ CPU kernel. `quiver::set_skinny_max_rows(rows)` (a composite C++ kernel: no tensor
+to dispatch on) lowers how many rows that kernel takes (0: none) and returns the previous limit.
 `quiver::int8_linear(x, packed, scale, bias)` multiplies bf16 rows by a per-channel int8
 weight packed at load (`csrc/int8_linear.h`; AVX512-BF16 CPUs only).
 """
@@ -47,6 +47,7 @@ torch.library.register_fake("quiver::paged_attention_reference", _fake, lib=_LIB
 _LIBRARY.define("pack_linear_weight(Tensor weight, int batch_size) -> ()")
 _LIBRARY.define("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 _LIBRARY.define("int8_linear(Tensor x, Tensor packed, Tensor scale, Tensor? bias) -> Tensor")
+_LIBRARY.define("set_skinny_max_rows(int rows) -> int")
 
 
 @torch.library.register_fake("quiver::linear", lib=_LIBRARY)

@@ -118,7 +118,6 @@ class Int8Projection(Projection):
     def __init__(self, weight: QuantizedTensor, bias: torch.Tensor | None,
                  dtype: torch.dtype) -> None:
         super().__init__(bias)
-        self.kernel_scale: torch.Tensor | None = None  # set where quiver::int8_linear runs
         num_rows, self.in_features = weight.shape
         self.group_size = weight.effective_group_size
         self.num_groups = weight.scale.shape[1]
@@ -131,6 +130,7 @@ class Int8Projection(Projection):
         if weight.zero_point is not None:  # (q - zp) * s = q * s - zp * s, in float32
             zero_scales = weight.zero_point.float() * weight.scale.float()
         self.register_buffer("zero_scales", zero_scales)  # [N, G]
+        self.register_buffer("kernel_scale", None)  # float32 [N] where quiver::int8_linear runs
 
     def describe(self) -> str:
         zero = ", zero-point correction" if self.zero_scales is not None else ""
@@ -145,8 +145,9 @@ class Int8Projection(Projection):
         num_rows = self.values.shape[1]
         if (packing is not Packing.KERNEL or self.kernel_scale is not None
                 or self.num_groups != 1 or self.zero_scales is not None
+                or self.padded_features != self.in_features  # one group wider than K
                 or self.scales.dtype != torch.bfloat16 or num_rows % 16
-                or self.padded_features % 2):
+                or self.in_features % 2):
             return
         pairs = self.padded_features // 2
         packed = (self.values[0].view(num_rows // 16, 16, pairs, 2).permute(0, 2, 1, 3)

@@ -28,7 +28,7 @@
 #include <cstring>
 #include <optional>
 #include <vector>
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #endif
 
@@ -38,7 +38,7 @@ namespace int8_detail {
 constexpr int64_t kTile = 16;          // output columns a tile: one register's float lanes
 constexpr int64_t kPairBytes = 2 * kTile;  // a tile's int8 values for one pair of features
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
 // A tile's 32 int8 values for one feature pair -> 16 lanes of (feature k, feature k + 1)
 // as bf16: sign-extend to 16 bits, split each lane's halves into float32 and keep their top
 // 16 bits (exact: an int8 has at most 8 significant bits).
@@ -149,7 +149,7 @@ inline void tile_all_rows(const uint16_t* x, int64_t rows, int64_t k_size, const
   }
   tile_row_blocks<true>(x, rows, k_size, widened.data(), scale, bias, out, n_size);
 }
-#endif  // __AVX512BF16__
+#endif  // __AVX512BF16__ && __AVX512BW__
 
 }  // namespace int8_detail
 
@@ -168,7 +168,7 @@ inline at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed,
   TORCH_CHECK(!bias || !bias->defined() ||
                   (bias->scalar_type() == at::kBFloat16 && bias->numel() == n_size),
               "int8_linear: bias must be bf16 [", n_size, "]");
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
   const at::Tensor x_rows = x.reshape({-1, k_size}).contiguous();
   const int64_t rows = x_rows.size(0);
   std::vector<float> bias_f32;
@@ -199,6 +199,7 @@ inline at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed,
   return out;
 #else
   TORCH_CHECK(false, "int8_linear needs a CPU with AVX512-BF16");
+  return at::Tensor();
 #endif
 }
 

@@ -108,9 +108,10 @@ int64_t set_skinny_max_rows(int64_t rows) {
 
 }  // namespace
 
-// No tensor argument to dispatch on: defined here, with its kernel, for every backend.
-TORCH_LIBRARY_FRAGMENT(quiver, m) {
-  m.def("set_skinny_max_rows(int rows) -> int", &set_skinny_max_rows);
+// No tensor argument to dispatch on: a composite kernel serves every backend (the schema is
+// defined in serving/kernels/ops.py, as every quiver op's is).
+TORCH_LIBRARY_IMPL(quiver, CompositeExplicitAutograd, m) {
+  m.impl("set_skinny_max_rows", &set_skinny_max_rows);
 }
 
 TORCH_LIBRARY_IMPL(quiver, CPU, m) {

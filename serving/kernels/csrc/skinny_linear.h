@@ -26,7 +26,7 @@
 #include <cstdint>
 #include <optional>
 #include <vector>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #endif
 
@@ -44,7 +44,7 @@ inline std::atomic<int64_t>& skinny_rows_limit() {
 
 namespace skinny_detail {
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)  // BW: the 16-bit masked loads
 constexpr int64_t kChunk = 32;  // bf16 values in one 512-bit register
 
 // acc's lanes += the products of 32 bf16 values of x and w, summed in pairs.
@@ -110,7 +110,7 @@ inline void skinny_rows(const uint16_t* x, const uint16_t* w, const float* bias,
     }
   });
 }
-#endif  // __AVX512F__
+#endif  // __AVX512F__ && __AVX512BW__
 
 }  // namespace skinny_detail
 
@@ -118,7 +118,7 @@ inline void skinny_rows(const uint16_t* x, const uint16_t* w, const float* bias,
 // contiguous weight, at most kSkinnyMaxRows rows, a CPU with AVX-512 — else nullopt.
 inline std::optional<at::Tensor> skinny_linear(const at::Tensor& x, const at::Tensor& weight,
                                                const std::optional<at::Tensor>& bias) {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
   if (x.scalar_type() != at::kBFloat16 || weight.scalar_type() != at::kBFloat16 ||
       weight.dim() != 2 || !weight.is_contiguous() || x.dim() < 1 ||
       x.size(-1) != weight.size(1) || x.device() != weight.device() || !x.device().is_cpu()) {

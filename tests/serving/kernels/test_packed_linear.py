@@ -35,7 +35,7 @@ def test_packed_linear_matches_f_linear(cpp_kernels, dtype, num_rows) -> None:
         torch.testing.assert_close(output.float(), reference, atol=tolerance, rtol=tolerance)
 
 
-@pytest.mark.parametrize("in_features", [80, 576, 1000])
+@pytest.mark.parametrize("in_features", [80, 81, 576, 1000])
 @pytest.mark.parametrize("leading", [(1,), (2,), (1, 2)])
 def test_a_few_bf16_rows_round_the_exact_product_once(cpp_kernels, in_features,
                                                       leading) -> None:
@@ -74,8 +74,16 @@ def test_the_skinny_kernel_can_be_switched_off_and_back(cpp_kernels) -> None:
         torch.ops.quiver.set_skinny_max_rows(3)
 
 
-def has_avx512_bf16() -> bool:
-    return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+def int8_kernel_runs() -> bool:
+    """Whether this build of the library has the int8 kernel (compiled for AVX512-BF16)."""
+    try:
+        torch.ops.quiver.int8_linear(torch.zeros(1, 2, dtype=torch.bfloat16),
+                                     torch.zeros(1, 1, 32, dtype=torch.int8), torch.ones(16),
+                                     None)
+    except RuntimeError as exc:
+        assert "needs a CPU with AVX512-BF16" in str(exc)
+        return False
+    return True
 
 
 def pack_int8(values: torch.Tensor) -> torch.Tensor:
@@ -86,17 +94,18 @@ def pack_int8(values: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("in_features", [64, 176, 578])
-@pytest.mark.parametrize("leading", [(1,), (3,), (37,), (2, 8)])
+@pytest.mark.parametrize("leading", [(1,), (3,), (15,), (31,), (37,), (2, 8)])
 def test_int8_linear_is_the_scaled_integer_product_rounded_once(cpp_kernels, in_features,
                                                                 leading) -> None:
     """Per-channel int8 weights: (x @ q^T) * scale + bias in float32, rounded to bf16 once,
-    for any row count (blocks of 16, 8, 4, 2 and 1 rows) and any even row length."""
+    for any row count (blocks of 16, 8, 4, 2 and 1 rows, the tile widened once past 16) and
+    any even row length."""
     generator = torch.Generator().manual_seed(in_features + len(leading))
     values = torch.randint(-127, 128, (48, in_features), dtype=torch.int8, generator=generator)
     scale = torch.rand(48, generator=generator) * 0.02
     bias = torch.randn(48, generator=generator).bfloat16()
     x = torch.randn(*leading, in_features, generator=generator).bfloat16()
-    if not has_avx512_bf16():
+    if not int8_kernel_runs():
         with pytest.raises(RuntimeError, match="needs a CPU with AVX512-BF16"):
             torch.ops.quiver.int8_linear(x, pack_int8(values), scale, bias)
         return

@@ -343,13 +343,15 @@ def test_kernel_and_dequantized_paths_match_the_fallback(
             assert relative_error(kernel(x.to(dtype)).float(), expected) < tolerance
 
 
-@pytest.mark.parametrize("weights", [scheme(8, True, None), scheme(8, False, 32)])
+@pytest.mark.parametrize("weights", [scheme(8, True, None), scheme(8, False, 32),
+                                     scheme(8, True, 32), scheme(8, True, 256)])
 def test_symmetric_per_channel_int8_runs_quivers_kernel(
     tiny_model_dir: Path, tmp_path: Path, quiver_cache_dir: Path, weights: dict
 ) -> None:
     """Packed at load, a symmetric per-channel bf16 int8 weight takes `quiver::int8_linear`
     for every batch (where the CPU has AVX512-BF16): the same products as torch's kernel and
-    the dequantized weight, and nothing dequantizes; other schemes keep torch's kernel."""
+    the dequantized weight, and nothing dequantizes; other schemes (zero points, groups —
+    also one group wider than the row, which pads it) keep torch's kernel."""
     from serving.kernels.build import load_cpu_kernels
     from serving.models.linear import Packing
 
@@ -363,7 +365,8 @@ def test_symmetric_per_channel_int8_runs_quivers_kernel(
     reference = Int8Projection(weight, None, torch.bfloat16)
     packed = Int8Projection(weight, None, torch.bfloat16)
     packed.prepack(Packing.KERNEL)
-    runs_kernel = weights["symmetric"] and "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    per_channel = weights["symmetric"] and weights["strategy"] == "channel"
+    runs_kernel = per_channel and int8_kernel_runs()
     assert (packed.kernel == "quiver_int8") == runs_kernel
     if not runs_kernel:
         assert packed.max_kernel_tokens(torch.bfloat16) == 32
@@ -375,6 +378,16 @@ def test_symmetric_per_channel_int8_runs_quivers_kernel(
         for rows in (1, 2, 5, 32, 300):  # 300: torch's path dequantizes, the kernel does not
             expected = reference(x[:rows]).float()
             assert relative_error(packed(x[:rows]).float(), expected) < 2e-2
+
+
+def int8_kernel_runs() -> bool:
+    try:
+        torch.ops.quiver.int8_linear(torch.zeros(1, 2, dtype=torch.bfloat16),
+                                     torch.zeros(1, 1, 32, dtype=torch.int8), torch.ones(16),
+                                     None)
+    except RuntimeError:
+        return False
+    return True
 
 
 def test_fused_projections_keep_per_row_scales(tiny_model_dir: Path, tmp_path: Path) -> None:

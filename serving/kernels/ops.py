@@ -16,8 +16,9 @@ graph sees one opaque call per layer, whose only output is `[T, H * D]`.
 bf16 rows through Quiver's own bandwidth-bound kernel (`csrc/skinny_linear.h`); both have only
 the C++ CPU kernel. `quiver::set_skinny_max_rows(rows)` (a composite C++ kernel: no tensor
 to dispatch on) lowers how many rows that kernel takes (0: none) and returns the previous limit.
-`quiver::int8_linear(x, packed, scale, bias)` multiplies bf16 rows by a per-channel int8
-weight packed at load (`csrc/int8_linear.h`; AVX512-BF16 CPUs only).
+`quiver::int8_linear(x, packed, scale, bias)` and `quiver::int4_linear(x, packed, group_size,
+scale, offset)` multiply bf16 rows by a per-channel int8 or a grouped int4 weight packed at
+load (`csrc/lowbit_linear.h`; AVX512-BF16 CPUs only).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ _LIBRARY.define("pack_linear_weight(Tensor weight, int batch_size) -> ()")
 _LIBRARY.define("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 _LIBRARY.define("int8_linear(Tensor x, Tensor packed, Tensor scale, Tensor? bias) -> Tensor")
 _LIBRARY.define("set_skinny_max_rows(int rows) -> int")
+_LIBRARY.define("int4_linear(Tensor x, Tensor packed, int group_size, Tensor scale, "
+                "Tensor offset) -> Tensor")
 
 
 @torch.library.register_fake("quiver::linear", lib=_LIBRARY)
@@ -57,6 +60,11 @@ def _linear_fake(x, weight, bias):
 
 @torch.library.register_fake("quiver::int8_linear", lib=_LIBRARY)
 def _int8_linear_fake(x, packed, scale, bias):
+    return x.new_empty(*x.shape[:-1], packed.shape[0] * 16)
+
+
+@torch.library.register_fake("quiver::int4_linear", lib=_LIBRARY)
+def _int4_linear_fake(x, packed, group_size, scale, offset):
     return x.new_empty(*x.shape[:-1], packed.shape[0] * 16)
 
 

@@ -16,7 +16,8 @@
   is one small correction matmul over per-group sums of the activation. A symmetric
   per-channel bf16 weight (what `quiver optimize int8` writes) is packed at load for Quiver's
   own kernel instead (`quiver::int8_linear`, AVX512-BF16 CPUs): 2-2.7x oneDNN's bf16 speed at
-  one row, even with it at 32, where torch's kernel ran 2.5-3.7x slower than it.
+  one row, even with it at 32, where torch's kernel ran 2.5-3.7x slower than it. On the same
+  CPUs a bf16 model's int4 weights are repacked alike for `quiver::int4_linear`.
 - `DequantProjection` (CUDA and other devices): keeps int8 values and dequantizes per call.
 
 The CPU kernels are GEMV-shaped: their time grows with every row, while the other way — a
@@ -244,6 +245,9 @@ class Int4Projection(Projection):
         self.register_buffer("scales_and_zeros", _scales_and_zeros(
             weight, group_size, self.padded_features, pad_rows
         ).to(dtype))
+        # set where quiver::int4_linear runs (prepack): float32 [K' / group, N'] each
+        self.register_buffer("kernel_scale", None)
+        self.register_buffer("kernel_offset", None)
 
     def describe(self) -> str:
         padding = ""
@@ -252,13 +256,43 @@ class Int4Projection(Projection):
                        f"[{self.padded_rows}, {self.padded_features}]")
         return f"{self.kernel} (group {self.group_size}{padding})"
 
+    def prepack(self, packing: Packing) -> None:
+        """Repack a bf16 model's weight for `quiver::int4_linear` (the C++ library's kernel):
+        tiles of 16 output columns, each input-feature pair's 16 bytes together (low nibble
+        feature 2p, high 2p + 1), `[N'/16, K'/2, 16]`, replacing torch's packing; scale and
+        zero become float32 (w = u * scale + offset). Where the kernel refuses (no
+        AVX512-BF16) or torch's layout is unknown, torch's kernel stays."""
+        if (packing is not Packing.KERNEL or self.kernel_scale is not None
+                or not self.row_blocked or self.scales_and_zeros.dtype != torch.bfloat16):
+            return
+        unsigned = unpack_int4(self.packed, self.padded_rows, self.padded_features)
+        pairs = unsigned.to(torch.uint8).view(self.padded_rows // 16, 16,
+                                              self.padded_features // 2, 2)
+        packed = (pairs[..., 0] | (pairs[..., 1] << 4)).transpose(1, 2).contiguous()
+        scale, zero = self.scales_and_zeros.float().unbind(-1)  # [K' / group, N']
+        scale, offset = scale.contiguous(), (zero - INT4_OFFSET * scale).contiguous()
+        try:  # the library refuses where the CPU lacks AVX512-BF16
+            torch.ops.quiver.int4_linear(
+                self.scales_and_zeros.new_zeros(1, self.padded_features), packed,
+                self.group_size, scale, offset)
+        except RuntimeError as exc:
+            logger.debug("int4 weights keep torch's kernel: %s", exc)
+            return
+        self.packed, self.kernel_scale, self.kernel_offset = packed, scale, offset
+        self.kernel = "quiver_int4"
+
     def max_kernel_tokens(self, dtype: torch.dtype) -> int | None:
+        if self.kernel_scale is not None:  # Quiver's kernel takes every batch
+            return None
         return kernel_max_tokens(self.kernel, dtype) if self.row_blocked else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padded_features != self.in_features:
             x = F.pad(x, (0, self.padded_features - self.in_features))
-        if x.shape[0] > kernel_max_tokens(self.kernel, x.dtype) and self.row_blocked:
+        if self.kernel_scale is not None:
+            output = torch.ops.quiver.int4_linear(x, self.packed, self.group_size,
+                                                  self.kernel_scale, self.kernel_offset)
+        elif x.shape[0] > kernel_max_tokens(self.kernel, x.dtype) and self.row_blocked:
             output = F.linear(x, self.dequantized(x.dtype))
         else:
             output = torch._weight_int4pack_mm_for_cpu(
@@ -270,7 +304,12 @@ class Int4Projection(Projection):
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The float weight `[N', K']` from the kernel's own packing (see `unpack_int4`)."""
-        unsigned = unpack_int4(self.packed, self.padded_rows, self.padded_features)
+        if self.kernel_scale is not None:  # Quiver's tiles: back to [N', K']
+            tiles = self.packed.transpose(1, 2)  # [N'/16, 16, K'/2]
+            unsigned = torch.stack([tiles & 0xF, tiles >> 4], dim=-1).reshape(
+                self.padded_rows, self.padded_features)
+        else:
+            unsigned = unpack_int4(self.packed, self.padded_rows, self.padded_features)
         scale, zero = self.scales_and_zeros.float().unbind(-1)  # [K' / group, N']
         scale = scale.t().repeat_interleave(self.group_size, dim=1)
         zero = zero.t().repeat_interleave(self.group_size, dim=1)

@@ -4,7 +4,9 @@
 //   quiver::linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor
 //   quiver::set_skinny_max_rows(int rows) -> int   (the previous limit; 0..2)
 //   quiver::int8_linear(Tensor x, Tensor packed, Tensor scale, Tensor? bias) -> Tensor
-//     (int8_linear.h: a per-channel int8 weight packed at load)
+//   quiver::int4_linear(Tensor x, Tensor packed, int group_size, Tensor scale,
+//                       Tensor offset) -> Tensor
+//     (lowbit_linear.h: low-bit weights packed at load)
 //
 // oneDNN runs a bf16 GEMM fastest on a weight reordered into its blocked layout, which
 // torch keeps in an opaque (mkldnn) tensor that torch.compile cannot trace; inductor only
@@ -16,7 +18,7 @@
 // its plain weight gone. A call over a few rows (a small decode step) takes
 // skinny_linear.h's kernel instead, on the plain weight.
 
-#include "int8_linear.h"
+#include "lowbit_linear.h"
 #include "skinny_linear.h"
 
 #include <ATen/core/Tensor.h>
@@ -118,6 +120,7 @@ TORCH_LIBRARY_IMPL(quiver, CPU, m) {
   m.impl("pack_linear_weight", &pack_linear_weight);
   m.impl("linear", &linear);
   m.impl("int8_linear", &int8_linear);
+  m.impl("int4_linear", &int4_linear);
 }
 
 }  // namespace quiver

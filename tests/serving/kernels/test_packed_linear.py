@@ -120,6 +120,42 @@ def test_int8_linear_is_the_scaled_integer_product_rounded_once(cpp_kernels, in_
         torch.ops.quiver.int8_linear(x.float(), pack_int8(values), scale, None)
 
 
+def pack_int4(unsigned: torch.Tensor) -> torch.Tensor:
+    """`[N, K]` values in [0, 15] -> int4_linear's `[N/16, K/2, 16]` bytes (as
+    Int4Projection.prepack packs: low nibble feature 2p, high nibble 2p + 1)."""
+    rows, features = unsigned.shape
+    pairs = unsigned.to(torch.uint8).view(rows // 16, 16, features // 2, 2)
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).transpose(1, 2).contiguous()
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("leading", [(1,), (2,), (7,), (9,), (37,), (2, 8)])
+def test_int4_linear_applies_group_scales_and_offsets_exactly(cpp_kernels, group_size,
+                                                             leading) -> None:
+    """Grouped int4 with zero points, w = u * scale + offset per group and column: float32
+    sums rounded to bf16 once, for every row block (8, 4, 2, 1; widened past 8 rows)."""
+    generator = torch.Generator().manual_seed(group_size + len(leading))
+    in_features = 2 * 128 + (64 if group_size <= 64 else 128)
+    unsigned = torch.randint(0, 16, (32, in_features), generator=generator)
+    groups = in_features // group_size
+    scale = torch.rand(groups, 32, generator=generator) * 0.02
+    offset = torch.randn(groups, 32, generator=generator) * 0.02
+    x = torch.randn(*leading, in_features, generator=generator).bfloat16()
+    if not int8_kernel_runs():  # one build flag gates both low-bit kernels
+        with pytest.raises(RuntimeError, match="needs a CPU with AVX512-BF16"):
+            torch.ops.quiver.int4_linear(x, pack_int4(unsigned), group_size, scale, offset)
+        return
+    weight = (unsigned.double() * scale.double().t().repeat_interleave(group_size, 1)
+              + offset.double().t().repeat_interleave(group_size, 1))
+    exact = x.double() @ weight.t()
+    output = torch.ops.quiver.int4_linear(x, pack_int4(unsigned), group_size, scale, offset)
+    assert output.shape == (*leading, 32) and output.dtype == torch.bfloat16
+    one_ulp = exact.abs().clamp_min(1e-2) * 2.0**-7
+    assert ((output.double() - exact).abs() <= one_ulp).all()
+    with pytest.raises(RuntimeError, match="group size must be even and divide"):
+        torch.ops.quiver.int4_linear(x, pack_int4(unsigned), 33, scale, offset)
+
+
 def test_unpacked_or_freed_weights_take_plain_linear(cpp_kernels) -> None:
     """A weight never packed, or one allocated where a packed (now freed) weight was,
     gets its own product, never a stale reordered twin."""

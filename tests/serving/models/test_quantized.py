@@ -380,6 +380,40 @@ def test_symmetric_per_channel_int8_runs_quivers_kernel(
             assert relative_error(packed(x[:rows]).float(), expected) < 2e-2
 
 
+@pytest.mark.parametrize("weights", [scheme(4, False, 32), scheme(4, True, None)])
+def test_bf16_int4_runs_quivers_kernel(
+    tiny_model_dir: Path, tmp_path: Path, quiver_cache_dir: Path, weights: dict
+) -> None:
+    """Repacked at load, a bf16 model's int4 weight (grouped with zero points, or per channel)
+    takes `quiver::int4_linear` for every batch where the CPU has AVX512-BF16: the same
+    products as torch's int4 kernel (and its dequantizing path past 256 rows), the same
+    dequantized weight, and no compiled-graph split."""
+    from serving.kernels.build import load_cpu_kernels
+    from serving.models.linear import Packing
+
+    if load_cpu_kernels(quiver_cache_dir).library is None:
+        pytest.skip("no C++ compiler: the C++ library (and its int4 kernel) cannot build")
+    quant_dir, _ = write_rtn_dirs(tiny_model_dir, tmp_path, weights)
+    config = QuantizationConfig.from_model_dir(quant_dir)
+    name = "model.layers.0.mlp.down_proj"  # N = 64, K = 176: padded in both layouts
+    with safe_open(quant_dir / "model.safetensors", "pt") as handle:
+        weight = read_quantized(handle.get_tensor, name, config.weight_args(name))
+    reference = Int4Projection(weight, None, torch.bfloat16)
+    packed = Int4Projection(weight, None, torch.bfloat16)
+    packed.prepack(Packing.KERNEL)
+    runs_kernel = reference.row_blocked and int8_kernel_runs()
+    assert (packed.kernel == "quiver_int4") == runs_kernel
+    if not runs_kernel:
+        return
+    assert packed.max_kernel_tokens(torch.bfloat16) is None
+    assert torch.equal(packed.dequantized(torch.bfloat16), reference.dequantized(torch.bfloat16))
+    x = torch.randn(300, 176, generator=torch.Generator().manual_seed(0)).bfloat16()
+    with torch.inference_mode():
+        for rows in (1, 3, 8, 32, 300):
+            expected = reference(x[:rows]).float()
+            assert relative_error(packed(x[:rows]).float(), expected) < 2e-2
+
+
 def int8_kernel_runs() -> bool:
     try:
         torch.ops.quiver.int8_linear(torch.zeros(1, 2, dtype=torch.bfloat16),

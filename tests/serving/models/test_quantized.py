@@ -385,9 +385,9 @@ def test_bf16_int4_runs_quivers_kernel(
     tiny_model_dir: Path, tmp_path: Path, quiver_cache_dir: Path, weights: dict
 ) -> None:
     """Repacked at load, a bf16 model's int4 weight (grouped with zero points, or per channel)
-    takes `quiver::int4_linear` for every batch where the CPU has AVX512-BF16: the same
-    products as torch's int4 kernel (and its dequantizing path past 256 rows), the same
-    dequantized weight, and no compiled-graph split."""
+    takes `quiver::int4_linear` up to 256 rows where the CPU has AVX512-BF16, past them the
+    dequantized weight (from the new packing): the same products as torch's int4 kernel and
+    the same dequantized weight."""
     from serving.kernels.build import load_cpu_kernels
     from serving.models.linear import Packing
 
@@ -405,7 +405,7 @@ def test_bf16_int4_runs_quivers_kernel(
     assert (packed.kernel == "quiver_int4") == runs_kernel
     if not runs_kernel:
         return
-    assert packed.max_kernel_tokens(torch.bfloat16) is None
+    assert packed.max_kernel_tokens(torch.bfloat16) == 256
     assert torch.equal(packed.dequantized(torch.bfloat16), reference.dequantized(torch.bfloat16))
     x = torch.randn(300, 176, generator=torch.Generator().manual_seed(0)).bfloat16()
     with torch.inference_mode():

@@ -171,7 +171,8 @@ class LlamaForCausalLM(nn.Module):
 
     def prepack(self, packing: Packing) -> None:
         """Reorder float weights (projections, LM head) for the kernel `packing` names;
-        call after loading, again to change kernels (`serving.models.linear`)."""
+        call after loading, again to change float kernels (`serving.models.linear`; low-bit
+        weights repacked for Quiver's kernels keep them)."""
         self.lm_head_packing = effective_packing(self.lm_head, packing)
         self.lm_head_packed = prepack(self.lm_head, self.lm_head_packing)
         for module in self.modules():

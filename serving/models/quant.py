@@ -215,7 +215,9 @@ def int4_kernel_group_size(weight: QuantizedTensor) -> int | None:
 
 
 class Int4Projection(Projection):
-    """`torch._weight_int4pack_mm_for_cpu` over a weight packed at load (uint8 `[N', K'/2]`)."""
+    """`torch._weight_int4pack_mm_for_cpu` over a weight packed at load (uint8 `[N', K'/2]`),
+    or, once `prepack` repacked it (bf16 models, AVX512-BF16), `quiver::int4_linear` over
+    uint8 `[N'/16, K'/2, 16]` tiles."""
 
     kernel = "int4pack_mm"
 
@@ -260,8 +262,9 @@ class Int4Projection(Projection):
         """Repack a bf16 model's weight for `quiver::int4_linear` (the C++ library's kernel):
         tiles of 16 output columns, each input-feature pair's 16 bytes together (low nibble
         feature 2p, high 2p + 1), `[N'/16, K'/2, 16]`, replacing torch's packing; scale and
-        zero become float32 (w = u * scale + offset). Where the kernel refuses (no
-        AVX512-BF16) or torch's layout is unknown, torch's kernel stays."""
+        zero become float32 (w = u * scale + offset). fp32/fp16 models, a CPU the kernel
+        refuses (no AVX512-BF16) or a torch whose layout is unknown keep torch's kernel;
+        once repacked, a later `prepack` leaves the kernel as it is."""
         if (packing is not Packing.KERNEL or self.kernel_scale is not None
                 or not self.row_blocked or self.scales_and_zeros.dtype != torch.bfloat16):
             return
@@ -303,7 +306,8 @@ class Int4Projection(Projection):
         return self._add_bias(output)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """The float weight `[N', K']` from the kernel's own packing (see `unpack_int4`)."""
+        """The float weight `[N', K']` from whichever packing holds it (torch's: see
+        `unpack_int4`; Quiver's tiles after `prepack`)."""
         if self.kernel_scale is not None:  # Quiver's tiles: back to [N', K']
             tiles = self.packed.transpose(1, 2)  # [N'/16, 16, K'/2]
             unsigned = torch.stack([tiles & 0xF, tiles >> 4], dim=-1).reshape(

@@ -343,14 +343,19 @@ inline at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, int
   if (rows == 0) return out;
   const auto* x_data = reinterpret_cast<const uint16_t*>(x_rows.data_ptr<c10::BFloat16>());
   std::vector<float> group_sums(rows * groups);  // each row's sum of x over each group
-  for (int64_t m = 0; m < rows; ++m) {
-    const c10::BFloat16* row = x_rows.data_ptr<c10::BFloat16>() + m * k_size;
-    for (int64_t g = 0; g < groups; ++g) {
-      float sum = 0.0f;
-      for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) sum += float(row[k]);
-      group_sums[m * groups + g] = sum;
+  at::parallel_for(0, rows * groups, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {  // 16 lanes of float32 partial sums at a time
+      const uint16_t* values = x_data + (i / groups) * k_size + (i % groups) * group_size;
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t k = 0; k < group_size; k += 16) {
+        const __mmask16 mask = group_size - k >= 16 ? 0xFFFF : (1u << (group_size - k)) - 1u;
+        const __m256i half = _mm256_maskz_loadu_epi16(mask, values + k);
+        sum = _mm512_add_ps(sum, _mm512_castsi512_ps(
+                                     _mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16)));
+      }
+      group_sums[i] = _mm512_reduce_add_ps(sum);
     }
-  }
+  });
   const uint8_t* w_data = packed.data_ptr<uint8_t>();
   const float* s_data = scale.data_ptr<float>();
   const float* o_data = offset.data_ptr<float>();

@@ -128,14 +128,14 @@ def pack_int4(unsigned: torch.Tensor) -> torch.Tensor:
     return (pairs[..., 0] | (pairs[..., 1] << 4)).transpose(1, 2).contiguous()
 
 
-@pytest.mark.parametrize("group_size", [32, 64, 128])
-@pytest.mark.parametrize("leading", [(1,), (2,), (7,), (9,), (37,), (2, 8)])
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256])
+@pytest.mark.parametrize("leading", [(1,), (2,), (7,), (8,), (9,), (11,), (15,), (37,), (2, 8)])
 def test_int4_linear_applies_group_scales_and_offsets_exactly(cpp_kernels, group_size,
                                                              leading) -> None:
     """Grouped int4 with zero points, w = u * scale + offset per group and column: float32
     sums rounded to bf16 once, for every row block (8, 4, 2, 1; widened past 8 rows)."""
     generator = torch.Generator().manual_seed(group_size + len(leading))
-    in_features = 2 * 128 + (64 if group_size <= 64 else 128)
+    in_features = group_size * (3 if group_size < 256 else 2)
     unsigned = torch.randint(0, 16, (32, in_features), generator=generator)
     groups = in_features // group_size
     scale = torch.rand(groups, 32, generator=generator) * 0.02

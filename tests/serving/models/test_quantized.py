@@ -380,9 +380,13 @@ def test_symmetric_per_channel_int8_runs_quivers_kernel(
             assert relative_error(packed(x[:rows]).float(), expected) < 2e-2
 
 
-@pytest.mark.parametrize("weights", [scheme(4, False, 32), scheme(4, True, None)])
+@pytest.mark.parametrize(("weights", "name"), [
+    (scheme(4, False, 32), "model.layers.0.mlp.down_proj"),  # N = 64, K = 176: K padded
+    (scheme(4, True, None), "model.layers.0.mlp.down_proj"),
+    (scheme(4, False, 32), "model.layers.0.mlp.gate_proj"),  # N = 176: rows padded to 192
+])
 def test_bf16_int4_runs_quivers_kernel(
-    tiny_model_dir: Path, tmp_path: Path, quiver_cache_dir: Path, weights: dict
+    tiny_model_dir: Path, tmp_path: Path, quiver_cache_dir: Path, weights: dict, name: str
 ) -> None:
     """Repacked at load, a bf16 model's int4 weight (grouped with zero points, or per channel)
     takes `quiver::int4_linear` up to 256 rows where the CPU has AVX512-BF16, past them the
@@ -395,7 +399,6 @@ def test_bf16_int4_runs_quivers_kernel(
         pytest.skip("no C++ compiler: the C++ library (and its int4 kernel) cannot build")
     quant_dir, _ = write_rtn_dirs(tiny_model_dir, tmp_path, weights)
     config = QuantizationConfig.from_model_dir(quant_dir)
-    name = "model.layers.0.mlp.down_proj"  # N = 64, K = 176: padded in both layouts
     with safe_open(quant_dir / "model.safetensors", "pt") as handle:
         weight = read_quantized(handle.get_tensor, name, config.weight_args(name))
     reference = Int4Projection(weight, None, torch.bfloat16)
@@ -407,7 +410,7 @@ def test_bf16_int4_runs_quivers_kernel(
         return
     assert packed.max_kernel_tokens(torch.bfloat16) == 256
     assert torch.equal(packed.dequantized(torch.bfloat16), reference.dequantized(torch.bfloat16))
-    x = torch.randn(300, 176, generator=torch.Generator().manual_seed(0)).bfloat16()
+    x = torch.randn(300, weight.shape[1], generator=torch.Generator().manual_seed(0)).bfloat16()
     with torch.inference_mode():
         for rows in (1, 3, 8, 32, 300):
             expected = reference(x[:rows]).float()

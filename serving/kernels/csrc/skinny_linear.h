@@ -16,9 +16,10 @@
 
 #pragma once
 
+#include "linear_io.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
@@ -133,26 +134,18 @@ inline std::optional<at::Tensor> skinny_linear(const at::Tensor& x, const at::Te
   if (rows < 1 || rows > skinny_rows_limit().load(std::memory_order_relaxed) || k_size == 0) {
     return std::nullopt;
   }
-  const at::Tensor x_rows = x.reshape({rows, k_size}).contiguous();
-  std::vector<float> bias_f32;
-  if (bias && bias->defined()) {
-    const at::Tensor b = bias->contiguous();
-    const c10::BFloat16* data = b.data_ptr<c10::BFloat16>();
-    bias_f32.assign(data, data + n_size);
-  }
-  std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
-  out_sizes.back() = n_size;
-  at::Tensor out = at::empty(out_sizes, x.options());
   using namespace skinny_detail;
-  const auto* x_data = reinterpret_cast<const uint16_t*>(x_rows.data_ptr<c10::BFloat16>());
+  const Bf16Rows x_rows = bf16_rows(x, k_size);
+  const std::vector<float> bias_f32 = bias_floats(bias, n_size);
+  at::Tensor out = linear_output(x, n_size);
   const auto* w_data = reinterpret_cast<const uint16_t*>(weight.data_ptr<c10::BFloat16>());
   const float* b_data = bias_f32.empty() ? nullptr : bias_f32.data();
   c10::BFloat16* o_data = out.data_ptr<c10::BFloat16>();
   static_assert(kSkinnyMaxRows == 2, "one instantiation per row count");
   if (rows == 1) {
-    skinny_rows<1>(x_data, w_data, b_data, o_data, n_size, k_size);
+    skinny_rows<1>(x_rows.data, w_data, b_data, o_data, n_size, k_size);
   } else {
-    skinny_rows<2>(x_data, w_data, b_data, o_data, n_size, k_size);
+    skinny_rows<2>(x_rows.data, w_data, b_data, o_data, n_size, k_size);
   }
   return out;
 #else

@@ -68,6 +68,18 @@ def _int4_linear_fake(x, packed, group_size, scale, offset):
     return x.new_empty(*x.shape[:-1], packed.shape[0] * 16)
 
 
+def lowbit_kernels_run() -> bool:
+    """Whether the loaded C++ library has the low-bit kernels: it builds them for
+    AVX512-BF16 CPUs only, and elsewhere they refuse (as does an unloaded library)."""
+    try:
+        torch.ops.quiver.int8_linear(torch.zeros(1, 2, dtype=torch.bfloat16),
+                                     torch.zeros(1, 1, 32, dtype=torch.int8), torch.ones(16),
+                                     None)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
 def paged_attention_reference(
     query: torch.Tensor,
     key: torch.Tensor,

@@ -15,8 +15,9 @@
   (per-row scales) once per channel or once per group, summed; an asymmetric zero point
   is one small correction matmul over per-group sums of the activation. A symmetric
   per-channel bf16 weight (what `quiver optimize int8` writes) is packed at load for Quiver's
-  own kernel instead (`quiver::int8_linear`, AVX512-BF16 CPUs): 2-2.7x oneDNN's bf16 speed at
-  one row, even with it at 32, where torch's kernel ran 2.5-3.7x slower than it. On the same
+  own kernel instead (`quiver::int8_linear`, AVX512-BF16 CPUs): 0.33-0.5x oneDNN bf16's time
+  at one row, about even at 32, where torch's kernel took 2-2.8x
+  (`benchmarks/linear_kernels.py`). On the same
   CPUs a bf16 model's int4 weights are repacked alike for `quiver::int4_linear`.
 - `DequantProjection` (CUDA and other devices): keeps int8 values and dequantizes per call.
 
@@ -40,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serving.kernels.ops import lowbit_kernels_run
 from serving.models.compressed import QuantizedTensor, dequantize
 from serving.models.linear import Packing, effective_packing, linear, prepack
 
@@ -53,6 +55,35 @@ INT4_OFFSET = 8
 # SmolLM2's projection shapes: see the module docstring). Float32: scalar kernels, 1 row.
 _KERNEL_MAX_TOKENS = {"int8pack_mm": 32, "int4pack_mm": 256}
 _VECTORISED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def int8_tiles(values: torch.Tensor) -> torch.Tensor:
+    """int8 `[N, K]` -> `quiver::int8_linear`'s tiles `[N/16, K/2, 32]`: per 16 output
+    columns and input-feature pair, column j's two values at bytes 2j and 2j + 1."""
+    rows, features = values.shape
+    return (values.view(rows // 16, 16, features // 2, 2).permute(0, 2, 1, 3).contiguous()
+            .view(rows // 16, features // 2, 32))
+
+
+def int8_untiled(tiles: torch.Tensor) -> torch.Tensor:
+    """The inverse of `int8_tiles`: `[N, K]`."""
+    num_tiles, pairs, _ = tiles.shape
+    return tiles.view(num_tiles, pairs, 16, 2).permute(0, 2, 1, 3).reshape(-1, 2 * pairs)
+
+
+def int4_tiles(unsigned: torch.Tensor) -> torch.Tensor:
+    """Values in [0, 15] `[N, K]` -> `quiver::int4_linear`'s tiles `[N/16, K/2, 16]` uint8:
+    column j's features 2p and 2p + 1 in byte j's low and high nibbles."""
+    rows, features = unsigned.shape
+    pairs = unsigned.to(torch.uint8).view(rows // 16, 16, features // 2, 2)
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).transpose(1, 2).contiguous()
+
+
+def int4_untiled(tiles: torch.Tensor) -> torch.Tensor:
+    """The inverse of `int4_tiles`: uint8 `[N, K]`."""
+    num_tiles, pairs, _ = tiles.shape
+    columns = tiles.transpose(1, 2)  # [N/16, 16, K/2]
+    return torch.stack([columns & 0xF, columns >> 4], dim=-1).reshape(16 * num_tiles, 2 * pairs)
 
 
 def kernel_max_tokens(kernel: str, dtype: torch.dtype) -> int:
@@ -150,18 +181,10 @@ class Int8Projection(Projection):
                 or self.scales.dtype != torch.bfloat16 or num_rows % 16
                 or self.in_features % 2):
             return
-        pairs = self.padded_features // 2
-        packed = (self.values[0].view(num_rows // 16, 16, pairs, 2).permute(0, 2, 1, 3)
-                  .contiguous().view(num_rows // 16, pairs, 32))
-        scale = self.scales[0].float()
-        try:  # the library refuses where the CPU lacks AVX512-BF16
-            torch.ops.quiver.int8_linear(self.scales.new_zeros(1, self.padded_features),
-                                         packed, scale, None)
-        except RuntimeError as exc:
-            logger.debug("int8 weights keep torch's kernel: %s", exc)
+        if not lowbit_kernels_run():
             return
-        self.values = packed
-        self.kernel_scale = scale
+        self.values = int8_tiles(self.values[0])
+        self.kernel_scale = self.scales[0].float()
         self.kernel = "quiver_int8"
 
     def max_kernel_tokens(self, dtype: torch.dtype) -> int | None:
@@ -193,10 +216,7 @@ class Int8Projection(Projection):
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The float weight `[N, K']`, rebuilt for one call (prefill-sized batches)."""
-        values = self.values
-        if self.kernel_scale is not None:  # packed: back to [1, N, K]
-            tiles, pairs, _ = values.shape
-            values = values.view(tiles, pairs, 16, 2).permute(0, 2, 1, 3).reshape(1, -1, 2 * pairs)
+        values = self.values if self.kernel_scale is None else int8_untiled(self.values)[None]
         weight = values.float() * self.scales.float().unsqueeze(-1)  # [G, N, group]
         if self.zero_scales is not None:
             weight -= self.zero_scales.t().unsqueeze(-1)
@@ -268,20 +288,13 @@ class Int4Projection(Projection):
         if (packing is not Packing.KERNEL or self.kernel_scale is not None
                 or not self.row_blocked or self.scales_and_zeros.dtype != torch.bfloat16):
             return
-        unsigned = unpack_int4(self.packed, self.padded_rows, self.padded_features)
-        pairs = unsigned.to(torch.uint8).view(self.padded_rows // 16, 16,
-                                              self.padded_features // 2, 2)
-        packed = (pairs[..., 0] | (pairs[..., 1] << 4)).transpose(1, 2).contiguous()
-        scale, zero = self.scales_and_zeros.float().unbind(-1)  # [K' / group, N']
-        scale, offset = scale.contiguous(), (zero - INT4_OFFSET * scale).contiguous()
-        try:  # the library refuses where the CPU lacks AVX512-BF16
-            torch.ops.quiver.int4_linear(
-                self.scales_and_zeros.new_zeros(1, self.padded_features), packed,
-                self.group_size, scale, offset)
-        except RuntimeError as exc:
-            logger.debug("int4 weights keep torch's kernel: %s", exc)
+        if not lowbit_kernels_run():
             return
-        self.packed, self.kernel_scale, self.kernel_offset = packed, scale, offset
+        scale, zero = self.scales_and_zeros.float().unbind(-1)  # [K' / group, N']
+        self.kernel_scale = scale.contiguous()
+        self.kernel_offset = (zero - INT4_OFFSET * scale).contiguous()
+        self.packed = int4_tiles(unpack_int4(self.packed, self.padded_rows,
+                                             self.padded_features))
         self.kernel = "quiver_int4"
 
     def max_kernel_tokens(self, dtype: torch.dtype) -> int | None:
@@ -308,12 +321,8 @@ class Int4Projection(Projection):
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The float weight `[N', K']` from whichever packing holds it (torch's: see
         `unpack_int4`; Quiver's tiles after `prepack`)."""
-        if self.kernel_scale is not None:  # Quiver's tiles: back to [N', K']
-            tiles = self.packed.transpose(1, 2)  # [N'/16, 16, K'/2]
-            unsigned = torch.stack([tiles & 0xF, tiles >> 4], dim=-1).reshape(
-                self.padded_rows, self.padded_features)
-        else:
-            unsigned = unpack_int4(self.packed, self.padded_rows, self.padded_features)
+        unsigned = (int4_untiled(self.packed) if self.kernel_scale is not None
+                    else unpack_int4(self.packed, self.padded_rows, self.padded_features))
         scale, zero = self.scales_and_zeros.float().unbind(-1)  # [K' / group, N']
         scale = scale.t().repeat_interleave(self.group_size, dim=1)
         zero = zero.t().repeat_interleave(self.group_size, dim=1)

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from serving.kernels.build import load_cpu_kernels
+from serving.kernels.ops import lowbit_kernels_run
 from serving.models.linear import onednn_supports
+from serving.models.quant import int4_tiles, int8_tiles
 
 pytestmark = pytest.mark.isa  # against torch references: run under lower ISAs (make test-isa)
 
@@ -74,25 +76,6 @@ def test_the_skinny_kernel_can_be_switched_off_and_back(cpp_kernels) -> None:
         torch.ops.quiver.set_skinny_max_rows(3)
 
 
-def int8_kernel_runs() -> bool:
-    """Whether this build of the library has the int8 kernel (compiled for AVX512-BF16)."""
-    try:
-        torch.ops.quiver.int8_linear(torch.zeros(1, 2, dtype=torch.bfloat16),
-                                     torch.zeros(1, 1, 32, dtype=torch.int8), torch.ones(16),
-                                     None)
-    except RuntimeError as exc:
-        assert "needs a CPU with AVX512-BF16" in str(exc)
-        return False
-    return True
-
-
-def pack_int8(values: torch.Tensor) -> torch.Tensor:
-    """`[N, K]` -> int8_linear's `[N/16, K/2, 32]` (as Int8Projection.prepack packs)."""
-    rows, features = values.shape
-    return (values.view(rows // 16, 16, features // 2, 2).permute(0, 2, 1, 3).contiguous()
-            .view(rows // 16, features // 2, 32))
-
-
 @pytest.mark.parametrize("in_features", [64, 176, 578])
 @pytest.mark.parametrize("leading", [(1,), (3,), (15,), (31,), (37,), (2, 8)])
 def test_int8_linear_is_the_scaled_integer_product_rounded_once(cpp_kernels, in_features,
@@ -105,27 +88,19 @@ def test_int8_linear_is_the_scaled_integer_product_rounded_once(cpp_kernels, in_
     scale = torch.rand(48, generator=generator) * 0.02
     bias = torch.randn(48, generator=generator).bfloat16()
     x = torch.randn(*leading, in_features, generator=generator).bfloat16()
-    if not int8_kernel_runs():
+    if not lowbit_kernels_run():
         with pytest.raises(RuntimeError, match="needs a CPU with AVX512-BF16"):
-            torch.ops.quiver.int8_linear(x, pack_int8(values), scale, bias)
+            torch.ops.quiver.int8_linear(x, int8_tiles(values), scale, bias)
         return
     for b in (bias, None):
         exact = (x.double() @ values.double().t()) * scale.double()
         exact = exact if b is None else exact + b.double()
-        output = torch.ops.quiver.int8_linear(x, pack_int8(values), scale, b)
+        output = torch.ops.quiver.int8_linear(x, int8_tiles(values), scale, b)
         assert output.shape == (*leading, 48) and output.dtype == torch.bfloat16
         one_ulp = exact.abs().clamp_min(1e-3) * 2.0**-7
         assert ((output.double() - exact).abs() <= one_ulp).all()
     with pytest.raises(RuntimeError, match="x must be bf16"):
-        torch.ops.quiver.int8_linear(x.float(), pack_int8(values), scale, None)
-
-
-def pack_int4(unsigned: torch.Tensor) -> torch.Tensor:
-    """`[N, K]` values in [0, 15] -> int4_linear's `[N/16, K/2, 16]` bytes (as
-    Int4Projection.prepack packs: low nibble feature 2p, high nibble 2p + 1)."""
-    rows, features = unsigned.shape
-    pairs = unsigned.to(torch.uint8).view(rows // 16, 16, features // 2, 2)
-    return (pairs[..., 0] | (pairs[..., 1] << 4)).transpose(1, 2).contiguous()
+        torch.ops.quiver.int8_linear(x.float(), int8_tiles(values), scale, None)
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256])
@@ -141,19 +116,19 @@ def test_int4_linear_applies_group_scales_and_offsets_exactly(cpp_kernels, group
     scale = torch.rand(groups, 32, generator=generator) * 0.02
     offset = torch.randn(groups, 32, generator=generator) * 0.02
     x = torch.randn(*leading, in_features, generator=generator).bfloat16()
-    if not int8_kernel_runs():  # one build flag gates both low-bit kernels
+    if not lowbit_kernels_run():  # one build flag gates both low-bit kernels
         with pytest.raises(RuntimeError, match="needs a CPU with AVX512-BF16"):
-            torch.ops.quiver.int4_linear(x, pack_int4(unsigned), group_size, scale, offset)
+            torch.ops.quiver.int4_linear(x, int4_tiles(unsigned), group_size, scale, offset)
         return
     weight = (unsigned.double() * scale.double().t().repeat_interleave(group_size, 1)
               + offset.double().t().repeat_interleave(group_size, 1))
     exact = x.double() @ weight.t()
-    output = torch.ops.quiver.int4_linear(x, pack_int4(unsigned), group_size, scale, offset)
+    output = torch.ops.quiver.int4_linear(x, int4_tiles(unsigned), group_size, scale, offset)
     assert output.shape == (*leading, 32) and output.dtype == torch.bfloat16
     one_ulp = exact.abs().clamp_min(1e-2) * 2.0**-7
     assert ((output.double() - exact).abs() <= one_ulp).all()
     with pytest.raises(RuntimeError, match="group size must be even and divide"):
-        torch.ops.quiver.int4_linear(x, pack_int4(unsigned), 33, scale, offset)
+        torch.ops.quiver.int4_linear(x, int4_tiles(unsigned), 33, scale, offset)
 
 
 def test_unpacked_or_freed_weights_take_plain_linear(cpp_kernels) -> None:

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
 
+from serving.kernels.ops import lowbit_kernels_run
 from serving.models import AttentionMetadata, LlamaForCausalLM, compressed, load_model
 from serving.models.compressed import QuantizationConfig, read_quantized
 from serving.models.quant import (
@@ -366,7 +367,7 @@ def test_symmetric_per_channel_int8_runs_quivers_kernel(
     packed = Int8Projection(weight, None, torch.bfloat16)
     packed.prepack(Packing.KERNEL)
     per_channel = weights["symmetric"] and weights["strategy"] == "channel"
-    runs_kernel = per_channel and int8_kernel_runs()
+    runs_kernel = per_channel and lowbit_kernels_run()
     assert (packed.kernel == "quiver_int8") == runs_kernel
     if not runs_kernel:
         assert packed.max_kernel_tokens(torch.bfloat16) == 32
@@ -404,7 +405,7 @@ def test_bf16_int4_runs_quivers_kernel(
     reference = Int4Projection(weight, None, torch.bfloat16)
     packed = Int4Projection(weight, None, torch.bfloat16)
     packed.prepack(Packing.KERNEL)
-    runs_kernel = reference.row_blocked and int8_kernel_runs()
+    runs_kernel = reference.row_blocked and lowbit_kernels_run()
     assert (packed.kernel == "quiver_int4") == runs_kernel
     if not runs_kernel:
         return
@@ -415,16 +416,6 @@ def test_bf16_int4_runs_quivers_kernel(
         for rows in (1, 3, 8, 32, 300):
             expected = reference(x[:rows]).float()
             assert relative_error(packed(x[:rows]).float(), expected) < 2e-2
-
-
-def int8_kernel_runs() -> bool:
-    try:
-        torch.ops.quiver.int8_linear(torch.zeros(1, 2, dtype=torch.bfloat16),
-                                     torch.zeros(1, 1, 32, dtype=torch.int8), torch.ones(16),
-                                     None)
-    except RuntimeError:
-        return False
-    return True
 
 
 def test_fused_projections_keep_per_row_scales(tiny_model_dir: Path, tmp_path: Path) -> None:

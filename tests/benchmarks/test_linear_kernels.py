@@ -1,0 +1,36 @@
+"""benchmarks/linear_kernels.py times every kernel that can take each of a model's shapes,
+each against oneDNN's time in the same run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from serving.engine.config import default_cache_dir
+from serving.kernels.build import compiler
+
+
+def test_every_shape_and_row_count_is_timed_against_onednn(tiny_model_dir, tmp_path):
+    if shutil.which(compiler()) is None:
+        pytest.skip(f"no C++ compiler ({compiler()}): Quiver's kernels cannot build")
+    from benchmarks.linear_kernels import main
+
+    cache_dir = Path(os.environ.get("QUIVER_TEST_CACHE_DIR") or default_cache_dir())
+    assert main([str(tiny_model_dir), "--rows", "1,3", "--kernel-cache", str(cache_dir),
+                 "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "linear_kernels.json").read_text())
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    hidden = config["hidden_size"]
+    shapes = {tuple(row["shape"]) for row in report["results"]}
+    assert (hidden, config["intermediate_size"]) in shapes  # down_proj
+    assert (config["vocab_size"], hidden) in shapes  # LM head
+    for row in report["results"]:
+        assert row["vs_onednn"]["onednn"] == 1.0 and all(t > 0 for t in row["us"].values())
+        assert ("skinny" in row["us"]) == (row["rows"] <= 2)
+        n, k = row["shape"]
+        if report["lowbit_kernels"] and n % 16 == 0:
+            assert {"int8", "int8-torch"} <= row["us"].keys()

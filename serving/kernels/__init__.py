@@ -4,6 +4,8 @@
 (CPU; `serving.kernels.build` compiles and caches it per host), the C++ paged-attention
 kernel and oneDNN linear layers on weights reordered once; elsewhere the pure-torch
 paged-attention reference (any device). The attention ops share one schema and meaning.
+`DECODE_ATTENTION` is the decodes-only op that CUDA graphs capture; on CUDA
+`select_kernels` gives it its Triton kernel where Triton imports.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class AttentionOp:
 
 CPP_ATTENTION = AttentionOp("cpp", torch.ops.quiver.paged_attention.default)
 REFERENCE_ATTENTION = AttentionOp("torch", torch.ops.quiver.paged_attention_reference.default)
+DECODE_ATTENTION = AttentionOp("decode", torch.ops.quiver.paged_attention_decode.default)
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,8 @@ CPP_MAX_QUERIES_PER_KV = 16
 def select_kernels(device: torch.device, *, use_cpp: bool, cache_dir: Path, head_dim: int,
                    num_queries_per_kv: int) -> Kernels:
     """The C++ kernels on CPU when wanted and buildable, else pure torch (logged why)."""
+    if device.type == "cuda":
+        _register_triton_decode()
     if device.type != "cpu" or not use_cpp:
         return PURE_TORCH
     loaded = load_cpu_kernels(cache_dir)
@@ -67,5 +72,15 @@ def select_kernels(device: torch.device, *, use_cpp: bool, cache_dir: Path, head
     return Kernels(CPP_ATTENTION, has_cpp_library=True)
 
 
-__all__ = ["CPP_ATTENTION", "PURE_TORCH", "REFERENCE_ATTENTION", "AttentionOp", "Kernels",
-           "ops", "select_kernels"]
+def _register_triton_decode() -> None:
+    try:
+        from serving.kernels import triton_decode
+    except ImportError as exc:
+        logger.warning("decode attention on CUDA without Triton (%s): CUDA graphs gather each "
+                       "request's whole block table", exc)
+        return
+    triton_decode.register()
+
+
+__all__ = ["CPP_ATTENTION", "DECODE_ATTENTION", "PURE_TORCH", "REFERENCE_ATTENTION",
+           "AttentionOp", "Kernels", "ops", "select_kernels"]

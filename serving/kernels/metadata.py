@@ -54,6 +54,26 @@ def count_leading_decodes(query_lens: list[int]) -> int:
     return num_decodes
 
 
+def decode_index_size(num_seqs: int, max_blocks: int) -> int:
+    """Length of the step index of `num_seqs` decodes with block tables `max_blocks` wide."""
+    return HEADER_SIZE + 3 * num_seqs + 1 + num_seqs * max_blocks
+
+
+def unpack_decode_index(metadata: torch.Tensor, num_seqs: int) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Slot mapping `[num_seqs]`, context lengths `[num_seqs]` and block tables
+    `[num_seqs, max_blocks]` of a step index whose `num_seqs` rows are all decodes, found
+    from its length alone: nothing is read back from the device, so a CUDA graph can hold
+    the views and replay them over new values."""
+    max_blocks, rest = divmod(metadata.numel() - decode_index_size(num_seqs, 0), num_seqs)
+    if rest or max_blocks < 1:
+        raise ValueError(f"a step index of {metadata.numel()} values does not hold "
+                         f"{num_seqs} decodes")
+    sizes = [HEADER_SIZE, num_seqs, num_seqs + 1, num_seqs, num_seqs * max_blocks]
+    _, slot_mapping, _, seq_lens, tables = metadata.split(sizes)
+    return slot_mapping, seq_lens, tables.view(num_seqs, max_blocks)
+
+
 @dataclass(frozen=True)
 class StepIndex:
     """Views of a packed step index (the header as ints)."""

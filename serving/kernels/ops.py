@@ -11,6 +11,13 @@ Two attention ops share one schema and one meaning (`csrc/paged_attention.cpp` s
 Both are registered with fake (meta) implementations so a compiled graph can hold them: the
 graph sees one opaque call per layer, whose only output is `[T, H * D]`.
 
+`quiver::paged_attention_decode` has the same schema and meaning for a step whose every row
+is a decode, and reads the index's sizes from the tensors' shapes instead of its header
+(`metadata.unpack_decode_index`), so nothing goes back to the host: the op CUDA graphs
+capture (`serving.models.cuda_graphs`). Its kernel here gathers each row's whole block
+table and masks past its length (any device); on CUDA, `serving.kernels.triton_decode`
+registers a Triton kernel that walks each row's blocks up to its length.
+
 `quiver::linear(x, weight, bias)` is `F.linear` through oneDNN on a weight reordered once by
 `quiver::pack_linear_weight` (`csrc/packed_linear.cpp` says why and how), or over one or two
 bf16 rows through Quiver's own bandwidth-bound kernel (`csrc/skinny_linear.h`); both have only
@@ -26,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from serving.kernels.metadata import StepIndex
+from serving.kernels.metadata import StepIndex, unpack_decode_index
 
 SCHEMA = (
     "(Tensor query, Tensor key, Tensor value, Tensor(a!) kv_cache, Tensor metadata, "
@@ -36,6 +43,7 @@ SCHEMA = (
 _LIBRARY = torch.library.Library("quiver", "DEF")  # the op namespace, once per process
 _LIBRARY.define("paged_attention" + SCHEMA)
 _LIBRARY.define("paged_attention_reference" + SCHEMA)
+_LIBRARY.define("paged_attention_decode" + SCHEMA)
 
 
 def _fake(query, key, value, kv_cache, metadata, block_size, scale):
@@ -44,6 +52,7 @@ def _fake(query, key, value, kv_cache, metadata, block_size, scale):
 
 torch.library.register_fake("quiver::paged_attention", _fake, lib=_LIBRARY)
 torch.library.register_fake("quiver::paged_attention_reference", _fake, lib=_LIBRARY)
+torch.library.register_fake("quiver::paged_attention_decode", _fake, lib=_LIBRARY)
 
 _LIBRARY.define("pack_linear_weight(Tensor weight, int batch_size) -> ()")
 _LIBRARY.define("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
@@ -105,6 +114,26 @@ _LIBRARY.impl("paged_attention_reference", paged_attention_reference,
               "CompositeExplicitAutograd")
 
 
+def paged_attention_decode(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    metadata: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """Decodes only, sizes from shapes: every row's whole block table gathered, masked past
+    its length (any device; the CUDA kernel is `serving.kernels.triton_decode`)."""
+    slot_mapping, seq_lens, block_tables = unpack_decode_index(metadata, query.shape[0])
+    kv_cache[0].index_copy_(0, slot_mapping, key)
+    kv_cache[1].index_copy_(0, slot_mapping, value)
+    return _attend_decodes(query, kv_cache, seq_lens, block_tables, block_size, scale)
+
+
+_LIBRARY.impl("paged_attention_decode", paged_attention_decode, "CompositeExplicitAutograd")
+
+
 def _gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor,
                    block_size: int) -> torch.Tensor:
     """`[num_slots, KV, D]` gathered by block ids `[B, n]` -> `[B, KV, n * block_size, D]`."""
@@ -116,10 +145,17 @@ def _gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor,
 
 def _decode(query: torch.Tensor, kv_cache: torch.Tensor, index: StepIndex, block_size: int,
             scale: float) -> torch.Tensor:
-    batch, num_heads, head_dim = query.shape
+    batch = query.shape[0]
     seq_lens = index.seq_lens[:batch]
     num_blocks = -(-int(seq_lens.max()) // block_size)
-    tables = index.block_tables[:batch, :num_blocks]
+    return _attend_decodes(query, kv_cache, seq_lens, index.block_tables[:batch, :num_blocks],
+                           block_size, scale)
+
+
+def _attend_decodes(query: torch.Tensor, kv_cache: torch.Tensor, seq_lens: torch.Tensor,
+                    tables: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+    """One query row per request over its gathered blocks, masked past `seq_lens`."""
+    batch, num_heads, head_dim = query.shape
     keys = _gather_blocks(kv_cache[0], tables, block_size)
     values = _gather_blocks(kv_cache[1], tables, block_size)
     num_kv_heads = keys.shape[1]

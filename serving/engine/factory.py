@@ -176,7 +176,8 @@ def build_engine(settings: EngineSettings, *, model_name: str,
         cache_dir=settings.compile_cache_dir or default_cache_dir())
     runner = ModelRunner(Path(settings.model), device=device, dtype=dtype,
                          num_blocks=num_blocks, block_size=settings.block_size, sampler=sampler,
-                         compilation=compilation)
+                         compilation=compilation, max_num_seqs=scheduler_config.max_num_seqs,
+                         max_model_len=scheduler_config.max_model_len)
     core = EngineCore(Scheduler(scheduler_config, cache_config), runner,
                       RequestStates(sampler, runner.pooler))
     metrics = EngineMetrics(registry, model_name) if registry is not None else None

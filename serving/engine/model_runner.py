@@ -8,6 +8,9 @@ whose step completes their known tokens (`is_last_chunk`), and those rows are sa
 At start the runner picks its paged-attention op (the C++ kernel where it builds) and, on
 CPU, compiles the forward pass (`serving.models.compiled`) and warms every graph up, so no
 request waits for a compile; where compiling fails it runs eagerly (`CompilationConfig`).
+On CUDA it records the forward pass of decode-only steps as CUDA graphs, one per batch size
+up to `max_num_seqs` (`serving.models.cuda_graphs`), and replays them for every step of
+decodes only; other steps, and every step where recording fails, run eagerly.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from serving.kernels.openmp import run_in_passing_thread
 from serving.models.attention import AttentionMetadata
 from serving.models.compiled import CompiledForward, Forward
 from serving.models.config import ModelArchConfig
+from serving.models.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from serving.models.linear import Packing
 from serving.models.llama import LlamaForCausalLM
 from serving.models.loader import load_model
@@ -64,7 +68,11 @@ class ModelRunner:
         block_size: int,
         sampler: Sampler,
         compilation: CompilationConfig | None = None,
+        max_num_seqs: int | None = None,
+        max_model_len: int | None = None,
     ) -> None:
+        """`max_num_seqs` and `max_model_len` size the CUDA graphs of decode steps (without
+        them, or on CPU, or with `enforce_eager`, none are recorded)."""
         compilation = compilation or CompilationConfig()
         self.device = torch.device(device)
         self.dtype = dtype
@@ -78,9 +86,15 @@ class ModelRunner:
         )
         # Loading and compiling use torch's thread pool; doing it on a thread that then
         # exits leaves the step-running thread the only pool (serving.kernels.openmp).
+        graph_sizes = (graph_batch_sizes(max_num_seqs)
+                       if self.device.type == "cuda" and not compilation.enforce_eager
+                       and max_num_seqs and max_model_len else None)
+        self.decode_graphs: DecodeGraphs | None = None
         self.model, self.kv_caches, self.forward = run_in_passing_thread(
             lambda: self._load(model_dir, num_blocks, compilation, kernels)
         )
+        if graph_sizes is not None:
+            self.decode_graphs = self._capture(num_blocks, graph_sizes, max_model_len)
         self.is_compiled = isinstance(self.forward, CompiledForward) and self.forward.is_compiled
         logger.info(
             "model runner: %s on %s (%s), KV cache %d blocks x %d tokens, %s, attention %s",
@@ -89,7 +103,8 @@ class ModelRunner:
             str(dtype).removeprefix("torch."),
             num_blocks,
             block_size,
-            "compiled" if self.is_compiled else "eager",
+            "compiled" if self.is_compiled else
+            "CUDA graphs for decodes" if self.decode_graphs is not None else "eager",
             kernels.attention.name,
         )
 
@@ -99,8 +114,27 @@ class ModelRunner:
             model_dir, dtype=self.dtype, device=self.device, attention_op=kernels.attention,
             packing=Packing.KERNEL if kernels.has_cpp_library else Packing.EAGER,
         )
-        kv_caches = model.make_kv_caches(num_blocks, self.block_size)
+        # On CUDA one block more than the block manager hands out: the scratch block that
+        # the CUDA graphs' padding rows write to.
+        extra = 1 if self.device.type == "cuda" else 0
+        kv_caches = model.make_kv_caches(num_blocks + extra, self.block_size)
         return model, kv_caches, self._compile(model, kv_caches, compilation, kernels)
+
+    def _capture(self, num_blocks: int, batch_sizes: list[int],
+                 max_model_len: int) -> DecodeGraphs | None:
+        """CUDA graphs of decode steps, recorded now; None (eager) where recording fails."""
+        graphs = DecodeGraphs(self.model, self.kv_caches, block_size=self.block_size,
+                              max_model_len=max_model_len, scratch_block=num_blocks,
+                              batch_sizes=batch_sizes)
+        try:
+            seconds = graphs.capture()
+        except Exception as exc:  # any capture failure: serve eagerly rather than not at all
+            logger.warning("recording CUDA graphs failed, decoding eagerly: %s",
+                           _first_line(exc))
+            return None
+        logger.info("CUDA graphs of decode steps for %d batch sizes up to %d recorded in "
+                    "%.1f s", len(batch_sizes), batch_sizes[-1], seconds)
+        return graphs
 
     def _compile(self, model: LlamaForCausalLM, kv_caches: list[torch.Tensor],
                  compilation: CompilationConfig, kernels: Kernels) -> Forward:
@@ -158,7 +192,15 @@ class ModelRunner:
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         if scheduler_output.is_empty:
             return ModelRunnerOutput(sampled_token_ids={})
-        model_input = self.prepare_inputs(scheduler_output.scheduled_requests)
+        requests = scheduler_output.scheduled_requests
+        if self.decode_graphs is not None and self._fits_graphs(requests):
+            hidden_states = self.decode_graphs.run(
+                [request.token_ids_to_compute[0] for request in requests],
+                [request.start_position for request in requests],
+                [request.block_table for request in requests],
+            )
+            return self._sample(self.model.compute_logits(hidden_states), requests)
+        model_input = self.prepare_inputs(requests)
         hidden_states = self.forward(
             model_input.input_ids,
             model_input.positions,
@@ -172,6 +214,13 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden_states, model_input.logits_indices)
         return dataclasses.replace(self._sample(logits, model_input.sampled_requests),
                                    pooled=pooled)
+
+    def _fits_graphs(self, requests: list[ScheduledRequest]) -> bool:
+        """Decodes only (one token each, every row sampled), no more than the graphs hold."""
+        assert self.decode_graphs is not None
+        return len(requests) <= self.decode_graphs.max_batch_size and all(
+            request.num_tokens == 1 and request.is_last_chunk
+            and request.sampling_params.pooling is None for request in requests)
 
     def prepare_inputs(self, scheduled_requests: list[ScheduledRequest]) -> ModelInput:
         """Flat input ids, positions, slot mapping and metadata; decodes first."""

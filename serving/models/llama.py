@@ -6,6 +6,9 @@ then `compute_logits` applies the (tied or separate) LM head only to the rows th
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -178,6 +181,20 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Projection):
                 module.prepack(packing)
+
+    @contextmanager
+    def attention_op_as(self, op: AttentionOp) -> Iterator[None]:
+        """Every layer calls `op` for attention inside the block (e.g. while a CUDA graph
+        of decode steps is captured), its own op again after it."""
+        layers = [layer.self_attn for layer in self.layers]
+        previous = [layer.attention_op for layer in layers]
+        for layer in layers:
+            layer.attention_op = op
+        try:
+            yield
+        finally:
+            for layer, layer_op in zip(layers, previous, strict=True):
+                layer.attention_op = layer_op
 
     def kernel_token_splits(self) -> list[int]:
         """Batch sizes (tokens) past which some projection switches kernels."""

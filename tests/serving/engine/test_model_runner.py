@@ -30,6 +30,7 @@ from serving.engine.config import CompilationConfig
 from serving.engine.core import EngineCore
 from serving.engine.model_runner import ModelRunner
 from serving.engine.sampler import Sampler
+from serving.models.cuda_graphs import DecodeGraphs, graph_batch_sizes
 
 pytestmark = pytest.mark.isa  # kernels and rounding: run under lower ISAs by `make test-isa`
 
@@ -106,15 +107,19 @@ def reference_outputs(model_dir: Path, arrivals: list[Arrival], dtype: torch.dty
 
 
 def make_runner(model_dir: Path, dtype: torch.dtype, num_blocks: int, block_size: int,
-                compilation: CompilationConfig) -> ModelRunner:
+                compilation: CompilationConfig, *, device: str = "cpu",
+                max_num_seqs: int | None = None, max_model_len: int | None = None,
+                ) -> ModelRunner:
     return ModelRunner(
         model_dir,
-        device=torch.device("cpu"),
+        device=torch.device(device),
         dtype=dtype,
         num_blocks=num_blocks,
         block_size=block_size,
-        sampler=Sampler("cpu"),
+        sampler=Sampler(device),
         compilation=compilation,
+        max_num_seqs=max_num_seqs,
+        max_model_len=max_model_len,
     )
 
 
@@ -225,3 +230,85 @@ def test_smollm2_float32_greedy_matches_transformers(
     scheduler = make_scheduler(128, 16, max_num_batched_tokens=256, max_model_len=1024)
     run = run_engine(runner, scheduler, arrivals, eos_token_id=2)
     assert run.outputs == expected
+
+
+class GraphStepCounter:
+    """Notes the steps a runner's `DecodeGraphs` ran: (rows, rows padded to)."""
+
+    def __init__(self, graphs: DecodeGraphs) -> None:
+        self.steps: list[tuple[int, int]] = []
+        run = graphs.run
+
+        def counted(token_ids, positions, block_tables):
+            self.steps.append((len(token_ids), graphs.padded_size(len(token_ids))))
+            return run(token_ids, positions, block_tables)
+
+        graphs.run = counted
+
+
+def test_padded_decode_steps_match_transformers(
+    tiny_model_dir: Path, tiny_arrivals_and_reference, eager_config: CompilationConfig
+) -> None:
+    """The CUDA graphs' steps without the graphs (CPU): decodes padded to 1, 2, 4, 8, ...
+    rows, the padding in a scratch block past the scheduler's, attention through
+    `quiver::paged_attention_decode`; every greedy token as transformers', also when
+    preemption hands blocks around."""
+    arrivals, expected = tiny_arrivals_and_reference
+    for num_blocks, max_tokens, max_model_len in ((256, 64, 512), (24, 96, 384)):
+        runner = make_runner(tiny_model_dir, torch.float32, num_blocks + 1, 16, eager_config)
+        runner.decode_graphs = DecodeGraphs(
+            runner.model, runner.kv_caches, block_size=16, max_model_len=max_model_len,
+            scratch_block=num_blocks, batch_sizes=graph_batch_sizes(16))
+        counter = GraphStepCounter(runner.decode_graphs)
+        # the scratch block holds garbage no request may ever read
+        runner.kv_caches[0][:, num_blocks * 16:] = float("nan")
+        scheduler = make_scheduler(num_blocks, 16, max_num_batched_tokens=max_tokens,
+                                   max_model_len=max_model_len)
+        run = run_engine(runner, scheduler, arrivals, eos_token_id=2)
+        assert run.outputs == expected
+        assert {padded for _, padded in counter.steps} >= {1, 2, 4}
+        assert any(rows < padded for rows, padded in counter.steps)
+        assert (run.num_preemptions > 0) == (num_blocks == 24)
+
+
+def test_graph_batch_sizes() -> None:
+    assert graph_batch_sizes(1) == [1]
+    assert graph_batch_sizes(3) == [1, 2, 4]
+    assert graph_batch_sizes(16) == [1, 2, 4, 8, 16]
+    assert graph_batch_sizes(50) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56]
+
+
+def test_graphs_refuse_more_decodes_than_recorded(tiny_model_dir: Path, eager_config) -> None:
+    runner = make_runner(tiny_model_dir, torch.float32, 9, 16, eager_config)
+    graphs = DecodeGraphs(runner.model, runner.kv_caches, block_size=16, max_model_len=128,
+                          scratch_block=8, batch_sizes=[1, 2])
+    with pytest.raises(ValueError, match="3 decodes for graphs of 1 to 2"):
+        graphs.run([5, 6, 7], [0, 0, 0], [[0], [1], [2]])
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize(("num_blocks", "max_tokens", "max_model_len"),
+                         [(256, 64, 512), (24, 96, 384)], ids=["roomy", "preempting"])
+def test_cuda_graphs_greedy_match_transformers(
+    tiny_model_dir: Path, tiny_arrivals_and_reference, quiver_cache_dir: Path, num_blocks: int,
+    max_tokens: int, max_model_len: int,
+) -> None:
+    """On a GPU: decode steps replayed from CUDA graphs, prefill eager; float32 greedy
+    tokens as transformers' (on CPU), under preemption too."""
+    arrivals, expected = tiny_arrivals_and_reference
+    runner = make_runner(tiny_model_dir, torch.float32, num_blocks, 16,
+                         CompilationConfig(cache_dir=quiver_cache_dir), device="cuda",
+                         max_num_seqs=16, max_model_len=max_model_len)
+    assert runner.decode_graphs is not None and runner.decode_graphs.is_captured
+    counter = GraphStepCounter(runner.decode_graphs)
+    scheduler = make_scheduler(num_blocks, 16, max_num_batched_tokens=max_tokens,
+                               max_model_len=max_model_len)
+    run = run_engine(runner, scheduler, arrivals, eos_token_id=2)
+    assert run.outputs == expected
+    assert len(counter.steps) >= 10  # 20 on an H100 (the roomy case)
+    assert any(rows < padded for rows, padded in counter.steps)
+    assert (run.num_preemptions > 0) == (num_blocks == 24)

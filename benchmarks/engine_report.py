@@ -66,7 +66,8 @@ def summarize(results: dict, ceiling: dict, cpu: dict, args: argparse.Namespace)
 def table(summary: dict) -> str:
     names = list(summary["servers"])
     lines = [f"CPU: {summary['cpu']['model']} ({summary['cpu']['cores']} cores; "
-             f"{' '.join(summary['cpu']['flags'])})",
+             f"{' '.join(summary['cpu']['flags'])})"
+             + (f"; native on {summary['cpu']['gpu']}" if "gpu" in summary["cpu"] else ""),
              "tokens/s        " + "".join(f"{name:>14}" for name in names)
              + f"{'GEMM ceiling':>14}{'native share':>14}"]
     for row in summary["by_concurrency"]:
@@ -96,14 +97,17 @@ def plot(summary: dict, path: Path) -> None:
                  f"{result['ready_warm_s']:.0f} s warm)")
         ax.plot(concurrency, [rate(result, c) for c in concurrency], marker="o", label=label)
     ceiling = [row["gemm_ceiling_tokens_per_s"] for row in summary["by_concurrency"]]
-    ax.plot(concurrency, ceiling, linestyle="--", color="gray", label="GEMM ceiling (decode)")
+    if any(ceiling):  # measured on CPU runs only
+        ax.plot(concurrency, ceiling, linestyle="--", color="gray",
+                label="GEMM ceiling (decode)")
     ax.set_xscale("log", base=2)
     ax.set_xticks(concurrency, [str(c) for c in concurrency])
     ax.set_xlabel("concurrent requests (streamed, through each HTTP server)")
     ax.set_ylabel("output tokens / s")
     cpu = summary["cpu"]
     ax.set_title(f"SmolLM2-135M, {summary['prompt_tokens']} in / {summary['output_tokens']} out\n"
-                 f"{cpu['model']}, {cpu['cores']} cores, {' '.join(cpu['flags'])}", fontsize=9)
+                 + (f"native on {cpu['gpu']}; " if "gpu" in cpu else "")
+                 + f"{cpu['model']}, {cpu['cores']} cores, {' '.join(cpu['flags'])}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -13,13 +13,17 @@ steps and the run's output tokens/s. Reported per variant: the median over round
 ratio to the first variant.
 
 Variants:
-- `default`: the engine as `quiver serve` builds it (compiled, C++ kernels).
+- `default`: the engine as `quiver serve` builds it (compiled, C++ kernels; with
+  `--device cuda`, decode steps replayed from CUDA graphs).
 - `onednn-linear`: the same runner with the one-or-two-row linear kernel switched off
   (`quiver::set_skinny_max_rows(0)` around its runs): oneDNN takes every projection.
-- `eager`: `--enforce-eager` (its own runner: C++ kernels, no compiled graphs).
+- `eager`: `--enforce-eager` (its own runner: C++ kernels, no compiled graphs; on CUDA no
+  CUDA graphs).
 - `other-model`: the default engine on `--other-model DIR` (e.g. an int8 or w4a16 artifact
   of `--model`: quantized against float, in one process).
-Results: benchmarks/results/engine_steps.json, with the CPU's flags.
+Results: benchmarks/results/engine_steps.json, with the CPU's flags (and the GPU's name).
+On CUDA the step times are wall-clock per step as the engine runs it (each step ends by
+reading the sampled tokens back to the host).
 """
 
 from __future__ import annotations
@@ -81,25 +85,29 @@ class Variant:
             torch.ops.quiver.set_skinny_max_rows(previous)
 
 
-def make_core(model: Path, *, eager: bool, cache_dir: Path) -> EngineCore:
-    sampler = Sampler(torch.device("cpu"))
-    runner = ModelRunner(model, device=torch.device("cpu"), dtype=torch.bfloat16,
+def make_core(model: Path, *, eager: bool, cache_dir: Path, device: str = "cpu") -> EngineCore:
+    sampler = Sampler(torch.device(device))
+    scheduler_config = SchedulerConfig(max_model_len=2048)
+    runner = ModelRunner(model, device=torch.device(device), dtype=torch.bfloat16,
                          num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, sampler=sampler,
                          compilation=CompilationConfig(enforce_eager=eager,
-                                                       cache_dir=cache_dir))
-    scheduler = Scheduler(SchedulerConfig(max_model_len=2048),
+                                                       cache_dir=cache_dir),
+                         max_num_seqs=scheduler_config.max_num_seqs,
+                         max_model_len=scheduler_config.max_model_len)
+    scheduler = Scheduler(scheduler_config,
                           CacheConfig(block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS))
     return EngineCore(scheduler, runner, RequestStates(sampler, runner.pooler))
 
 
 def make_variants(model: Path, names: list[str], cache_dir: Path | None = None,
-                  other_model: Path | None = None) -> list[Variant]:
+                  other_model: Path | None = None, device: str = "cpu") -> list[Variant]:
     cores: dict[tuple[Path, bool], EngineCore] = {}  # default and onednn-linear share one
 
     def core(model_dir: Path, eager: bool) -> EngineCore:
         if (model_dir, eager) not in cores:
             cores[model_dir, eager] = make_core(model_dir, eager=eager,
-                                                cache_dir=cache_dir or default_cache_dir())
+                                                cache_dir=cache_dir or default_cache_dir(),
+                                                device=device)
         return cores[model_dir, eager]
 
     variants = []
@@ -151,9 +159,11 @@ def main() -> int:
                         help="built kernels and compiled graphs (default: quiver serve's)")
     parser.add_argument("--other-model", type=Path, default=None,
                         help="the other-model variant's checkpoint or artifact")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
     variants = make_variants(args.model.resolve(), args.variants, args.compile_cache_dir,
-                             args.other_model.resolve() if args.other_model else None)
+                             args.other_model.resolve() if args.other_model else None,
+                             args.device)
     rng = random.Random(0)
     for concurrency in args.concurrency:  # warm-up: first-use costs stay out of the rounds
         for variant in variants:
@@ -175,8 +185,9 @@ def main() -> int:
                          "step_vs_first": round(step / base, 3),
                          "tokens_per_s": statistics.median(variant.tokens_per_s[concurrency]),
                          "rounds_step_ms": variant.steps_ms[concurrency]})
-    cpu = cpu_info()
-    print(f"CPU: {cpu['model']} ({cpu['cores']} cores; {' '.join(cpu['flags'])})")
+    cpu = cpu_info(args.device)
+    print(f"CPU: {cpu['model']} ({cpu['cores']} cores; {' '.join(cpu['flags'])})"
+          + (f"; on {cpu['gpu']}" if "gpu" in cpu else ""))
     print(f"{'variant':<16}{'concurrency':>12}{'step ms':>10}{'vs first':>10}{'tok/s':>10}")
     for row in rows:
         print(f"{row['variant']:<16}{row['concurrency']:>12}{row['decode_step_ms']:>10}"

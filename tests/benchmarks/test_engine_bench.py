@@ -106,3 +106,26 @@ async def test_a_disturbed_level_is_measured_again_and_the_least_disturbed_kept(
     levels = await engine.load_levels(server, args, [[1, 2, 3]] * 8)
     assert [(lv["concurrency"], lv["tokens_per_s"], lv["other_cpu_s"], lv["attempts"])
             for lv in levels] == [(1, 20.0, 2.0, 3), (8, 40.0, 0.1, 1)]
+
+
+def test_native_rows_start_as_asked_and_a_gpu_run_skips_the_cpu_ceiling(tmp_path) -> None:
+    """`native-eager` is `quiver serve --enforce-eager`; `--device cuda` serves the native
+    rows on the GPU, skips the GEMM ceiling (a CPU figure) and names the GPU in the report."""
+    from benchmarks.engine import gemm_ceiling, server_spec
+
+    args = argparse.Namespace(model=Path("m"), native_args="", device="cuda",
+                              concurrency=[1, 32], prompt_tokens=128, output_tokens=128)
+    eager = server_spec("native-eager", args, tmp_path, tmp_path / "log").argv
+    default = server_spec("native", args, tmp_path, tmp_path / "log").argv
+    assert eager[eager.index("serve") - 1:][:2] == ["quiver", "serve"]
+    assert "--enforce-eager" in eager and "--enforce-eager" not in default
+    assert default[default.index("--device") + 1] == "cuda"
+    ceiling = gemm_ceiling(args, tmp_path)
+    assert ceiling["ceiling"] == [] and "CUDA" in ceiling["skipped"]
+    results = {"native": server(8, 8, {1: 300.0, 32: 4000.0}),
+               "native-eager": server(8, 8, {1: 50.0, 32: 1200.0})}
+    cpu = {"model": "host", "cores": 16, "flags": [], "gpu": "NVIDIA H100"}
+    summary = summarize(results, ceiling, cpu, args)
+    assert summary["by_concurrency"][0]["native_vs"] == {"native-eager": 6.0}
+    assert summary["targets"]["c1_vs_vllm"]["met"] is None  # no vLLM row: not measured
+    assert "native on NVIDIA H100" in table(summary).splitlines()[0]

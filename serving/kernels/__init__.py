@@ -54,11 +54,12 @@ CPP_MAX_QUERIES_PER_KV = 16
 
 
 def select_kernels(device: torch.device, *, use_cpp: bool, cache_dir: Path, head_dim: int,
-                   num_queries_per_kv: int) -> Kernels:
+                   num_queries_per_kv: int, dtype: torch.dtype = torch.bfloat16) -> Kernels:
     """The C++ kernels on CPU when wanted and buildable, the Triton ones on CUDA where they
-    run, else pure torch (logged why)."""
+    answer a check in float32 and `dtype` (the model's), else pure torch (logged why)."""
     if device.type == "cuda":
-        return _cuda_kernels(device, head_dim=head_dim, num_queries_per_kv=num_queries_per_kv)
+        return _cuda_kernels(device, head_dim=head_dim, num_queries_per_kv=num_queries_per_kv,
+                             dtypes=tuple(dict.fromkeys((torch.float32, dtype))))
     if device.type != "cpu" or not use_cpp:
         return PURE_TORCH
     loaded = load_cpu_kernels(cache_dir)
@@ -76,12 +77,13 @@ def select_kernels(device: torch.device, *, use_cpp: bool, cache_dir: Path, head
     return Kernels(CPP_ATTENTION, has_cpp_library=True)
 
 
-def _cuda_kernels(device: torch.device, *, head_dim: int, num_queries_per_kv: int) -> Kernels:
+def _cuda_kernels(device: torch.device, *, head_dim: int, num_queries_per_kv: int,
+                  dtypes: tuple[torch.dtype, ...]) -> Kernels:
     try:
         from serving.kernels import triton_attention
 
         triton_attention.check(device, num_queries_per_kv=num_queries_per_kv,
-                               head_dim=head_dim)
+                               head_dim=head_dim, dtypes=dtypes)
     except Exception as exc:  # no Triton, or its kernels fail here: the reference serves
         logger.warning("paged attention on CUDA in pure torch (CUDA graphs gather each "
                        "request's whole block table): the Triton kernels are unavailable: %s",

@@ -218,11 +218,14 @@ class ModelRunner:
                                    pooled=pooled)
 
     def _fits_graphs(self, requests: list[ScheduledRequest]) -> bool:
-        """Decodes only (one token each, every row sampled), no more than the graphs hold."""
-        assert self.decode_graphs is not None
-        return len(requests) <= self.decode_graphs.max_batch_size and all(
+        """Decodes only (one token each, every row sampled), no more than the graphs hold,
+        no block table wider than theirs."""
+        graphs = self.decode_graphs
+        assert graphs is not None
+        return len(requests) <= graphs.max_batch_size and all(
             request.num_tokens == 1 and request.is_last_chunk
-            and request.sampling_params.pooling is None for request in requests)
+            and request.sampling_params.pooling is None
+            and len(request.block_table) <= graphs.max_blocks for request in requests)
 
     def prepare_inputs(self, scheduled_requests: list[ScheduledRequest]) -> ModelInput:
         """Flat input ids, positions, slot mapping and metadata; decodes first."""

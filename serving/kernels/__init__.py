@@ -79,18 +79,28 @@ def select_kernels(device: torch.device, *, use_cpp: bool, cache_dir: Path, head
 
 def _cuda_kernels(device: torch.device, *, head_dim: int, num_queries_per_kv: int,
                   dtypes: tuple[torch.dtype, ...]) -> Kernels:
+    """Each Triton kernel that passes its check becomes its op's CUDA kernel; the step op's
+    decides what the model calls."""
     try:
         from serving.kernels import triton_attention
-
-        triton_attention.check(device, num_queries_per_kv=num_queries_per_kv,
-                               head_dim=head_dim, dtypes=dtypes)
-    except Exception as exc:  # no Triton, or its kernels fail here: the reference serves
-        logger.warning("paged attention on CUDA in pure torch (CUDA graphs gather each "
-                       "request's whole block table): the Triton kernels are unavailable: %s",
-                       str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
+    except ImportError as exc:
+        logger.warning("paged attention on CUDA in pure torch (no Triton: %s)", exc)
         return PURE_TORCH
-    triton_attention.register()
-    logger.info("paged attention on CUDA: Quiver's Triton kernels")
+    registered = []
+    for op_name in ("paged_attention_decode", "paged_attention"):
+        try:
+            triton_attention.check(op_name, device, num_queries_per_kv=num_queries_per_kv,
+                                   head_dim=head_dim, dtypes=dtypes)
+        except Exception as exc:  # it fails here: the op's other kernel serves
+            logger.warning("quiver::%s on CUDA without its Triton kernel, which failed its "
+                           "check: %s", op_name, str(exc).strip().splitlines()[0]
+                           if str(exc).strip() else repr(exc))
+            continue
+        triton_attention.register(op_name)
+        registered.append(op_name)
+    logger.info("Quiver's Triton kernels on CUDA: %s", ", ".join(registered) or "none")
+    if "paged_attention" not in registered:
+        return PURE_TORCH
     return Kernels(TRITON_ATTENTION, has_cpp_library=False)
 
 

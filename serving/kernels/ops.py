@@ -155,12 +155,19 @@ def _decode(query: torch.Tensor, kv_cache: torch.Tensor, index: StepIndex, block
 
 def _attend_decodes(query: torch.Tensor, kv_cache: torch.Tensor, seq_lens: torch.Tensor,
                     tables: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
-    """One query row per request over its gathered blocks, masked past `seq_lens`."""
+    """One query row per request over its gathered blocks, masked past `seq_lens`. Nothing
+    past a row's length is trusted: table entries there become block 0 before the gather (a
+    CUDA graph's tables hold stale ids there) and what they give is zeroed as well as masked
+    (so garbage, even NaN, cannot reach the output)."""
     batch, num_heads, head_dim = query.shape
-    keys = _gather_blocks(kv_cache[0], tables, block_size)
-    values = _gather_blocks(kv_cache[1], tables, block_size)
+    block_starts = torch.arange(tables.shape[1], device=query.device) * block_size
+    tables = torch.where(block_starts[None, :] < seq_lens[:, None], tables, 0)
+    is_valid = (torch.arange(tables.shape[1] * block_size, device=query.device)[None, :]
+                < seq_lens[:, None])
+    is_padding = ~is_valid[:, None, :, None]
+    keys = _gather_blocks(kv_cache[0], tables, block_size).masked_fill(is_padding, 0)
+    values = _gather_blocks(kv_cache[1], tables, block_size).masked_fill(is_padding, 0)
     num_kv_heads = keys.shape[1]
-    is_valid = torch.arange(keys.shape[2], device=query.device)[None, :] < seq_lens[:, None]
     bias = torch.zeros(is_valid.shape, dtype=query.dtype, device=query.device)
     bias = bias.masked_fill_(~is_valid, float("-inf"))[:, None, None, :]
     grouped = query.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)

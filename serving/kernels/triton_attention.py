@@ -14,9 +14,10 @@ a KV head are served by one program, so each K/V row is read once per KV head.
   chunk; programs past a request's rows return at once. It reads the index's header once
   (one sync a layer), for the grid; eager steps only.
 
-`register()` attaches both to the ops' CUDA dispatch key; it needs Triton, which comes with
-torch's CUDA wheels (without it the ops keep their any-device kernels: the decode op's
-gathers every row's whole table; the reference op stands in for the other). With
+`register(op)` attaches one to its op's CUDA dispatch key once `check(op, ...)` passed; they
+need Triton, which comes with torch's CUDA wheels (without it, or where one fails its
+check, the decode op keeps its any-device kernel, which gathers every row's whole table,
+and the reference op stands in for the other). With
 `TRITON_INTERPRET=1` set before this module is imported, Triton runs the kernels on CPU
 tensors (how the CPU test suite checks them).
 """
@@ -32,9 +33,15 @@ import triton.language as tl
 from serving.kernels.metadata import StepIndex, pack_step_index, unpack_decode_index
 from serving.kernels.ops import paged_attention_reference
 
-# Tokens a program reads per iteration: two blocks of 16 at once, so each iteration's loads
-# are long enough to keep the memory system busy.
+# Positions the decode kernel reads per iteration: two blocks of 16 at once, so each
+# iteration's loads are long enough to keep the memory system busy, fewer where the heads'
+# [group, positions, head_dim] float32 products would not fit a program's registers.
 CHUNK_TOKENS = 32
+CHUNK_VALUES = 8192
+
+
+def decode_chunk(group_pad: int, dim_pad: int) -> int:
+    return max(8, min(CHUNK_TOKENS, CHUNK_VALUES // (group_pad * dim_pad)))
 
 
 @triton.jit
@@ -105,13 +112,13 @@ def paged_attention_decode(
         raise ValueError("paged_attention_decode needs unit-stride head dims")
     output = query.new_empty(num_seqs, num_heads * head_dim)
     group = num_heads // num_kv_heads
+    group_pad, dim_pad = triton.next_power_of_2(group), triton.next_power_of_2(head_dim)
     _decode_kernel[(num_seqs, num_kv_heads)](
         query, k_cache, v_cache, output, seq_lens, block_tables,
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1),
         output.stride(0), block_tables.stride(0), scale,
-        GROUP=group, GROUP_PAD=triton.next_power_of_2(group), HEAD_DIM=head_dim,
-        DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
-        CHUNK=max(CHUNK_TOKENS, triton.next_power_of_2(block_size)),
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, DIM_PAD=dim_pad,
+        BLOCK_SIZE=block_size, CHUNK=decode_chunk(group_pad, dim_pad),
     )
     return output
 
@@ -126,12 +133,12 @@ BLOCK_N = 32  # positions per iteration of the varlen kernel
 def _varlen_kernel(
     query, k_cache, v_cache, output, query_start, seq_lens, block_tables,
     query_row_stride, query_head_stride, slot_stride, kv_head_stride, output_row_stride,
-    table_row_stride, scale,
+    table_row_stride, scale, first_seq,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, IS_FP32: tl.constexpr,
 ):
-    seq = tl.program_id(0)
+    seq = first_seq + tl.program_id(0)
     query_block = tl.program_id(1)
     kv_head = tl.program_id(2)
     first_token = tl.load(query_start + seq)
@@ -213,37 +220,47 @@ def paged_attention(
     group = num_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
     block_m = max(1, TILE_ROWS // group_pad)
-    # the longest chunk is at most every token the step has past its decodes
-    max_query_len = max(1, num_tokens - index.num_decodes)
-    _varlen_kernel[(index.num_seqs, triton.cdiv(max_query_len, block_m), num_kv_heads)](
-        query, k_cache, v_cache, output, index.query_start, index.seq_lens,
-        index.block_tables, query.stride(0), query.stride(1), k_cache.stride(0),
-        k_cache.stride(1), output.stride(0), index.block_tables.stride(0), scale,
-        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
-        DIM_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=BLOCK_N, IS_FP32=query.dtype == torch.float32,
-    )
+    num_decodes, num_chunks = index.num_decodes, index.num_seqs - index.num_decodes
+    # Two launches, so a step of many decodes and one long chunk does not start a no-op
+    # program per decode for every block of the chunk: decodes (one query block each),
+    # then the chunks, as many blocks each as the longest could need (every token past the
+    # decodes).
+    launches = [(0, num_decodes, 1),
+                (num_decodes, num_chunks, triton.cdiv(num_tokens - num_decodes, block_m))]
+    for first_seq, num_seqs, num_blocks in launches:
+        if num_seqs == 0:
+            continue
+        _varlen_kernel[(num_seqs, num_blocks, num_kv_heads)](
+            query, k_cache, v_cache, output, index.query_start, index.seq_lens,
+            index.block_tables, query.stride(0), query.stride(1), k_cache.stride(0),
+            k_cache.stride(1), output.stride(0), index.block_tables.stride(0), scale,
+            first_seq, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
+            DIM_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size,
+            BLOCK_M=block_m, BLOCK_N=BLOCK_N, IS_FP32=query.dtype == torch.float32,
+        )
     return output
 
 
+KERNELS = {"paged_attention_decode": paged_attention_decode,
+           "paged_attention": paged_attention}
+_LIBRARY = torch.library.Library("quiver", "IMPL")  # registrations live as long as it does
+
+
 @functools.cache
-def register() -> torch.library.Library:
-    """Make these the ops' CUDA kernels (once per process); the registrations live as long
-    as the returned (cached) Library."""
-    library = torch.library.Library("quiver", "IMPL")
-    library.impl("paged_attention_decode", paged_attention_decode, "CUDA")
-    library.impl("paged_attention", paged_attention, "CUDA")
-    return library
+def register(op_name: str) -> None:
+    """Make this module's kernel op `op_name`'s CUDA kernel (once per process)."""
+    _LIBRARY.impl(op_name, KERNELS[op_name], "CUDA")
 
 
 CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
-def check(device: torch.device, *, num_queries_per_kv: int, head_dim: int,
+def check(op_name: str, device: torch.device, *, num_queries_per_kv: int, head_dim: int,
           dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)) -> None:
-    """Raise unless both kernels answer small steps (mixed, and decodes only) as the
-    reference op does, in each of `dtypes` (run before registering: a Triton or driver
-    that miscompiles them leaves the reference op in place)."""
+    """Raise unless op `op_name`'s kernel here answers small steps as the reference op does
+    (`paged_attention`: a mixed step and a decode step; `paged_attention_decode`: the
+    decode step), in each of `dtypes`. Run before registering: a kernel that a Triton or
+    driver miscompiles leaves the op's other kernel in place."""
     generator = torch.Generator().manual_seed(0)
     num_kv_heads, block_size = 2, 16
     num_heads = num_kv_heads * num_queries_per_kv
@@ -251,6 +268,9 @@ def check(device: torch.device, *, num_queries_per_kv: int, head_dim: int,
         "mixed": ([1, 1, 20, 7], [5, 40, 33, 7]),
         "decodes": ([1, 1, 1], [1, 17, 40]),
     }
+    if op_name == "paged_attention_decode":
+        del steps["mixed"]
+    kernel = KERNELS[op_name]
     for dtype in dtypes:
         for name, (query_lens, seq_lens) in steps.items():
             tables, next_block = [], 0
@@ -267,9 +287,8 @@ def check(device: torch.device, *, num_queries_per_kv: int, head_dim: int,
             q, k, v = qkv.split((num_heads, num_kv_heads, num_kv_heads), dim=1)
             expected = paged_attention_reference(q, k, v, cache.clone(), metadata, block_size,
                                                  head_dim**-0.5)
-            kernel = paged_attention_decode if name == "decodes" else paged_attention
             output = kernel(q, k, v, cache.clone(), metadata, block_size, head_dim**-0.5)
             error = (output.float() - expected.float()).abs().max().item()
             if not error <= CHECK_TOLERANCE[dtype]:  # also false for NaN
-                raise RuntimeError(f"Triton {kernel.__name__} is off by {error:.3g} on a "
-                                   f"{name} step in {dtype}")
+                raise RuntimeError(f"Triton {op_name} is off by {error:.3g} on a {name} step "
+                                   f"in {dtype}")

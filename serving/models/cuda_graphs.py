@@ -7,17 +7,18 @@ every 8 up to the scheduler's `max_num_seqs`), largest first, all in one memory 
 static buffers. A step of decodes only is padded to the next recorded size: its token ids,
 positions, slots, context lengths and block tables are written into a pinned host buffer,
 one copy moves them to the device, and the graph replays. Steps with prefill chunks run
-eagerly (the runner decides: `fits`).
+eagerly (the runner decides which steps the graphs take).
 
 Inside the graphs every layer's attention is `quiver::paged_attention_decode`: it takes its
 sizes from shapes and reads nothing back to the host, and on CUDA its Triton kernel walks
 each request's blocks up to its length, so one graph serves every context length up to
 `max_model_len`. Padding rows decode token 0 at position 0 into a scratch block that no
 request owns (the runner allocates one KV block more than the block manager hands out) and
-attend to that slot alone.
+attend to that slot alone; every table entry past a row's blocks is the scratch block too,
+so no stale id from a wider step is ever in a table.
 
-`capture=False` runs the same padded steps without graphs: how the CPU tests check the
-padding and the buffers.
+Until `capture` runs, `run` executes the same padded steps eagerly: how the CPU tests check
+the padding and the buffers.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ class DecodeGraphs:
         self._host = torch.zeros(size, dtype=torch.long, pin_memory=device.type == "cuda")
         self._host_view = self._host.numpy()
         self._buffer = torch.zeros(size, dtype=torch.long, device=device)
+        # The host buffer is rewritten only once the previous copy out of it has finished.
+        self._copied = torch.cuda.Event() if device.type == "cuda" else None
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}
 
@@ -124,6 +127,8 @@ class DecodeGraphs:
         """Write a step padded to `padded` rows into the host buffer (the step index laid out
         as `serving.kernels.metadata` says, for `padded` decodes) and copy it over."""
         num_rows, largest, block_size = len(token_ids), self.max_batch_size, self.block_size
+        if self._copied is not None:
+            self._copied.synchronize()
         host = self._host_view
         host[:num_rows] = token_ids
         host[num_rows:padded] = 0
@@ -137,11 +142,14 @@ class DecodeGraphs:
         tables = tables.reshape(padded, self.max_blocks)
         for row, (position, table) in enumerate(zip(positions, block_tables, strict=True)):
             tables[row, :len(table)] = table
+            tables[row, len(table):] = self.scratch_block
             slots[row] = table[position // block_size] * block_size + position % block_size
         seq_lens[:num_rows] = positions
         seq_lens[:num_rows] += 1
         slots[num_rows:] = self.scratch_block * block_size
         seq_lens[num_rows:] = 1
-        tables[num_rows:, 0] = self.scratch_block
+        tables[num_rows:] = self.scratch_block
         query_start[:] = np.arange(padded + 1)
         self._buffer[:end].copy_(self._host[:end], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()

@@ -278,6 +278,21 @@ def test_graph_batch_sizes() -> None:
     assert graph_batch_sizes(50) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56]
 
 
+def test_graph_tables_hold_no_stale_block_ids(tiny_model_dir: Path, eager_config) -> None:
+    """A wide step, then a narrow one: the step index is laid out for each padded size, so
+    the narrow step's tables sit where the wide one's slots and lengths were; past its
+    blocks every row must hold the scratch block, and the answer must not change."""
+    runner = make_runner(tiny_model_dir, torch.float32, 33, 16, eager_config)
+    graphs = DecodeGraphs(runner.model, runner.kv_caches, block_size=16, max_model_len=128,
+                          scratch_block=32, batch_sizes=[1, 2, 4, 8])
+    narrow = graphs.run([5], [20], [[3, 4]]).clone()
+    graphs.run(list(range(8)), [17 * i for i in range(8)], [[i + 8] * 8 for i in range(8)])
+    again = graphs.run([5], [20], [[3, 4]])
+    index = graphs._buffer[16:16 + 4 + 3 + 1 + 8].tolist()  # padded to 1 row, 8 blocks wide
+    assert index[4:] == [4 * 16 + 4, 0, 1, 21, 3, 4, 32, 32, 32, 32, 32, 32]
+    torch.testing.assert_close(again, narrow)
+
+
 def test_graphs_refuse_more_decodes_than_recorded(tiny_model_dir: Path, eager_config) -> None:
     runner = make_runner(tiny_model_dir, torch.float32, 9, 16, eager_config)
     graphs = DecodeGraphs(runner.model, runner.kv_caches, block_size=16, max_model_len=128,

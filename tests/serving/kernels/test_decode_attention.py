@@ -44,10 +44,12 @@ def decode_step(shape: tuple[int, int, int, int], dtype: torch.dtype, *, extra_b
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda shape: "h{}-kv{}-d{}-bs{}".format(*shape))
 def test_any_device_kernel_matches_reference(shape, dtype) -> None:
-    step = decode_step(shape, dtype, extra_blocks=0)
+    """Also with tables wider than the requests' whose extra blocks hold NaN."""
+    step = decode_step(shape, dtype, extra_blocks=3)
     output, cache = step.run(DECODE_ATTENTION)
-    expected, expected_cache = step.run(REFERENCE_ATTENTION)
-    assert torch.equal(cache, expected_cache)
+    narrow = decode_step(shape, dtype, extra_blocks=0)
+    expected, expected_cache = narrow.run(REFERENCE_ATTENTION)
+    assert torch.equal(cache[:, :expected_cache.shape[1]], expected_cache)
     torch.testing.assert_close(output.float(), expected.float(), atol=TOLERANCE[dtype],
                                rtol=TOLERANCE[dtype])
 
@@ -56,3 +58,20 @@ def test_index_of_the_wrong_size_is_refused() -> None:
     step = decode_step(SHAPES[0], torch.float32, extra_blocks=0)
     with pytest.raises(ValueError, match="does not hold 5 decodes"):
         unpack_decode_index(step.metadata, 5)
+
+
+def test_table_entries_past_a_request_are_never_read() -> None:
+    """A CUDA graph's tables keep stale ids past each row's blocks (even ids past the cache,
+    from a wider step): the any-device kernel must neither index nor read them."""
+    step = decode_step(SHAPES[0], torch.float32, extra_blocks=2)
+    num_blocks = step.kv_cache.shape[1] // step.block_size
+    metadata = step.metadata.clone()
+    _, seq_lens, tables = unpack_decode_index(metadata, len(SEQ_LENS))
+    owned = -(-seq_lens // step.block_size)
+    for row, count in enumerate(owned.tolist()):
+        tables[row, count:] = num_blocks + 1000  # out of range
+    stale = Step(step.query, step.key, step.value, step.kv_cache, metadata, step.block_size,
+                 step.scale)
+    output, _ = stale.run(DECODE_ATTENTION)
+    expected, _ = decode_step(SHAPES[0], torch.float32, extra_blocks=0).run(REFERENCE_ATTENTION)
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)

@@ -21,6 +21,8 @@ Phases, in one run: the quiet tenant alone (`fair`), then both tenants through `
 Reported per phase: the quiet tenant's TTFT p50/p95 (and its ratio to alone), calls finished
 and refused per tenant. Target (issue #18): with the noisy tenant at 10x, the quiet tenant's
 p95 TTFT <= 1.2x alone. Results go to benchmarks/results/fairness.json.
+`--replica-args` passes flags to both replicas' `quiver serve` (on a GPU host:
+`--device cuda --kv-cache-memory 8`, so the two share one card).
 """
 
 from __future__ import annotations
@@ -57,12 +59,13 @@ TARGET = 1.2
 PROMPT = "Write a few sentences about the sea and the ships that cross it."
 
 
-def start_replica(model_dir: Path, workdir: Path, index: int, threads: int) -> Service:
+def start_replica(model_dir: Path, workdir: Path, index: int, threads: int,
+                  extra_args: str = "") -> Service:
     port = free_port()
     os.environ["OMP_NUM_THREADS"] = str(threads)   # two replicas share the host's cores
     service = launch(f"replica-{index}", [
         sys.executable, "-m", "quiver", "serve", "--model", str(model_dir), "--port",
-        str(port), "--served-model-name", SERVED], workdir, port)
+        str(port), "--served-model-name", SERVED, *extra_args.split()], workdir, port)
     service.wait_ready("/ready", 300)
     return service
 
@@ -227,6 +230,9 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--slots", type=int, default=4, help="max_concurrency_per_replica")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per replica")
+    parser.add_argument("--replica-args", default="",
+                        help="extra `quiver serve` flags for both replicas, e.g. on one GPU "
+                             "'--device cuda --kv-cache-memory 8'")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds per phase")
     parser.add_argument("--grace", type=float, default=20.0,
                         help="seconds calls may finish after a phase's arrivals stop")
@@ -242,7 +248,8 @@ def main() -> int:
         workdir = Path(work)
         services: list[Service] = []
         try:
-            replicas = [start_replica(args.model, workdir, i, args.threads) for i in range(2)]
+            replicas = [start_replica(args.model, workdir, i, args.threads, args.replica_args)
+                        for i in range(2)]
             services += replicas
             secrets = create_keys(str(workdir / "keys.db"))
             default = start_gateway("gateway", replicas, workdir, args.slots, 1)

@@ -86,14 +86,17 @@ class ModelRunner:
             head_dim=self.arch.head_dim, num_queries_per_kv=self.arch.num_queries_per_kv,
             dtype=dtype,
         )
-        # Loading and compiling use torch's thread pool; doing it on a thread that then
-        # exits leaves the step-running thread the only pool (serving.kernels.openmp).
         graph_sizes = (graph_batch_sizes(max_num_seqs)
                        if self.device.type == "cuda" and not compilation.enforce_eager
                        and max_num_seqs and max_model_len else None)
         self.decode_graphs: DecodeGraphs | None = None
+        # With graphs, one KV block more than the block manager hands out: the scratch block
+        # that their padding rows write to.
+        num_cache_blocks = num_blocks + (graph_sizes is not None)
+        # Loading and compiling use torch's thread pool; doing it on a thread that then
+        # exits leaves the step-running thread the only pool (serving.kernels.openmp).
         self.model, self.kv_caches, self.forward = run_in_passing_thread(
-            lambda: self._load(model_dir, num_blocks, compilation, kernels)
+            lambda: self._load(model_dir, num_cache_blocks, compilation, kernels)
         )
         if graph_sizes is not None:
             self.decode_graphs = self._capture(num_blocks, graph_sizes, max_model_len)
@@ -116,10 +119,7 @@ class ModelRunner:
             model_dir, dtype=self.dtype, device=self.device, attention_op=kernels.attention,
             packing=Packing.KERNEL if kernels.has_cpp_library else Packing.EAGER,
         )
-        # On CUDA one block more than the block manager hands out: the scratch block that
-        # the CUDA graphs' padding rows write to.
-        extra = 1 if self.device.type == "cuda" else 0
-        kv_caches = model.make_kv_caches(num_blocks + extra, self.block_size)
+        kv_caches = model.make_kv_caches(num_blocks, self.block_size)
         return model, kv_caches, self._compile(model, kv_caches, compilation, kernels)
 
     def _capture(self, num_blocks: int, batch_sizes: list[int],

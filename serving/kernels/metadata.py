@@ -54,9 +54,15 @@ def count_leading_decodes(query_lens: list[int]) -> int:
     return num_decodes
 
 
+def index_sections(num_tokens: int, num_seqs: int, max_blocks: int) -> list[int]:
+    """Lengths of the index's sections in order: header, slot mapping, query starts,
+    context lengths, block tables."""
+    return [HEADER_SIZE, num_tokens, num_seqs + 1, num_seqs, num_seqs * max_blocks]
+
+
 def decode_index_size(num_seqs: int, max_blocks: int) -> int:
     """Length of the step index of `num_seqs` decodes with block tables `max_blocks` wide."""
-    return HEADER_SIZE + 3 * num_seqs + 1 + num_seqs * max_blocks
+    return sum(index_sections(num_seqs, num_seqs, max_blocks))
 
 
 def unpack_decode_index(metadata: torch.Tensor, num_seqs: int) -> tuple[
@@ -69,8 +75,8 @@ def unpack_decode_index(metadata: torch.Tensor, num_seqs: int) -> tuple[
     if rest or max_blocks < 1:
         raise ValueError(f"a step index of {metadata.numel()} values does not hold "
                          f"{num_seqs} decodes")
-    sizes = [HEADER_SIZE, num_seqs, num_seqs + 1, num_seqs, num_seqs * max_blocks]
-    _, slot_mapping, _, seq_lens, tables = metadata.split(sizes)
+    sections = index_sections(num_seqs, num_seqs, max_blocks)
+    _, slot_mapping, _, seq_lens, tables = metadata.split(sections)
     return slot_mapping, seq_lens, tables.view(num_seqs, max_blocks)
 
 
@@ -89,7 +95,7 @@ class StepIndex:
     @classmethod
     def unpack(cls, metadata: torch.Tensor) -> StepIndex:
         num_tokens, num_seqs, max_blocks, num_decodes = metadata[:HEADER_SIZE].tolist()
-        sizes = [HEADER_SIZE, num_tokens, num_seqs + 1, num_seqs, num_seqs * max_blocks]
-        _, slot_mapping, query_start, seq_lens, tables = metadata.split(sizes)
+        sections = index_sections(num_tokens, num_seqs, max_blocks)
+        _, slot_mapping, query_start, seq_lens, tables = metadata.split(sections)
         return cls(num_tokens, num_seqs, num_decodes, slot_mapping, query_start, seq_lens,
                    tables.view(num_seqs, max_blocks))

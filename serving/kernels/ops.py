@@ -90,6 +90,14 @@ def lowbit_kernels_run() -> bool:
     return True
 
 
+def write_kv(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tensor,
+             value: torch.Tensor) -> None:
+    """Every attention op's first step: the step's K and V `[T, kv_heads, D]` into their
+    slots of the layer's cache `[2, num_slots, kv_heads, D]`."""
+    kv_cache[0].index_copy_(0, slot_mapping, key)
+    kv_cache[1].index_copy_(0, slot_mapping, value)
+
+
 def paged_attention_reference(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -101,8 +109,7 @@ def paged_attention_reference(
 ) -> torch.Tensor:
     """The pure-torch implementation (any device)."""
     index = StepIndex.unpack(metadata)
-    kv_cache[0].index_copy_(0, index.slot_mapping, key)
-    kv_cache[1].index_copy_(0, index.slot_mapping, value)
+    write_kv(kv_cache, index.slot_mapping, key, value)
     outputs = []
     if index.num_decodes:
         outputs.append(_decode(query[: index.num_decodes], kv_cache, index, block_size, scale))
@@ -127,8 +134,7 @@ def paged_attention_decode(
     """Decodes only, sizes from shapes: every row's whole block table gathered, masked past
     its length (any device; the CUDA kernel is `serving.kernels.triton_attention`)."""
     slot_mapping, seq_lens, block_tables = unpack_decode_index(metadata, query.shape[0])
-    kv_cache[0].index_copy_(0, slot_mapping, key)
-    kv_cache[1].index_copy_(0, slot_mapping, value)
+    write_kv(kv_cache, slot_mapping, key, value)
     return _attend_decodes(query, kv_cache, seq_lens, block_tables, block_size, scale)
 
 

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from serving.kernels.metadata import StepIndex, pack_step_index, unpack_decode_index
-from serving.kernels.ops import paged_attention_reference
+from serving.kernels.ops import paged_attention_reference, write_kv
 
 # Positions the decode kernel reads per iteration: two blocks of 16 at once, so each
 # iteration's loads are long enough to keep the memory system busy, fewer where the heads'
@@ -92,6 +92,18 @@ def _decode_kernel(
              result.to(output.dtype.element_ty), mask=head_mask[:, None] & dim_mask[None, :])
 
 
+def _write_kv_and_allocate(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both kernels' host side before the launch: K/V written to their slots, the cache's
+    K and V halves, and the output `[T, heads * D]` to fill."""
+    write_kv(kv_cache, slot_mapping, key, value)
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    if query.stride(2) != 1 or k_cache.stride(2) != 1:
+        raise ValueError("Quiver's Triton attention kernels need unit-stride head dims")
+    return k_cache, v_cache, query.new_empty(query.shape[0], query.shape[1] * query.shape[2])
+
+
 def paged_attention_decode(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -105,12 +117,8 @@ def paged_attention_decode(
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[1]
     slot_mapping, seq_lens, block_tables = unpack_decode_index(metadata, num_seqs)
-    kv_cache[0].index_copy_(0, slot_mapping, key)
-    kv_cache[1].index_copy_(0, slot_mapping, value)
-    k_cache, v_cache = kv_cache[0], kv_cache[1]
-    if query.stride(2) != 1 or k_cache.stride(2) != 1:
-        raise ValueError("paged_attention_decode needs unit-stride head dims")
-    output = query.new_empty(num_seqs, num_heads * head_dim)
+    k_cache, v_cache, output = _write_kv_and_allocate(query, key, value, kv_cache,
+                                                      slot_mapping)
     group = num_heads // num_kv_heads
     group_pad, dim_pad = triton.next_power_of_2(group), triton.next_power_of_2(head_dim)
     _decode_kernel[(num_seqs, num_kv_heads)](
@@ -211,12 +219,8 @@ def paged_attention(
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[1]
     index = StepIndex.unpack(metadata)
-    kv_cache[0].index_copy_(0, index.slot_mapping, key)
-    kv_cache[1].index_copy_(0, index.slot_mapping, value)
-    k_cache, v_cache = kv_cache[0], kv_cache[1]
-    if query.stride(2) != 1 or k_cache.stride(2) != 1:
-        raise ValueError("paged_attention needs unit-stride head dims")
-    output = query.new_empty(num_tokens, num_heads * head_dim)
+    k_cache, v_cache, output = _write_kv_and_allocate(query, key, value, kv_cache,
+                                                      index.slot_mapping)
     group = num_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
     block_m = max(1, TILE_ROWS // group_pad)

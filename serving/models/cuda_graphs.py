@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from serving.kernels import DECODE_ATTENTION
-from serving.kernels.metadata import HEADER_SIZE, decode_index_size
+from serving.kernels.metadata import decode_index_size, index_sections
 from serving.models.attention import AttentionMetadata
 from serving.models.llama import LlamaForCausalLM
 
@@ -136,9 +136,9 @@ class DecodeGraphs:
         host[largest + num_rows:largest + padded] = 0
         end = 2 * largest + decode_index_size(padded, self.max_blocks)
         index = host[2 * largest:end]
-        index[:HEADER_SIZE] = (padded, padded, self.max_blocks, padded)
-        slots, query_start, seq_lens, tables = np.split(
-            index[HEADER_SIZE:], np.cumsum([padded, padded + 1, padded]))
+        header, slots, query_start, seq_lens, tables = np.split(
+            index, np.cumsum(index_sections(padded, padded, self.max_blocks))[:-1])
+        header[:] = (padded, padded, self.max_blocks, padded)
         tables = tables.reshape(padded, self.max_blocks)
         for row, (position, table) in enumerate(zip(positions, block_tables, strict=True)):
             tables[row, :len(table)] = table

@@ -15,8 +15,10 @@ ratio to the first variant.
 Variants:
 - `default`: the engine as `quiver serve` builds it (compiled, C++ kernels; with
   `--device cuda`, decode steps replayed from CUDA graphs).
-- `onednn-linear`: the same runner with the one-or-two-row linear kernel switched off
-  (`quiver::set_skinny_max_rows(0)` around its runs): oneDNN takes every projection.
+- `onednn-linear`: its own runner, its weights packed for oneDNN instead of Quiver's tile
+  kernel (`quiver::set_linear_tiles(False)` while it loads) and the one-or-two-row kernel
+  switched off (`quiver::set_skinny_max_rows(0)` around its runs): oneDNN takes every
+  projection.
 - `eager`: `--enforce-eager` (its own runner: C++ kernels, no compiled graphs; on CUDA no
   CUDA graphs).
 - `other-model`: the default engine on `--other-model DIR` (e.g. an int8 or w4a16 artifact
@@ -57,6 +59,7 @@ from serving.engine.request import Request  # noqa: E402
 from serving.engine.sampler import Sampler  # noqa: E402
 from serving.engine.sampling_params import SamplingParams  # noqa: E402
 from serving.engine.scheduler import Scheduler  # noqa: E402
+from serving.kernels.build import load_cpu_kernels  # noqa: E402
 
 VARIANTS = ("default", "onednn-linear", "eager", "other-model")
 BLOCK_SIZE = 16
@@ -85,7 +88,24 @@ class Variant:
             torch.ops.quiver.set_skinny_max_rows(previous)
 
 
-def make_core(model: Path, *, eager: bool, cache_dir: Path, device: str = "cpu") -> EngineCore:
+@contextlib.contextmanager
+def onednn_packing(cache_dir: Path) -> Iterator[None]:
+    """Weights packed meanwhile get oneDNN's layout, not Quiver's tiles."""
+    if load_cpu_kernels(cache_dir).library is None:  # no library: nothing packs tiles
+        yield
+        return
+    previous = torch.ops.quiver.set_linear_tiles(False)
+    try:
+        yield
+    finally:
+        torch.ops.quiver.set_linear_tiles(previous)
+
+
+def make_core(model: Path, *, eager: bool, cache_dir: Path, device: str = "cpu",
+              tiles: bool = True) -> EngineCore:
+    if not tiles:
+        with onednn_packing(cache_dir):
+            return make_core(model, eager=eager, cache_dir=cache_dir, device=device)
     sampler = Sampler(torch.device(device))
     scheduler_config = SchedulerConfig(max_model_len=2048)
     runner = ModelRunner(model, device=torch.device(device), dtype=torch.bfloat16,
@@ -101,14 +121,14 @@ def make_core(model: Path, *, eager: bool, cache_dir: Path, device: str = "cpu")
 
 def make_variants(model: Path, names: list[str], cache_dir: Path | None = None,
                   other_model: Path | None = None, device: str = "cpu") -> list[Variant]:
-    cores: dict[tuple[Path, bool], EngineCore] = {}  # default and onednn-linear share one
+    cores: dict[tuple[Path, bool, bool], EngineCore] = {}
 
-    def core(model_dir: Path, eager: bool) -> EngineCore:
-        if (model_dir, eager) not in cores:
-            cores[model_dir, eager] = make_core(model_dir, eager=eager,
-                                                cache_dir=cache_dir or default_cache_dir(),
-                                                device=device)
-        return cores[model_dir, eager]
+    def core(model_dir: Path, eager: bool, tiles: bool) -> EngineCore:
+        if (model_dir, eager, tiles) not in cores:
+            cores[model_dir, eager, tiles] = make_core(
+                model_dir, eager=eager, cache_dir=cache_dir or default_cache_dir(),
+                device=device, tiles=tiles)
+        return cores[model_dir, eager, tiles]
 
     variants = []
     for name in names:
@@ -118,8 +138,9 @@ def make_variants(model: Path, names: list[str], cache_dir: Path | None = None,
             raise SystemExit("the other-model variant needs --other-model DIR")
         model_dir = other_model if name == "other-model" else model
         vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-        variants.append(Variant(name, core(model_dir, name == "eager"), vocab_size,
-                                skinny_rows=0 if name == "onednn-linear" else None))
+        onednn = name == "onednn-linear"
+        variants.append(Variant(name, core(model_dir, name == "eager", not onednn), vocab_size,
+                                skinny_rows=0 if onednn else None))
     return variants
 
 

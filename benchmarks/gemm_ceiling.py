@@ -2,8 +2,9 @@
 
 A decode step at batch B multiplies B rows through every projection of every layer and the
 LM head. Timed here alone, with the fastest path on this host per shape — oneDNN on weights
-reordered for that batch, plain `F.linear`, or Quiver's own `quiver::linear` (its
-bandwidth-bound kernel at one or two rows) where its C++ library builds (cached under
+reordered for that batch, plain `F.linear`, or Quiver's own `quiver::linear` on weights
+packed as the engine packs them (its bandwidth-bound kernel at one or two rows, its tile
+kernel from three up on AVX512-BF16 CPUs) where its C++ library builds (cached under
 `--kernel-cache`) — and one weight copy per layer, so weights stream from memory as they
 do in a real step. B divided by that time is the most tokens/s any engine could decode at
 batch B on this host with these kernels: the share of it an engine reaches says how much of
@@ -51,7 +52,9 @@ def time_shape(n: int, k: int, batch: int, copies: int, dtype: torch.dtype,
                                                                ""),
         "f.linear": lambda i: F.linear(x, weights[i]),
     }
-    if with_quiver:  # unpacked weights: oneDNN's share of quiver::linear is timed above
+    if with_quiver:  # packed as the engine packs them (tiles, or oneDNN's layout as above)
+        for weight in weights:
+            torch.ops.quiver.pack_linear_weight(weight, batch)
         candidates["quiver"] = lambda i: torch.ops.quiver.linear(x, weights[i], None)
     best, best_kernel = float("inf"), ""
     for kernel, fn in candidates.items():

@@ -7,6 +7,8 @@ the time per call of:
 - `onednn`: oneDNN's bf16 GEMM on a weight reordered once (what `quiver::linear` runs past
   two rows), the reference every ratio is taken against;
 - `skinny`: `quiver::linear` at one or two rows (csrc/skinny_linear.h, the plain weight);
+- `tiles`: `quiver::linear` from three rows up on a weight packed into tiles
+  (csrc/tile_linear.h; AVX512-BF16, N a multiple of 32);
 - `int8`, `int8-torch`: `quiver::int8_linear` and torch's `_weight_int8pack_mm` (per-channel
   int8; torch's only up to 32 rows, where the engine stops using it);
 - `int4`, `int4-torch`: `quiver::int4_linear` and torch's `_weight_int4pack_mm_for_cpu`
@@ -69,6 +71,10 @@ def kernels_for(n: int, k: int, copies: int, lowbit: bool) -> dict[str, Callable
     }
     if not lowbit:
         return kernels
+    if n % 32 == 0 and k % 2 == 0:  # the tile kernel's shapes; skinny keeps one or two rows
+        for weight in floats:
+            torch.ops.quiver.pack_linear_weight(weight, 1)
+        kernels["tiles"] = lambda x, i: torch.ops.quiver.linear(x, floats[i], None)
     if n % 16 == 0 and k % 2 == 0:  # the tiles' shape (torch's int4 packs 64 rows a block)
         kernels.update(int8_kernels(n, k, copies))
     if k % GROUP == 0 and n % 64 == 0:
@@ -106,6 +112,8 @@ def int4_kernels(n: int, k: int, copies: int) -> dict[str, Callable]:
 def applies(kernel: str, rows: int) -> bool:
     if kernel == "skinny":
         return rows <= 2
+    if kernel == "tiles":
+        return rows >= 3
     return kernel != "int8-torch" or rows <= TORCH_INT8_MAX_ROWS
 
 

@@ -19,11 +19,15 @@ capture (`serving.models.cuda_graphs`). Its kernel here gathers each row's whole
 table and masks past its length (any device); on CUDA, `serving.kernels.triton_attention`
 registers a Triton kernel that walks each row's blocks up to its length.
 
-`quiver::linear(x, weight, bias)` is `F.linear` through oneDNN on a weight reordered once by
-`quiver::pack_linear_weight` (`csrc/packed_linear.cpp` says why and how), or over one or two
-bf16 rows through Quiver's own bandwidth-bound kernel (`csrc/skinny_linear.h`); both have only
-the C++ CPU kernel. `quiver::set_skinny_max_rows(rows)` (a composite C++ kernel: no tensor
-to dispatch on) lowers how many rows that kernel takes (0: none) and returns the previous limit.
+`quiver::linear(x, weight, bias)` is `F.linear` on a weight laid out once by
+`quiver::pack_linear_weight` (`csrc/packed_linear.cpp` says why and how): a bf16 weight in
+Quiver's own tile layout where the CPU has AVX512-BF16 (`csrc/tile_linear.h`), else oneDNN's;
+over one or two bf16 rows Quiver's bandwidth-bound kernel (`csrc/skinny_linear.h`) on the
+plain weight. It has only the C++ CPU kernel. `quiver::set_skinny_max_rows(rows)` (a composite
+C++ kernel: no tensor to dispatch on) lowers how many rows that kernel takes (0: none) and
+returns the previous limit; `quiver::set_linear_tiles(enabled)` chooses whether later packs
+may use the tile layout, returning the previous setting; `quiver::packed_linear_layout(weight)`
+names the twin a weight has ("tiles", "onednn" or "none").
 `quiver::int8_linear(x, packed, scale, bias)` and `quiver::int4_linear(x, packed, group_size,
 scale, offset)` multiply bf16 rows by a per-channel int8 or a grouped int4 weight packed at
 load (`csrc/lowbit_linear.h`; AVX512-BF16 CPUs only).
@@ -59,6 +63,8 @@ _LIBRARY.define("pack_linear_weight(Tensor weight, int batch_size) -> ()")
 _LIBRARY.define("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 _LIBRARY.define("int8_linear(Tensor x, Tensor packed, Tensor scale, Tensor? bias) -> Tensor")
 _LIBRARY.define("set_skinny_max_rows(int rows) -> int")
+_LIBRARY.define("set_linear_tiles(bool enabled) -> bool")
+_LIBRARY.define("packed_linear_layout(Tensor weight) -> str")
 _LIBRARY.define("int4_linear(Tensor x, Tensor packed, int group_size, Tensor scale, "
                 "Tensor offset) -> Tensor")
 

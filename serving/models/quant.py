@@ -131,8 +131,11 @@ class FloatProjection(Projection):
         self.packed: torch.Tensor | None = None
 
     def describe(self) -> str:
-        return {Packing.NONE: "F.linear", Packing.EAGER: "onednn (prepacked)",
-                Packing.KERNEL: "onednn (prepacked, quiver op)"}[self.packing]
+        if self.packing is Packing.KERNEL:
+            layout = torch.ops.quiver.packed_linear_layout(self.weight)
+            return {"tiles": "quiver tiles (quiver op)",
+                    "onednn": "onednn (prepacked, quiver op)"}.get(layout, "F.linear (quiver op)")
+        return {Packing.NONE: "F.linear", Packing.EAGER: "onednn (prepacked)"}[self.packing]
 
     def prepack(self, packing: Packing) -> None:
         self.packing = effective_packing(self.weight, packing)

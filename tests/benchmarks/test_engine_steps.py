@@ -1,5 +1,6 @@
-"""benchmarks/engine_steps.py: the in-process A/B drives real engine cores and switches the
-one-or-two-row linear kernel only around its own variant's runs."""
+"""benchmarks/engine_steps.py: the in-process A/B drives real engine cores, packs only its
+onednn-linear variant's weights for oneDNN, and switches the one-or-two-row linear kernel
+only around that variant's runs."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 
 from serving.engine.config import default_cache_dir
 from serving.kernels.build import compiler
+from serving.kernels.ops import lowbit_kernels_run
 
 
 def test_variants_run_and_the_kernel_switch_is_scoped(tiny_model_dir):
@@ -24,7 +26,15 @@ def test_variants_run_and_the_kernel_switch_is_scoped(tiny_model_dir):
 
     default, onednn, eager = make_variants(tiny_model_dir, ["default", "onednn-linear", "eager"],
                                            quiver_cache_dir)
-    assert default.core is onednn.core and eager.core is not default.core
+    assert len({id(default.core), id(onednn.core), id(eager.core)}) == 3
+
+    def layout(variant) -> str:
+        return torch.ops.quiver.packed_linear_layout(
+            variant.core._runner.model.layers[0].mlp.down_proj.weight)
+
+    assert layout(onednn) == "onednn"
+    assert layout(default) == ("tiles" if lowbit_kernels_run() else "onednn")
+    assert torch.ops.quiver.set_linear_tiles(True) is True, "tiles came back after its load"
     with onednn.active():
         assert torch.ops.quiver.set_skinny_max_rows(0) == 0  # off while its runs go
     assert torch.ops.quiver.set_skinny_max_rows(2) == 2, "the limit came back after the run"

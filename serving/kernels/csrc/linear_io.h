@@ -1,5 +1,6 @@
-// What Quiver's own linear kernels (skinny_linear.h, lowbit_linear.h) share around their
-// loops: bf16 rows of x in, a float32 bias, bf16 rows out.
+// What Quiver's own linear kernels (skinny_linear.h, tile_linear.h, lowbit_linear.h) share:
+// bf16 rows of x in, a float32 bias, bf16 rows out, rows taken in blocks, a row's feature
+// pair broadcast for AVX512-BF16 dot products.
 
 #pragma once
 
@@ -8,8 +9,13 @@
 #include <c10/util/BFloat16.h>
 
 #include <cstdint>
+#include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#endif
 
 namespace quiver {
 
@@ -43,5 +49,31 @@ inline at::Tensor linear_output(const at::Tensor& x, int64_t n_size) {
   sizes.back() = n_size;
   return at::empty(sizes, x.options());
 }
+
+// `block(std::integral_constant<int, B>{}, m)` over rows [0, rows): blocks of kLargest rows,
+// then at most one each of kLargest / 2, ..., 1 for the rest.
+template <int kBlock, class Block>
+inline void remaining_row_blocks(int64_t rows, int64_t m, Block& block) {
+  if (m + kBlock <= rows) {
+    block(std::integral_constant<int, kBlock>{}, m);
+    m += kBlock;
+  }
+  if constexpr (kBlock > 1) remaining_row_blocks<kBlock / 2>(rows, m, block);
+}
+template <int kLargest, class Block>
+inline void for_row_blocks(int64_t rows, Block&& block) {
+  int64_t m = 0;
+  for (; m + kLargest <= rows; m += kLargest) block(std::integral_constant<int, kLargest>{}, m);
+  remaining_row_blocks<kLargest / 2>(rows, m, block);
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// Features 2p and 2p + 1 of a bf16 row (`x` points at them) in every 32-bit lane.
+inline __m512bh broadcast_pair(const uint16_t* x) {
+  int32_t pair;
+  std::memcpy(&pair, x, sizeof(pair));
+  return reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+}
+#endif
 
 }  // namespace quiver

@@ -79,12 +79,6 @@ struct Int4Pairs {  // 16 bytes: column j's feature k in byte j's low nibble, k 
 template <int M>
 constexpr int kAccumulatorSets = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
 
-inline __m512bh broadcast_pair(const uint16_t* x) {
-  int32_t pair;
-  std::memcpy(&pair, x, sizeof(pair));
-  return reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
-}
-
 // The tile's bf16 pairs for feature pair p: widened from the packing now, or read back from
 // a buffer that `widen_tile` filled for every row block (`kWidened`).
 template <class Pairs, bool kWidened>
@@ -107,23 +101,6 @@ inline const uint16_t* widen_tile(const uint8_t* tile, int64_t pairs,
                         reinterpret_cast<__m512i>(Pairs::widen(tile + p * Pairs::kBytes)));
   }
   return widened.data();
-}
-
-// `block(std::integral_constant<int, B>{}, m)` over rows [0, rows): blocks of kLargest rows,
-// then at most one each of kLargest / 2, ..., 1 for the rest.
-template <int kBlock, class Block>
-inline void remaining_row_blocks(int64_t rows, int64_t m, Block& block) {
-  if (m + kBlock <= rows) {
-    block(std::integral_constant<int, kBlock>{}, m);
-    m += kBlock;
-  }
-  if constexpr (kBlock > 1) remaining_row_blocks<kBlock / 2>(rows, m, block);
-}
-template <int kLargest, class Block>
-inline void for_row_blocks(int64_t rows, Block&& block) {
-  int64_t m = 0;
-  for (; m + kLargest <= rows; m += kLargest) block(std::integral_constant<int, kLargest>{}, m);
-  remaining_row_blocks<kLargest / 2>(rows, m, block);
 }
 
 // Every row of x against one tile, the tile widened once first when more than one block of

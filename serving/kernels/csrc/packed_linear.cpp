@@ -1,33 +1,40 @@
-// Linear layers through oneDNN with weights reordered once, callable inside a compiled graph.
+// Linear layers on weights laid out once at load, callable inside a compiled graph.
 //
 //   quiver::pack_linear_weight(Tensor weight, int batch_size) -> ()
 //   quiver::linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor
 //   quiver::set_skinny_max_rows(int rows) -> int   (the previous limit; 0..2)
+//   quiver::set_linear_tiles(bool enabled) -> bool  (the previous setting)
+//   quiver::packed_linear_layout(Tensor weight) -> str  ("tiles", "onednn" or "none")
 //   quiver::int8_linear(Tensor x, Tensor packed, Tensor scale, Tensor? bias) -> Tensor
 //   quiver::int4_linear(Tensor x, Tensor packed, int group_size, Tensor scale,
 //                       Tensor offset) -> Tensor
 //     (lowbit_linear.h: low-bit weights packed at load)
 //
-// oneDNN runs a bf16 GEMM fastest on a weight reordered into its blocked layout, which
-// torch keeps in an opaque (mkldnn) tensor that torch.compile cannot trace; inductor only
-// makes such weights when freezing, and a frozen graph cannot be cached on disk. So the
-// graph carries the plain weight, and this op finds the weight's reordered twin in a table
-// filled once at load (`pack_linear_weight`), keyed by the plain weight's memory. A weight
-// with no twin (or whose memory has since been freed and reused) takes at::linear: always
-// correct, only slower. The table holds each twin until a later `pack_linear_weight` finds
-// its plain weight gone. A call over a few rows (a small decode step) takes
-// skinny_linear.h's kernel instead, on the plain weight.
+// A GEMM runs fastest on a weight laid out for its kernel: Quiver's own (tile_linear.h) for
+// a bf16 weight where the CPU has AVX512-BF16 and the shape suits it, else oneDNN's blocked
+// layout, which torch keeps in an opaque (mkldnn) tensor that torch.compile cannot trace;
+// inductor only makes such weights when freezing, and a frozen graph cannot be cached on
+// disk. So the graph carries the plain weight, and this op finds the weight's laid-out twin
+// in a table filled once at load (`pack_linear_weight`), keyed by the plain weight's memory.
+// A weight with no twin (or whose memory has since been freed and reused) takes at::linear:
+// always correct, only slower. The table holds each twin until a later `pack_linear_weight`
+// finds its plain weight gone. A call over one or two rows (a small decode step) takes
+// skinny_linear.h's kernel instead, on the plain weight. `set_linear_tiles(false)` makes
+// later packs oneDNN's wherever tiles would have applied (benchmarks/engine_steps.py's A/B).
 
 #include "lowbit_linear.h"
 #include "skinny_linear.h"
+#include "tile_linear.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/linear.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
@@ -79,8 +86,20 @@ PackedWeights& packed_weights() {
   return table;
 }
 
+std::atomic<bool>& tiles_enabled() {
+  static std::atomic<bool> enabled{true};
+  return enabled;
+}
+
+// A twin in tile_linear.h's layout is bf16 and three-dimensional; oneDNN's is opaque.
+bool is_tile_twin(const at::Tensor& packed) { return !packed.is_mkldnn() && packed.dim() == 3; }
+
 void pack_linear_weight(const at::Tensor& weight, int64_t batch_size) {
   TORCH_CHECK(weight.dim() == 2, "a linear weight is [out_features, in_features]");
+  if (tiles_enabled().load() && tile_packable(weight)) {
+    packed_weights().add(weight, tile_pack(weight));
+    return;
+  }
   static auto reorder = c10::Dispatcher::singleton()
                             .findSchemaOrThrow("mkldnn::_reorder_linear_weight", "")
                             .typed<at::Tensor(const at::Tensor&, std::optional<int64_t>)>();
@@ -92,6 +111,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
   if (std::optional<at::Tensor> out = skinny_linear(x, weight, bias)) return *out;
   std::optional<at::Tensor> packed = packed_weights().find(weight);
   if (!packed) return at::linear(x, weight, bias);
+  if (is_tile_twin(*packed)) {
+    if (tile_applies(x, *packed, bias)) return tile_linear(x, *packed, bias);
+    return at::linear(x, weight, bias);
+  }
   static auto linear_pointwise =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
@@ -108,17 +131,28 @@ int64_t set_skinny_max_rows(int64_t rows) {
   return skinny_rows_limit().exchange(rows);
 }
 
+bool set_linear_tiles(bool enabled) { return tiles_enabled().exchange(enabled); }
+
+// Which twin `linear` finds for this weight now: the load-time log's and the tests' answer.
+std::string packed_linear_layout(const at::Tensor& weight) {
+  std::optional<at::Tensor> packed = packed_weights().find(weight);
+  if (!packed) return "none";
+  return is_tile_twin(*packed) ? "tiles" : "onednn";
+}
+
 }  // namespace
 
 // No tensor argument to dispatch on: a composite kernel serves every backend (the schema is
 // defined in serving/kernels/ops.py, as every quiver op's is).
 TORCH_LIBRARY_IMPL(quiver, CompositeExplicitAutograd, m) {
   m.impl("set_skinny_max_rows", &set_skinny_max_rows);
+  m.impl("set_linear_tiles", &set_linear_tiles);
 }
 
 TORCH_LIBRARY_IMPL(quiver, CPU, m) {
   m.impl("pack_linear_weight", &pack_linear_weight);
   m.impl("linear", &linear);
+  m.impl("packed_linear_layout", &packed_linear_layout);
   m.impl("int8_linear", &int8_linear);
   m.impl("int4_linear", &int4_linear);
 }

@@ -1,4 +1,5 @@
-"""`quiver::linear` (oneDNN on a weight reordered once) and the library's build fallback."""
+"""`quiver::linear` (Quiver's tile kernel or oneDNN on a weight laid out once) and the
+library's build fallback."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def test_packed_linear_matches_f_linear(cpp_kernels, dtype, num_rows) -> None:
     weight = torch.randn(96, 80, generator=generator).to(dtype)
     bias = torch.randn(96, generator=generator).to(dtype)
     x = torch.randn(num_rows, 80, generator=generator).to(dtype)
-    if onednn_supports(torch.device("cpu"), dtype):
+    tiles = dtype == torch.bfloat16 and lowbit_kernels_run()  # 96 x 80 suits the tiles
+    if tiles or onednn_supports(torch.device("cpu"), dtype):
         torch.ops.quiver.pack_linear_weight(weight, 1)
     else:  # oneDNN cannot reorder bf16 on this ISA: the model never packs; no twin = at::linear
         with pytest.raises(RuntimeError, match="bf16 path needs"):
@@ -74,6 +76,96 @@ def test_the_skinny_kernel_can_be_switched_off_and_back(cpp_kernels) -> None:
     torch.testing.assert_close(onednn.float(), skinny.float(), atol=2e-2, rtol=2**-7)
     with pytest.raises(RuntimeError, match="takes 0 to 2 rows, not 3"):
         torch.ops.quiver.set_skinny_max_rows(3)
+
+
+def _one_ulp_of_exact(output: torch.Tensor, exact: torch.Tensor) -> None:
+    """Every bf16 output within one unit in the last place of the exact product (two where
+    float32 sums of over a thousand terms cancel), and most far closer."""
+    one_ulp = exact.abs().clamp_min(1e-3) * 2.0**-7  # bf16 keeps 8 significant bits
+    error = (output.double() - exact).abs()
+    assert (error <= 2 * one_ulp).all() and (error <= one_ulp).float().mean() > 0.999
+    assert error.mean() < (one_ulp / 4).mean()
+
+
+def _tiles_or_skip() -> None:
+    if not lowbit_kernels_run():
+        pytest.skip("the tile kernel is built for AVX512-BF16 CPUs only; this one lacks it")
+
+
+@pytest.mark.parametrize("shape", [(64, 80), (960, 576), (576, 1536)])
+@pytest.mark.parametrize("leading", [(3,), (8,), (15,), (33,), (300,), (2, 9)])
+def test_tile_kernel_rounds_the_exact_product_once(cpp_kernels, shape, leading) -> None:
+    """From three rows up a bf16 weight packed into tiles takes tile_linear.h's kernel: every
+    row block (8, 4, 2, 1), a second chunk of rows (past 256), 3-D and non-contiguous x, with
+    and without a bias — float32 sums rounded to bf16 once, as accurate as oneDNN."""
+    _tiles_or_skip()
+    out_features, in_features = shape
+    generator = torch.Generator().manual_seed(out_features + sum(leading))
+    weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
+    bias = torch.randn(out_features, generator=generator).bfloat16()
+    wide = torch.randn(*leading, 2 * in_features, generator=generator).bfloat16()
+    x = wide[..., ::2]  # non-contiguous rows
+    torch.ops.quiver.pack_linear_weight(weight, 1)
+    for b in (bias, None):
+        exact = F.linear(x.double(), weight.double(), None if b is None else b.double())
+        output = torch.ops.quiver.linear(x, weight, b)
+        assert output.shape == (*leading, out_features) and output.dtype == torch.bfloat16
+        _one_ulp_of_exact(output, exact)
+
+
+def test_tile_kernel_answers_a_row_alike_in_any_batch(cpp_kernels) -> None:
+    """A row's outputs are bit for bit the same whichever rows share its call (seeded
+    sampling must not depend on the batch a request was decoded in)."""
+    _tiles_or_skip()
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(192, 576, generator=generator).bfloat16()
+    x = torch.randn(40, 576, generator=generator).bfloat16()
+    torch.ops.quiver.pack_linear_weight(weight, 1)
+    whole = torch.ops.quiver.linear(x, weight, None)
+    for first, rows in [(0, 3), (5, 8), (7, 13), (17, 23)]:
+        part = torch.ops.quiver.linear(x[first:first + rows], weight, None)
+        assert torch.equal(part, whole[first:first + rows]), (first, rows)
+
+
+@pytest.mark.parametrize("shape", [(136, 80), (96, 81)])
+def test_shapes_the_tiles_refuse_keep_onednn(cpp_kernels, shape) -> None:
+    """Output columns not a multiple of 32, or an odd row length: the weight packs for
+    oneDNN (or, where oneDNN has no bf16, not at all) and the product is still right."""
+    generator = torch.Generator().manual_seed(sum(shape))
+    weight = torch.randn(*shape, generator=generator).bfloat16()
+    x = torch.randn(5, shape[1], generator=generator).bfloat16()
+    if onednn_supports(torch.device("cpu"), torch.bfloat16):
+        torch.ops.quiver.pack_linear_weight(weight, 1)
+    else:
+        with pytest.raises(RuntimeError, match="bf16 path needs"):
+            torch.ops.quiver.pack_linear_weight(weight, 1)
+    _one_ulp_of_exact(torch.ops.quiver.linear(x, weight, None),
+                      F.linear(x.double(), weight.double()))
+
+
+def test_tiles_can_be_switched_off_for_later_packs(cpp_kernels) -> None:
+    """`set_linear_tiles(False)` (the engine A/B's switch) packs later weights for oneDNN:
+    where oneDNN has no bf16 path that pack refuses, as it would without tiles; the setting
+    it returns puts the tiles back."""
+    _tiles_or_skip()
+    generator = torch.Generator().manual_seed(11)
+    weight = torch.randn(64, 576, generator=generator).bfloat16()
+    x = torch.randn(9, 576, generator=generator).bfloat16()
+    previous = torch.ops.quiver.set_linear_tiles(False)
+    try:
+        assert previous is True
+        if onednn_supports(torch.device("cpu"), torch.bfloat16):
+            torch.ops.quiver.pack_linear_weight(weight, 1)
+            onednn = torch.ops.quiver.linear(x, weight, None)
+        else:
+            with pytest.raises(RuntimeError, match="bf16 path needs"):
+                torch.ops.quiver.pack_linear_weight(weight, 1)
+            onednn = F.linear(x, weight)
+    finally:
+        assert torch.ops.quiver.set_linear_tiles(previous) is False
+    torch.ops.quiver.pack_linear_weight(weight, 1)  # tiles again: replaces the twin
+    tiles = torch.ops.quiver.linear(x, weight, None)
+    torch.testing.assert_close(tiles.float(), onednn.float(), atol=2e-2, rtol=2**-7)
 
 
 @pytest.mark.parametrize("in_features", [64, 176, 578])

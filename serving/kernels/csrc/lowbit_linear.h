@@ -13,14 +13,17 @@
 // takes (integers up to 127 are exact in bf16); each row of x multiplies them with its own
 // pair of features broadcast to every lane, so a tile's 16 column sums for up to 16 rows
 // stay in registers, with no horizontal sums. Each weight tile is read from memory once per
-// call; past one block of rows it is widened once into a buffer every row block reads. The
-// scale and the bias apply once, to the float32 sums, which are rounded to bf16 once. Needs
+// call. Past 16 rows (a large decode step, prefill) two neighbouring tiles are widened once
+// into tile_linear.h's bf16 block of 32 columns and multiplied by its kernel (8 rows by two
+// registers of sums, chunks of rows kept in cache): at 32 and 512 rows that took 0.8-0.9x
+// the time of widening one tile for blocks of 16 rows. The scale and the bias apply once, to the float32 sums, which are rounded to bf16 once. Needs
 // AVX512-BF16: elsewhere the op refuses and the projection keeps torch's kernel
 // (serving/models/quant.py probes it).
 
 #pragma once
 
 #include "linear_io.h"
+#include "tile_linear.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -40,6 +43,9 @@ namespace lowbit_detail {
 
 constexpr int64_t kTile = 16;            // output columns a tile: one register's float lanes
 constexpr int64_t kWidePair = 2 * kTile;  // bf16 values of one feature pair, once widened
+// Past this many rows int8 and int4 widen two tiles at a time into tile_linear.h's blocks
+// (below it, reading the low-bit tile as it goes costs fewer bytes than widening it first).
+constexpr int64_t kNarrowRows = 16;
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 // 16 lanes of two small integers (`even`: feature k, `odd`: feature k + 1) -> 16 bf16 pairs,
@@ -99,6 +105,23 @@ inline const uint16_t* widen_tile(const uint8_t* tile, int64_t pairs,
   for (int64_t p = 0; p < pairs; ++p) {
     _mm512_storeu_si512(widened.data() + p * kWidePair,
                         reinterpret_cast<__m512i>(Pairs::widen(tile + p * Pairs::kBytes)));
+  }
+  return widened.data();
+}
+
+// Two neighbouring tiles (columns 32b to 32b + 32) widened into tile_linear.h's block
+// layout `[K/2, 64]`, so its 8-row blocks, two registers of sums each, run over them.
+template <class Pairs>
+inline const uint16_t* widen_block(const uint8_t* first_tile, int64_t pairs,
+                                   std::vector<uint16_t>& widened) {
+  widened.resize(pairs * 2 * kWidePair);
+  const uint8_t* second_tile = first_tile + pairs * Pairs::kBytes;
+  for (int64_t p = 0; p < pairs; ++p) {
+    uint16_t* out = widened.data() + p * 2 * kWidePair;
+    _mm512_storeu_si512(out, reinterpret_cast<__m512i>(
+                                 Pairs::widen(first_tile + p * Pairs::kBytes)));
+    _mm512_storeu_si512(out + kWidePair, reinterpret_cast<__m512i>(
+                                             Pairs::widen(second_tile + p * Pairs::kBytes)));
   }
   return widened.data();
 }
@@ -179,8 +202,29 @@ inline at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed,
   const float* b_data = bias_f32.empty() ? nullptr : bias_f32.data();
   c10::BFloat16* o_data = out.data_ptr<c10::BFloat16>();
   const int64_t pairs = k_size / 2;
+  int64_t first_tile = 0;
+  if (x_rows.rows > kNarrowRows) {
+    // Many rows: pairs of tiles widened into tile_linear.h's blocks of 32 columns and
+    // multiplied as bf16 weights are, in chunks of rows that stay in cache.
+    const int64_t blocks = packed.size(0) / 2;
+    for (int64_t first = 0; first < x_rows.rows; first += tile_detail::kChunkRows) {
+      const int64_t rows = std::min(tile_detail::kChunkRows, x_rows.rows - first);
+      at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<uint16_t> widened;
+        for (int64_t b = begin; b < end; ++b) {
+          const int64_t column = b * kTileColumns;
+          const uint16_t* block =
+              widen_block<Int8Pairs>(w_data + 2 * b * pairs * Int8Pairs::kBytes, pairs, widened);
+          tile_detail::chunk_rows(x_rows.data + first * k_size, rows, k_size, block,
+                                  s_data + column, b_data ? b_data + column : nullptr,
+                                  o_data + first * n_size + column, n_size);
+        }
+      });
+    }
+    first_tile = 2 * blocks;  // an odd last tile of 16 columns goes below
+  }
   // Tiles split between threads, each a contiguous run of the packed weight.
-  at::parallel_for(0, packed.size(0), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(first_tile, packed.size(0), 1, [&](int64_t begin, int64_t end) {
     std::vector<uint16_t> widened;
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t column = tile * kTile;
@@ -215,6 +259,7 @@ inline at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed,
 // y += scale * that + offset * (the row's sum of x over the group), so scales and zero points
 // cost two multiply-adds a group and row, not one per weight. torch's int4 kernel took
 // 1.6-1.9x oneDNN's bf16 time at 32 rows on SmolLM2's shapes (its cost grows with every row).
+// Past 16 rows pairs of tiles are widened into tile_linear.h's blocks, as int8's are.
 
 namespace lowbit_detail {
 
@@ -263,6 +308,46 @@ inline void int4_tile_rows(const uint16_t* x, int64_t k_size, const void* tile,
   for (int m = 0; m < M; ++m) {
     const __m256bh rounded = _mm512_cvtneps_pbh(y[m]);
     std::memcpy(out + m * n_size, &rounded, sizeof(rounded));  // nearest even
+  }
+}
+
+// The same over a block of 32 columns widened into tile_linear.h's layout (`widen_block`):
+// blocks of at most 4 rows, whose running outputs and group sums, two registers a row
+// each, stay in registers.
+template <int M>
+inline void int4_block_rows(const uint16_t* x, int64_t k_size, const uint16_t* block,
+                            int64_t group_pairs, const float* scale, const float* offset,
+                            int64_t n_size, const float* group_sums, c10::BFloat16* out) {
+  const int64_t groups = k_size / (2 * group_pairs);
+  __m512 y[M][2];
+  for (int m = 0; m < M; ++m) y[m][0] = y[m][1] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 acc[M][2];
+    for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    for (int64_t p = g * group_pairs; p < (g + 1) * group_pairs; ++p) {
+      const __m512bh low = reinterpret_cast<__m512bh>(_mm512_loadu_si512(block + p * 64));
+      const __m512bh high = reinterpret_cast<__m512bh>(_mm512_loadu_si512(block + p * 64 + 32));
+      for (int m = 0; m < M; ++m) {
+        const __m512bh pair = broadcast_pair(x + m * k_size + 2 * p);
+        acc[m][0] = _mm512_dpbf16_ps(acc[m][0], pair, low);
+        acc[m][1] = _mm512_dpbf16_ps(acc[m][1], pair, high);
+      }
+    }
+    const float* scales = scale + g * n_size;
+    const float* offsets = offset + g * n_size;
+    for (int t = 0; t < 2; ++t) {
+      const __m512 s = _mm512_loadu_ps(scales + 16 * t), o = _mm512_loadu_ps(offsets + 16 * t);
+      for (int m = 0; m < M; ++m) {
+        y[m][t] = _mm512_fmadd_ps(acc[m][t], s, y[m][t]);
+        y[m][t] = _mm512_fmadd_ps(_mm512_set1_ps(group_sums[m * groups + g]), o, y[m][t]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    for (int t = 0; t < 2; ++t) {
+      const __m256bh rounded = _mm512_cvtneps_pbh(y[m][t]);
+      std::memcpy(out + m * n_size + 16 * t, &rounded, sizeof(rounded));  // nearest even
+    }
   }
 }
 
@@ -318,7 +403,30 @@ inline at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, int
   const float* o_data = offset.data_ptr<float>();
   c10::BFloat16* out_data = out.data_ptr<c10::BFloat16>();
   const int64_t pairs = k_size / 2, group_pairs = group_size / 2;
-  at::parallel_for(0, packed.size(0), 1, [&](int64_t begin, int64_t end) {
+  int64_t first_tile = 0;
+  if (x_rows.rows > kNarrowRows) {  // as int8's: pairs of tiles widened into blocks
+    const int64_t blocks = packed.size(0) / 2;
+    for (int64_t first = 0; first < x_rows.rows; first += tile_detail::kChunkRows) {
+      const int64_t rows = std::min(tile_detail::kChunkRows, x_rows.rows - first);
+      at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<uint16_t> widened;
+        for (int64_t b = begin; b < end; ++b) {
+          const int64_t column = b * kTileColumns;
+          const uint16_t* block =
+              widen_block<Int4Pairs>(w_data + 2 * b * pairs * Int4Pairs::kBytes, pairs, widened);
+          for_row_blocks<4>(rows, [&](auto size, int64_t m) {
+            const int64_t row = first + m;
+            int4_block_rows<decltype(size)::value>(
+                x_rows.data + row * k_size, k_size, block, group_pairs, s_data + column,
+                o_data + column, n_size, sums.data() + row * groups,
+                out_data + row * n_size + column);
+          });
+        }
+      });
+    }
+    first_tile = 2 * blocks;  // an odd last tile of 16 columns goes below
+  }
+  at::parallel_for(first_tile, packed.size(0), 1, [&](int64_t begin, int64_t end) {
     std::vector<uint16_t> widened;
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t column = tile * kTile;

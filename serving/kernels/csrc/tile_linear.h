@@ -86,10 +86,12 @@ namespace tile_detail {
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 constexpr int64_t kChunkRows = 256;  // rows of x kept in cache while every block passes
 
-// out[m][0..32) = x[m] . block's columns (+ bias) for M rows of x.
+// out[m][0..32) = (x[m] . block's columns) (* scale) (+ bias) for M rows of x; `block` is
+// [K/2, 64] bf16 in the packed layout (lowbit_linear.h widens its int8 tiles into it).
 template <int M>
 inline void block_rows(const uint16_t* x, int64_t k_size, const uint16_t* block,
-                       const float* bias, c10::BFloat16* out, int64_t out_stride) {
+                       const float* scale, const float* bias, c10::BFloat16* out,
+                       int64_t out_stride) {
   __m512 acc[M][2];
   for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   const int64_t pairs = k_size / 2;
@@ -102,14 +104,27 @@ inline void block_rows(const uint16_t* x, int64_t k_size, const uint16_t* block,
       acc[m][1] = _mm512_dpbf16_ps(acc[m][1], pair, high);
     }
   }
+  const __m512 scale_low = scale ? _mm512_loadu_ps(scale) : _mm512_set1_ps(1.0f);
+  const __m512 scale_high = scale ? _mm512_loadu_ps(scale + 16) : _mm512_set1_ps(1.0f);
   const __m512 bias_low = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
   const __m512 bias_high = bias ? _mm512_loadu_ps(bias + 16) : _mm512_setzero_ps();
   for (int m = 0; m < M; ++m) {
-    const __m256bh low = _mm512_cvtneps_pbh(_mm512_add_ps(acc[m][0], bias_low));
-    const __m256bh high = _mm512_cvtneps_pbh(_mm512_add_ps(acc[m][1], bias_high));
+    const __m256bh low = _mm512_cvtneps_pbh(_mm512_fmadd_ps(acc[m][0], scale_low, bias_low));
+    const __m256bh high =
+        _mm512_cvtneps_pbh(_mm512_fmadd_ps(acc[m][1], scale_high, bias_high));
     std::memcpy(out + m * out_stride, &low, sizeof(low));  // nearest even
     std::memcpy(out + m * out_stride + 16, &high, sizeof(high));
   }
+}
+
+// Every row of a chunk (`rows` of x from `x`) against one block, in blocks of 8 rows.
+inline void chunk_rows(const uint16_t* x, int64_t rows, int64_t k_size, const uint16_t* block,
+                       const float* scale, const float* bias, c10::BFloat16* out,
+                       int64_t out_stride) {
+  for_row_blocks<8>(rows, [&](auto size, int64_t m) {
+    block_rows<decltype(size)::value>(x + m * k_size, k_size, block, scale, bias,
+                                      out + m * out_stride, out_stride);
+  });
 }
 #endif  // __AVX512BF16__ && __AVX512BW__
 
@@ -138,11 +153,8 @@ inline at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& packed,
     at::parallel_for(0, packed.size(0), 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const int64_t column = b * kTileColumns;
-        for_row_blocks<8>(rows, [&](auto block, int64_t m) {
-          block_rows<decltype(block)::value>(
-              x_chunk + m * k_size, k_size, w_data + b * block_size,
-              b_data ? b_data + column : nullptr, o_data + (first + m) * n_size + column, n_size);
-        });
+        chunk_rows(x_chunk, rows, k_size, w_data + b * block_size, nullptr,
+                   b_data ? b_data + column : nullptr, o_data + first * n_size + column, n_size);
       }
     });
   }

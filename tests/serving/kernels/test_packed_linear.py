@@ -169,12 +169,13 @@ def test_tiles_can_be_switched_off_for_later_packs(cpp_kernels) -> None:
 
 
 @pytest.mark.parametrize("in_features", [64, 176, 578])
-@pytest.mark.parametrize("leading", [(1,), (3,), (15,), (31,), (37,), (2, 8)])
+@pytest.mark.parametrize("leading", [(1,), (3,), (15,), (31,), (37,), (300,), (2, 8)])
 def test_int8_linear_is_the_scaled_integer_product_rounded_once(cpp_kernels, in_features,
                                                                 leading) -> None:
     """Per-channel int8 weights: (x @ q^T) * scale + bias in float32, rounded to bf16 once,
-    for any row count (blocks of 16, 8, 4, 2 and 1 rows, the tile widened once past 16) and
-    any even row length."""
+    for any row count (blocks of 16, 8, 4, 2 and 1 rows; past 16, pairs of tiles widened
+    into the bf16 tile kernel's blocks, in chunks of 256 rows, the odd third tile of the 48
+    columns on its own) and any even row length."""
     generator = torch.Generator().manual_seed(in_features + len(leading))
     values = torch.randint(-127, 128, (48, in_features), dtype=torch.int8, generator=generator)
     scale = torch.rand(48, generator=generator) * 0.02
@@ -196,17 +197,20 @@ def test_int8_linear_is_the_scaled_integer_product_rounded_once(cpp_kernels, in_
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256])
-@pytest.mark.parametrize("leading", [(1,), (2,), (7,), (8,), (9,), (11,), (15,), (37,), (2, 8)])
+@pytest.mark.parametrize("leading", [(1,), (2,), (7,), (8,), (9,), (11,), (15,), (17,), (37,), (300,),
+                                     (2, 8)])
 def test_int4_linear_applies_group_scales_and_offsets_exactly(cpp_kernels, group_size,
                                                              leading) -> None:
     """Grouped int4 with zero points, w = u * scale + offset per group and column: float32
-    sums rounded to bf16 once, for every row block (8, 4, 2, 1; widened past 8 rows)."""
+    sums rounded to bf16 once, for every row block (8, 4, 2, 1; past 16 rows, pairs of tiles
+    widened into blocks of 32 columns, 4, 2 and 1 rows at a time, in chunks of 256 rows, the
+    odd third tile of the 48 columns on its own)."""
     generator = torch.Generator().manual_seed(group_size + len(leading))
     in_features = group_size * (3 if group_size < 256 else 2)
-    unsigned = torch.randint(0, 16, (32, in_features), generator=generator)
+    unsigned = torch.randint(0, 16, (48, in_features), generator=generator)
     groups = in_features // group_size
-    scale = torch.rand(groups, 32, generator=generator) * 0.02
-    offset = torch.randn(groups, 32, generator=generator) * 0.02
+    scale = torch.rand(groups, 48, generator=generator) * 0.02
+    offset = torch.randn(groups, 48, generator=generator) * 0.02
     x = torch.randn(*leading, in_features, generator=generator).bfloat16()
     if not lowbit_kernels_run():  # one build flag gates both low-bit kernels
         with pytest.raises(RuntimeError, match="needs a CPU with AVX512-BF16"):
@@ -216,7 +220,7 @@ def test_int4_linear_applies_group_scales_and_offsets_exactly(cpp_kernels, group
               + offset.double().t().repeat_interleave(group_size, 1))
     exact = x.double() @ weight.t()
     output = torch.ops.quiver.int4_linear(x, int4_tiles(unsigned), group_size, scale, offset)
-    assert output.shape == (*leading, 32) and output.dtype == torch.bfloat16
+    assert output.shape == (*leading, 48) and output.dtype == torch.bfloat16
     one_ulp = exact.abs().clamp_min(1e-2) * 2.0**-7
     assert ((output.double() - exact).abs() <= one_ulp).all()
     with pytest.raises(RuntimeError, match="group size must be even and divide"):

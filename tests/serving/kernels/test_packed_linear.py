@@ -197,8 +197,8 @@ def test_int8_linear_is_the_scaled_integer_product_rounded_once(cpp_kernels, in_
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256])
-@pytest.mark.parametrize("leading", [(1,), (2,), (7,), (8,), (9,), (11,), (15,), (17,), (37,), (300,),
-                                     (2, 8)])
+@pytest.mark.parametrize("leading", [(1,), (2,), (7,), (8,), (9,), (11,), (15,), (17,), (37,),
+                                     (300,), (2, 8)])
 def test_int4_linear_applies_group_scales_and_offsets_exactly(cpp_kernels, group_size,
                                                              leading) -> None:
     """Grouped int4 with zero points, w = u * scale + offset per group and column: float32

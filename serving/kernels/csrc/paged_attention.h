@@ -41,9 +41,17 @@ struct DecodeArgs {
   double scale;
 };
 
-// Decode rows (the first `index.num_decodes` query rows) attending to their cached K/V in
-// place; writes their rows of `out`. Defined for float, BFloat16 and Half.
+// One query row attending to the first `seq_len` cached positions of its request, whose
+// block ids are `table`: a decode row, or a row of a short prefill chunk (its own K/V are in
+// the cache by then, so row i of a chunk is a decode over the positions up to its own).
+struct CachedQuery {
+  int64_t row, seq_len;
+  const int64_t* table;
+};
+
+// Each of `count` query rows attending to its cached K/V in place; writes its row of `out`.
+// Defined for float, BFloat16 and Half.
 template <typename scalar_t>
-void decode_rows(const DecodeArgs<scalar_t>& args, const StepIndex& index);
+void attend_cached(const DecodeArgs<scalar_t>& args, const CachedQuery* queries, int64_t count);
 
 }  // namespace quiver

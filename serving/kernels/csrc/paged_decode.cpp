@@ -1,5 +1,6 @@
-// The decode half of quiver::paged_attention (paged_attention.cpp states the op): every
-// decode row attends to its request's cached keys and values, read in place block by block.
+// The row-wise half of quiver::paged_attention (paged_attention.cpp states the op): every
+// decode row, and every row of a short prefill chunk, attends to its request's cached keys
+// and values, read in place block by block.
 //
 // One task per (request, KV head) serves the query heads that share that KV head (GQA), in
 // tiles of up to `max_tile` heads per pass over the keys and values, in float32:
@@ -19,6 +20,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -375,23 +377,29 @@ void decode_task(const Rows<scalar_t>& query, const Rows<scalar_t>& out,
 }
 
 template <typename scalar_t, int64_t kChunks>
-void decode_attention(const DecodeArgs<scalar_t>& args, const StepIndex& index) {
+void decode_attention(const DecodeArgs<scalar_t>& args, const CachedQuery* queries,
+                      int64_t count) {
   const int64_t num_kv_heads = args.num_kv_heads, block_size = args.block_size;
   const int64_t row_size = num_kv_heads * kChunks * kLanes;
   const int64_t group = args.num_heads / num_kv_heads;
   const scalar_t* k_cache = args.kv_cache;
   const scalar_t* v_cache = k_cache + args.num_slots * row_size;
   const float scale = static_cast<float>(args.scale);
-  at::parallel_for(0, index.num_decodes * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+  // Threads take the next task as they finish one: a short chunk's rows differ in length
+  // (1 to its length), so an even split of the list would leave one thread the long ones.
+  const int64_t num_tasks = count * num_kv_heads;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     std::vector<float> scratch;
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t seq = i / num_kv_heads, kv_head = i % num_kv_heads;
-      const int64_t* table = index.block_tables + seq * index.max_blocks;
-      const int64_t offset = kv_head * kChunks * kLanes, seq_len = index.seq_lens[seq];
-      const CachedRows<scalar_t> keys{k_cache + offset, table, seq_len, block_size, row_size};
-      const CachedRows<scalar_t> values{v_cache + offset, table, seq_len, block_size, row_size};
-      decode_task<scalar_t, kChunks>(args.query, args.out, keys, values, seq, kv_head * group,
-                                     group, scale, scratch);
+    for (int64_t i = next.fetch_add(1); i < num_tasks; i = next.fetch_add(1)) {
+      const CachedQuery& query = queries[i / num_kv_heads];
+      const int64_t kv_head = i % num_kv_heads, offset = kv_head * kChunks * kLanes;
+      const CachedRows<scalar_t> keys{k_cache + offset, query.table, query.seq_len, block_size,
+                                      row_size};
+      const CachedRows<scalar_t> values{v_cache + offset, query.table, query.seq_len,
+                                        block_size, row_size};
+      decode_task<scalar_t, kChunks>(args.query, args.out, keys, values, query.row,
+                                     kv_head * group, group, scale, scratch);
     }
   });
 }
@@ -399,18 +407,18 @@ void decode_attention(const DecodeArgs<scalar_t>& args, const StepIndex& index) 
 }  // namespace
 
 template <typename scalar_t>
-void decode_rows(const DecodeArgs<scalar_t>& args, const StepIndex& index) {
+void attend_cached(const DecodeArgs<scalar_t>& args, const CachedQuery* queries, int64_t count) {
   const int64_t group = args.num_heads / args.num_kv_heads;
   TORCH_CHECK(group <= kMaxGroup, "at most ", kMaxGroup, " query heads per KV head");
   switch (args.head_dim) {
-    case 16: return decode_attention<scalar_t, 1>(args, index);
-    case 32: return decode_attention<scalar_t, 2>(args, index);
-    case 48: return decode_attention<scalar_t, 3>(args, index);
-    case 64: return decode_attention<scalar_t, 4>(args, index);
-    case 80: return decode_attention<scalar_t, 5>(args, index);
-    case 96: return decode_attention<scalar_t, 6>(args, index);
-    case 112: return decode_attention<scalar_t, 7>(args, index);
-    case 128: return decode_attention<scalar_t, 8>(args, index);
+    case 16: return decode_attention<scalar_t, 1>(args, queries, count);
+    case 32: return decode_attention<scalar_t, 2>(args, queries, count);
+    case 48: return decode_attention<scalar_t, 3>(args, queries, count);
+    case 64: return decode_attention<scalar_t, 4>(args, queries, count);
+    case 80: return decode_attention<scalar_t, 5>(args, queries, count);
+    case 96: return decode_attention<scalar_t, 6>(args, queries, count);
+    case 112: return decode_attention<scalar_t, 7>(args, queries, count);
+    case 128: return decode_attention<scalar_t, 8>(args, queries, count);
     default: TORCH_CHECK(false, "head_dim ", args.head_dim, " has no decode kernel");
   }
 }
@@ -418,13 +426,14 @@ void decode_rows(const DecodeArgs<scalar_t>& args, const StepIndex& index) {
 // build.py compiles this file once per dtype (QUIVER_DECODE_DTYPE 0, 1, 2) so the three
 // build side by side; everything above has internal linkage, so the objects link together.
 #if !defined(QUIVER_DECODE_DTYPE) || QUIVER_DECODE_DTYPE == 0
-template void decode_rows<float>(const DecodeArgs<float>&, const StepIndex&);
+template void attend_cached<float>(const DecodeArgs<float>&, const CachedQuery*, int64_t);
 #endif
 #if !defined(QUIVER_DECODE_DTYPE) || QUIVER_DECODE_DTYPE == 1
-template void decode_rows<c10::BFloat16>(const DecodeArgs<c10::BFloat16>&, const StepIndex&);
+template void attend_cached<c10::BFloat16>(const DecodeArgs<c10::BFloat16>&, const CachedQuery*,
+                                           int64_t);
 #endif
 #if !defined(QUIVER_DECODE_DTYPE) || QUIVER_DECODE_DTYPE == 2
-template void decode_rows<c10::Half>(const DecodeArgs<c10::Half>&, const StepIndex&);
+template void attend_cached<c10::Half>(const DecodeArgs<c10::Half>&, const CachedQuery*, int64_t);
 #endif
 
 }  // namespace quiver

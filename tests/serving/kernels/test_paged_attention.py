@@ -113,6 +113,20 @@ def test_cpp_kernel_matches_reference(cpp_attention, shape, dtype) -> None:
     torch.testing.assert_close(output.float(), expected.float(), atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_kernel_attends_long_chunks_row_by_row(cpp_attention, dtype) -> None:
+    """A chunk of hundreds of rows (fresh, or after a cached context spanning many blocks)
+    goes through the same row-by-row kernel as decodes: every row sees exactly the
+    positions up to its own, as the reference's causal SDPA does."""
+    step = make_step(query_lens=[1, 1, 300, 260], seq_lens=[500, 3, 300, 777], num_heads=9,
+                     num_kv_heads=3, head_dim=64, block_size=16, dtype=dtype, seed=5)
+    output, cache = step.run(cpp_attention)
+    expected, expected_cache = step.run(REFERENCE_ATTENTION)
+    assert torch.equal(cache, expected_cache)
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(output.float(), expected.float(), atol=tolerance, rtol=tolerance)
+
+
 @pytest.mark.parametrize("op", [REFERENCE_ATTENTION, CPP_ATTENTION], ids=lambda op: op.name)
 def test_ops_compute_attention_over_their_blocks(request, op) -> None:
     if op is CPP_ATTENTION:

@@ -1,6 +1,6 @@
 """Quiver's own linear kernels against the ones they replace, on one model's shapes.
 
-    python benchmarks/linear_kernels.py [MODEL_DIR] [--rows 1,2,8,32,512]
+    python benchmarks/linear_kernels.py [MODEL_DIR] [--rows 1,2,8,32,512,2048]
 
 For each projection shape of the model's decoder layers and its LM head, and each row count,
 the time per call of:
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", type=Path,
                         default=ROOT / "models/smollm2-135m-instruct")
-    parser.add_argument("--rows", default="1,2,8,32,512",
+    parser.add_argument("--rows", default="1,2,8,32,512,2048",
                         type=lambda text: [int(r) for r in text.split(",")])
     parser.add_argument("--kernel-cache", type=Path, default=None,
                         help="where Quiver's C++ library is built (default: quiver serve's)")

@@ -4,8 +4,9 @@
 
 For each projection shape of the model's decoder layers and its LM head, and each row count,
 the time per call of:
-- `onednn`: oneDNN's bf16 GEMM on a weight reordered once (what `quiver::linear` runs past
-  two rows), the reference every ratio is taken against;
+- `onednn`: oneDNN's bf16 GEMM on a weight reordered once (what `quiver::linear` ran past
+  two rows before the tile kernel, and still runs where tiles do not apply), the reference
+  every ratio is taken against;
 - `skinny`: `quiver::linear` at one or two rows (csrc/skinny_linear.h, the plain weight);
 - `tiles`: `quiver::linear` from three rows up on a weight packed into tiles
   (csrc/tile_linear.h; AVX512-BF16, N a multiple of 32);

@@ -2,7 +2,8 @@
 
 `select_kernels` decides once, at load, what the model calls: where the C++ library builds
 (CPU; `serving.kernels.build` compiles and caches it per host), the C++ paged-attention
-kernel and oneDNN linear layers on weights reordered once; elsewhere the pure-torch
+kernel and linear layers on weights laid out once (Quiver's tile kernel for bf16 on
+AVX512-BF16 CPUs, else oneDNN's reordered layout); elsewhere the pure-torch
 paged-attention reference (any device). The attention ops share one schema and meaning.
 On CUDA, both attention ops get Triton kernels (`serving.kernels.triton_attention`) where
 Triton imports and the kernels pass a start-up check against the reference; else the

@@ -1,11 +1,12 @@
-"""Float projections whose kernel is chosen once at load: oneDNN on weights reordered once.
+"""Float projections whose kernel is chosen once at load, on weights laid out once.
 
 On CPU, oneDNN runs a GEMM fastest on a weight reordered into its blocked layout: ~1.7x on
 the LM head's tall, thin shape (49152 x 576) against MKL's sgemm in float32, and at the
 decode shapes inside a compiled bf16 graph batch 1 took 17 ms a step with reordered weights
 against 28 ms without (SmolLM2, 2-core Zen 4). Three ways to hold that weight (`Packing`):
 
-- `KERNEL`: Quiver's C++ op (`serving.kernels`) keeps the reordered twin and
+- `KERNEL`: Quiver's C++ op (`serving.kernels`) keeps the twin — its own tile layout for a
+  bf16 weight on AVX512-BF16 CPUs (`csrc/tile_linear.h`), else oneDNN's reordered one — and
   `torch.ops.quiver.linear` uses it: works eagerly and inside a compiled graph.
 - `EAGER`: the module keeps an opaque mkldnn twin and calls oneDNN itself: eager only (no
   compiled graph can trace an mkldnn tensor); the fallback where the C++ library is absent.

@@ -1,7 +1,7 @@
 """Projections (`y = x @ W.T + b`) whose kernel is chosen once at load.
 
-- `FloatProjection`: a float weight, through oneDNN on a weight reordered once on CPU
-  (`serving.models.linear`).
+- `FloatProjection`: a float weight, on CPU through Quiver's tile kernel or oneDNN on a twin
+  laid out once (`serving.models.linear`).
 - `Int4Projection` (CPU, 4-bit, group size a multiple of 32 or per channel): the weight
   stays packed two values a byte; `torch._weight_int4pack_mm_for_cpu` dequantizes tiles
   inside the matmul. Its convention is `w = (u - 8) * scale + zero` with `u` unsigned in
@@ -191,9 +191,10 @@ class Int8Projection(Projection):
         self.kernel = "quiver_int8"
 
     def max_kernel_tokens(self, dtype: torch.dtype) -> int | None:
-        # Quiver's kernel takes every batch: at 512+ rows rebuilding the bf16 weight for
-        # oneDNN would be ~25 % faster, but that path splits the compiled graph, and its
-        # compiled and eager answers drifted apart (0.16-0.34 relative error at start).
+        # Quiver's kernel takes every batch (past 16 rows through the tile kernel's blocks:
+        # 0.92-1.03x oneDNN bf16's time at 512-2048 rows); rebuilding the bf16 weight per
+        # call would split the compiled graph, and that path's compiled and eager answers
+        # drifted apart (0.16-0.34 relative error at start).
         return None if self.kernel_scale is not None else kernel_max_tokens(self.kernel, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -302,7 +303,8 @@ class Int4Projection(Projection):
 
     def max_kernel_tokens(self, dtype: torch.dtype) -> int | None:
         # Past torch's break-even (256 rows) either kernel gives way to oneDNN on the rebuilt
-        # weight: Quiver's ran a SmolLM2 prefill step 25 % slower than that path.
+        # weight: with Quiver's for every row, a 32-request run of 32-token answers (mostly
+        # prefill) made 215-224 tok/s against 244-248 this way (wide blocks included).
         return kernel_max_tokens("int4pack_mm", dtype) if self.row_blocked else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -12,11 +12,12 @@
 // widening instructions turn them into the bf16 pairs an AVX512-BF16 dot-product instruction
 // takes (integers up to 127 are exact in bf16); each row of x multiplies them with its own
 // pair of features broadcast to every lane, so a tile's 16 column sums for up to 16 rows
-// stay in registers, with no horizontal sums. Each weight tile is read from memory once per
-// call. Past 16 rows (a large decode step, prefill) two neighbouring tiles are widened once
-// into tile_linear.h's bf16 block of 32 columns and multiplied by its kernel (8 rows by two
-// registers of sums, chunks of rows kept in cache): at 32 and 512 rows that took 0.8-0.9x
-// the time of widening one tile for blocks of 16 rows. The scale and the bias apply once, to the float32 sums, which are rounded to bf16 once. Needs
+// stay in registers, with no horizontal sums. Up to 16 rows each weight tile is read from
+// memory once per call. Past 16 rows (a large decode step, prefill) two neighbouring tiles
+// are widened into tile_linear.h's bf16 block of 32 columns, once per chunk of 256 rows,
+// and multiplied by its kernel (8 rows by two registers of sums): at 32 and 512 rows that
+// took 0.8-0.9x the time of widening one tile for blocks of 16 rows. The scale and the bias
+// apply once, to the float32 sums, which are rounded to bf16 once. Needs
 // AVX512-BF16: elsewhere the op refuses and the projection keeps torch's kernel
 // (serving/models/quant.py probes it).
 

@@ -96,17 +96,26 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key,
   TORCH_CHECK(query.size(1) % key.size(1) == 0, "query heads must be a multiple of KV heads");
   at::Tensor out = at::empty({index.num_tokens, query.size(1) * query.size(2)}, query.options());
   // Every query row, decode or prefill, attends to its request's positions up to its own.
+  // The kernel reads rows and blocks through raw pointers: the index is checked first.
+  TORCH_CHECK(index.num_seqs == 0 || (index.query_start[0] == 0 &&
+                                      index.query_start[index.num_seqs] == index.num_tokens),
+              "query_start must run from 0 to the step's ", index.num_tokens, " tokens");
+  const int64_t num_blocks = kv_cache.size(1) / block_size;
   std::vector<CachedQuery> rows;
   rows.reserve(index.num_tokens);
   for (int64_t seq = 0; seq < index.num_seqs; ++seq) {
     const int64_t start = index.query_start[seq];
     const int64_t query_len = index.query_start[seq + 1] - start;
     const int64_t context = index.seq_lens[seq] - query_len;  // positions before the chunk
-    TORCH_CHECK(query_len >= 0 && context >= 0 &&
-                    index.seq_lens[seq] <= index.max_blocks * block_size,
+    const int64_t used_blocks = (index.seq_lens[seq] + block_size - 1) / block_size;
+    TORCH_CHECK(query_len >= 0 && context >= 0 && used_blocks <= index.max_blocks,
                 "request ", seq, " has ", query_len, " query rows and ", index.seq_lens[seq],
                 " positions in ", index.max_blocks, " blocks of ", block_size);
     const int64_t* table = index.block_tables + seq * index.max_blocks;
+    for (int64_t b = 0; b < used_blocks; ++b) {
+      TORCH_CHECK(table[b] >= 0 && table[b] < num_blocks, "request ", seq, "'s block ",
+                  table[b], " is outside the cache's ", num_blocks, " blocks");
+    }
     for (int64_t i = 0; i < query_len; ++i) rows.push_back({start + i, context + i + 1, table});
   }
   auto write_and_attend = [&](auto zero) {

@@ -42,8 +42,8 @@ struct DecodeArgs {
 };
 
 // One query row attending to the first `seq_len` cached positions of its request, whose
-// block ids are `table`: a decode row, or a row of a short prefill chunk (its own K/V are in
-// the cache by then, so row i of a chunk is a decode over the positions up to its own).
+// block ids are `table`: a decode row, or a row of a prefill chunk (its own K/V are in the
+// cache by then, so row i of a chunk is a decode over the positions up to its own).
 struct CachedQuery {
   int64_t row, seq_len;
   const int64_t* table;

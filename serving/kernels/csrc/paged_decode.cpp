@@ -1,8 +1,8 @@
-// The row-wise half of quiver::paged_attention (paged_attention.cpp states the op): every
-// decode row, and every row of a short prefill chunk, attends to its request's cached keys
-// and values, read in place block by block.
+// The kernel of quiver::paged_attention (paged_attention.cpp states the op): every query
+// row, decode or prefill, attends to its request's cached keys and values up to its own
+// position, read in place block by block.
 //
-// One task per (request, KV head) serves the query heads that share that KV head (GQA), in
+// One task per (query row, KV head) serves the query heads that share that KV head (GQA), in
 // tiles of up to `max_tile` heads per pass over the keys and values, in float32:
 //   1. scores: 16 positions at a time; each position's dot products stay 16-lane vectors
 //      until four shuffle-and-add levels fold the 16 vectors into one vector of 16 scores
@@ -347,7 +347,7 @@ struct Tile {
 template <int64_t kChunks>
 constexpr int64_t kMaxTile = std::max<int64_t>(1, std::min<int64_t>(4, 16 / kChunks));
 
-// One task: the `group` query heads of request `seq` sharing KV head `kv_head`, tile by tile.
+// One task: the `group` query heads of query row `seq` sharing KV head `kv_head`, tile by tile.
 template <typename scalar_t, int64_t kChunks>
 void decode_task(const Rows<scalar_t>& query, const Rows<scalar_t>& out,
                  const CachedRows<scalar_t>& keys, const CachedRows<scalar_t>& values,
@@ -385,13 +385,16 @@ void decode_attention(const DecodeArgs<scalar_t>& args, const CachedQuery* queri
   const scalar_t* k_cache = args.kv_cache;
   const scalar_t* v_cache = k_cache + args.num_slots * row_size;
   const float scale = static_cast<float>(args.scale);
-  // Threads take the next task as they finish one: a short chunk's rows differ in length
-  // (1 to its length), so an even split of the list would leave one thread the long ones.
+  // Threads take the next task as they finish one: a chunk's rows differ in length (its
+  // context + 1 up to context + its length), so an even split of the list would leave one
+  // thread the long ones. Tasks go from the end of the list, a chunk's longest rows first,
+  // so the last tasks taken are short.
   const int64_t num_tasks = count * num_kv_heads;
-  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> taken{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     std::vector<float> scratch;
-    for (int64_t i = next.fetch_add(1); i < num_tasks; i = next.fetch_add(1)) {
+    for (int64_t n = taken.fetch_add(1); n < num_tasks; n = taken.fetch_add(1)) {
+      const int64_t i = num_tasks - 1 - n;
       const CachedQuery& query = queries[i / num_kv_heads];
       const int64_t kv_head = i % num_kv_heads, offset = kv_head * kChunks * kLanes;
       const CachedRows<scalar_t> keys{k_cache + offset, query.table, query.seq_len, block_size,

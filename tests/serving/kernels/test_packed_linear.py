@@ -106,6 +106,7 @@ def test_tile_kernel_rounds_the_exact_product_once(cpp_kernels, shape, leading) 
     wide = torch.randn(*leading, 2 * in_features, generator=generator).bfloat16()
     x = wide[..., ::2]  # non-contiguous rows
     torch.ops.quiver.pack_linear_weight(weight, 1)
+    assert torch.ops.quiver.packed_linear_layout(weight) == "tiles"
     for b in (bias, None):
         exact = F.linear(x.double(), weight.double(), None if b is None else b.double())
         output = torch.ops.quiver.linear(x, weight, b)
@@ -114,13 +115,14 @@ def test_tile_kernel_rounds_the_exact_product_once(cpp_kernels, shape, leading) 
 
 
 def test_tile_kernel_answers_a_row_alike_in_any_batch(cpp_kernels) -> None:
-    """A row's outputs are bit for bit the same whichever rows share its call (seeded
-    sampling must not depend on the batch a request was decoded in)."""
+    """From three rows up a row's outputs are bit for bit the same whichever rows share its
+    call (one or two rows take the skinny kernel, whose order of additions differs)."""
     _tiles_or_skip()
     generator = torch.Generator().manual_seed(3)
     weight = torch.randn(192, 576, generator=generator).bfloat16()
     x = torch.randn(40, 576, generator=generator).bfloat16()
     torch.ops.quiver.pack_linear_weight(weight, 1)
+    assert torch.ops.quiver.packed_linear_layout(weight) == "tiles"
     whole = torch.ops.quiver.linear(x, weight, None)
     for first, rows in [(0, 3), (5, 8), (7, 13), (17, 23)]:
         part = torch.ops.quiver.linear(x[first:first + rows], weight, None)
@@ -136,6 +138,7 @@ def test_shapes_the_tiles_refuse_keep_onednn(cpp_kernels, shape) -> None:
     x = torch.randn(5, shape[1], generator=generator).bfloat16()
     if onednn_supports(torch.device("cpu"), torch.bfloat16):
         torch.ops.quiver.pack_linear_weight(weight, 1)
+        assert torch.ops.quiver.packed_linear_layout(weight) == "onednn"
     else:
         with pytest.raises(RuntimeError, match="bf16 path needs"):
             torch.ops.quiver.pack_linear_weight(weight, 1)
@@ -156,6 +159,7 @@ def test_tiles_can_be_switched_off_for_later_packs(cpp_kernels) -> None:
         assert previous is True
         if onednn_supports(torch.device("cpu"), torch.bfloat16):
             torch.ops.quiver.pack_linear_weight(weight, 1)
+            assert torch.ops.quiver.packed_linear_layout(weight) == "onednn"
             onednn = torch.ops.quiver.linear(x, weight, None)
         else:
             with pytest.raises(RuntimeError, match="bf16 path needs"):
@@ -164,6 +168,7 @@ def test_tiles_can_be_switched_off_for_later_packs(cpp_kernels) -> None:
     finally:
         assert torch.ops.quiver.set_linear_tiles(previous) is False
     torch.ops.quiver.pack_linear_weight(weight, 1)  # tiles again: replaces the twin
+    assert torch.ops.quiver.packed_linear_layout(weight) == "tiles"
     tiles = torch.ops.quiver.linear(x, weight, None)
     torch.testing.assert_close(tiles.float(), onednn.float(), atol=2e-2, rtol=2**-7)
 

@@ -127,6 +127,29 @@ def test_cpp_kernel_attends_long_chunks_row_by_row(cpp_attention, dtype) -> None
     torch.testing.assert_close(output.float(), expected.float(), atol=tolerance, rtol=tolerance)
 
 
+def test_cpp_kernel_refuses_an_index_that_points_outside(cpp_attention) -> None:
+    """The kernel reads rows and blocks through raw pointers, so an index whose rows do
+    not cover the step, whose request is longer than its table, or whose table names a
+    block past the cache is refused before anything is read."""
+    step = make_step(query_lens=[1, 5], seq_lens=[20, 5], num_heads=4, num_kv_heads=2,
+                     head_dim=16, block_size=4, dtype=torch.float32, seed=9)
+    num_tokens, num_seqs = 6, 2
+    query_start = 4 + num_tokens  # the packed index's sections (metadata.index_sections)
+    seq_lens = query_start + num_seqs + 1
+    tables = seq_lens + num_seqs
+    num_blocks = step.kv_cache.shape[1] // step.block_size
+    step.run(cpp_attention)  # the index as built runs
+    for entry, value, message in [(query_start + num_seqs, num_tokens - 1, "query_start must"),
+                                  (seq_lens, 21, "positions in"),
+                                  (tables + 1, num_blocks, "outside the cache")]:
+        good = step.metadata
+        step.metadata = good.clone()
+        step.metadata[entry] = value
+        with pytest.raises(RuntimeError, match=message):
+            step.run(cpp_attention)
+        step.metadata = good
+
+
 @pytest.mark.parametrize("op", [REFERENCE_ATTENTION, CPP_ATTENTION], ids=lambda op: op.name)
 def test_ops_compute_attention_over_their_blocks(request, op) -> None:
     if op is CPP_ATTENTION:

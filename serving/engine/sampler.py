@@ -36,6 +36,7 @@ import torch
 
 from serving.engine.outputs import Logprobs
 from serving.engine.sampling_params import SamplingParams
+from serving.kernels.ops import row_argmax
 from serving.structured.guided import GuidedDecoding
 
 # Top-p first looks for its cut among this many most likely tokens, then sorts the
@@ -327,7 +328,7 @@ def sample_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
 
 
 def _greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    token_ids = logits.argmax(-1)
+    token_ids = row_argmax(logits)
     best = logits.gather(1, token_ids[:, None]).squeeze(1)
     has_nan = best.isnan()  # argmax reads NaN as the largest value
     if bool(has_nan.any()):

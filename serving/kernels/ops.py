@@ -30,7 +30,8 @@ may use the tile layout, returning the previous setting; `quiver::packed_linear_
 names the twin a weight has ("tiles", "onednn" or "none").
 `quiver::int8_linear(x, packed, scale, bias)` and `quiver::int4_linear(x, packed, group_size,
 scale, offset)` multiply bf16 rows by a per-channel int8 or a grouped int4 weight packed at
-load (`csrc/lowbit_linear.h`; AVX512-BF16 CPUs only).
+load (`csrc/lowbit_linear.h`; AVX512-BF16 CPUs only). `quiver::row_argmax(logits)` is greedy
+sampling's argmax over float32 logits (`csrc/row_argmax.h`; `row_argmax` below picks it).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ _LIBRARY.define("int8_linear(Tensor x, Tensor packed, Tensor scale, Tensor? bias
 _LIBRARY.define("set_skinny_max_rows(int rows) -> int")
 _LIBRARY.define("set_linear_tiles(bool enabled) -> bool")
 _LIBRARY.define("packed_linear_layout(Tensor weight) -> str")
+_LIBRARY.define("row_argmax(Tensor logits) -> Tensor")
 _LIBRARY.define("int4_linear(Tensor x, Tensor packed, int group_size, Tensor scale, "
                 "Tensor offset) -> Tensor")
 
@@ -82,6 +84,21 @@ def _int8_linear_fake(x, packed, scale, bias):
 @torch.library.register_fake("quiver::int4_linear", lib=_LIBRARY)
 def _int4_linear_fake(x, packed, group_size, scale, offset):
     return x.new_empty(*x.shape[:-1], packed.shape[0] * 16)
+
+
+def row_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """`logits.argmax(-1)` for `[rows, vocab]` logits (the same answer: first maximum, a
+    NaN's index where a row has one), through `quiver::row_argmax` for contiguous float32
+    CPU logits where the C++ library is loaded — torch's took 0.66 ms over 32 x 49,152 on a
+    2-core Zen 4 — else torch's."""
+    if (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2
+            and logits.shape[1] > 0 and logits.is_contiguous() and _has_cpu_kernel("row_argmax")):
+        return torch.ops.quiver.row_argmax(logits)
+    return logits.argmax(-1)
+
+
+def _has_cpu_kernel(name: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"quiver::{name}", "CPU")
 
 
 def lowbit_kernels_run() -> bool:

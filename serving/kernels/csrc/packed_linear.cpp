@@ -5,6 +5,8 @@
 //   quiver::set_skinny_max_rows(int rows) -> int   (the previous limit; 0..2)
 //   quiver::set_linear_tiles(bool enabled) -> bool  (the previous setting)
 //   quiver::packed_linear_layout(Tensor weight) -> str  ("tiles", "onednn" or "none")
+//   quiver::row_argmax(Tensor logits) -> Tensor  (row_argmax.h: greedy sampling's reduction,
+//     here so it compiles with this file)
 //   quiver::int8_linear(Tensor x, Tensor packed, Tensor scale, Tensor? bias) -> Tensor
 //   quiver::int4_linear(Tensor x, Tensor packed, int group_size, Tensor scale,
 //                       Tensor offset) -> Tensor
@@ -23,6 +25,7 @@
 // later packs oneDNN's wherever tiles would have applied (benchmarks/engine_steps.py's A/B).
 
 #include "lowbit_linear.h"
+#include "row_argmax.h"
 #include "skinny_linear.h"
 #include "tile_linear.h"
 
@@ -153,6 +156,7 @@ TORCH_LIBRARY_IMPL(quiver, CPU, m) {
   m.impl("pack_linear_weight", &pack_linear_weight);
   m.impl("linear", &linear);
   m.impl("packed_linear_layout", &packed_linear_layout);
+  m.impl("row_argmax", &row_argmax);
   m.impl("int8_linear", &int8_linear);
   m.impl("int4_linear", &int4_linear);
 }

@@ -127,6 +127,28 @@ inline const uint16_t* widen_block(const uint8_t* first_tile, int64_t pairs,
   return widened.data();
 }
 
+// Past kNarrowRows rows: `rows_against_block(first_row, rows, column, block)` for every chunk
+// of rows and every pair of tiles, widened into one `[K/2, 64]` block (threads split the
+// pairs). Returns the first tile not covered: an odd last tile of 16 columns, for the
+// caller's per-tile path.
+template <class Pairs, class RowsAgainstBlock>
+inline int64_t widened_blocks(const uint8_t* tiles, int64_t num_tiles, int64_t pairs,
+                              int64_t num_rows, RowsAgainstBlock&& rows_against_block) {
+  const int64_t blocks = num_tiles / 2;
+  for (int64_t first = 0; first < num_rows; first += tile_detail::kChunkRows) {
+    const int64_t rows = std::min(tile_detail::kChunkRows, num_rows - first);
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<uint16_t> widened;
+      for (int64_t b = begin; b < end; ++b) {
+        rows_against_block(first, rows, b * kTileColumns,
+                           widen_block<Pairs>(tiles + 2 * b * pairs * Pairs::kBytes, pairs,
+                                              widened));
+      }
+    });
+  }
+  return 2 * blocks;
+}
+
 // Every row of x against one tile, the tile widened once first when more than one block of
 // `kLargest` rows will read it: `rows_against(tile_or_widened, std::bool_constant<...>)`.
 template <class Pairs, int kLargest, class RowsAgainst>
@@ -204,25 +226,14 @@ inline at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed,
   c10::BFloat16* o_data = out.data_ptr<c10::BFloat16>();
   const int64_t pairs = k_size / 2;
   int64_t first_tile = 0;
-  if (x_rows.rows > kNarrowRows) {
-    // Many rows: pairs of tiles widened into tile_linear.h's blocks of 32 columns and
-    // multiplied as bf16 weights are, in chunks of rows that stay in cache.
-    const int64_t blocks = packed.size(0) / 2;
-    for (int64_t first = 0; first < x_rows.rows; first += tile_detail::kChunkRows) {
-      const int64_t rows = std::min(tile_detail::kChunkRows, x_rows.rows - first);
-      at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-        std::vector<uint16_t> widened;
-        for (int64_t b = begin; b < end; ++b) {
-          const int64_t column = b * kTileColumns;
-          const uint16_t* block =
-              widen_block<Int8Pairs>(w_data + 2 * b * pairs * Int8Pairs::kBytes, pairs, widened);
+  if (x_rows.rows > kNarrowRows) {  // multiplied as bf16 weights are
+    first_tile = widened_blocks<Int8Pairs>(
+        w_data, packed.size(0), pairs, x_rows.rows,
+        [&](int64_t first, int64_t rows, int64_t column, const uint16_t* block) {
           tile_detail::chunk_rows(x_rows.data + first * k_size, rows, k_size, block,
                                   s_data + column, b_data ? b_data + column : nullptr,
                                   o_data + first * n_size + column, n_size);
-        }
-      });
-    }
-    first_tile = 2 * blocks;  // an odd last tile of 16 columns goes below
+        });
   }
   // Tiles split between threads, each a contiguous run of the packed weight.
   at::parallel_for(first_tile, packed.size(0), 1, [&](int64_t begin, int64_t end) {
@@ -324,16 +335,7 @@ inline void int4_block_rows(const uint16_t* x, int64_t k_size, const uint16_t* b
   for (int m = 0; m < M; ++m) y[m][0] = y[m][1] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     __m512 acc[M][2];
-    for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-    for (int64_t p = g * group_pairs; p < (g + 1) * group_pairs; ++p) {
-      const __m512bh low = reinterpret_cast<__m512bh>(_mm512_loadu_si512(block + p * 64));
-      const __m512bh high = reinterpret_cast<__m512bh>(_mm512_loadu_si512(block + p * 64 + 32));
-      for (int m = 0; m < M; ++m) {
-        const __m512bh pair = broadcast_pair(x + m * k_size + 2 * p);
-        acc[m][0] = _mm512_dpbf16_ps(acc[m][0], pair, low);
-        acc[m][1] = _mm512_dpbf16_ps(acc[m][1], pair, high);
-      }
-    }
+    tile_detail::pair_sums<M>(x, k_size, block, g * group_pairs, (g + 1) * group_pairs, acc);
     const float* scales = scale + g * n_size;
     const float* offsets = offset + g * n_size;
     for (int t = 0; t < 2; ++t) {
@@ -405,16 +407,10 @@ inline at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, int
   c10::BFloat16* out_data = out.data_ptr<c10::BFloat16>();
   const int64_t pairs = k_size / 2, group_pairs = group_size / 2;
   int64_t first_tile = 0;
-  if (x_rows.rows > kNarrowRows) {  // as int8's: pairs of tiles widened into blocks
-    const int64_t blocks = packed.size(0) / 2;
-    for (int64_t first = 0; first < x_rows.rows; first += tile_detail::kChunkRows) {
-      const int64_t rows = std::min(tile_detail::kChunkRows, x_rows.rows - first);
-      at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-        std::vector<uint16_t> widened;
-        for (int64_t b = begin; b < end; ++b) {
-          const int64_t column = b * kTileColumns;
-          const uint16_t* block =
-              widen_block<Int4Pairs>(w_data + 2 * b * pairs * Int4Pairs::kBytes, pairs, widened);
+  if (x_rows.rows > kNarrowRows) {
+    first_tile = widened_blocks<Int4Pairs>(
+        w_data, packed.size(0), pairs, x_rows.rows,
+        [&](int64_t first, int64_t rows, int64_t column, const uint16_t* block) {
           for_row_blocks<4>(rows, [&](auto size, int64_t m) {
             const int64_t row = first + m;
             int4_block_rows<decltype(size)::value>(
@@ -422,10 +418,7 @@ inline at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, int
                 o_data + column, n_size, sums.data() + row * groups,
                 out_data + row * n_size + column);
           });
-        }
-      });
-    }
-    first_tile = 2 * blocks;  // an odd last tile of 16 columns goes below
+        });
   }
   at::parallel_for(first_tile, packed.size(0), 1, [&](int64_t begin, int64_t end) {
     std::vector<uint16_t> widened;

@@ -86,16 +86,14 @@ namespace tile_detail {
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 constexpr int64_t kChunkRows = 256;  // rows of x kept in cache while every block passes
 
-// out[m][0..32) = (x[m] . block's columns) (* scale) (+ bias) for M rows of x; `block` is
-// [K/2, 64] bf16 in the packed layout (lowbit_linear.h widens its int8 tiles into it).
+// acc[m][0..2) = the 32 column sums of x[m] . block over feature pairs [first, end), for M
+// rows of x; `block` is [K/2, 64] bf16 in the packed layout (lowbit_linear.h widens its
+// low-bit tiles into it).
 template <int M>
-inline void block_rows(const uint16_t* x, int64_t k_size, const uint16_t* block,
-                       const float* scale, const float* bias, c10::BFloat16* out,
-                       int64_t out_stride) {
-  __m512 acc[M][2];
+inline void pair_sums(const uint16_t* x, int64_t k_size, const uint16_t* block, int64_t first,
+                      int64_t end, __m512 (&acc)[M][2]) {
   for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-  const int64_t pairs = k_size / 2;
-  for (int64_t p = 0; p < pairs; ++p) {
+  for (int64_t p = first; p < end; ++p) {
     const __m512bh low = reinterpret_cast<__m512bh>(_mm512_loadu_si512(block + p * 64));
     const __m512bh high = reinterpret_cast<__m512bh>(_mm512_loadu_si512(block + p * 64 + 32));
     for (int m = 0; m < M; ++m) {
@@ -104,6 +102,15 @@ inline void block_rows(const uint16_t* x, int64_t k_size, const uint16_t* block,
       acc[m][1] = _mm512_dpbf16_ps(acc[m][1], pair, high);
     }
   }
+}
+
+// out[m][0..32) = (x[m] . block's columns) (* scale) (+ bias) for M rows of x.
+template <int M>
+inline void block_rows(const uint16_t* x, int64_t k_size, const uint16_t* block,
+                       const float* scale, const float* bias, c10::BFloat16* out,
+                       int64_t out_stride) {
+  __m512 acc[M][2];
+  pair_sums<M>(x, k_size, block, 0, k_size / 2, acc);
   const __m512 scale_low = scale ? _mm512_loadu_ps(scale) : _mm512_set1_ps(1.0f);
   const __m512 scale_high = scale ? _mm512_loadu_ps(scale + 16) : _mm512_set1_ps(1.0f);
   const __m512 bias_low = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();

@@ -54,12 +54,15 @@ from serving.engine.config import (  # noqa: E402
     default_cache_dir,
 )
 from serving.engine.core import EngineCore, RequestStates  # noqa: E402
+from serving.engine.factory import resolve_dtype  # noqa: E402
 from serving.engine.model_runner import ModelRunner  # noqa: E402
 from serving.engine.request import Request  # noqa: E402
 from serving.engine.sampler import Sampler  # noqa: E402
 from serving.engine.sampling_params import SamplingParams  # noqa: E402
 from serving.engine.scheduler import Scheduler  # noqa: E402
 from serving.kernels.build import load_cpu_kernels  # noqa: E402
+from serving.models.compressed import QuantizationConfig  # noqa: E402
+from serving.models.config import ModelArchConfig  # noqa: E402
 
 VARIANTS = ("default", "onednn-linear", "eager", "other-model")
 BLOCK_SIZE = 16
@@ -108,7 +111,11 @@ def make_core(model: Path, *, eager: bool, cache_dir: Path, device: str = "cpu",
             return make_core(model, eager=eager, cache_dir=cache_dir, device=device)
     sampler = Sampler(torch.device(device))
     scheduler_config = SchedulerConfig(max_model_len=2048)
-    runner = ModelRunner(model, device=torch.device(device), dtype=torch.bfloat16,
+    quantized = QuantizationConfig.from_model_dir(model) is not None
+    # as `quiver serve --dtype auto` picks it: bf16 where the CPU has native bf16, else float32
+    dtype = resolve_dtype("auto", ModelArchConfig.from_model_dir(model), torch.device(device),
+                          is_quantized=quantized)
+    runner = ModelRunner(model, device=torch.device(device), dtype=dtype,
                          num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, sampler=sampler,
                          compilation=CompilationConfig(enforce_eager=eager,
                                                        cache_dir=cache_dir),
@@ -212,7 +219,7 @@ def main() -> int:
     print(f"{'variant':<16}{'concurrency':>12}{'step ms':>10}{'vs first':>10}{'tok/s':>10}")
     for row in rows:
         print(f"{row['variant']:<16}{row['concurrency']:>12}{row['decode_step_ms']:>10}"
-              f"{row['step_vs_first']:>10}{row['tokens_per_s']:>10}")
+              f"{row['step_vs_first']:>10}{row['tokens_per_s']:>10.1f}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "engine_steps.json").write_text(json.dumps(
         {"cpu": cpu, "rounds": args.rounds, "output_tokens": args.output,

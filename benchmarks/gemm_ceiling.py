@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from serving.models.linear import onednn_supports  # noqa: E402
+
 TRIALS = 5
 
 
@@ -45,13 +47,12 @@ def time_shape(n: int, k: int, batch: int, copies: int, dtype: torch.dtype,
     """(seconds, kernel) of the fastest multiply of `batch` rows by an [n, k] weight,
     `copies` distinct weights cycled so none stays in cache."""
     weights = [torch.randn(n, k).to(dtype) for _ in range(copies)]
-    packed = [torch.ops.mkldnn._reorder_linear_weight(w, batch) for w in weights]
     x = torch.randn(batch, k).to(dtype)
-    candidates = {
-        "onednn": lambda i: torch.ops.mkldnn._linear_pointwise(x, packed[i], None, "none", [],
-                                                               ""),
-        "f.linear": lambda i: F.linear(x, weights[i]),
-    }
+    candidates = {"f.linear": lambda i: F.linear(x, weights[i])}
+    if onednn_supports(x.device, dtype):  # bf16 needs AVX-512 (or AVX-NE-CONVERT)
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, batch) for w in weights]
+        candidates["onednn"] = lambda i: torch.ops.mkldnn._linear_pointwise(
+            x, packed[i], None, "none", [], "")
     if with_quiver:  # packed as the engine packs them (tiles, or oneDNN's layout as above)
         for weight in weights:
             torch.ops.quiver.pack_linear_weight(weight, batch)
@@ -83,6 +84,15 @@ def ceiling(model_dir: Path, batch: int, dtype: torch.dtype, with_quiver: bool) 
             "kernels": [kernel for _, kernel in timed] + [lm_head_kernel]}
 
 
+def serving_dtype(model_dir: Path, name: str) -> torch.dtype:
+    """The dtype `quiver serve --dtype NAME` runs the model in on this CPU (auto: bf16 where
+    oneDNN has native bf16 kernels, else float32)."""
+    from serving.engine.factory import resolve_dtype
+    from serving.models.config import ModelArchConfig
+
+    return resolve_dtype(name, ModelArchConfig.from_model_dir(model_dir), torch.device("cpu"))
+
+
 def load_quiver_kernels(cache_dir: Path) -> bool:
     from serving.kernels.build import load_cpu_kernels
 
@@ -96,7 +106,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("model", type=Path)
     parser.add_argument("--batches", default="1,8,32,64")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                        help="auto: what `quiver serve --dtype auto` runs the model in here")
     parser.add_argument("--kernel-cache", type=Path, default=None,
                         help="where Quiver's C++ library is built and cached (default: "
                              "quiver serve's compile cache); 'none' leaves quiver::linear out")
@@ -105,12 +116,14 @@ def main() -> int:
 
     with_quiver = str(args.kernel_cache) != "none" and load_quiver_kernels(
         args.kernel_cache or default_cache_dir())
+    dtype = serving_dtype(args.model, args.dtype)
     torch.manual_seed(0)
     with torch.inference_mode():
-        rows = [ceiling(args.model, int(batch), getattr(torch, args.dtype), with_quiver)
+        rows = [ceiling(args.model, int(batch), dtype, with_quiver)
                 for batch in args.batches.split(",")]
-    print(json.dumps({"dtype": args.dtype, "threads": torch.get_num_threads(),
-                      "quiver_kernels": with_quiver, "ceiling": rows}))
+    print(json.dumps({"dtype": str(dtype).removeprefix("torch."),
+                      "threads": torch.get_num_threads(), "quiver_kernels": with_quiver,
+                      "ceiling": rows}))
     return 0
 
 

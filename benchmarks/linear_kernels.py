@@ -1,9 +1,11 @@
 """Quiver's own linear kernels against the ones they replace, on one model's shapes.
 
     python benchmarks/linear_kernels.py [MODEL_DIR] [--rows 1,2,8,32,512,2048]
+                                        [--dtype auto|bfloat16|float32]
 
-For each projection shape of the model's decoder layers and its LM head, and each row count,
-the time per call of:
+In the dtype the engine serves the model in here (auto: bf16 where oneDNN has native bf16
+kernels, else float32), for each projection shape of the model's decoder layers and its LM
+head, and each row count, the time per call of:
 - `onednn`: oneDNN's bf16 GEMM on a weight reordered once (what `quiver::linear` ran past
   two rows before the tile kernel, and still runs where tiles do not apply), the reference
   every ratio is taken against;
@@ -13,7 +15,9 @@ the time per call of:
 - `int8`, `int8-torch`: `quiver::int8_linear` and torch's `_weight_int8pack_mm` (per-channel
   int8; torch's only up to 32 rows, where the engine stops using it);
 - `int4`, `int4-torch`: `quiver::int4_linear` and torch's `_weight_int4pack_mm_for_cpu`
-  (group 64, zero points).
+  (group 64, zero points);
+- in float32, `panels`: `quiver::linear` on a bf16 checkpoint's weight upcast to float32,
+  packed as bf16 panels (csrc/panel_linear.h; AVX2), against oneDNN's float32 GEMM.
 Shapes a kernel cannot take (N not a multiple of its tile, K not of its group) leave it out.
 Random weights, one copy per layer cycled so they stream from memory as in a decode step;
 the best of several timed passes (this host's noise only ever adds time). Prints a table
@@ -32,12 +36,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.engine import cpu_info  # noqa: E402
-from benchmarks.gemm_ceiling import decode_shapes  # noqa: E402
+from benchmarks.gemm_ceiling import decode_shapes, serving_dtype  # noqa: E402
 from serving.engine.config import default_cache_dir  # noqa: E402
 from serving.kernels.build import load_cpu_kernels  # noqa: E402
 from serving.kernels.ops import lowbit_kernels_run  # noqa: E402
@@ -61,8 +66,11 @@ def best_time(call: Callable[[int], object], copies: int) -> float:
     return best
 
 
-def kernels_for(n: int, k: int, copies: int, lowbit: bool) -> dict[str, Callable]:
+def kernels_for(n: int, k: int, copies: int, lowbit: bool,
+                dtype: torch.dtype) -> dict[str, Callable]:
     """Each kernel as `fn(x, i)` over `copies` random weights of shape [n, k]."""
+    if dtype == torch.float32:
+        return float32_kernels(n, k, copies)
     floats = [torch.randn(n, k).bfloat16() for _ in range(copies)]
     reordered = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in floats]
     kernels = {
@@ -80,6 +88,22 @@ def kernels_for(n: int, k: int, copies: int, lowbit: bool) -> dict[str, Callable
         kernels.update(int8_kernels(n, k, copies))
     if k % GROUP == 0 and n % 64 == 0:
         kernels.update(int4_kernels(n, k, copies))
+    return kernels
+
+
+def float32_kernels(n: int, k: int, copies: int) -> dict[str, Callable]:
+    """float32 rows on a bf16 checkpoint's weights upcast to float32 (what `--dtype auto`
+    serves on a CPU without native bf16): oneDNN's float32 GEMM against the panel kernel on
+    their bf16 copy."""
+    floats = [torch.randn(n, k).bfloat16().float() for _ in range(copies)]
+    reordered = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in floats]
+    kernels = {"onednn": lambda x, i: torch.ops.mkldnn._linear_pointwise(x, reordered[i], None,
+                                                                         "none", [], ""),
+               "f.linear": lambda x, i: F.linear(x, floats[i])}
+    for weight in floats:
+        torch.ops.quiver.pack_linear_weight(weight, 1)
+    if torch.ops.quiver.packed_linear_layout(floats[0]) == "panels":
+        kernels["panels"] = lambda x, i: torch.ops.quiver.linear(x, floats[i], None)
     return kernels
 
 
@@ -125,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                         default=ROOT / "models/smollm2-135m-instruct")
     parser.add_argument("--rows", default="1,2,8,32,512,2048",
                         type=lambda text: [int(r) for r in text.split(",")])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                        help="auto: what `quiver serve --dtype auto` runs SmolLM2 in here")
     parser.add_argument("--kernel-cache", type=Path, default=None,
                         help="where Quiver's C++ library is built (default: quiver serve's)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -133,15 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     if loaded.library is None:
         raise SystemExit(f"Quiver's C++ kernels did not build: {loaded.reason}")
     lowbit = lowbit_kernels_run()
+    dtype = serving_dtype(args.model, args.dtype)
     layer, num_layers, lm_head = decode_shapes(args.model)
     torch.manual_seed(0)
     results = []
     with torch.inference_mode():
         for n, k in [*layer, lm_head]:
             copies = num_layers if (n, k) != lm_head else 2
-            kernels = kernels_for(n, k, copies, lowbit)
+            kernels = kernels_for(n, k, copies, lowbit, dtype)
             for rows in args.rows:
-                x = torch.randn(rows, k).bfloat16()
+                x = torch.randn(rows, k).to(dtype)
                 times = {name: best_time(lambda i, fn=fn, x=x: fn(x, i), copies)
                          for name, fn in kernels.items() if applies(name, rows)}
                 results.append({"shape": [n, k], "rows": rows,
@@ -149,14 +176,15 @@ def main(argv: list[str] | None = None) -> int:
                                 "vs_onednn": {name: round(t / times["onednn"], 2)
                                               for name, t in times.items()}})
     cpu = cpu_info()
-    print(f"CPU: {cpu['model']} ({cpu['cores']} cores; {' '.join(cpu['flags'])})")
+    print(f"CPU: {cpu['model']} ({cpu['cores']} cores; {' '.join(cpu['flags'])}); {dtype}")
     for row in results:
         ratios = "  ".join(f"{name} {us:.0f} ({row['vs_onednn'][name]}x)"
                            for name, us in row["us"].items())
         print(f"{row['shape'][0]}x{row['shape'][1]} rows={row['rows']}: {ratios}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "linear_kernels.json").write_text(json.dumps(
-        {"cpu": cpu, "model": str(args.model), "lowbit_kernels": lowbit, "group": GROUP,
+        {"cpu": cpu, "model": str(args.model), "dtype": str(dtype).removeprefix("torch."),
+         "lowbit_kernels": lowbit, "group": GROUP,
          "results": results}, indent=2) + "\n")
     return 0
 

@@ -4,7 +4,7 @@
 //   quiver::linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor
 //   quiver::set_skinny_max_rows(int rows) -> int   (the previous limit; 0..2)
 //   quiver::set_linear_tiles(bool enabled) -> bool  (the previous setting)
-//   quiver::packed_linear_layout(Tensor weight) -> str  ("tiles", "onednn" or "none")
+//   quiver::packed_linear_layout(Tensor weight) -> str  ("tiles", "panels", "onednn" or "none")
 //   quiver::row_argmax(Tensor logits) -> Tensor  (row_argmax.h: greedy sampling's reduction,
 //     here so it compiles with this file)
 //   quiver::int8_linear(Tensor x, Tensor packed, Tensor scale, Tensor? bias) -> Tensor
@@ -12,19 +12,23 @@
 //                       Tensor offset) -> Tensor
 //     (lowbit_linear.h: low-bit weights packed at load)
 //
-// A GEMM runs fastest on a weight laid out for its kernel: Quiver's own (tile_linear.h) for
-// a bf16 weight where the CPU has AVX512-BF16 and the shape suits it, else oneDNN's blocked
-// layout, which torch keeps in an opaque (mkldnn) tensor that torch.compile cannot trace;
+// A GEMM runs fastest on a weight laid out for its kernel: Quiver's own for a bf16 weight
+// where the CPU has AVX512-BF16 and the shape suits it (tile_linear.h) and for a float32
+// weight of bf16 values — a bf16 checkpoint served in float32 — on AVX2 (panel_linear.h: a
+// bf16 copy, half the bytes), else oneDNN's blocked layout, which torch keeps in an opaque
+// (mkldnn) tensor that torch.compile cannot trace;
 // inductor only makes such weights when freezing, and a frozen graph cannot be cached on
 // disk. So the graph carries the plain weight, and this op finds the weight's laid-out twin
 // in a table filled once at load (`pack_linear_weight`), keyed by the plain weight's memory.
 // A weight with no twin (or whose memory has since been freed and reused) takes at::linear:
 // always correct, only slower. The table holds each twin until a later `pack_linear_weight`
-// finds its plain weight gone. A call over one or two rows (a small decode step) takes
+// finds its plain weight gone. A call over one or two bf16 rows (a small decode step) takes
 // skinny_linear.h's kernel instead, on the plain weight. `set_linear_tiles(false)` makes
-// later packs oneDNN's wherever tiles would have applied (benchmarks/engine_steps.py's A/B).
+// later packs oneDNN's wherever Quiver's layouts would have applied (benchmarks/engine_steps.py's
+// A/B).
 
 #include "lowbit_linear.h"
+#include "panel_linear.h"
 #include "row_argmax.h"
 #include "skinny_linear.h"
 #include "tile_linear.h"
@@ -94,13 +98,23 @@ std::atomic<bool>& tiles_enabled() {
   return enabled;
 }
 
-// A twin in tile_linear.h's layout is bf16 and three-dimensional; oneDNN's is opaque.
-bool is_tile_twin(const at::Tensor& packed) { return !packed.is_mkldnn() && packed.dim() == 3; }
+// Which kernel a twin is laid out for: oneDNN's is opaque; Quiver's own are bf16, as tiles
+// (tile_linear.h) for a bf16 weight, as panels (panel_linear.h) for a float32 one.
+enum class Layout { kTiles, kPanels, kOneDnn };
+
+Layout twin_layout(const at::Tensor& weight, const at::Tensor& packed) {
+  if (packed.is_mkldnn()) return Layout::kOneDnn;
+  return weight.scalar_type() == at::kFloat ? Layout::kPanels : Layout::kTiles;
+}
 
 void pack_linear_weight(const at::Tensor& weight, int64_t batch_size) {
   TORCH_CHECK(weight.dim() == 2, "a linear weight is [out_features, in_features]");
   if (tiles_enabled().load() && tile_packable(weight)) {
     packed_weights().add(weight, tile_pack(weight));
+    return;
+  }
+  if (tiles_enabled().load() && panel_packable(weight)) {
+    packed_weights().add(weight, panel_pack(weight));
     return;
   }
   static auto reorder = c10::Dispatcher::singleton()
@@ -114,9 +128,15 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
   if (std::optional<at::Tensor> out = skinny_linear(x, weight, bias)) return *out;
   std::optional<at::Tensor> packed = packed_weights().find(weight);
   if (!packed) return at::linear(x, weight, bias);
-  if (is_tile_twin(*packed)) {
-    if (tile_applies(x, *packed, bias)) return tile_linear(x, *packed, bias);
-    return at::linear(x, weight, bias);
+  switch (twin_layout(weight, *packed)) {
+    case Layout::kTiles:
+      if (tile_applies(x, *packed, bias)) return tile_linear(x, *packed, bias);
+      return at::linear(x, weight, bias);
+    case Layout::kPanels:
+      if (panel_applies(x, *packed, bias)) return panel_linear(x, *packed, bias);
+      return at::linear(x, weight, bias);
+    case Layout::kOneDnn:
+      break;
   }
   static auto linear_pointwise =
       c10::Dispatcher::singleton()
@@ -140,7 +160,12 @@ bool set_linear_tiles(bool enabled) { return tiles_enabled().exchange(enabled); 
 std::string packed_linear_layout(const at::Tensor& weight) {
   std::optional<at::Tensor> packed = packed_weights().find(weight);
   if (!packed) return "none";
-  return is_tile_twin(*packed) ? "tiles" : "onednn";
+  switch (twin_layout(weight, *packed)) {
+    case Layout::kTiles: return "tiles";
+    case Layout::kPanels: return "panels";
+    case Layout::kOneDnn: break;
+  }
+  return "onednn";
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
-"""`quiver::linear` (Quiver's tile kernel or oneDNN on a weight laid out once) and the
-library's build fallback."""
+"""`quiver::linear` (Quiver's tile and panel kernels or oneDNN on a weight laid out once)
+and the library's build fallback."""
 
 from __future__ import annotations
 
@@ -171,6 +171,89 @@ def test_tiles_can_be_switched_off_for_later_packs(cpp_kernels) -> None:
     assert torch.ops.quiver.packed_linear_layout(weight) == "tiles"
     tiles = torch.ops.quiver.linear(x, weight, None)
     torch.testing.assert_close(tiles.float(), onednn.float(), atol=2e-2, rtol=2**-7)
+
+
+def _panels_or_skip() -> None:
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("the panel kernel is built for AVX2 + FMA CPUs; this one lacks them")
+
+
+def _bf16_valued(*shape: int, generator: torch.Generator) -> torch.Tensor:
+    """float32 values that are all bf16 numbers: a bf16 checkpoint upcast to float32."""
+    return torch.randn(*shape, generator=generator).bfloat16().float()
+
+
+@pytest.mark.parametrize("shape", [(16, 80), (960, 576), (576, 1536), (48, 7)])
+@pytest.mark.parametrize("leading", [(1,), (2,), (3,), (5,), (8,), (70,), (2, 9)])
+def test_panel_kernel_is_the_float32_product_of_bf16_weights(cpp_kernels, shape,
+                                                              leading) -> None:
+    """A float32 weight of bf16 values (a bf16 checkpoint served in float32) packs into bf16
+    panels and panel_linear.h's kernel multiplies float32 rows by it: every row block (4, 2,
+    1; one and two rows with split sums), a second chunk of rows (past 64), an odd row length,
+    3-D and non-contiguous x, with and without a bias — the float32 product, as accurate as
+    float32 sums can be."""
+    _panels_or_skip()
+    out_features, in_features = shape
+    generator = torch.Generator().manual_seed(out_features + in_features + sum(leading))
+    weight = _bf16_valued(out_features, in_features, generator=generator)
+    bias = torch.randn(out_features, generator=generator)
+    x = torch.randn(*leading, 2 * in_features, generator=generator)[..., ::2]  # non-contiguous
+    torch.ops.quiver.pack_linear_weight(weight, 1)
+    assert torch.ops.quiver.packed_linear_layout(weight) == "panels"
+    for b in (bias, None):
+        exact = F.linear(x.double(), weight.double(), None if b is None else b.double())
+        output = torch.ops.quiver.linear(x, weight, b)
+        assert output.shape == (*leading, out_features) and output.dtype == torch.float32
+        # float32 sums of K products: error ~ K * 2^-24 of the terms' magnitudes
+        scale = F.linear(x.double().abs(), weight.double().abs()).clamp_min(1e-3)
+        assert ((output.double() - exact).abs() <= scale * in_features * 2.0**-23).all()
+
+
+def test_panel_kernel_answers_a_row_alike_in_blocks_of_four(cpp_kernels) -> None:
+    """From three rows up a row's sums run in one chain per column in feature order: a
+    row's outputs are the same whichever block of rows it is in."""
+    _panels_or_skip()
+    generator = torch.Generator().manual_seed(5)
+    weight = _bf16_valued(64, 576, generator=generator)
+    x = torch.randn(40, 576, generator=generator)
+    torch.ops.quiver.pack_linear_weight(weight, 1)
+    whole = torch.ops.quiver.linear(x, weight, None)
+    for first, rows in [(0, 3), (5, 4), (7, 13), (17, 23)]:
+        part = torch.ops.quiver.linear(x[first:first + rows], weight, None)
+        assert torch.equal(part, whole[first:first + rows]), (first, rows)
+
+
+@pytest.mark.parametrize("case", ["not bf16 values", "columns not a multiple of 16"])
+def test_weights_the_panels_refuse_keep_onednn(cpp_kernels, case) -> None:
+    """A float32 weight with any value a bf16 cannot hold (a float32 checkpoint: halving it
+    would change the model), or whose columns do not fill panels, packs for oneDNN."""
+    generator = torch.Generator().manual_seed(13)
+    if case == "not bf16 values":
+        weight = _bf16_valued(64, 80, generator=generator)
+        weight[3, 5] += 2.0**-20  # one value off the bf16 grid
+    else:
+        weight = _bf16_valued(72, 80, generator=generator)
+    x = torch.randn(3, 80, generator=generator)
+    torch.ops.quiver.pack_linear_weight(weight, 1)
+    assert torch.ops.quiver.packed_linear_layout(weight) == "onednn"
+    torch.testing.assert_close(torch.ops.quiver.linear(x, weight, None), F.linear(x, weight),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_panels_can_be_switched_off_for_later_packs(cpp_kernels) -> None:
+    """`set_linear_tiles(False)` (the engine A/B's switch) packs a bf16-valued float32 weight
+    for oneDNN too; the setting it returns brings the panels back."""
+    _panels_or_skip()
+    generator = torch.Generator().manual_seed(17)
+    weight = _bf16_valued(48, 576, generator=generator)
+    previous = torch.ops.quiver.set_linear_tiles(False)
+    try:
+        torch.ops.quiver.pack_linear_weight(weight, 1)
+        assert torch.ops.quiver.packed_linear_layout(weight) == "onednn"
+    finally:
+        torch.ops.quiver.set_linear_tiles(previous)
+    torch.ops.quiver.pack_linear_weight(weight, 1)
+    assert torch.ops.quiver.packed_linear_layout(weight) == "panels"
 
 
 @pytest.mark.parametrize("in_features", [64, 176, 578])

@@ -4,14 +4,15 @@
 //
 // One task per (query row, KV head) serves the query heads that share that KV head (GQA), in
 // tiles of up to `max_tile` heads per pass over the keys and values, in float32:
-//   1. scores: 16 positions at a time; each position's dot products stay 16-lane vectors
-//      until four shuffle-and-add levels fold the 16 vectors into one vector of 16 scores
-//      (one horizontal sum per position would cost more than its dot product);
-//   2. softmax numerators over the scores, 16 at a time;
+//   1. scores: kLanes positions at a time (16 with AVX-512, 8 with AVX2); each position's
+//      dot products stay kLanes-lane vectors until shuffle-and-add levels fold them into one
+//      vector of kLanes scores (one horizontal sum per position would cost more than its
+//      dot product);
+//   2. softmax numerators over the scores, kLanes at a time;
 //   3. values: each position's value row, weighted by its probability, added into the
 //      tile's accumulators; one division by the softmax sum at the end.
-// Keys and values are read once per tile; with at most 16 / (head_dim / 16) heads per tile
-// the accumulators and queries stay in AVX-512's 32 vector registers.
+// Keys and values are read once per tile; with at most kLanes / (head_dim / kLanes) heads
+// per tile the accumulators and queries stay in the vector registers.
 
 #include "paged_attention.h"
 
@@ -25,133 +26,165 @@
 #include <limits>
 #include <type_traits>
 #include <vector>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
 namespace quiver {
 namespace {
 
-// 16 floats in whatever registers the target has (one AVX-512 register, two AVX2 ...).
-typedef float f32x16 __attribute__((vector_size(64)));
+// A vector of kLanes floats: 16 in an AVX-512 register, else 8 (an AVX2 register: GCC keeps a
+// 64-byte vector wider than the target's registers in memory, moved 8 bytes at a time, which
+// made this kernel 5x slower on an AVX2-only host).
+#if defined(__AVX512F__)
+#define QUIVER_LANES 16
+#else
+#define QUIVER_LANES 8
+#endif
+constexpr int64_t kLanes = QUIVER_LANES;
+typedef float fvec __attribute__((vector_size(4 * QUIVER_LANES)));
+typedef int32_t ivec __attribute__((vector_size(4 * QUIVER_LANES)));
+typedef uint32_t uvec __attribute__((vector_size(4 * QUIVER_LANES)));
+typedef uint16_t hvec __attribute__((vector_size(2 * QUIVER_LANES)));
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef float f32x4 __attribute__((vector_size(16)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-constexpr int64_t kLanes = 16;
 constexpr int64_t kMaxHeadDim = 128;  // head_dim is a multiple of 16 up to this
 constexpr int64_t kMaxGroup = 16;     // query heads per KV head (serving/kernels checks both)
 
-inline f32x16 load16(const float* p) {
-  f32x16 v;
+inline fvec load_lanes(const float* p) {
+  fvec v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-inline f32x16 load16(const c10::BFloat16* p) {  // bf16 is the top half of a float32
+inline fvec load_lanes(const c10::BFloat16* p) {  // bf16 is the top half of a float32
 #if defined(__AVX512F__)  // one widening load (GCC splits the generic form in two)
   return _mm512_castsi512_ps(
       _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
                             reinterpret_cast<const __m256i*>(p))), 16));
 #else
-  u16x16 half;
+  hvec half;
   std::memcpy(&half, p, sizeof(half));
-  const u32x16 bits = __builtin_convertvector(half, u32x16) << 16;
-  f32x16 v;
+  const uvec bits = __builtin_convertvector(half, uvec) << 16;
+  fvec v;
   std::memcpy(&v, &bits, sizeof(v));
   return v;
 #endif
 }
-inline f32x16 load16(const c10::Half* p) {
+inline fvec load_lanes(const c10::Half* p) {
 #if defined(__AVX512F__)  // one conversion (per-lane c10 casts also cost 3x the build time)
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__F16C__)
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 #else
-  f32x16 v;
+  fvec v;
   for (int64_t i = 0; i < kLanes; ++i) v[i] = static_cast<float>(p[i]);
   return v;
 #endif
 }
-inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof(v)); }
-inline void store16(c10::BFloat16* p, f32x16 v) {  // rounded to nearest even, as c10's
-  u32x16 bits;
+inline void store_lanes(float* p, fvec v) { std::memcpy(p, &v, sizeof(v)); }
+inline void store_lanes(c10::BFloat16* p, fvec v) {  // rounded to nearest even, as c10's
+  uvec bits;
   std::memcpy(&bits, &v, sizeof(bits));
-  const u32x16 rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  const u16x16 half = __builtin_convertvector(v != v ? u32x16{} + 0x7FC0u : rounded, u16x16);
+  const uvec rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const hvec half = __builtin_convertvector(v != v ? uvec{} + 0x7FC0u : rounded, hvec);
   std::memcpy(p, &half, sizeof(half));
 }
-inline void store16(c10::Half* p, f32x16 v) {  // rounded to nearest even, as c10's
+inline void store_lanes(c10::Half* p, fvec v) {  // rounded to nearest even, as c10's
 #if defined(__AVX512F__)
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
                       _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif defined(__F16C__)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #else
   for (int64_t i = 0; i < kLanes; ++i) p[i] = static_cast<c10::Half>(v[i]);
 #endif
 }
-inline f32x16 broadcast(float x) {
+inline fvec broadcast(float x) {
 #if defined(__AVX512F__)
   return _mm512_set1_ps(x);
 #else
-  return f32x16{} + x;
+  return fvec{} + x;
 #endif
 }
 
-inline float hsum(f32x16 v) {
+inline float hsum(fvec v) {
+#if QUIVER_LANES == 16
   const f32x8 v8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
                    __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+  const f32x8 v8 = v;
+#endif
   const f32x4 v4 = __builtin_shufflevector(v8, v8, 0, 1, 2, 3) +
                    __builtin_shufflevector(v8, v8, 4, 5, 6, 7);
   return (v4[0] + v4[2]) + (v4[1] + v4[3]);
 }
 
-// The four levels that fold 16 vectors d0..d15 into one vector of their lane sums. Each
+// The levels that fold kLanes vectors d0, d1, ... into one vector of their lane sums. Each
 // level adds the two halves of every source's run of lanes and packs two inputs into one:
-// fold8(d0, d1) holds d0's sums in lanes 0-7, d1's in 8-15; fold4 of two of those holds
-// four sources in runs of 4 lanes; fold2, eight in pairs; fold1, sixteen in single lanes.
-inline f32x16 fold8(f32x16 a, f32x16 b) {
+// with 16 lanes, fold8(d0, d1) holds d0's sums in lanes 0-7, d1's in 8-15; fold4 of two of
+// those holds four sources in runs of 4 lanes; fold2, eight in pairs; fold1, sixteen in
+// single lanes. With 8 lanes the same from fold4 down.
+#if QUIVER_LANES == 16
+inline fvec fold8(fvec a, fvec b) {
   return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
          __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
                                  31);
 }
-inline f32x16 fold4(f32x16 a, f32x16 b) {
+inline fvec fold4(fvec a, fvec b) {
   return __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
          __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30,
                                  31);
 }
-inline f32x16 fold2(f32x16 a, f32x16 b) {
+inline fvec fold2(fvec a, fvec b) {
   return __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
          __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30,
                                  31);
 }
-inline f32x16 fold1(f32x16 a, f32x16 b) {
+inline fvec fold1(fvec a, fvec b) {
   return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28,
                                  30) +
          __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
+#else
+inline fvec fold4(fvec a, fvec b) {
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+inline fvec fold2(fvec a, fvec b) {
+  return __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13) +
+         __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15);
+}
+inline fvec fold1(fvec a, fvec b) {
+  return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14) +
+         __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15);
+}
+#endif
 
 // exp(x) for x <= 0 to ~1e-7 relative: x = n ln2 + r, |r| <= ln2 / 2, e^r by its Taylor
 // polynomial, 2^n through the exponent bits. Below -87 it returns 2^-126 (not 0): still
 // nothing next to the row's maximum, whose exp is 1.
-inline f32x16 exp16(f32x16 x) {
-  const f32x16 lowest = broadcast(-87.0f);
+inline fvec exp_lanes(fvec x) {
+  const fvec lowest = broadcast(-87.0f);
   x = x < lowest ? lowest : x;
   const float round_magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const f32x16 shifted = x * 1.44269504f + round_magic;
-  const f32x16 n = shifted - round_magic;
-  const f32x16 r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  f32x16 p = broadcast(1.0f / 720.0f);
+  const fvec shifted = x * 1.44269504f + round_magic;
+  const fvec n = shifted - round_magic;
+  const fvec r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  fvec p = broadcast(1.0f / 720.0f);
   p = p * r + 1.0f / 120.0f;
   p = p * r + 1.0f / 24.0f;
   p = p * r + 1.0f / 6.0f;
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  i32x16 exponent;
+  ivec exponent;
   std::memcpy(&exponent, &shifted, sizeof(exponent));
-  i32x16 magic_bits;
-  const f32x16 magic = broadcast(round_magic);
+  ivec magic_bits;
+  const fvec magic = broadcast(round_magic);
   std::memcpy(&magic_bits, &magic, sizeof(magic_bits));
-  const i32x16 scale_bits = (exponent - magic_bits + 127) << 23;
-  f32x16 scale;
+  const ivec scale_bits = (exponent - magic_bits + 127) << 23;
+  fvec scale;
   std::memcpy(&scale, &scale_bits, sizeof(scale));
   return p * scale;
 }
@@ -162,11 +195,11 @@ float softmax_numerators(float* x, int64_t n, int64_t padded_len) {
   float max_value = kMinusInf;
   for (int64_t i = 0; i < n; ++i) max_value = std::max(max_value, x[i]);
   for (int64_t i = n; i < padded_len; ++i) x[i] = kMinusInf;
-  f32x16 sum = {};
+  fvec sum = {};
   for (int64_t i = 0; i < padded_len; i += kLanes) {
-    const f32x16 scores = load16(x + i);
-    const f32x16 e = scores == kMinusInf ? f32x16{} : exp16(scores - max_value);
-    store16(x + i, e);
+    const fvec scores = load_lanes(x + i);
+    const fvec e = scores == kMinusInf ? fvec{} : exp_lanes(scores - max_value);
+    store_lanes(x + i, e);
     sum += e;
   }
   return hsum(sum);
@@ -187,7 +220,7 @@ struct CachedRows {
 
   // Fills rows[0..16) with the rows of positions [first, first + 16); past the end, a row
   // of zeros (its scores are masked out by the softmax).
-  void gather16(int64_t first, const scalar_t** rows) const {
+  void gather(int64_t first, const scalar_t** rows) const {
     alignas(64) static const scalar_t zeros[kMaxHeadDim] = {};
     int64_t i = 0;
     for (int64_t pos = first; pos < std::min(first + kLanes, seq_len);) {
@@ -203,21 +236,21 @@ struct CachedRows {
 // 16-lane vectors of partial sums, in float32 on any CPU.
 template <typename scalar_t, int64_t kChunks, int64_t kTile>
 struct FloatDots {
-  using Key = std::array<f32x16, kChunks>;
-  f32x16 q[kTile][kChunks];
+  using Key = std::array<fvec, kChunks>;
+  fvec q[kTile][kChunks];
 
   explicit FloatDots(const scalar_t* const* q_rows) {
     for (int64_t g = 0; g < kTile; ++g) {
-      for (int64_t c = 0; c < kChunks; ++c) q[g][c] = load16(q_rows[g] + c * kLanes);
+      for (int64_t c = 0; c < kChunks; ++c) q[g][c] = load_lanes(q_rows[g] + c * kLanes);
     }
   }
   static Key load(const scalar_t* row) {
     Key key;
-    for (int64_t c = 0; c < kChunks; ++c) key[c] = load16(row + c * kLanes);
+    for (int64_t c = 0; c < kChunks; ++c) key[c] = load_lanes(row + c * kLanes);
     return key;
   }
-  f32x16 dot(int64_t g, const Key& key) const {
-    f32x16 sum = q[g][0] * key[0];
+  fvec dot(int64_t g, const Key& key) const {
+    fvec sum = q[g][0] * key[0];
     for (int64_t c = 1; c < kChunks; ++c) sum += q[g][c] * key[c];
     return sum;
   }
@@ -245,7 +278,7 @@ struct Bf16Dots {
     for (int64_t c = 0; c < kPairs; ++c) key[c] = load32(row + c * 2 * kLanes);
     return key;
   }
-  f32x16 dot(int64_t g, const Key& key) const {
+  fvec dot(int64_t g, const Key& key) const {
     __m512 sum = _mm512_dpbf16_ps(_mm512_setzero_ps(), q[g][0], key[0]);
     for (int64_t c = 1; c < kPairs; ++c) sum = _mm512_dpbf16_ps(sum, q[g][c], key[c]);
     return sum;
@@ -267,16 +300,17 @@ struct Tile {
 
   explicit Tile(const scalar_t* const* q_rows) : dots(q_rows) {}
 
-  // scores[g][first + i] for the 16 rows: each row's dot vectors folded in four levels.
-  void scores16(const scalar_t* const* rows, float scale, float* scores,
-                int64_t padded_len) const {
-    f32x16 halves[kTile][2];  // rows 0-7 and 8-15
+  // scores[g][first + i] for the kLanes rows: each row's dot vectors folded level by level.
+  void scores_block(const scalar_t* const* rows, float scale, float* scores,
+                    int64_t padded_len) const {
+#if QUIVER_LANES == 16
+    fvec halves[kTile][2];  // rows 0-7 and 8-15
 #pragma GCC unroll 2
     for (int64_t h = 0; h < 2; ++h) {
-      f32x16 quads[kTile][2];
+      fvec quads[kTile][2];
 #pragma GCC unroll 2
       for (int64_t q = 0; q < 2; ++q) {
-        f32x16 pairs[kTile][2];
+        fvec pairs[kTile][2];
 #pragma GCC unroll 2
         for (int64_t p = 0; p < 2; ++p) {
           const auto first = dots.load(rows[h * 8 + q * 4 + p * 2]);
@@ -294,24 +328,46 @@ struct Tile {
     }
 #pragma GCC unroll 4
     for (int64_t g = 0; g < kTile; ++g) {
-      store16(scores + g * padded_len, fold1(halves[g][0], halves[g][1]) * scale);
+      store_lanes(scores + g * padded_len, fold1(halves[g][0], halves[g][1]) * scale);
     }
+#else
+    fvec quads[kTile][2];  // rows 0-3 and 4-7
+#pragma GCC unroll 2
+    for (int64_t q = 0; q < 2; ++q) {
+      fvec pairs[kTile][2];
+#pragma GCC unroll 2
+      for (int64_t p = 0; p < 2; ++p) {
+        const auto first = dots.load(rows[q * 4 + p * 2]);
+        const auto second = dots.load(rows[q * 4 + p * 2 + 1]);
+#pragma GCC unroll 4
+        for (int64_t g = 0; g < kTile; ++g) {
+          pairs[g][p] = fold4(dots.dot(g, first), dots.dot(g, second));
+        }
+      }
+#pragma GCC unroll 4
+      for (int64_t g = 0; g < kTile; ++g) quads[g][q] = fold2(pairs[g][0], pairs[g][1]);
+    }
+#pragma GCC unroll 4
+    for (int64_t g = 0; g < kTile; ++g) {
+      store_lanes(scores + g * padded_len, fold1(quads[g][0], quads[g][1]) * scale);
+    }
+#endif
   }
 
   // out[g] = sum over positions of probs[g][pos] * value row / sums[g].
   void values(const CachedRows<scalar_t>& rows, const float* probs, int64_t padded_len,
               const float* sums, scalar_t* const* out) const {
-    f32x16 acc[kTile][kChunks] = {};
+    fvec acc[kTile][kChunks] = {};
     for (int64_t start = 0; start < rows.seq_len; start += rows.block_size) {
       const scalar_t* row = rows.block_rows(start);
       const int64_t count = rows.block_count(start);
       for (int64_t i = 0; i < count; ++i, row += rows.row_size) {
-        f32x16 value[kChunks];
+        fvec value[kChunks];
 #pragma GCC unroll 8
-        for (int64_t c = 0; c < kChunks; ++c) value[c] = load16(row + c * kLanes);
+        for (int64_t c = 0; c < kChunks; ++c) value[c] = load_lanes(row + c * kLanes);
 #pragma GCC unroll 4
         for (int64_t g = 0; g < kTile; ++g) {
-          const f32x16 p = broadcast(probs[g * padded_len + start + i]);
+          const fvec p = broadcast(probs[g * padded_len + start + i]);
 #pragma GCC unroll 8
           for (int64_t c = 0; c < kChunks; ++c) acc[g][c] += p * value[c];
         }
@@ -319,7 +375,7 @@ struct Tile {
     }
     for (int64_t g = 0; g < kTile; ++g) {
       const float inverse = 1.0f / sums[g];
-      for (int64_t c = 0; c < kChunks; ++c) store16(out[g] + c * kLanes, acc[g][c] * inverse);
+      for (int64_t c = 0; c < kChunks; ++c) store_lanes(out[g] + c * kLanes, acc[g][c] * inverse);
     }
   }
 
@@ -332,8 +388,8 @@ struct Tile {
     scratch.resize(kTile * padded_len);
     const scalar_t* rows[kLanes];
     for (int64_t first = 0; first < keys.seq_len; first += kLanes) {
-      keys.gather16(first, rows);
-      tile.scores16(rows, scale, scratch.data() + first, padded_len);
+      keys.gather(first, rows);
+      tile.scores_block(rows, scale, scratch.data() + first, padded_len);
     }
     float sums[kTile];
     for (int64_t g = 0; g < kTile; ++g) {
@@ -343,9 +399,10 @@ struct Tile {
   }
 };
 
-// The largest tile whose queries and accumulators fit the registers: 4 heads of 64 dims.
+// The largest tile whose queries and accumulators fit the registers: 4 heads of 64 dims in
+// AVX-512's 32, one in AVX2's 16.
 template <int64_t kChunks>
-constexpr int64_t kMaxTile = std::max<int64_t>(1, std::min<int64_t>(4, 16 / kChunks));
+constexpr int64_t kMaxTile = std::max<int64_t>(1, std::min<int64_t>(4, kLanes / kChunks));
 
 // One task: the `group` query heads of query row `seq` sharing KV head `kv_head`, tile by tile.
 template <typename scalar_t, int64_t kChunks>
@@ -414,14 +471,14 @@ void attend_cached(const DecodeArgs<scalar_t>& args, const CachedQuery* queries,
   const int64_t group = args.num_heads / args.num_kv_heads;
   TORCH_CHECK(group <= kMaxGroup, "at most ", kMaxGroup, " query heads per KV head");
   switch (args.head_dim) {
-    case 16: return decode_attention<scalar_t, 1>(args, queries, count);
-    case 32: return decode_attention<scalar_t, 2>(args, queries, count);
-    case 48: return decode_attention<scalar_t, 3>(args, queries, count);
-    case 64: return decode_attention<scalar_t, 4>(args, queries, count);
-    case 80: return decode_attention<scalar_t, 5>(args, queries, count);
-    case 96: return decode_attention<scalar_t, 6>(args, queries, count);
-    case 112: return decode_attention<scalar_t, 7>(args, queries, count);
-    case 128: return decode_attention<scalar_t, 8>(args, queries, count);
+    case 16: return decode_attention<scalar_t, 16 / kLanes>(args, queries, count);
+    case 32: return decode_attention<scalar_t, 32 / kLanes>(args, queries, count);
+    case 48: return decode_attention<scalar_t, 48 / kLanes>(args, queries, count);
+    case 64: return decode_attention<scalar_t, 64 / kLanes>(args, queries, count);
+    case 80: return decode_attention<scalar_t, 80 / kLanes>(args, queries, count);
+    case 96: return decode_attention<scalar_t, 96 / kLanes>(args, queries, count);
+    case 112: return decode_attention<scalar_t, 112 / kLanes>(args, queries, count);
+    case 128: return decode_attention<scalar_t, 128 / kLanes>(args, queries, count);
     default: TORCH_CHECK(false, "head_dim ", args.head_dim, " has no decode kernel");
   }
 }

@@ -1,7 +1,7 @@
 """In-process A/B of native-engine variants: `python benchmarks/engine_steps.py`.
 
     python benchmarks/engine_steps.py [--variants default,onednn-linear,eager]
-                                      [--concurrency 1,32] [--rounds 4]
+                                      [--concurrency 1,32] [--rounds 4] [--dtype auto]
 
 `benchmarks/engine.py` runs whole servers one after the other, so this host's drift (10-25 %
 within an hour) lands between them and can swamp a change of a few percent. Here every
@@ -15,8 +15,8 @@ ratio to the first variant.
 Variants:
 - `default`: the engine as `quiver serve` builds it (compiled, C++ kernels; with
   `--device cuda`, decode steps replayed from CUDA graphs).
-- `onednn-linear`: its own runner, its weights packed for oneDNN instead of Quiver's tile
-  kernel (`quiver::set_linear_tiles(False)` while it loads) and the one-or-two-row kernel
+- `onednn-linear`: its own runner, its weights packed for oneDNN instead of Quiver's tile or
+  panel layouts (`quiver::set_linear_tiles(False)` while it loads) and the one-or-two-row kernel
   switched off (`quiver::set_skinny_max_rows(0)` around its runs): oneDNN takes every
   projection.
 - `eager`: `--enforce-eager` (its own runner: C++ kernels, no compiled graphs; on CUDA no
@@ -105,17 +105,19 @@ def onednn_packing(cache_dir: Path) -> Iterator[None]:
 
 
 def make_core(model: Path, *, eager: bool, cache_dir: Path, device: str = "cpu",
-              tiles: bool = True) -> EngineCore:
+              tiles: bool = True, dtype: str = "auto") -> EngineCore:
     if not tiles:
         with onednn_packing(cache_dir):
-            return make_core(model, eager=eager, cache_dir=cache_dir, device=device)
+            return make_core(model, eager=eager, cache_dir=cache_dir, device=device,
+                             dtype=dtype)
     sampler = Sampler(torch.device(device))
     scheduler_config = SchedulerConfig(max_model_len=2048)
     quantized = QuantizationConfig.from_model_dir(model) is not None
-    # as `quiver serve --dtype auto` picks it: bf16 where the CPU has native bf16, else float32
-    dtype = resolve_dtype("auto", ModelArchConfig.from_model_dir(model), torch.device(device),
-                          is_quantized=quantized)
-    runner = ModelRunner(model, device=torch.device(device), dtype=dtype,
+    # as `quiver serve --dtype` resolves it (auto: bf16 where the CPU has native bf16, else
+    # float32)
+    resolved = resolve_dtype(dtype, ModelArchConfig.from_model_dir(model), torch.device(device),
+                             is_quantized=quantized)
+    runner = ModelRunner(model, device=torch.device(device), dtype=resolved,
                          num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, sampler=sampler,
                          compilation=CompilationConfig(enforce_eager=eager,
                                                        cache_dir=cache_dir),
@@ -127,14 +129,15 @@ def make_core(model: Path, *, eager: bool, cache_dir: Path, device: str = "cpu",
 
 
 def make_variants(model: Path, names: list[str], cache_dir: Path | None = None,
-                  other_model: Path | None = None, device: str = "cpu") -> list[Variant]:
+                  other_model: Path | None = None, device: str = "cpu",
+                  dtype: str = "auto") -> list[Variant]:
     cores: dict[tuple[Path, bool, bool], EngineCore] = {}
 
     def core(model_dir: Path, eager: bool, tiles: bool) -> EngineCore:
         if (model_dir, eager, tiles) not in cores:
             cores[model_dir, eager, tiles] = make_core(
                 model_dir, eager=eager, cache_dir=cache_dir or default_cache_dir(),
-                device=device, tiles=tiles)
+                device=device, tiles=tiles, dtype=dtype)
         return cores[model_dir, eager, tiles]
 
     variants = []
@@ -188,10 +191,13 @@ def main() -> int:
     parser.add_argument("--other-model", type=Path, default=None,
                         help="the other-model variant's checkpoint or artifact")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
+                        help="as quiver serve's --dtype (auto: bf16 where the CPU has native "
+                             "bf16, else float32)")
     args = parser.parse_args()
     variants = make_variants(args.model.resolve(), args.variants, args.compile_cache_dir,
                              args.other_model.resolve() if args.other_model else None,
-                             args.device)
+                             args.device, args.dtype)
     rng = random.Random(0)
     for concurrency in args.concurrency:  # warm-up: first-use costs stay out of the rounds
         for variant in variants:
@@ -222,7 +228,7 @@ def main() -> int:
               f"{row['step_vs_first']:>10}{row['tokens_per_s']:>10.1f}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "engine_steps.json").write_text(json.dumps(
-        {"cpu": cpu, "rounds": args.rounds, "output_tokens": args.output,
+        {"cpu": cpu, "dtype": args.dtype, "rounds": args.rounds, "output_tokens": args.output,
          "prompt_tokens": PROMPT_TOKENS, "results": rows}, indent=2) + "\n")
     return 0
 

@@ -166,6 +166,13 @@ def _compiler_version() -> str:
     return result.stdout
 
 
+def builds_panel_kernel() -> bool:
+    """Whether the library built here (-march=native) has `csrc/panel_linear.h`'s kernel: the
+    CPU has AVX2 and FMA but not AVX-512."""
+    flags = set(_cpu_flags().split())
+    return {"avx2", "fma"} <= flags and "avx512f" not in flags
+
+
 def _cpu_flags() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

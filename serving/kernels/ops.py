@@ -21,13 +21,16 @@ registers a Triton kernel that walks each row's blocks up to its length.
 
 `quiver::linear(x, weight, bias)` is `F.linear` on a weight laid out once by
 `quiver::pack_linear_weight` (`csrc/packed_linear.cpp` says why and how): a bf16 weight in
-Quiver's own tile layout where the CPU has AVX512-BF16 (`csrc/tile_linear.h`), else oneDNN's;
+Quiver's own tile layout where the CPU has AVX512-BF16 (`csrc/tile_linear.h`), a float32
+weight of bf16 values (a bf16 checkpoint served in float32) as bf16 panels on AVX2
+(`csrc/panel_linear.h`), else oneDNN's;
 over one or two bf16 rows Quiver's bandwidth-bound kernel (`csrc/skinny_linear.h`) on the
 plain weight. It has only the C++ CPU kernel. `quiver::set_skinny_max_rows(rows)` (a composite
 C++ kernel: no tensor to dispatch on) lowers how many rows that kernel takes (0: none) and
 returns the previous limit; `quiver::set_linear_tiles(enabled)` chooses whether later packs
-may use the tile layout, returning the previous setting; `quiver::packed_linear_layout(weight)`
-names the twin a weight has ("tiles", "onednn" or "none").
+may use Quiver's tile or panel layouts, returning the previous setting;
+`quiver::packed_linear_layout(weight)` names the twin a weight has ("tiles", "panels",
+"onednn" or "none").
 `quiver::int8_linear(x, packed, scale, bias)` and `quiver::int4_linear(x, packed, group_size,
 scale, offset)` multiply bf16 rows by a per-channel int8 or a grouped int4 weight packed at
 load (`csrc/lowbit_linear.h`; AVX512-BF16 CPUs only). `quiver::row_argmax(logits)` is greedy

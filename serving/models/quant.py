@@ -134,6 +134,7 @@ class FloatProjection(Projection):
         if self.packing is Packing.KERNEL:
             layout = torch.ops.quiver.packed_linear_layout(self.weight)
             return {"tiles": "quiver tiles (quiver op)",
+                    "panels": "quiver bf16 panels (quiver op)",
                     "onednn": "onednn (prepacked, quiver op)"}.get(layout, "F.linear (quiver op)")
         return {Packing.NONE: "F.linear", Packing.EAGER: "onednn (prepacked)"}[self.packing]
 

@@ -25,18 +25,22 @@ def test_variants_run_and_the_kernel_switch_is_scoped(tiny_model_dir):
         pytest.skip(f"no C++ compiler ({compiler()}): the onednn-linear variant needs it")
     from benchmarks.engine_steps import make_variants, run
 
+    # bf16 (the tiny model is float32): tiles where the CPU has them, as before dtype choice
     default, onednn, eager = make_variants(tiny_model_dir, ["default", "onednn-linear", "eager"],
-                                           quiver_cache_dir)
+                                           quiver_cache_dir, dtype="bfloat16")
     assert len({id(default.core), id(onednn.core), id(eager.core)}) == 3
 
     def layout(variant) -> str:
         return torch.ops.quiver.packed_linear_layout(
             variant.core._runner.model.layers[0].mlp.down_proj.weight)
 
+    assert default.core._runner.model.dtype == torch.bfloat16
     onednn_bf16 = onednn_supports(torch.device("cpu"), torch.bfloat16)
     assert layout(onednn) == ("onednn" if onednn_bf16 else "none")  # no bf16 oneDNN: no twin
     assert layout(default) == ("tiles" if lowbit_kernels_run() and onednn_bf16
                                else layout(onednn))
+    (auto,) = make_variants(tiny_model_dir, ["default"], quiver_cache_dir)
+    assert auto.core._runner.model.dtype == torch.float32  # auto: the checkpoint's float32
     assert torch.ops.quiver.set_linear_tiles(True) is True, "tiles came back after its load"
     with onednn.active():
         assert torch.ops.quiver.set_skinny_max_rows(0) == 0  # off while its runs go

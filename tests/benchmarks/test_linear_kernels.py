@@ -9,20 +9,26 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from serving.engine.config import default_cache_dir
-from serving.kernels.build import compiler
+from serving.kernels.build import builds_panel_kernel, compiler
+from serving.models.linear import onednn_supports
 
 
-def test_every_shape_and_row_count_is_timed_against_onednn(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_every_shape_and_row_count_is_timed_against_onednn(tiny_model_dir, tmp_path, dtype):
     if shutil.which(compiler()) is None:
         pytest.skip(f"no C++ compiler ({compiler()}): Quiver's kernels cannot build")
+    if dtype == "bfloat16" and not onednn_supports(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("oneDNN has no bf16 GEMM on this CPU (AVX2 only): nothing to time against")
     from benchmarks.linear_kernels import main
 
     cache_dir = Path(os.environ.get("QUIVER_TEST_CACHE_DIR") or default_cache_dir())
-    assert main([str(tiny_model_dir), "--rows", "1,3", "--kernel-cache", str(cache_dir),
-                 "--out", str(tmp_path)]) == 0
+    assert main([str(tiny_model_dir), "--rows", "1,3", "--dtype", dtype, "--kernel-cache",
+                 str(cache_dir), "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "linear_kernels.json").read_text())
+    assert report["dtype"] == dtype
     config = json.loads((tiny_model_dir / "config.json").read_text())
     hidden = config["hidden_size"]
     shapes = {tuple(row["shape"]) for row in report["results"]}
@@ -30,7 +36,11 @@ def test_every_shape_and_row_count_is_timed_against_onednn(tiny_model_dir, tmp_p
     assert (config["vocab_size"], hidden) in shapes  # LM head
     for row in report["results"]:
         assert row["vs_onednn"]["onednn"] == 1.0 and all(t > 0 for t in row["us"].values())
-        assert ("skinny" in row["us"]) == (row["rows"] <= 2)
         n, k = row["shape"]
+        if dtype == "float32":  # a bf16 checkpoint upcast: oneDNN, F.linear and the panels
+            panels = builds_panel_kernel() and n % 16 == 0
+            assert set(row["us"]) == {"onednn", "f.linear"} | ({"panels"} if panels else set())
+            continue
+        assert ("skinny" in row["us"]) == (row["rows"] <= 2)
         if report["lowbit_kernels"] and n % 16 == 0:
             assert {"int8", "int8-torch"} <= row["us"].keys()

@@ -19,7 +19,9 @@
 // bytes: 18 KB at K = 576) stays in L1 while the row blocks pass over it; rows go in chunks of
 // 64 so the chunk of x stays in L2; threads split the panels, each reading a contiguous run
 // of the packed weight. Sums are float32 in feature order per row (two halves at one or two
-// rows), the bias added last.
+// rows), the bias added last. Built only where the CPU has AVX2 but not AVX-512: there
+// `auto` picks bf16 (oneDNN has bf16 kernels), and oneDNN's float32 GEMM with twice the
+// vector width was not measured against this kernel.
 
 #pragma once
 
@@ -31,7 +33,8 @@
 #include <cstdint>
 #include <optional>
 #include <vector>
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define QUIVER_PANELS 1
 #include <immintrin.h>
 #endif
 
@@ -40,9 +43,9 @@ namespace quiver {
 constexpr int64_t kPanelColumns = 16;  // output columns a panel: two AVX2 registers of sums
 
 // Whether `panel_pack` takes this weight: float32 [N, K], N a multiple of 16, every value a
-// bf16 number (its low 16 bits zero), on a CPU the kernel was built for.
+// bf16 number (its low 16 bits zero), on a CPU the kernel was built for (AVX2, no AVX-512).
 inline bool panel_packable(const at::Tensor& weight) {
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(QUIVER_PANELS)
   if (weight.scalar_type() != at::kFloat || weight.dim() != 2 || !weight.device().is_cpu() ||
       weight.size(0) == 0 || weight.size(0) % kPanelColumns != 0 || weight.size(1) == 0) {
     return false;
@@ -59,7 +62,7 @@ inline bool panel_packable(const at::Tensor& weight) {
 // zeros, each within 128-bit halves) yields columns 0-7 in one register and 8-15 in the other.
 inline at::Tensor panel_pack(const at::Tensor& weight) {
   TORCH_CHECK(panel_packable(weight), "panel_pack: needs a float32 [N, K] weight of bf16 values, "
-              "N % 16 == 0, on an AVX2 CPU");
+              "N % 16 == 0, on an AVX2 CPU without AVX-512");
   const int64_t n_size = weight.size(0), k_size = weight.size(1);
   // column 8h + 4q + i (halves h, quarters q) goes to place 8q + 4h + i
   return weight.to(at::kBFloat16)
@@ -82,7 +85,7 @@ inline bool panel_applies(const at::Tensor& x, const at::Tensor& packed,
 
 namespace panel_detail {
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(QUIVER_PANELS)
 constexpr int64_t kChunkRows = 64;  // rows of x kept in cache while the panels pass
 
 // out rows [0, R) (`out_stride` apart), columns of one panel, += nothing: written once.
@@ -151,7 +154,7 @@ inline void panel_rows(const float* x, int64_t rows, int64_t k_size, const uint1
   }
   if (m < rows) panel_block<1, 1>(x + m * k_size, k_size, panel, bias, out + m * n_size, n_size);
 }
-#endif  // __AVX2__ && __FMA__
+#endif  // QUIVER_PANELS
 
 }  // namespace panel_detail
 
@@ -159,7 +162,7 @@ inline at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed,
                                const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(panel_applies(x, packed, bias), "panel_linear: needs float32 x [..., K] and bias "
               "[N] matching the packed weight");
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(QUIVER_PANELS)
   const int64_t k_size = packed.size(1), n_size = packed.size(0) * kPanelColumns;
   const at::Tensor rows = x.reshape({-1, k_size}).contiguous();
   const int64_t num_rows = rows.size(0);
@@ -185,7 +188,7 @@ inline at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed,
   });
   return out;
 #else
-  TORCH_CHECK(false, "panel_linear needs a CPU with AVX2 and FMA");
+  TORCH_CHECK(false, "panel_linear is built for CPUs with AVX2 and FMA but not AVX-512");
 #endif
 }
 

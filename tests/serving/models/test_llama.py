@@ -180,3 +180,42 @@ def test_layer_blocks_compute_the_same_and_divide_the_layers(models) -> None:
     assert MAX_LAYERS_PER_GRAPH == 3
     # the largest divisor up to 3, so every block is the same graph
     assert [layers_per_graph(n) for n in (30, 24, 32, 22, 7, 2)] == [3, 3, 2, 2, 1, 2]
+
+
+def test_bf16_checkpoint_in_float32_runs_bf16_panels(tmp_path: Path, tiny_model_dir: Path,
+                                                     quiver_cache_dir: Path) -> None:
+    """A bf16 checkpoint served in float32 (`--dtype auto` on an AVX2-only CPU) keeps its
+    projections and LM head as bf16 panels (the same numbers in half the bytes) where the
+    C++ kernels build them (AVX2 without AVX-512): the logits of a prefill and of decode
+    steps are still transformers' in float32."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from serving.kernels.build import builds_panel_kernel, load_cpu_kernels
+    from serving.models.linear import Packing
+    from serving.models.quant import FloatProjection
+
+    if load_cpu_kernels(quiver_cache_dir).library is None:
+        pytest.skip("no C++ compiler: the C++ library (and its panel kernel) cannot build")
+    for path in tiny_model_dir.iterdir():
+        if path.suffix != ".safetensors":
+            shutil.copy(path, tmp_path / path.name)
+    weights = load_file(tiny_model_dir / "model.safetensors")
+    save_file({name: w.bfloat16().float().contiguous() for name, w in weights.items()},
+              tmp_path / "model.safetensors")
+    ours = load_model(tmp_path, dtype=torch.float32, packing=Packing.KERNEL)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    layouts = {torch.ops.quiver.packed_linear_layout(module.weight)
+               for module in ours.modules() if isinstance(module, FloatProjection)}
+    panels = builds_panel_kernel()  # AVX2 without AVX-512; elsewhere oneDNN's float32
+    assert layouts == ({"panels"} if panels else {"onednn"})
+    assert torch.ops.quiver.packed_linear_layout(ours.lm_head) == ("panels" if panels
+                                                                   else "onednn")
+    token_ids = [1, 15, 42, 7, 99, 3, 64, 12]
+    kv_caches = ours.make_kv_caches(NUM_BLOCKS, BLOCK_SIZE)
+    seq = Sequence(token_ids, block_table=list(range(8)), chunk_sizes=[5, 1, 1, 1])
+    while seq.chunk_sizes:  # a 5-token prefill, then three one-row decode steps
+        run_step(ours, kv_caches, [seq])
+    expected = reference_logits(reference, token_ids)
+    torch.testing.assert_close(torch.cat(seq.logits), expected, atol=TOLERANCE, rtol=TOLERANCE)

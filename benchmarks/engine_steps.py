@@ -228,7 +228,8 @@ def main() -> int:
               f"{row['step_vs_first']:>10}{row['tokens_per_s']:>10.1f}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "engine_steps.json").write_text(json.dumps(
-        {"cpu": cpu, "dtype": args.dtype, "rounds": args.rounds, "output_tokens": args.output,
+        {"cpu": cpu, "dtype": str(variants[0].core._runner.dtype).removeprefix("torch."),
+         "rounds": args.rounds, "output_tokens": args.output,
          "prompt_tokens": PROMPT_TOKENS, "results": rows}, indent=2) + "\n")
     return 0
 

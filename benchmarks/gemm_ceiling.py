@@ -1,10 +1,12 @@
 """The host's GEMM ceiling for one model's decode step: `python benchmarks/gemm_ceiling.py DIR`.
 
 A decode step at batch B multiplies B rows through every projection of every layer and the
-LM head. Timed here alone, with the fastest path on this host per shape — oneDNN on weights
-reordered for that batch, plain `F.linear`, or Quiver's own `quiver::linear` on weights
-packed as the engine packs them (its bandwidth-bound kernel at one or two rows, its tile
-kernel from three up on AVX512-BF16 CPUs) where its C++ library builds (cached under
+LM head. Timed here alone, in the dtype `quiver serve --dtype auto` runs here, with the
+fastest path on this host per shape — oneDNN on weights reordered for that batch, plain
+`F.linear`, or Quiver's own `quiver::linear` on weights packed as the engine packs them (its
+bandwidth-bound kernel at one or two rows, its tile kernel from three up on AVX512-BF16
+CPUs, bf16 panels for a bf16 checkpoint served in float32 on AVX2) where its C++ library
+builds (cached under
 `--kernel-cache`) — and one weight copy per layer, so weights stream from memory as they
 do in a real step. B divided by that time is the most tokens/s any engine could decode at
 batch B on this host with these kernels: the share of it an engine reaches says how much of
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from serving.models.config import ModelArchConfig  # noqa: E402
 from serving.models.linear import onednn_supports  # noqa: E402
 
 TRIALS = 5
@@ -43,10 +46,12 @@ def decode_shapes(model_dir: Path) -> tuple[list[tuple[int, int]], int, tuple[in
 
 
 def time_shape(n: int, k: int, batch: int, copies: int, dtype: torch.dtype,
-               with_quiver: bool) -> tuple[float, str]:
+               with_quiver: bool, stored: torch.dtype) -> tuple[float, str]:
     """(seconds, kernel) of the fastest multiply of `batch` rows by an [n, k] weight,
-    `copies` distinct weights cycled so none stays in cache."""
-    weights = [torch.randn(n, k).to(dtype) for _ in range(copies)]
+    `copies` distinct weights cycled so none stays in cache. `stored`: the checkpoint's
+    dtype — a bf16 checkpoint served in float32 has bf16 values, which Quiver's panel
+    kernel takes (`csrc/panel_linear.h`)."""
+    weights = [torch.randn(n, k).to(stored).to(dtype) for _ in range(copies)]
     x = torch.randn(batch, k).to(dtype)
     candidates = {"f.linear": lambda i: F.linear(x, weights[i])}
     if onednn_supports(x.device, dtype):  # bf16 needs AVX-512 (or AVX-NE-CONVERT)
@@ -73,9 +78,10 @@ def time_shape(n: int, k: int, batch: int, copies: int, dtype: torch.dtype,
 
 def ceiling(model_dir: Path, batch: int, dtype: torch.dtype, with_quiver: bool) -> dict:
     layer, num_layers, lm_head = decode_shapes(model_dir)
+    stored = ModelArchConfig.from_model_dir(model_dir).dtype
     copies = num_layers  # every layer its own weights: they stream from memory as in a step
-    timed = [time_shape(n, k, batch, copies, dtype, with_quiver) for n, k in layer]
-    lm_head_s, lm_head_kernel = time_shape(*lm_head, batch, 2, dtype, with_quiver)
+    timed = [time_shape(n, k, batch, copies, dtype, with_quiver, stored) for n, k in layer]
+    lm_head_s, lm_head_kernel = time_shape(*lm_head, batch, 2, dtype, with_quiver, stored)
     step_s = sum(seconds for seconds, _ in timed) * num_layers + lm_head_s
     flops = 2 * batch * (num_layers * sum(n * k for n, k in layer) + lm_head[0] * lm_head[1])
     return {"batch": batch, "gemm_ms_per_step": round(step_s * 1e3, 2),
@@ -88,9 +94,11 @@ def serving_dtype(model_dir: Path, name: str) -> torch.dtype:
     """The dtype `quiver serve --dtype NAME` runs the model in on this CPU (auto: bf16 where
     oneDNN has native bf16 kernels, else float32)."""
     from serving.engine.factory import resolve_dtype
-    from serving.models.config import ModelArchConfig
+    from serving.models.compressed import QuantizationConfig
 
-    return resolve_dtype(name, ModelArchConfig.from_model_dir(model_dir), torch.device("cpu"))
+    quantized = QuantizationConfig.from_model_dir(model_dir) is not None
+    return resolve_dtype(name, ModelArchConfig.from_model_dir(model_dir), torch.device("cpu"),
+                         is_quantized=quantized)
 
 
 def load_quiver_kernels(cache_dir: Path) -> bool:

@@ -218,7 +218,7 @@ struct CachedRows {
   }
   int64_t block_count(int64_t start) const { return std::min(block_size, seq_len - start); }
 
-  // Fills rows[0..16) with the rows of positions [first, first + 16); past the end, a row
+  // Fills rows[0..kLanes) with the rows of positions [first, first + kLanes); past the end, a row
   // of zeros (its scores are masked out by the softmax).
   void gather(int64_t first, const scalar_t** rows) const {
     alignas(64) static const scalar_t zeros[kMaxHeadDim] = {};
@@ -232,8 +232,8 @@ struct CachedRows {
   }
 };
 
-// Dot products of a tile's `kTile` query heads (`kChunks` * 16 dims) with one key row, as
-// 16-lane vectors of partial sums, in float32 on any CPU.
+// Dot products of a tile's `kTile` query heads (`kChunks` * kLanes dims) with one key row, as
+// kLanes-lane vectors of partial sums, in float32 on any CPU.
 template <typename scalar_t, int64_t kChunks, int64_t kTile>
 struct FloatDots {
   using Key = std::array<fvec, kChunks>;
@@ -293,7 +293,7 @@ template <typename scalar_t, int64_t kChunks, int64_t kTile>
 using Dots = FloatDots<scalar_t, kChunks, kTile>;
 #endif
 
-// The heads of one tile: `kTile` query heads of `kChunks` * 16 dims sharing one KV head.
+// The heads of one tile: `kTile` query heads of `kChunks` * kLanes dims sharing one KV head.
 template <typename scalar_t, int64_t kChunks, int64_t kTile>
 struct Tile {
   Dots<scalar_t, kChunks, kTile> dots;

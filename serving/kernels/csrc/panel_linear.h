@@ -138,12 +138,14 @@ inline void panel_block(const float* x, int64_t k_size, const uint16_t* panel, c
   }
 }
 
-// Rows [0, rows) of x through one panel: blocks of 4, then 2 and 1; one or two rows alone
-// split their features in two (memory-bound: the weight streams, nothing else waits).
+// Rows [0, rows) of x through one panel: blocks of 4, then 2 and 1. A call of one or two
+// rows in all (`alone`) splits their features in two (memory-bound: the weight streams,
+// nothing else waits); any other call keeps one chain per column, so a row's sums do not
+// depend on which rows share its call.
 inline void panel_rows(const float* x, int64_t rows, int64_t k_size, const uint16_t* panel,
-                       const float* bias, float* out, int64_t n_size) {
-  if (rows == 1) return panel_block<1, 2>(x, k_size, panel, bias, out, n_size);
-  if (rows == 2) return panel_block<2, 2>(x, k_size, panel, bias, out, n_size);
+                       const float* bias, float* out, int64_t n_size, bool alone) {
+  if (alone && rows == 1) return panel_block<1, 2>(x, k_size, panel, bias, out, n_size);
+  if (alone && rows == 2) return panel_block<2, 2>(x, k_size, panel, bias, out, n_size);
   int64_t m = 0;  // more rows a block spilled registers: 5 rows ran 1.3-1.7x slower
   for (; m + 4 <= rows; m += 4) {
     panel_block<4, 1>(x + m * k_size, k_size, panel, bias, out + m * n_size, n_size);
@@ -182,7 +184,8 @@ inline at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed,
         panel_detail::panel_rows(x_data + first * k_size, count, k_size,
                                  w_data + p * k_size * kPanelColumns,
                                  b_data ? b_data + p * kPanelColumns : nullptr,
-                                 o_data + first * n_size + p * kPanelColumns, n_size);
+                                 o_data + first * n_size + p * kPanelColumns, n_size,
+                                 num_rows <= 2);
       }
     }
   });

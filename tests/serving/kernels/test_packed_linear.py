@@ -212,7 +212,7 @@ def test_panel_kernel_is_the_float32_product_of_bf16_weights(cpp_kernels, shape,
 
 def test_panel_kernel_answers_a_row_alike_in_blocks_of_four(cpp_kernels) -> None:
     """From three rows up a row's sums run in one chain per column in feature order: a
-    row's outputs are the same whichever block of rows it is in."""
+    row's outputs are the same whichever block of rows, or chunk of 64, it is in."""
     _panels_or_skip()
     generator = torch.Generator().manual_seed(5)
     weight = _bf16_valued(64, 576, generator=generator)
@@ -222,6 +222,10 @@ def test_panel_kernel_answers_a_row_alike_in_blocks_of_four(cpp_kernels) -> None
     for first, rows in [(0, 3), (5, 4), (7, 13), (17, 23)]:
         part = torch.ops.quiver.linear(x[first:first + rows], weight, None)
         assert torch.equal(part, whole[first:first + rows]), (first, rows)
+    # 66 rows: a second chunk of two rows keeps the one-chain sums of a longer call
+    longer = torch.randn(66, 576, generator=generator)
+    assert torch.equal(torch.ops.quiver.linear(longer, weight, None)[64:],
+                       torch.ops.quiver.linear(longer[60:], weight, None)[4:])
 
 
 @pytest.mark.parametrize("case", ["not bf16 values", "columns not a multiple of 16"])

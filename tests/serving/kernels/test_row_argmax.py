@@ -21,7 +21,8 @@ def test_row_argmax_is_torchs_on_random_rows(cpp_kernels, vocab) -> None:
 
 
 def test_row_argmax_keeps_torchs_ties_infinities_and_nans(cpp_kernels) -> None:
-    """Ties go to the first maximum (also across the 16 lanes and the masked tail); +inf
+    """Ties go to the first maximum (also across the lanes — 16 with AVX-512, 8 with AVX2 —
+    and the tail); +inf
     wins, an all -inf row answers 0, and a row with NaN answers a NaN's index (the sampler
     then looks for a finite token)."""
     vocab = 53  # three full vectors and a tail of 5

@@ -17,13 +17,15 @@ head, and each row count, the time per call of:
 - `int4`, `int4-torch`: `quiver::int4_linear` and torch's `_weight_int4pack_mm_for_cpu`
   (group 64, zero points);
 - in float32, `panels`: `quiver::linear` on a bf16 checkpoint's weight upcast to float32,
-  packed as bf16 panels (csrc/panel_linear.h; AVX2), against oneDNN's float32 GEMM.
+  packed as bf16 panels (csrc/panel_linear.h; AVX2), against oneDNN's float32 GEMM; and the
+  same `int8`/`int4` columns on float32 rows (csrc/lowbit_float.h; AVX2 and FMA), torch's
+  float32 low-bit kernels (scalar loops) only up to two rows.
 Shapes a kernel cannot take (N not a multiple of its tile, K not of its group) leave it out.
 Random weights, one copy per layer cycled so they stream from memory as in a decode step;
 the best of several timed passes (this host's noise only ever adds time). Prints a table
 (times in us, and each kernel's time over oneDNN's) with the CPU's flags; results:
-benchmarks/results/linear_kernels.json. The low-bit kernels need AVX512-BF16: without it
-their columns are left out.
+benchmarks/results/linear_kernels.json. Quiver's low-bit kernels need AVX512-BF16 for bf16
+rows and AVX2 with FMA for float32 rows: without them their columns are left out.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from serving.models.quant import int4_tiles, int8_tiles  # noqa: E402
 TRIALS = 5
 GROUP = 64
 TORCH_INT8_MAX_ROWS = 32
+TORCH_FLOAT32_MAX_ROWS = 2  # torch's float32 low-bit kernels are scalar loops
 
 
 def best_time(call: Callable[[int], object], copies: int) -> float:
@@ -70,7 +73,7 @@ def kernels_for(n: int, k: int, copies: int, lowbit: bool,
                 dtype: torch.dtype) -> dict[str, Callable]:
     """Each kernel as `fn(x, i)` over `copies` random weights of shape [n, k]."""
     if dtype == torch.float32:
-        return float32_kernels(n, k, copies)
+        return float32_kernels(n, k, copies, lowbit)
     floats = [torch.randn(n, k).bfloat16() for _ in range(copies)]
     reordered = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in floats]
     kernels = {
@@ -84,14 +87,20 @@ def kernels_for(n: int, k: int, copies: int, lowbit: bool,
         for weight in floats:
             torch.ops.quiver.pack_linear_weight(weight, 1)
         kernels["tiles"] = lambda x, i: torch.ops.quiver.linear(x, floats[i], None)
-    if n % 16 == 0 and k % 2 == 0:  # the tiles' shape (torch's int4 packs 64 rows a block)
-        kernels.update(int8_kernels(n, k, copies))
-    if k % GROUP == 0 and n % 64 == 0:
-        kernels.update(int4_kernels(n, k, copies))
+    kernels.update(lowbit_kernels(n, k, copies, torch.bfloat16))
     return kernels
 
 
-def float32_kernels(n: int, k: int, copies: int) -> dict[str, Callable]:
+def lowbit_kernels(n: int, k: int, copies: int, dtype: torch.dtype) -> dict[str, Callable]:
+    kernels = {}
+    if n % 16 == 0 and k % 2 == 0:  # the tiles' shape (torch's int4 packs 64 rows a block)
+        kernels.update(int8_kernels(n, k, copies, dtype))
+    if k % GROUP == 0 and n % 64 == 0:
+        kernels.update(int4_kernels(n, k, copies, dtype))
+    return kernels
+
+
+def float32_kernels(n: int, k: int, copies: int, lowbit: bool) -> dict[str, Callable]:
     """float32 rows on a bf16 checkpoint's weights upcast to float32 (what `--dtype auto`
     serves on a CPU without native bf16): oneDNN's float32 GEMM against the panel kernel on
     their bf16 copy."""
@@ -104,28 +113,30 @@ def float32_kernels(n: int, k: int, copies: int) -> dict[str, Callable]:
         torch.ops.quiver.pack_linear_weight(weight, 1)
     if torch.ops.quiver.packed_linear_layout(floats[0]) == "panels":
         kernels["panels"] = lambda x, i: torch.ops.quiver.linear(x, floats[i], None)
+    if lowbit:
+        kernels.update(lowbit_kernels(n, k, copies, torch.float32))
     return kernels
 
 
-def int8_kernels(n: int, k: int, copies: int) -> dict[str, Callable]:
+def int8_kernels(n: int, k: int, copies: int, dtype: torch.dtype) -> dict[str, Callable]:
     q8 = [torch.randint(-127, 128, (n, k), dtype=torch.int8) for _ in range(copies)]
     tiles8 = [int8_tiles(q) for q in q8]
     scale8 = [torch.rand(n) for _ in range(copies)]
-    scale8_bf16 = [s.bfloat16() for s in scale8]
+    scale8_torch = [s.to(dtype) for s in scale8]
     return {
         "int8": lambda x, i: torch.ops.quiver.int8_linear(x, tiles8[i], scale8[i], None),
-        "int8-torch": lambda x, i: torch._weight_int8pack_mm(x, q8[i], scale8_bf16[i]),
+        "int8-torch": lambda x, i: torch._weight_int8pack_mm(x, q8[i], scale8_torch[i]),
     }
 
 
-def int4_kernels(n: int, k: int, copies: int) -> dict[str, Callable]:
+def int4_kernels(n: int, k: int, copies: int, dtype: torch.dtype) -> dict[str, Callable]:
     u4 = [torch.randint(0, 16, (n, k), dtype=torch.int32) for _ in range(copies)]
     tiles4 = [int4_tiles(u) for u in u4]
     scale4 = [torch.rand(k // GROUP, n) for _ in range(copies)]
     offset4 = [torch.rand(k // GROUP, n) for _ in range(copies)]
     torch4 = [torch._convert_weight_to_int4pack_for_cpu(u, 1) for u in u4]
-    scales_zeros4 = [torch.stack([s, o], -1).bfloat16() for s, o in zip(scale4, offset4,
-                                                                        strict=True)]
+    scales_zeros4 = [torch.stack([s, o], -1).to(dtype) for s, o in zip(scale4, offset4,
+                                                                       strict=True)]
     return {
         "int4": lambda x, i: torch.ops.quiver.int4_linear(x, tiles4[i], GROUP, scale4[i],
                                                           offset4[i]),
@@ -134,11 +145,13 @@ def int4_kernels(n: int, k: int, copies: int) -> dict[str, Callable]:
     }
 
 
-def applies(kernel: str, rows: int) -> bool:
+def applies(kernel: str, rows: int, dtype: torch.dtype) -> bool:
     if kernel == "skinny":
         return rows <= 2
     if kernel == "tiles":
         return rows >= 3
+    if kernel.endswith("-torch") and dtype == torch.float32:
+        return rows <= TORCH_FLOAT32_MAX_ROWS
     return kernel != "int8-torch" or rows <= TORCH_INT8_MAX_ROWS
 
 
@@ -158,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_cpu_kernels(args.kernel_cache or default_cache_dir())
     if loaded.library is None:
         raise SystemExit(f"Quiver's C++ kernels did not build: {loaded.reason}")
-    lowbit = lowbit_kernels_run()
     dtype = serving_dtype(args.model, args.dtype)
+    lowbit = lowbit_kernels_run(dtype)
     layer, num_layers, lm_head = decode_shapes(args.model)
     torch.manual_seed(0)
     results = []
@@ -170,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             for rows in args.rows:
                 x = torch.randn(rows, k).to(dtype)
                 times = {name: best_time(lambda i, fn=fn, x=x: fn(x, i), copies)
-                         for name, fn in kernels.items() if applies(name, rows)}
+                         for name, fn in kernels.items() if applies(name, rows, dtype)}
                 results.append({"shape": [n, k], "rows": rows,
                                 "us": {name: round(t * 1e6, 1) for name, t in times.items()},
                                 "vs_onednn": {name: round(t / times["onednn"], 2)

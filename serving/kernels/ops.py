@@ -32,8 +32,9 @@ may use Quiver's tile or panel layouts, returning the previous setting;
 `quiver::packed_linear_layout(weight)` names the twin a weight has ("tiles", "panels",
 "onednn" or "none").
 `quiver::int8_linear(x, packed, scale, bias)` and `quiver::int4_linear(x, packed, group_size,
-scale, offset)` multiply bf16 rows by a per-channel int8 or a grouped int4 weight packed at
-load (`csrc/lowbit_linear.h`; AVX512-BF16 CPUs only). `quiver::row_argmax(logits)` is greedy
+scale, offset)` multiply bf16 rows (AVX512-BF16 CPUs) or float32 rows (AVX2 and FMA) by a
+per-channel int8 or a grouped int4 weight packed at load (`csrc/lowbit_linear.h`,
+`csrc/lowbit_float.h`). `quiver::row_argmax(logits)` is greedy
 sampling's argmax over float32 logits (`csrc/row_argmax.h`; `row_argmax` below picks it).
 """
 
@@ -104,11 +105,12 @@ def _has_cpu_kernel(name: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"quiver::{name}", "CPU")
 
 
-def lowbit_kernels_run() -> bool:
-    """Whether the loaded C++ library has the low-bit kernels: it builds them for
-    AVX512-BF16 CPUs only, and elsewhere they refuse (as does an unloaded library)."""
+def lowbit_kernels_run(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether the loaded C++ library's low-bit kernels take rows of `dtype`: bf16 rows on
+    AVX512-BF16 CPUs, float32 rows on CPUs with AVX2 and FMA; elsewhere (and for any other
+    dtype) they refuse, as does an unloaded library."""
     try:
-        torch.ops.quiver.int8_linear(torch.zeros(1, 2, dtype=torch.bfloat16),
+        torch.ops.quiver.int8_linear(torch.zeros(1, 2, dtype=dtype),
                                      torch.zeros(1, 1, 32, dtype=torch.int8), torch.ones(16),
                                      None)
     except (RuntimeError, NotImplementedError):

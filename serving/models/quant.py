@@ -14,11 +14,12 @@
 - `Int8Projection` (CPU, any other 1-8 bit weight): int8 values, `torch._weight_int8pack_mm`
   (per-row scales) once per channel or once per group, summed; an asymmetric zero point
   is one small correction matmul over per-group sums of the activation. A symmetric
-  per-channel bf16 weight (what `quiver optimize int8` writes) is packed at load for Quiver's
-  own kernel instead (`quiver::int8_linear`, AVX512-BF16 CPUs): 0.33-0.5x oneDNN bf16's time
-  at one row, about even at 32, where torch's kernel took 2-2.8x
-  (`benchmarks/linear_kernels.py`). On the same
-  CPUs a bf16 model's int4 weights are repacked alike for `quiver::int4_linear`.
+  per-channel weight (what `quiver optimize int8` writes) is packed at load for Quiver's
+  own kernel instead (`quiver::int8_linear`; bf16 models on AVX512-BF16 CPUs, float32 models
+  on AVX2 CPUs): in bf16 0.33-0.5x oneDNN bf16's time at one row, about even at 32, where
+  torch's kernel took 2-2.8x; in float32 0.14-0.35x oneDNN float32's at one row, 0.63-0.74x
+  at 32, where torch's scalar kernel took 1.3-3x at one row (`benchmarks/linear_kernels.py`).
+  A bf16 or float32 model's int4 weights are repacked alike for `quiver::int4_linear`.
 - `DequantProjection` (CUDA and other devices): keeps int8 values and dequantizes per call.
 
 The CPU kernels are GEMV-shaped: their time grows with every row, while the other way — a
@@ -26,7 +27,8 @@ call rebuilds the float weight from the stored integers, runs the float GEMM and
 weight — pays a fixed rebuild first. Past `kernel_max_tokens` rows the rebuild wins: in
 bf16/fp16, 32 rows for int8 and 256 for int4 (whose unpacking costs ~3 ms a 1536x576 weight
 on a 2-core AVX-512 host, against ~0.011 ms per row in the kernel); in float32, whose
-low-bit kernels are scalar code, past one row.
+torch low-bit kernels are scalar code, past one row. Quiver's own kernels take every batch
+(int4 in bf16: up to 256 rows).
 
 No path turns a quantized weight back into a stored float copy.
 """
@@ -55,6 +57,8 @@ INT4_OFFSET = 8
 # SmolLM2's projection shapes: see the module docstring). Float32: scalar kernels, 1 row.
 _KERNEL_MAX_TOKENS = {"int8pack_mm": 32, "int4pack_mm": 256}
 _VECTORISED_DTYPES = (torch.bfloat16, torch.float16)
+# Row dtypes Quiver's low-bit kernels take (bf16: AVX512-BF16; float32: AVX2 and FMA).
+_QUIVER_KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 
 
 def int8_tiles(values: torch.Tensor) -> torch.Tensor:
@@ -174,18 +178,19 @@ class Int8Projection(Projection):
         return f"{self.kernel} ({groups}{zero})"
 
     def prepack(self, packing: Packing) -> None:
-        """Pack a symmetric per-channel bf16 weight for `quiver::int8_linear` (the C++
-        library's kernel): tiles of 16 output columns, each input-feature pair's 32 values
-        together (`[N/16, K/2, 32]`, which replaces `values`). Anything else, or a CPU the
-        kernel refuses, keeps torch's kernel."""
+        """Pack a symmetric per-channel weight of a bf16 or float32 model for
+        `quiver::int8_linear` (the C++ library's kernel): tiles of 16 output columns, each
+        input-feature pair's 32 values together (`[N/16, K/2, 32]`, which replaces `values`).
+        Anything else, or a CPU the kernel refuses for the model's dtype, keeps torch's
+        kernel."""
         num_rows = self.values.shape[1]
         if (packing is not Packing.KERNEL or self.kernel_scale is not None
                 or self.num_groups != 1 or self.zero_scales is not None
                 or self.padded_features != self.in_features  # one group wider than K
-                or self.scales.dtype != torch.bfloat16 or num_rows % 16
+                or self.scales.dtype not in _QUIVER_KERNEL_DTYPES or num_rows % 16
                 or self.in_features % 2):
             return
-        if not lowbit_kernels_run():
+        if not lowbit_kernels_run(self.scales.dtype):
             return
         self.values = int8_tiles(self.values[0])
         self.kernel_scale = self.scales[0].float()
@@ -284,16 +289,18 @@ class Int4Projection(Projection):
         return f"{self.kernel} (group {self.group_size}{padding})"
 
     def prepack(self, packing: Packing) -> None:
-        """Repack a bf16 model's weight for `quiver::int4_linear` (the C++ library's kernel):
-        tiles of 16 output columns, each input-feature pair's 16 bytes together (low nibble
-        feature 2p, high 2p + 1), `[N'/16, K'/2, 16]`, replacing torch's packing; scale and
-        zero become float32 (w = u * scale + offset). fp32/fp16 models, a CPU the kernel
-        refuses (no AVX512-BF16) or a torch whose layout is unknown keep torch's kernel;
-        once repacked, a later `prepack` leaves the kernel as it is."""
+        """Repack a bf16 or float32 model's weight for `quiver::int4_linear` (the C++
+        library's kernel): tiles of 16 output columns, each input-feature pair's 16 bytes
+        together (low nibble feature 2p, high 2p + 1), `[N'/16, K'/2, 16]`, replacing torch's
+        packing; scale and zero become float32 (w = u * scale + offset). fp16 models, a CPU
+        the kernel refuses for the model's dtype (bf16: no AVX512-BF16; float32: no AVX2 and
+        FMA) or a torch whose layout is unknown keep torch's kernel; once repacked, a later
+        `prepack` leaves the kernel as it is."""
+        dtype = self.scales_and_zeros.dtype
         if (packing is not Packing.KERNEL or self.kernel_scale is not None
-                or not self.row_blocked or self.scales_and_zeros.dtype != torch.bfloat16):
+                or not self.row_blocked or dtype not in _QUIVER_KERNEL_DTYPES):
             return
-        if not lowbit_kernels_run():
+        if not lowbit_kernels_run(dtype):
             return
         scale, zero = self.scales_and_zeros.float().unbind(-1)  # [K' / group, N']
         self.kernel_scale = scale.contiguous()
@@ -303,15 +310,21 @@ class Int4Projection(Projection):
         self.kernel = "quiver_int4"
 
     def max_kernel_tokens(self, dtype: torch.dtype) -> int | None:
-        # Past torch's break-even (256 rows) either kernel gives way to oneDNN on the rebuilt
-        # weight: with Quiver's for every row, a 32-request run of 32-token answers (mostly
-        # prefill) made 215-224 tok/s against 244-248 this way (wide blocks included).
-        return kernel_max_tokens("int4pack_mm", dtype) if self.row_blocked else None
+        # Past torch's break-even (256 rows in bf16) either kernel gives way to oneDNN on the
+        # rebuilt weight: with Quiver's for every row, a 32-request run of 32-token answers
+        # (mostly prefill) made 215-224 tok/s against 244-248 this way (wide blocks
+        # included). Quiver's float32 kernel takes every row: at 512 rows 1.1-1.2x oneDNN's
+        # float32 time on SmolLM2's shapes, where a rebuild costs ~3 ms a weight before its
+        # GEMM even starts.
+        if not self.row_blocked or (self.kernel_scale is not None and dtype == torch.float32):
+            return None
+        return kernel_max_tokens("int4pack_mm", dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padded_features != self.in_features:
             x = F.pad(x, (0, self.padded_features - self.in_features))
-        if x.shape[0] > kernel_max_tokens("int4pack_mm", x.dtype) and self.row_blocked:
+        limit = self.max_kernel_tokens(x.dtype)
+        if limit is not None and x.shape[0] > limit:
             output = F.linear(x, self.dequantized(x.dtype))
         elif self.kernel_scale is not None:
             output = torch.ops.quiver.int4_linear(x, self.packed, self.group_size,

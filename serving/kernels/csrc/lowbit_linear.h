@@ -1,8 +1,8 @@
-// quiver::int8_linear and quiver::int4_linear: bf16 rows times a low-bit weight packed once,
-// at load, in tiles of 16 output columns, for any number of rows. int8 first:
+// quiver::int8_linear and quiver::int4_linear: bf16 (or float32) rows times a low-bit weight
+// packed once, at load, in tiles of 16 output columns, for any number of rows. int8 first:
 //
 //   int8_linear(x [..., K] bf16, packed [N/16, K/2, 32] int8, scale [N] f32, bias? [N] bf16)
-//     -> [..., N] bf16 = (x @ q^T) * scale + bias
+//     -> [..., N] bf16 = (x @ q^T) * scale + bias   (float32 x: float32 bias and output)
 //
 // torch's own int8 weight kernel multiplies one row at a time: at 32 rows it took 2-2.8x
 // oneDNN's bf16 time on SmolLM2's shapes (benchmarks/linear_kernels.py), and rebuilding the
@@ -17,13 +17,15 @@
 // are widened into tile_linear.h's bf16 block of 32 columns, once per chunk of 256 rows,
 // and multiplied by its kernel (8 rows by two registers of sums): at 32 and 512 rows that
 // took 0.8-0.9x the time of widening one tile for blocks of 16 rows. The scale and the bias
-// apply once, to the float32 sums, which are rounded to bf16 once. Needs
-// AVX512-BF16: elsewhere the op refuses and the projection keeps torch's kernel
-// (serving/models/quant.py probes it).
+// apply once, to the float32 sums, which are rounded to bf16 once. bf16 rows need
+// AVX512-BF16; float32 rows (a model served in float32) take lowbit_float.h's kernels, which
+// need AVX2 and FMA. Where the CPU lacks them the op refuses and the projection keeps torch's
+// kernel (serving/models/quant.py probes it per dtype).
 
 #pragma once
 
 #include "linear_io.h"
+#include "lowbit_float.h"
 #include "tile_linear.h"
 
 #include <ATen/Parallel.h>
@@ -207,14 +209,22 @@ inline at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed,
                   packed.size(2) == 2 * kTile && packed.is_contiguous(),
               "int8_linear: packed must be a contiguous int8 [N/16, K/2, 32]");
   const int64_t n_size = packed.size(0) * kTile, k_size = 2 * packed.size(1);
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() >= 1 && x.size(-1) == k_size,
-              "int8_linear: x must be bf16 [..., ", k_size, "]");
+  TORCH_CHECK((x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) &&
+                  x.dim() >= 1 && x.size(-1) == k_size,
+              "int8_linear: x must be bf16 or float32 [..., ", k_size, "]");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == n_size &&
                   scale.is_contiguous(),
               "int8_linear: scale must be a contiguous float32 [", n_size, "]");
   TORCH_CHECK(!bias || !bias->defined() ||
-                  (bias->scalar_type() == at::kBFloat16 && bias->numel() == n_size),
-              "int8_linear: bias must be bf16 [", n_size, "]");
+                  (bias->scalar_type() == x.scalar_type() && bias->numel() == n_size),
+              "int8_linear: bias must be [", n_size, "] in x's dtype");
+  if (x.scalar_type() == at::kFloat) {
+#if defined(QUIVER_AVX2_FMA)
+    return int8_linear_float(x, packed, scale, bias);
+#else
+    TORCH_CHECK(false, "int8_linear needs a CPU with AVX2 and FMA for float32 rows");
+#endif
+  }
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
   const Bf16Rows x_rows = bf16_rows(x, k_size);
   const std::vector<float> bias_f32 = bias_floats(bias, n_size);
@@ -254,7 +264,7 @@ inline at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed,
   });
   return out;
 #else
-  TORCH_CHECK(false, "int8_linear needs a CPU with AVX512-BF16");
+  TORCH_CHECK(false, "int8_linear needs a CPU with AVX512-BF16 for bf16 rows");
   return at::Tensor();
 #endif
 }
@@ -263,6 +273,7 @@ inline at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed,
 //
 //   int4_linear(x [..., K] bf16, packed [N/16, K/2, 16] uint8, group_size,
 //               scale [K/group, N] f32, offset [K/group, N] f32) -> [..., N] bf16
+//   (float32 x: float32 output)
 //
 // w[n, k] = u[n, k] * scale[g, n] + offset[g, n] with u in [0, 15] (torch's int4 convention
 // w = (u - 8) * s + z gives offset = z - 8 s). A tile's byte for feature pair p and column
@@ -388,13 +399,21 @@ inline at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, int
   TORCH_CHECK(group_size > 0 && group_size % 2 == 0 && k_size % group_size == 0,
               "int4_linear: the group size must be even and divide K = ", k_size);
   const int64_t groups = k_size / group_size;
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() >= 1 && x.size(-1) == k_size,
-              "int4_linear: x must be bf16 [..., ", k_size, "]");
+  TORCH_CHECK((x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) &&
+                  x.dim() >= 1 && x.size(-1) == k_size,
+              "int4_linear: x must be bf16 or float32 [..., ", k_size, "]");
   for (const at::Tensor* t : {&scale, &offset}) {
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(0) == groups &&
                     t->size(1) == n_size && t->is_contiguous(),
                 "int4_linear: scale and offset must be contiguous float32 [", groups, ", ",
                 n_size, "]");
+  }
+  if (x.scalar_type() == at::kFloat) {
+#if defined(QUIVER_AVX2_FMA)
+    return int4_linear_float(x, packed, group_size, scale, offset);
+#else
+    TORCH_CHECK(false, "int4_linear needs a CPU with AVX2 and FMA for float32 rows");
+#endif
   }
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
   const Bf16Rows x_rows = bf16_rows(x, k_size);
@@ -438,7 +457,7 @@ inline at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, int
   });
   return out;
 #else
-  TORCH_CHECK(false, "int4_linear needs a CPU with AVX512-BF16");
+  TORCH_CHECK(false, "int4_linear needs a CPU with AVX512-BF16 for bf16 rows");
   return at::Tensor();
 #endif
 }

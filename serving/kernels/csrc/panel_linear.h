@@ -32,10 +32,14 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <vector>
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
-#define QUIVER_PANELS 1
+#if defined(__AVX2__) && defined(__FMA__)
+#define QUIVER_AVX2_FMA 1  // the panel sums below (also lowbit_linear.h's float32 rows)
 #include <immintrin.h>
+#if !defined(__AVX512F__)
+#define QUIVER_PANELS 1  // bf16 panels for float32 weights (with AVX-512, oneDNN's)
+#endif
 #endif
 
 namespace quiver {
@@ -85,78 +89,117 @@ inline bool panel_applies(const at::Tensor& x, const at::Tensor& packed,
 
 namespace panel_detail {
 
-#if defined(QUIVER_PANELS)
+#if defined(QUIVER_AVX2_FMA)
 constexpr int64_t kChunkRows = 64;  // rows of x kept in cache while the panels pass
 
-// out rows [0, R) (`out_stride` apart), columns of one panel, += nothing: written once.
-// x rows are `k_size` apart; kSplit sets of sums take alternate features.
-template <int R, int kSplit>
-inline void panel_block(const float* x, int64_t k_size, const uint16_t* panel, const float* bias,
-                        float* out, int64_t out_stride) {
-  const __m256i zero = _mm256_setzero_si256();
+// A panel's weights as the sums below read them: `load(k, w)` turns features k to
+// k + kFeatures - 1 of the panel's 16 columns into float32, w[f][0] columns 0-7 and w[f][1]
+// columns 8-15 (in the order the source stores them; the caller writes them back in it).
+struct Bf16Panel {  // panel_pack's [K, 16] bf16
+  static constexpr int kFeatures = 1;
+  const uint16_t* data;
+  void load(int64_t k, __m256 (&w)[1][2]) const {
+    const __m256i zero = _mm256_setzero_si256();
+    const __m256i bits =
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(data + k * kPanelColumns));
+    w[0][0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, bits));
+    w[0][1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, bits));
+  }
+};
+
+// sums[r] = rows r of x (`k_size` apart) . the panel's columns over features [begin, end),
+// in feature order; kSplit sets of sums take alternate features (a call of one or two rows:
+// no chain of dependent multiply-adds sets the pace while the weight streams), added at the
+// end. R rows: more than 4 spilled registers (5 rows ran 1.3-1.7x slower).
+template <int R, int kSplit, class Source>
+inline void panel_sums(const float* x, int64_t k_size, const Source& source, int64_t begin,
+                       int64_t end, __m256 (&sums)[R][2]) {
+  constexpr int kFeatures = Source::kFeatures;
+  constexpr int kStep = kFeatures > kSplit ? kFeatures : kSplit;
   __m256 acc[kSplit][R][2];
   for (int s = 0; s < kSplit; ++s)
     for (int r = 0; r < R; ++r) acc[s][r][0] = acc[s][r][1] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + kSplit <= k_size; k += kSplit) {
+  int64_t k = begin;
+  for (; k + kStep <= end; k += kStep) {
 #pragma GCC unroll 2
-    for (int s = 0; s < kSplit; ++s) {
-      const __m256i w = _mm256_loadu_si256(
-          reinterpret_cast<const __m256i*>(panel + (k + s) * kPanelColumns));
-      const __m256 low = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w));
-      const __m256 high = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w));
+    for (int j = 0; j < kStep; j += kFeatures) {
+      __m256 w[kFeatures][2];
+      source.load(k + j, w);
+#pragma GCC unroll 2
+      for (int f = 0; f < kFeatures; ++f) {
 #pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) {
-        const __m256 xv = _mm256_broadcast_ss(x + r * k_size + k + s);
-        acc[s][r][0] = _mm256_fmadd_ps(xv, low, acc[s][r][0]);
-        acc[s][r][1] = _mm256_fmadd_ps(xv, high, acc[s][r][1]);
+        for (int r = 0; r < R; ++r) {
+          const __m256 xv = _mm256_broadcast_ss(x + r * k_size + k + j + f);
+          __m256(&a)[2] = acc[(j + f) % kSplit][r];
+          a[0] = _mm256_fmadd_ps(xv, w[f][0], a[0]);
+          a[1] = _mm256_fmadd_ps(xv, w[f][1], a[1]);
+        }
       }
     }
   }
-  for (; k < k_size; ++k) {  // an odd last feature when the features alternate
-    const __m256i w =
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + k * kPanelColumns));
-    const __m256 low = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w));
-    const __m256 high = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w));
+  for (; k < end; k += kFeatures) {  // an odd last feature when single features alternate
+    __m256 w[kFeatures][2];
+    source.load(k, w);
+#pragma GCC unroll 2
+    for (int f = 0; f < kFeatures; ++f) {
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      const __m256 xv = _mm256_broadcast_ss(x + r * k_size + k);
-      acc[0][r][0] = _mm256_fmadd_ps(xv, low, acc[0][r][0]);
-      acc[0][r][1] = _mm256_fmadd_ps(xv, high, acc[0][r][1]);
+      for (int r = 0; r < R; ++r) {
+        const __m256 xv = _mm256_broadcast_ss(x + r * k_size + k + f);
+        acc[0][r][0] = _mm256_fmadd_ps(xv, w[f][0], acc[0][r][0]);
+        acc[0][r][1] = _mm256_fmadd_ps(xv, w[f][1], acc[0][r][1]);
+      }
     }
   }
-  const __m256 bias_low = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
-  const __m256 bias_high = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
   for (int r = 0; r < R; ++r) {
-    __m256 low = acc[0][r][0], high = acc[0][r][1];
+    sums[r][0] = acc[0][r][0];
+    sums[r][1] = acc[0][r][1];
     for (int s = 1; s < kSplit; ++s) {
-      low = _mm256_add_ps(low, acc[s][r][0]);
-      high = _mm256_add_ps(high, acc[s][r][1]);
+      sums[r][0] = _mm256_add_ps(sums[r][0], acc[s][r][0]);
+      sums[r][1] = _mm256_add_ps(sums[r][1], acc[s][r][1]);
     }
-    _mm256_storeu_ps(out + r * out_stride, _mm256_add_ps(low, bias_low));
-    _mm256_storeu_ps(out + r * out_stride + 8, _mm256_add_ps(high, bias_high));
   }
 }
 
-// Rows [0, rows) of x through one panel: blocks of 4, then 2 and 1. A call of one or two
-// rows in all (`alone`) splits their features in two (memory-bound: the weight streams,
-// nothing else waits); any other call keeps one chain per column, so a row's sums do not
-// depend on which rows share its call.
-inline void panel_rows(const float* x, int64_t rows, int64_t k_size, const uint16_t* panel,
-                       const float* bias, float* out, int64_t n_size, bool alone) {
-  if (alone && rows == 1) return panel_block<1, 2>(x, k_size, panel, bias, out, n_size);
-  if (alone && rows == 2) return panel_block<2, 2>(x, k_size, panel, bias, out, n_size);
-  int64_t m = 0;  // more rows a block spilled registers: 5 rows ran 1.3-1.7x slower
-  for (; m + 4 <= rows; m += 4) {
-    panel_block<4, 1>(x + m * k_size, k_size, panel, bias, out + m * n_size, n_size);
-  }
+// `block(std::integral_constant<int, R>, std::integral_constant<int, kSplit>, m)` over rows
+// [0, rows) of one panel: a call of one or two rows in all (`alone`) splits their features
+// in two (memory-bound: the weight streams, nothing else waits); any other call runs blocks
+// of 4, then 2 and 1, one chain per column, so a row's sums do not depend on which rows
+// share its call.
+template <class Block>
+inline void panel_row_blocks(int64_t rows, bool alone, Block&& block) {
+  using One = std::integral_constant<int, 1>;
+  using Two = std::integral_constant<int, 2>;
+  if (alone && rows == 1) return block(One{}, Two{}, int64_t{0});
+  if (alone && rows == 2) return block(Two{}, Two{}, int64_t{0});
+  int64_t m = 0;
+  for (; m + 4 <= rows; m += 4) block(std::integral_constant<int, 4>{}, One{}, m);
   if (m + 2 <= rows) {
-    panel_block<2, 1>(x + m * k_size, k_size, panel, bias, out + m * n_size, n_size);
+    block(Two{}, One{}, m);
     m += 2;
   }
-  if (m < rows) panel_block<1, 1>(x + m * k_size, k_size, panel, bias, out + m * n_size, n_size);
+  if (m < rows) block(One{}, One{}, m);
 }
-#endif  // QUIVER_PANELS
+
+// The 16 columns' sums of one row, plus `bias` (or not), to `out`.
+inline void store_panel_row(const __m256 (&sums)[2], const float* bias, float* out) {
+  const __m256 bias_low = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
+  const __m256 bias_high = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
+  _mm256_storeu_ps(out, _mm256_add_ps(sums[0], bias_low));
+  _mm256_storeu_ps(out + 8, _mm256_add_ps(sums[1], bias_high));
+}
+
+// Every row of a chunk through one bf16 panel, the bias added to the sums.
+inline void panel_rows(const float* x, int64_t rows, int64_t k_size, const uint16_t* panel,
+                       const float* bias, float* out, int64_t n_size, bool alone) {
+  panel_row_blocks(rows, alone, [&](auto size, auto split, int64_t m) {
+    constexpr int R = decltype(size)::value;
+    __m256 sums[R][2];
+    panel_sums<R, decltype(split)::value>(x + m * k_size, k_size, Bf16Panel{panel}, 0, k_size,
+                                          sums);
+    for (int r = 0; r < R; ++r) store_panel_row(sums[r], bias, out + (m + r) * n_size);
+  });
+}
+#endif  // QUIVER_AVX2_FMA
 
 }  // namespace panel_detail
 

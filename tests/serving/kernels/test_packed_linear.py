@@ -261,63 +261,109 @@ def test_panels_can_be_switched_off_for_later_packs(cpp_kernels) -> None:
     assert torch.ops.quiver.packed_linear_layout(weight) == "panels"
 
 
+LOWBIT_REFUSALS = {torch.bfloat16: "needs a CPU with AVX512-BF16",
+                   torch.float32: "needs a CPU with AVX2 and FMA"}
+
+
+def close_to_exact(output: torch.Tensor, exact: torch.Tensor, magnitude: torch.Tensor,
+                   terms: int) -> bool:
+    """bf16 output: within one bf16 ulp of the exact product (float32 sums rounded once).
+    float32: within float32 summation's bound, `terms` roundings of the sum of |products|
+    (`magnitude`) — the order of the sums is the kernel's, so no tighter bound holds."""
+    if output.dtype == torch.bfloat16:
+        return bool(((output.double() - exact).abs() <= exact.abs().clamp_min(1e-2) * 2.0**-7)
+                    .all())
+    return bool(((output.double() - exact).abs() <= (terms + 2) * 2.0**-24 * magnitude).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("in_features", [64, 176, 578])
-@pytest.mark.parametrize("leading", [(1,), (3,), (15,), (31,), (37,), (300,), (2, 8)])
-def test_int8_linear_is_the_scaled_integer_product_rounded_once(cpp_kernels, in_features,
-                                                                leading) -> None:
-    """Per-channel int8 weights: (x @ q^T) * scale + bias in float32, rounded to bf16 once,
-    for any row count (blocks of 16, 8, 4, 2 and 1 rows; past 16, pairs of tiles widened
-    into the bf16 tile kernel's blocks, in chunks of 256 rows, the odd third tile of the 48
-    columns on its own) and any even row length."""
+@pytest.mark.parametrize("leading", [(1,), (2,), (3,), (5,), (15,), (31,), (37,), (300,),
+                                     (2, 8)])
+def test_int8_linear_is_the_scaled_integer_product(cpp_kernels, in_features, leading,
+                                                   dtype) -> None:
+    """Per-channel int8 weights: (x @ q^T) * scale + bias for any row count and any even row
+    length. bf16 rows: float32 sums rounded to bf16 once (blocks of 16, 8, 4, 2 and 1 rows;
+    past 16, pairs of tiles widened into the bf16 tile kernel's blocks, in chunks of 256
+    rows, the odd third tile of the 48 columns on its own). float32 rows: one or two rows
+    alone, blocks of 4, 2, 1, past 4 rows a chunk's tile widened first, chunks of 64."""
     generator = torch.Generator().manual_seed(in_features + len(leading))
     values = torch.randint(-127, 128, (48, in_features), dtype=torch.int8, generator=generator)
     scale = torch.rand(48, generator=generator) * 0.02
-    bias = torch.randn(48, generator=generator).bfloat16()
-    x = torch.randn(*leading, in_features, generator=generator).bfloat16()
-    if not lowbit_kernels_run():
-        with pytest.raises(RuntimeError, match="needs a CPU with AVX512-BF16"):
+    bias = torch.randn(48, generator=generator).to(dtype)
+    x = torch.randn(*leading, in_features, generator=generator).to(dtype)
+    if not lowbit_kernels_run(dtype):
+        with pytest.raises(RuntimeError, match=LOWBIT_REFUSALS[dtype]):
             torch.ops.quiver.int8_linear(x, int8_tiles(values), scale, bias)
         return
     for b in (bias, None):
         exact = (x.double() @ values.double().t()) * scale.double()
+        magnitude = (x.double().abs() @ values.double().abs().t()) * scale.double()
         exact = exact if b is None else exact + b.double()
         output = torch.ops.quiver.int8_linear(x, int8_tiles(values), scale, b)
-        assert output.shape == (*leading, 48) and output.dtype == torch.bfloat16
-        one_ulp = exact.abs().clamp_min(1e-3) * 2.0**-7
-        assert ((output.double() - exact).abs() <= one_ulp).all()
-    with pytest.raises(RuntimeError, match="x must be bf16"):
-        torch.ops.quiver.int8_linear(x.float(), int8_tiles(values), scale, None)
+        assert output.shape == (*leading, 48) and output.dtype == dtype
+        assert close_to_exact(output, exact, magnitude, in_features)
+    with pytest.raises(RuntimeError, match="x must be bf16 or float32"):
+        torch.ops.quiver.int8_linear(x.half(), int8_tiles(values), scale, None)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        torch.ops.quiver.int8_linear(x, int8_tiles(values), scale, bias.half())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256])
 @pytest.mark.parametrize("leading", [(1,), (2,), (7,), (8,), (9,), (11,), (15,), (17,), (37,),
                                      (300,), (2, 8)])
 def test_int4_linear_applies_group_scales_and_offsets_exactly(cpp_kernels, group_size,
-                                                             leading) -> None:
-    """Grouped int4 with zero points, w = u * scale + offset per group and column: float32
-    sums rounded to bf16 once, for every row block (8, 4, 2, 1; past 16 rows, pairs of tiles
-    widened into blocks of 32 columns, 4, 2 and 1 rows at a time, in chunks of 256 rows, the
-    odd third tile of the 48 columns on its own)."""
+                                                             leading, dtype) -> None:
+    """Grouped int4 with zero points, w = u * scale + offset per group and column, for every
+    row block. bf16 rows: float32 sums rounded to bf16 once (8, 4, 2, 1 rows; past 16 rows,
+    pairs of tiles widened into blocks of 32 columns, 4, 2 and 1 rows at a time, in chunks
+    of 256 rows, the odd third tile of the 48 columns on its own). float32 rows: one or two
+    alone, blocks of 4, 2, 1, past 16 rows a chunk's tile widened first, chunks of 64."""
     generator = torch.Generator().manual_seed(group_size + len(leading))
     in_features = group_size * (3 if group_size < 256 else 2)
     unsigned = torch.randint(0, 16, (48, in_features), generator=generator)
     groups = in_features // group_size
     scale = torch.rand(groups, 48, generator=generator) * 0.02
     offset = torch.randn(groups, 48, generator=generator) * 0.02
-    x = torch.randn(*leading, in_features, generator=generator).bfloat16()
-    if not lowbit_kernels_run():  # one build flag gates both low-bit kernels
-        with pytest.raises(RuntimeError, match="needs a CPU with AVX512-BF16"):
+    x = torch.randn(*leading, in_features, generator=generator).to(dtype)
+    if not lowbit_kernels_run(dtype):
+        with pytest.raises(RuntimeError, match=LOWBIT_REFUSALS[dtype]):
             torch.ops.quiver.int4_linear(x, int4_tiles(unsigned), group_size, scale, offset)
         return
-    weight = (unsigned.double() * scale.double().t().repeat_interleave(group_size, 1)
-              + offset.double().t().repeat_interleave(group_size, 1))
+    per_column = lambda t: t.double().t().repeat_interleave(group_size, 1)  # noqa: E731
+    weight = unsigned.double() * per_column(scale) + per_column(offset)
     exact = x.double() @ weight.t()
+    # the kernel sums x . u per group, then scales: bound each group's terms
+    magnitude = (x.double().abs() @ (unsigned.double() * per_column(scale).abs()
+                                     + per_column(offset).abs()).t())
     output = torch.ops.quiver.int4_linear(x, int4_tiles(unsigned), group_size, scale, offset)
-    assert output.shape == (*leading, 48) and output.dtype == torch.bfloat16
-    one_ulp = exact.abs().clamp_min(1e-2) * 2.0**-7
-    assert ((output.double() - exact).abs() <= one_ulp).all()
+    assert output.shape == (*leading, 48) and output.dtype == dtype
+    assert close_to_exact(output, exact, magnitude, in_features)
     with pytest.raises(RuntimeError, match="group size must be even and divide"):
         torch.ops.quiver.int4_linear(x, int4_tiles(unsigned), 33, scale, offset)
+
+
+def test_float32_lowbit_rows_do_not_depend_on_their_call(cpp_kernels) -> None:
+    """From three rows up, a float32 row's int8 or int4 product is the same bits whichever
+    rows share its call: read from the packing (few rows), from a widened panel (more), in
+    a later chunk of 64 — the seeded-sampling guarantee the bf16 panels also keep."""
+    if not lowbit_kernels_run(torch.float32):
+        pytest.skip("float32 low-bit kernels need AVX2 and FMA; this CPU lacks them")
+    generator = torch.Generator().manual_seed(3)
+    values = torch.randint(-127, 128, (32, 128), dtype=torch.int8, generator=generator)
+    unsigned = torch.randint(0, 16, (32, 128), generator=generator)
+    scale8 = torch.rand(32, generator=generator)
+    scale4, offset4 = torch.rand(2, 32, generator=generator), torch.randn(2, 32,
+                                                                          generator=generator)
+    x = torch.randn(70, 128, generator=generator)
+    kernels = [lambda rows: torch.ops.quiver.int8_linear(rows, int8_tiles(values), scale8, None),
+               lambda rows: torch.ops.quiver.int4_linear(rows, int4_tiles(unsigned), 64, scale4,
+                                                         offset4)]
+    for kernel in kernels:
+        whole = kernel(x)
+        for first, count in [(0, 3), (0, 4), (1, 5), (10, 17), (0, 20), (64, 6), (60, 10)]:
+            assert torch.equal(kernel(x[first:first + count]), whole[first:first + count])
 
 
 def test_unpacked_or_freed_weights_take_plain_linear(cpp_kernels) -> None:

@@ -346,13 +346,16 @@ def test_kernel_and_dequantized_paths_match_the_fallback(
 
 @pytest.mark.parametrize("weights", [scheme(8, True, None), scheme(8, False, 32),
                                      scheme(8, True, 32), scheme(8, True, 256)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_symmetric_per_channel_int8_runs_quivers_kernel(
-    tiny_model_dir: Path, tmp_path: Path, quiver_cache_dir: Path, weights: dict
+    tiny_model_dir: Path, tmp_path: Path, quiver_cache_dir: Path, weights: dict,
+    dtype: torch.dtype
 ) -> None:
-    """Packed at load, a symmetric per-channel bf16 int8 weight takes `quiver::int8_linear`
-    for every batch (where the CPU has AVX512-BF16): the same products as torch's kernel and
-    the dequantized weight, and nothing dequantizes; other schemes (zero points, groups —
-    also one group wider than the row, which pads it) keep torch's kernel."""
+    """Packed at load, a symmetric per-channel int8 weight takes `quiver::int8_linear` for
+    every batch (bf16 models where the CPU has AVX512-BF16, float32 ones where it has AVX2 and
+    FMA): the same products as torch's kernel and the dequantized weight, and nothing
+    dequantizes; other schemes (zero points, groups — also one group wider than the row,
+    which pads it) keep torch's kernel."""
     from serving.kernels.build import load_cpu_kernels
     from serving.models.linear import Packing
 
@@ -363,22 +366,23 @@ def test_symmetric_per_channel_int8_runs_quivers_kernel(
     name = "model.layers.0.mlp.down_proj"  # N = 64, K = 176
     with safe_open(quant_dir / "model.safetensors", "pt") as handle:
         weight = read_quantized(handle.get_tensor, name, config.weight_args(name))
-    reference = Int8Projection(weight, None, torch.bfloat16)
-    packed = Int8Projection(weight, None, torch.bfloat16)
+    reference = Int8Projection(weight, None, dtype)
+    packed = Int8Projection(weight, None, dtype)
     packed.prepack(Packing.KERNEL)
     per_channel = weights["symmetric"] and weights["strategy"] == "channel"
-    runs_kernel = per_channel and lowbit_kernels_run()
+    runs_kernel = per_channel and lowbit_kernels_run(dtype)
     assert (packed.kernel == "quiver_int8") == runs_kernel
     if not runs_kernel:
-        assert packed.max_kernel_tokens(torch.bfloat16) == 32
+        assert packed.max_kernel_tokens(dtype) == (32 if dtype == torch.bfloat16 else 1)
         return
-    assert packed.max_kernel_tokens(torch.bfloat16) is None  # one compiled graph for all
-    assert torch.equal(packed.dequantized(torch.bfloat16), reference.dequantized(torch.bfloat16))
-    x = torch.randn(300, 176, generator=torch.Generator().manual_seed(0)).bfloat16()
+    assert packed.max_kernel_tokens(dtype) is None  # one compiled graph for all
+    assert torch.equal(packed.dequantized(dtype), reference.dequantized(dtype))
+    x = torch.randn(300, 176, generator=torch.Generator().manual_seed(0)).to(dtype)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
     with torch.inference_mode():
         for rows in (1, 2, 5, 32, 300):  # 300: torch's path dequantizes, the kernel does not
             expected = reference(x[:rows]).float()
-            assert relative_error(packed(x[:rows]).float(), expected) < 2e-2
+            assert relative_error(packed(x[:rows]).float(), expected) < tolerance
 
 
 @pytest.mark.parametrize(("weights", "name"), [
@@ -386,13 +390,16 @@ def test_symmetric_per_channel_int8_runs_quivers_kernel(
     (scheme(4, True, None), "model.layers.0.mlp.down_proj"),
     (scheme(4, False, 32), "model.layers.0.mlp.gate_proj"),  # N = 176: rows padded to 192
 ])
-def test_bf16_int4_runs_quivers_kernel(
-    tiny_model_dir: Path, tmp_path: Path, quiver_cache_dir: Path, weights: dict, name: str
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int4_runs_quivers_kernel(
+    tiny_model_dir: Path, tmp_path: Path, quiver_cache_dir: Path, weights: dict, name: str,
+    dtype: torch.dtype
 ) -> None:
-    """Repacked at load, a bf16 model's int4 weight (grouped with zero points, or per channel)
-    takes `quiver::int4_linear` up to 256 rows where the CPU has AVX512-BF16, past them the
-    dequantized weight (from the new packing): the same products as torch's int4 kernel and
-    the same dequantized weight."""
+    """Repacked at load, an int4 weight (grouped with zero points, or per channel) takes
+    `quiver::int4_linear`: in a bf16 model up to 256 rows where the CPU has AVX512-BF16,
+    past them the dequantized weight (from the new packing); in a float32 model every batch
+    where it has AVX2 and FMA. The same products as torch's int4 kernel and the same
+    dequantized weight."""
     from serving.kernels.build import load_cpu_kernels
     from serving.models.linear import Packing
 
@@ -402,20 +409,21 @@ def test_bf16_int4_runs_quivers_kernel(
     config = QuantizationConfig.from_model_dir(quant_dir)
     with safe_open(quant_dir / "model.safetensors", "pt") as handle:
         weight = read_quantized(handle.get_tensor, name, config.weight_args(name))
-    reference = Int4Projection(weight, None, torch.bfloat16)
-    packed = Int4Projection(weight, None, torch.bfloat16)
+    reference = Int4Projection(weight, None, dtype)
+    packed = Int4Projection(weight, None, dtype)
     packed.prepack(Packing.KERNEL)
-    runs_kernel = reference.row_blocked and lowbit_kernels_run()
+    runs_kernel = reference.row_blocked and lowbit_kernels_run(dtype)
     assert (packed.kernel == "quiver_int4") == runs_kernel
     if not runs_kernel:
         return
-    assert packed.max_kernel_tokens(torch.bfloat16) == 256
-    assert torch.equal(packed.dequantized(torch.bfloat16), reference.dequantized(torch.bfloat16))
-    x = torch.randn(300, weight.shape[1], generator=torch.Generator().manual_seed(0)).bfloat16()
+    assert packed.max_kernel_tokens(dtype) == (256 if dtype == torch.bfloat16 else None)
+    assert torch.equal(packed.dequantized(dtype), reference.dequantized(dtype))
+    x = torch.randn(300, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(dtype)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
     with torch.inference_mode():
-        for rows in (1, 3, 8, 32, 300):
+        for rows in (1, 3, 8, 17, 32, 300):
             expected = reference(x[:rows]).float()
-            assert relative_error(packed(x[:rows]).float(), expected) < 2e-2
+            assert relative_error(packed(x[:rows]).float(), expected) < tolerance
 
 
 def test_fused_projections_keep_per_row_scales(tiny_model_dir: Path, tmp_path: Path) -> None:

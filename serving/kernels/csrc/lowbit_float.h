@@ -1,0 +1,222 @@
+// quiver::int8_linear and quiver::int4_linear (lowbit_linear.h) for float32 rows, on CPUs
+// with AVX2 and FMA.
+//
+// A model served in float32 (`--dtype auto` on a CPU without native bf16) hands these ops
+// float32 rows. The same packed tiles serve them: a feature pair's 16 columns widen to
+// float32 in registers (int8: sign-extend, split the pair, convert; int4: zero-extend, split
+// the nibbles, convert; integers that small are exact in float32) and go through
+// panel_linear.h's sums, 4 rows x 16 columns in registers, one chain per column from three
+// rows up (a call of one or two rows splits features in two). Past kWidenRows rows in a chunk
+// a tile is widened once into a bf16 panel (panel_linear.h's layout) that every block of rows
+// reads, in the same order, so a row's result does not depend on which path its call took. The scale and
+// bias (int8) or the groups' scales and zero points (int4) apply to the float32 sums as in
+// the bf16 kernels. Before these, float32 rows went to torch's scalar low-bit kernels or,
+// past one row, rebuilt the float weight per call.
+
+#pragma once
+
+#include "linear_io.h"
+#include "panel_linear.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace quiver {
+namespace lowbit_detail {
+
+#if defined(QUIVER_AVX2_FMA)
+
+struct Int8PairsF32 {  // one int8 tile [K/2, 32]: column j's feature k at byte 2j, k + 1 at 2j + 1
+  static constexpr int kFeatures = 2;
+  static constexpr int64_t kWidenRows = 4;  // more rows in a chunk: the tile widened first
+  const int8_t* data;
+  void load(int64_t k, __m256 (&w)[2][2]) const {
+    const int8_t* pair = data + k * kPanelColumns;  // feature pair k / 2: 32 bytes
+    for (int h = 0; h < 2; ++h) {  // columns 8h to 8h + 7, both features, as 16-bit lanes
+      const __m256i halves = _mm256_cvtepi8_epi16(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(pair + 16 * h)));
+      w[0][h] = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(halves, 16), 16));
+      w[1][h] = _mm256_cvtepi32_ps(_mm256_srai_epi32(halves, 16));
+    }
+  }
+};
+
+struct Int4PairsF32 {  // one int4 tile [K/2, 16]: column j's feature k in byte j's low nibble
+  static constexpr int kFeatures = 2;
+  static constexpr int64_t kWidenRows = 16;
+  const uint8_t* data;
+  void load(int64_t k, __m256 (&w)[2][2]) const {
+    const uint8_t* pair = data + k * (kPanelColumns / 2);  // feature pair k / 2: 16 bytes
+    const __m256i nibble = _mm256_set1_epi32(0xF);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i lanes = _mm256_cvtepu8_epi32(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(pair + 8 * h)));
+      w[0][h] = _mm256_cvtepi32_ps(_mm256_and_si256(lanes, nibble));
+      w[1][h] = _mm256_cvtepi32_ps(_mm256_srli_epi32(lanes, 4));
+    }
+  }
+};
+
+// A whole tile as a bf16 panel (panel_pack's layout, [K, 16]) in `widened` (the thread's
+// own): integers this small are exact in bf16, and the bf16 panel (18 KB at K = 576) stays in
+// L1 where a float32 one would not (a float32 panel ran 32 rows at 1.3x this one's time).
+// Packing the top halves of columns 0-7 and 8-15 with `vpackusdw` interleaves them within
+// 128-bit halves: columns 0-3, 8-11, 4-7, 12-15, the order Bf16Panel widens back.
+template <class Source>
+inline panel_detail::Bf16Panel widen_panel(const Source& source, int64_t k_size,
+                                           std::vector<uint16_t>& widened) {
+  widened.resize(k_size * kPanelColumns);
+  for (int64_t k = 0; k < k_size; k += Source::kFeatures) {
+    __m256 w[Source::kFeatures][2];
+    source.load(k, w);
+    for (int f = 0; f < Source::kFeatures; ++f) {
+      const __m256i low = _mm256_srli_epi32(_mm256_castps_si256(w[f][0]), 16);
+      const __m256i high = _mm256_srli_epi32(_mm256_castps_si256(w[f][1]), 16);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(widened.data() + (k + f) * kPanelColumns),
+                          _mm256_packus_epi32(low, high));
+    }
+  }
+  return {widened.data()};
+}
+
+// `x [..., K]` float32 against every tile: threads split the tiles, rows go in chunks that
+// stay in cache, and `rows_against(source, first, rows, tile)` runs a chunk's rows against
+// one tile, `source` reading the packing as it goes or its widened panel.
+template <class Source, class RowsAgainst>
+inline void float_rows_against_tiles(const uint8_t* tiles, int64_t num_tiles,
+                                     int64_t tile_bytes, int64_t k_size, int64_t num_rows,
+                                     RowsAgainst&& rows_against) {
+  at::parallel_for(0, num_tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint16_t> widened;
+    for (int64_t first = 0; first < num_rows; first += panel_detail::kChunkRows) {
+      const int64_t rows = std::min(panel_detail::kChunkRows, num_rows - first);
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const Source source{reinterpret_cast<const decltype(Source::data)>(
+            tiles + tile * tile_bytes)};
+        if (rows > Source::kWidenRows) {
+          rows_against(widen_panel(source, k_size, widened), first, rows, tile);
+        } else {
+          rows_against(source, first, rows, tile);
+        }
+      }
+    }
+  });
+}
+
+// Each row's sum of x over each group (`rows` x `groups`), 8 lanes then the lanes in order.
+inline std::vector<float> float_group_sums(const float* x, int64_t rows, int64_t k_size,
+                                           int64_t group_size) {
+  const int64_t groups = k_size / group_size;
+  std::vector<float> sums(rows * groups);
+  for (int64_t i = 0; i < rows * groups; ++i) {
+    const float* values = x + (i / groups) * k_size + (i % groups) * group_size;
+    __m256 lanes = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= group_size; k += 8) lanes = _mm256_add_ps(lanes, _mm256_loadu_ps(values + k));
+    alignas(32) float parts[8];
+    _mm256_store_ps(parts, lanes);
+    float total = 0.0f;
+    for (float part : parts) total += part;
+    for (; k < group_size; ++k) total += values[k];
+    sums[i] = total;
+  }
+  return sums;
+}
+
+inline at::Tensor int8_linear_float(const at::Tensor& x, const at::Tensor& packed,
+                                    const at::Tensor& scale,
+                                    const std::optional<at::Tensor>& bias) {
+  const int64_t n_size = packed.size(0) * kPanelColumns, k_size = 2 * packed.size(1);
+  const at::Tensor rows = x.reshape({-1, k_size}).contiguous();
+  const at::Tensor b = bias && bias->defined() ? bias->contiguous() : at::Tensor();
+  at::Tensor out = linear_output(x, n_size);
+  const int64_t num_rows = rows.size(0);
+  if (num_rows == 0) return out;
+  const float* x_data = rows.data_ptr<float>();
+  const float* s_data = scale.data_ptr<float>();
+  const float* b_data = b.defined() ? b.data_ptr<float>() : nullptr;
+  float* o_data = out.data_ptr<float>();
+  float_rows_against_tiles<Int8PairsF32>(
+      reinterpret_cast<const uint8_t*>(packed.data_ptr<int8_t>()), packed.size(0),
+      k_size * kPanelColumns, k_size, num_rows,
+      [&](const auto& source, int64_t first, int64_t count, int64_t tile) {
+        const int64_t column = tile * kPanelColumns;
+        const __m256 scales[2] = {_mm256_loadu_ps(s_data + column),
+                                  _mm256_loadu_ps(s_data + column + 8)};
+        panel_detail::panel_row_blocks(count, num_rows <= 2, [&](auto size, auto split,
+                                                                 int64_t m) {
+          constexpr int R = decltype(size)::value;
+          __m256 sums[R][2];
+          panel_detail::panel_sums<R, decltype(split)::value>(
+              x_data + (first + m) * k_size, k_size, source, 0, k_size, sums);
+          for (int r = 0; r < R; ++r) {
+            for (int h = 0; h < 2; ++h) {
+              const __m256 biases = b_data ? _mm256_loadu_ps(b_data + column + 8 * h)
+                                           : _mm256_setzero_ps();
+              _mm256_storeu_ps(o_data + (first + m + r) * n_size + column + 8 * h,
+                               _mm256_fmadd_ps(sums[r][h], scales[h], biases));
+            }
+          }
+        });
+      });
+  return out;
+}
+
+inline at::Tensor int4_linear_float(const at::Tensor& x, const at::Tensor& packed,
+                                    int64_t group_size, const at::Tensor& scale,
+                                    const at::Tensor& offset) {
+  const int64_t n_size = packed.size(0) * kPanelColumns, k_size = 2 * packed.size(1);
+  const int64_t groups = k_size / group_size;
+  const at::Tensor rows = x.reshape({-1, k_size}).contiguous();
+  at::Tensor out = linear_output(x, n_size);
+  const int64_t num_rows = rows.size(0);
+  if (num_rows == 0) return out;
+  const float* x_data = rows.data_ptr<float>();
+  const std::vector<float> sums_of_x = float_group_sums(x_data, num_rows, k_size, group_size);
+  const float* s_data = scale.data_ptr<float>();
+  const float* f_data = offset.data_ptr<float>();
+  float* o_data = out.data_ptr<float>();
+  float_rows_against_tiles<Int4PairsF32>(
+      packed.data_ptr<uint8_t>(), packed.size(0), k_size * kPanelColumns / 2, k_size, num_rows,
+      [&](const auto& source, int64_t first, int64_t count, int64_t tile) {
+        const int64_t column = tile * kPanelColumns;
+        panel_detail::panel_row_blocks(count, num_rows <= 2, [&](auto size, auto split,
+                                                                 int64_t m) {
+          constexpr int R = decltype(size)::value;
+          const int64_t row = first + m;
+          __m256 y[R][2];
+          for (int r = 0; r < R; ++r) y[r][0] = y[r][1] = _mm256_setzero_ps();
+          for (int64_t g = 0; g < groups; ++g) {
+            __m256 sums[R][2];
+            panel_detail::panel_sums<R, decltype(split)::value>(
+                x_data + row * k_size, k_size, source, g * group_size, (g + 1) * group_size,
+                sums);
+            for (int h = 0; h < 2; ++h) {
+              const __m256 s = _mm256_loadu_ps(s_data + g * n_size + column + 8 * h);
+              const __m256 o = _mm256_loadu_ps(f_data + g * n_size + column + 8 * h);
+              for (int r = 0; r < R; ++r) {
+                y[r][h] = _mm256_fmadd_ps(sums[r][h], s, y[r][h]);
+                y[r][h] = _mm256_fmadd_ps(_mm256_set1_ps(sums_of_x[(row + r) * groups + g]), o,
+                                          y[r][h]);
+              }
+            }
+          }
+          for (int r = 0; r < R; ++r) {
+            for (int h = 0; h < 2; ++h) {
+              _mm256_storeu_ps(o_data + (row + r) * n_size + column + 8 * h, y[r][h]);
+            }
+          }
+        });
+      });
+  return out;
+}
+#endif  // QUIVER_AVX2_FMA
+
+}  // namespace lowbit_detail
+
+}  // namespace quiver

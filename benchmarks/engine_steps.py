@@ -54,15 +54,13 @@ from serving.engine.config import (  # noqa: E402
     default_cache_dir,
 )
 from serving.engine.core import EngineCore, RequestStates  # noqa: E402
-from serving.engine.factory import resolve_dtype  # noqa: E402
+from serving.engine.factory import model_dtype  # noqa: E402
 from serving.engine.model_runner import ModelRunner  # noqa: E402
 from serving.engine.request import Request  # noqa: E402
 from serving.engine.sampler import Sampler  # noqa: E402
 from serving.engine.sampling_params import SamplingParams  # noqa: E402
 from serving.engine.scheduler import Scheduler  # noqa: E402
 from serving.kernels.build import load_cpu_kernels  # noqa: E402
-from serving.models.compressed import QuantizationConfig  # noqa: E402
-from serving.models.config import ModelArchConfig  # noqa: E402
 
 VARIANTS = ("default", "onednn-linear", "eager", "other-model")
 BLOCK_SIZE = 16
@@ -112,11 +110,9 @@ def make_core(model: Path, *, eager: bool, cache_dir: Path, device: str = "cpu",
                              dtype=dtype)
     sampler = Sampler(torch.device(device))
     scheduler_config = SchedulerConfig(max_model_len=2048)
-    quantized = QuantizationConfig.from_model_dir(model) is not None
     # as `quiver serve --dtype` resolves it (auto: bf16 where the CPU has native bf16, else
     # float32)
-    resolved = resolve_dtype(dtype, ModelArchConfig.from_model_dir(model), torch.device(device),
-                             is_quantized=quantized)
+    resolved = model_dtype(model, dtype, torch.device(device), cache_dir=cache_dir)
     runner = ModelRunner(model, device=torch.device(device), dtype=resolved,
                          num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, sampler=sampler,
                          compilation=CompilationConfig(enforce_eager=eager,

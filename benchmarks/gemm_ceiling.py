@@ -93,12 +93,9 @@ def ceiling(model_dir: Path, batch: int, dtype: torch.dtype, with_quiver: bool) 
 def serving_dtype(model_dir: Path, name: str) -> torch.dtype:
     """The dtype `quiver serve --dtype NAME` runs the model in on this CPU (auto: bf16 where
     oneDNN has native bf16 kernels, else float32)."""
-    from serving.engine.factory import resolve_dtype
-    from serving.models.compressed import QuantizationConfig
+    from serving.engine.factory import model_dtype
 
-    quantized = QuantizationConfig.from_model_dir(model_dir) is not None
-    return resolve_dtype(name, ModelArchConfig.from_model_dir(model_dir), torch.device("cpu"),
-                         is_quantized=quantized)
+    return model_dtype(model_dir, name, torch.device("cpu"))
 
 
 def load_quiver_kernels(cache_dir: Path) -> bool:

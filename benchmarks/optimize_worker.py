@@ -39,12 +39,10 @@ def decode_task(model_dir: Path, task: dict) -> dict:
                 "dtype": "artifact"}
     import torch
 
-    from serving.engine.factory import resolve_dtype
-    from serving.models.config import ModelArchConfig
+    from serving.engine.factory import model_dtype
 
     try:
-        arch = ModelArchConfig.from_model_dir(model_dir)
-        dtype = str(resolve_dtype(task["dtype"], arch, torch.device("cpu")))
+        dtype = str(model_dtype(model_dir, task["dtype"], torch.device("cpu")))
     except Exception as exc:  # noqa: BLE001 - informative only; the rate decides
         dtype = f"{task['dtype']} (unresolved: {exc})"
     rate = native_decode_rate(model_dir, tokens, dtype=task["dtype"], batch_size=batch)

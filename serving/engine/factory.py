@@ -30,8 +30,11 @@ from serving.engine.metrics import EngineMetrics
 from serving.engine.model_runner import ModelRunner
 from serving.engine.sampler import Sampler
 from serving.engine.scheduler import Scheduler
+from serving.kernels.build import load_cpu_kernels
+from serving.kernels.ops import lowbit_kernels_run
 from serving.models.compressed import QuantizationConfig
 from serving.models.config import ModelArchConfig
+from serving.models.quant import quiver_kernel_takes
 from serving.structured.guided import GuidedDecoding
 
 logger = logging.getLogger(__name__)
@@ -93,21 +96,43 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_dtype(name: str, arch: ModelArchConfig, device: torch.device, *,
-                  is_quantized: bool = False) -> torch.dtype:
+                  quantization: QuantizationConfig | None = None,
+                  float32_lowbit_kernels: bool = False) -> torch.dtype:
     """`auto`: the checkpoint's dtype, except on a CPU, where half precision runs as
     bfloat16 if the CPU has native bf16 kernels and as float32 otherwise (the fastest
-    exact-enough choice on each). A weight-only int8/int4 checkpoint runs bfloat16 on any
-    CPU: torch's low-bit CPU kernels are vectorised for bf16 activations and scalar for
-    float32 (measured on SmolLM2 at batch 1: int4 33 ms/step in bf16 vs 316 ms in fp32).
-    An explicit dtype is always honoured."""
+    exact-enough choice on each). A weight-only int8/int4 checkpoint (`quantization`) runs
+    bfloat16 on a CPU with native bf16; without it, float32 where Quiver's float32 low-bit
+    kernels run (`float32_lowbit_kernels`: the C++ library loaded on an AVX2 CPU) and take
+    every scheme the checkpoint uses, else still bfloat16: torch's own low-bit CPU kernels
+    are vectorised for bf16 activations and scalar for float32 (measured on SmolLM2 at batch
+    1: int4 33 ms/step in bf16 vs 316 ms in fp32). An explicit dtype is always honoured."""
     dtype = DTYPES[name] or arch.dtype
     if name != "auto" or device.type != "cpu":
         return dtype
-    if is_quantized:
-        return torch.bfloat16
+    if quantization is not None:
+        if cpu_has_fast_bf16() or not float32_lowbit_kernels:
+            return torch.bfloat16
+        takes = all(quiver_kernel_takes(args) for _, args in quantization.groups)
+        return torch.float32 if takes else torch.bfloat16
     if dtype == torch.float32:
         return dtype
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def model_dtype(model_dir: Path, name: str, device: torch.device, *, cpu_kernels: bool = True,
+                cache_dir: Path | None = None) -> torch.dtype:
+    """The dtype the engine runs `model_dir` in for `--dtype NAME`: `resolve_dtype` given
+    the model's config and, for a quantized model on a CPU, whether Quiver's low-bit kernels
+    take float32 rows here (C++ kernels wanted, the library built or cached in `cache_dir`
+    and loaded, an AVX2 CPU)."""
+    arch = ModelArchConfig.from_model_dir(model_dir)
+    quantization = QuantizationConfig.from_model_dir(model_dir)
+    float32_lowbit = False
+    if quantization is not None and device.type == "cpu" and name == "auto" and cpu_kernels:
+        loaded = load_cpu_kernels(cache_dir or default_cache_dir())
+        float32_lowbit = loaded.library is not None and lowbit_kernels_run(torch.float32)
+    return resolve_dtype(name, arch, device, quantization=quantization,
+                         float32_lowbit_kernels=float32_lowbit)
 
 
 def kv_cache_budget_bytes(settings: EngineSettings, device: torch.device) -> int:
@@ -160,8 +185,8 @@ def build_engine(settings: EngineSettings, *, model_name: str,
     start = time.perf_counter()
     arch = ModelArchConfig.from_model_dir(settings.model)
     device = resolve_device(settings.device)
-    quantized = QuantizationConfig.from_model_dir(settings.model) is not None
-    dtype = resolve_dtype(settings.dtype, arch, device, is_quantized=quantized)
+    dtype = model_dtype(settings.model, settings.dtype, device, cpu_kernels=settings.cpu_kernels,
+                        cache_dir=settings.compile_cache_dir)
     num_blocks = num_blocks_for_budget(
         kv_cache_budget_bytes(settings, device), num_layers=arch.num_hidden_layers,
         num_kv_heads=arch.num_key_value_heads, head_dim=arch.head_dim,

@@ -44,13 +44,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from serving.kernels.ops import lowbit_kernels_run
-from serving.models.compressed import QuantizedTensor, dequantize
+from serving.models.compressed import QuantizedTensor, WeightQuantArgs, dequantize
 from serving.models.linear import Packing, effective_packing, linear, prepack
 
 logger = logging.getLogger(__name__)
 
 INT4_KERNEL_GROUP_SIZES = (256, 128, 64, 32)
-INT4_KERNEL_ROW_BLOCK = 64  # padded N: the kernel's row blocking, so its layout is known
+INT4_KERNEL_ROW_BLOCK = 64  # padded N: a multiple of every row block torch packs int4 in
+# Rows a block of torch's CPU int4 packing holds: its kernel's vector width in bytes (64 with
+# AVX-512, 32 with AVX2: ATen picks at run time, so `int4_row_block` probes it).
+_INT4_ROW_BLOCKS = (64, 32)
 INT4_OFFSET = 8
 # Largest batch (tokens) given to a low-bit CPU kernel, by kernel; larger batches (prefill)
 # rebuild the float weight per call and use the float GEMM (break-even points measured on
@@ -244,6 +247,18 @@ def int4_kernel_group_size(weight: QuantizedTensor) -> int | None:
     )
 
 
+def quiver_kernel_takes(args: WeightQuantArgs) -> bool:
+    """Whether Quiver's own low-bit CPU kernels take weights quantized as `args` (on a CPU
+    they are built for, shapes permitting): symmetric per-channel int8, or int4 in a group
+    the int4 kernel runs where torch's int4 packing is one `unpack_int4` reads."""
+    if args.num_bits == 8:
+        return args.symmetric and args.group_size is None
+    if args.num_bits != 4 or int4_row_block() is None:
+        return False
+    return args.group_size is None or any(args.group_size % size == 0
+                                          for size in INT4_KERNEL_GROUP_SIZES)
+
+
 class Int4Projection(Projection):
     """`torch._weight_int4pack_mm_for_cpu` over a weight packed at load (uint8 `[N', K'/2]`),
     or, once `prepack` repacked it (bf16 models, AVX512-BF16), `quiver::int4_linear` over
@@ -273,7 +288,8 @@ class Int4Projection(Projection):
         self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(unsigned, 1))
         # probed here, not in forward: the probe makes a torch.Generator, which a compiled
         # graph cannot trace (the whole model would run eagerly)
-        self.row_blocked = int4_layout_is_row_blocked()
+        self.row_block = int4_row_block()
+        self.row_blocked = self.row_block is not None
         self.register_buffer("scales_and_zeros", _scales_and_zeros(
             weight, group_size, self.padded_features, pad_rows
         ).to(dtype))
@@ -306,7 +322,7 @@ class Int4Projection(Projection):
         self.kernel_scale = scale.contiguous()
         self.kernel_offset = (zero - INT4_OFFSET * scale).contiguous()
         self.packed = int4_tiles(unpack_int4(self.packed, self.padded_rows,
-                                             self.padded_features))
+                                             self.padded_features, self.row_block))
         self.kernel = "quiver_int4"
 
     def max_kernel_tokens(self, dtype: torch.dtype) -> int | None:
@@ -341,30 +357,39 @@ class Int4Projection(Projection):
         """The float weight `[N', K']` from whichever packing holds it (torch's: see
         `unpack_int4`; Quiver's tiles after `prepack`)."""
         unsigned = (int4_untiled(self.packed) if self.kernel_scale is not None
-                    else unpack_int4(self.packed, self.padded_rows, self.padded_features))
+                    else unpack_int4(self.packed, self.padded_rows, self.padded_features,
+                                     self.row_block))
         scale, zero = self.scales_and_zeros.float().unbind(-1)  # [K' / group, N']
         scale = scale.t().repeat_interleave(self.group_size, dim=1)
         zero = zero.t().repeat_interleave(self.group_size, dim=1)
         return ((unsigned.float() - INT4_OFFSET) * scale + zero).to(dtype)
 
 
-def unpack_int4(packed: torch.Tensor, num_rows: int, num_cols: int) -> torch.Tensor:
+def unpack_int4(packed: torch.Tensor, num_rows: int, num_cols: int,
+                row_block: int | None = None) -> torch.Tensor:
     """Unsigned values `[N, K]` of `_convert_weight_to_int4pack_for_cpu`'s layout for N a
-    multiple of 64: per block of 64 rows, `[K, 32]` bytes whose low nibbles are rows 0-31
-    and high nibbles rows 32-63 (checked once per process by `int4_layout_is_row_blocked`)."""
-    half = INT4_KERNEL_ROW_BLOCK // 2
-    blocks = packed.view(num_rows // INT4_KERNEL_ROW_BLOCK, num_cols, half)
-    unsigned = torch.cat([blocks & 0xF, blocks >> 4], dim=-1)  # [N / 64, K, 64]
+    multiple of 64: per block of `row_block` rows (this CPU's, `int4_row_block`, by default),
+    `[K, row_block / 2]` bytes whose low nibbles are the block's first half of rows and high
+    nibbles its second half."""
+    row_block = row_block or int4_row_block()
+    if row_block is None:
+        raise ValueError("this torch build packs int4 in a layout unpack_int4 does not know")
+    blocks = packed.view(num_rows // row_block, num_cols, row_block // 2)
+    unsigned = torch.cat([blocks & 0xF, blocks >> 4], dim=-1)  # [N / block, K, block]
     return unsigned.transpose(1, 2).reshape(num_rows, num_cols)
 
 
 @functools.cache
-def int4_layout_is_row_blocked() -> bool:
-    """Whether this torch build packs int4 as `unpack_int4` reads it (else: no dequant path)."""
+def int4_row_block() -> int | None:
+    """The rows per block in which this torch build, on this CPU, packs int4 as
+    `unpack_int4` reads it, or None where no known layout matches (then no dequant path)."""
     probe = torch.randint(0, 16, (2 * INT4_KERNEL_ROW_BLOCK, 64), dtype=torch.int32,
                           generator=torch.Generator().manual_seed(0))
     packed = torch._convert_weight_to_int4pack_for_cpu(probe, 1)
-    return torch.equal(unpack_int4(packed, *probe.shape).to(torch.int32), probe)
+    for row_block in _INT4_ROW_BLOCKS:
+        if torch.equal(unpack_int4(packed, *probe.shape, row_block).to(torch.int32), probe):
+            return row_block
+    return None
 
 
 def _scales_and_zeros(weight: QuantizedTensor, group_size: int, padded_features: int,

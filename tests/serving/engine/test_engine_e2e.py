@@ -160,6 +160,7 @@ async def test_smollm2_answers_through_the_engine(smollm2_dir):
 
 def test_auto_dtype_picks_the_fastest_exact_choice_per_device(tiny_model_dir, monkeypatch):
     from serving.engine import factory
+    from serving.models.compressed import QuantizationConfig
     from serving.models.config import ModelArchConfig
 
     arch = ModelArchConfig.from_model_dir(tiny_model_dir)
@@ -172,7 +173,24 @@ def test_auto_dtype_picks_the_fastest_exact_choice_per_device(tiny_model_dir, mo
     assert factory.resolve_dtype("auto", bf16_arch, cpu) == torch.bfloat16
     assert factory.resolve_dtype("auto", arch, cpu) == torch.float32
     assert factory.resolve_dtype("auto", bf16_arch, torch.device("cuda")) == torch.bfloat16
-    # weight-only int8/int4: the low-bit CPU kernels want bf16 activations, native or not
-    monkeypatch.setattr(factory, "cpu_has_fast_bf16", lambda: False)
-    assert factory.resolve_dtype("auto", arch, cpu, is_quantized=True) == torch.bfloat16
-    assert factory.resolve_dtype("float32", arch, cpu, is_quantized=True) == torch.float32
+    # weight-only int8/int4: bf16 where it is native; without it float32 where Quiver's
+    # float32 low-bit kernels take every scheme, else bf16 (torch's are scalar in float32)
+    per_channel_int8 = QuantizationConfig.from_dict({
+        "quant_method": "compressed-tensors", "format": "pack-quantized",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+            "num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}}}})
+    grouped_int8 = QuantizationConfig.from_dict({
+        "quant_method": "compressed-tensors", "format": "pack-quantized",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+            "num_bits": 8, "type": "int", "symmetric": True, "strategy": "group",
+            "group_size": 32}}}})
+    for fast_bf16, lowbit, quantization, expected in [
+            (True, True, per_channel_int8, torch.bfloat16),
+            (False, True, per_channel_int8, torch.float32),
+            (False, False, per_channel_int8, torch.bfloat16),  # no C++ library, or no AVX2
+            (False, True, grouped_int8, torch.bfloat16)]:  # torch's kernel: bf16 vectorised
+        monkeypatch.setattr(factory, "cpu_has_fast_bf16", lambda fast=fast_bf16: fast)
+        assert factory.resolve_dtype("auto", bf16_arch, cpu, quantization=quantization,
+                                     float32_lowbit_kernels=lowbit) == expected
+        assert factory.resolve_dtype("float32", arch, cpu, quantization=quantization,
+                                     float32_lowbit_kernels=lowbit) == torch.float32

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -424,6 +427,31 @@ def test_int4_runs_quivers_kernel(
         for rows in (1, 3, 8, 17, 32, 300):
             expected = reference(x[:rows]).float()
             assert relative_error(packed(x[:rows]).float(), expected) < tolerance
+
+
+@pytest.mark.parametrize("capability", [None, "avx2"])
+def test_int4_row_block_follows_the_isa_torch_runs(capability: str | None) -> None:
+    """torch packs int4 for its CPU kernel in blocks of 64 rows with AVX-512 and 32 with AVX2
+    (ATen picks at run time): the probe finds whichever this process gets, so an AVX2 host
+    (or ATen capped to AVX2) still repacks for Quiver's kernel and still has a dequantized
+    path for prefill — once it read every layout as 64 rows and had neither."""
+    env = dict(os.environ)
+    if capability:
+        env["ATEN_CPU_CAPABILITY"] = capability
+    script = ("import torch\n"
+              "from serving.models.quant import int4_row_block, unpack_int4\n"
+              "block = int4_row_block()\n"
+              "u = torch.randint(0, 16, (192, 96), dtype=torch.int32)\n"
+              "packed = torch._convert_weight_to_int4pack_for_cpu(u, 1)\n"
+              "assert torch.equal(unpack_int4(packed, 192, 96).to(torch.int32), u)\n"
+              "print(block, torch.backends.cpu.get_cpu_capability())\n")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, timeout=120, cwd=Path(__file__).resolve().parents[3])
+    assert result.returncode == 0, result.stderr[-2000:]
+    block, isa = result.stdout.split()
+    assert block == {"AVX512": "64", "AVX2": "32"}.get(isa, block), (block, isa)
+    if capability:
+        assert (isa, block) == ("AVX2", "32")
 
 
 def test_fused_projections_keep_per_row_scales(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -90,12 +90,16 @@ def ceiling(model_dir: Path, batch: int, dtype: torch.dtype, with_quiver: bool) 
             "kernels": [kernel for _, kernel in timed] + [lm_head_kernel]}
 
 
-def serving_dtype(model_dir: Path, name: str) -> torch.dtype:
+def serving_dtype(model_dir: Path, name: str, *, cpu_kernels: bool = True,
+                  cache_dir: Path | None = None) -> torch.dtype:
     """The dtype `quiver serve --dtype NAME` runs the model in on this CPU (auto: bf16 where
-    oneDNN has native bf16 kernels, else float32)."""
+    oneDNN has native bf16 kernels, else float32 — for a quantized model only where Quiver's
+    float32 low-bit kernels, from the C++ library in `cache_dir`, run: see
+    `serving.engine.factory.model_dtype`)."""
     from serving.engine.factory import model_dtype
 
-    return model_dtype(model_dir, name, torch.device("cpu"))
+    return model_dtype(model_dir, name, torch.device("cpu"), cpu_kernels=cpu_kernels,
+                       cache_dir=cache_dir)
 
 
 def load_quiver_kernels(cache_dir: Path) -> bool:
@@ -121,7 +125,8 @@ def main() -> int:
 
     with_quiver = str(args.kernel_cache) != "none" and load_quiver_kernels(
         args.kernel_cache or default_cache_dir())
-    dtype = serving_dtype(args.model, args.dtype)
+    dtype = serving_dtype(args.model, args.dtype, cpu_kernels=with_quiver,
+                          cache_dir=args.kernel_cache)
     torch.manual_seed(0)
     with torch.inference_mode():
         rows = [ceiling(args.model, int(batch), dtype, with_quiver)

@@ -93,7 +93,7 @@ def kernels_for(n: int, k: int, copies: int, lowbit: bool,
 
 def lowbit_kernels(n: int, k: int, copies: int, dtype: torch.dtype) -> dict[str, Callable]:
     kernels = {}
-    if n % 16 == 0 and k % 2 == 0:  # the tiles' shape (torch's int4 packs 64 rows a block)
+    if n % 16 == 0 and k % 2 == 0:  # the tiles' shape (torch's int4 packs 32 or 64 rows a block)
         kernels.update(int8_kernels(n, k, copies, dtype))
     if k % GROUP == 0 and n % 64 == 0:
         kernels.update(int4_kernels(n, k, copies, dtype))
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_cpu_kernels(args.kernel_cache or default_cache_dir())
     if loaded.library is None:
         raise SystemExit(f"Quiver's C++ kernels did not build: {loaded.reason}")
-    dtype = serving_dtype(args.model, args.dtype)
+    dtype = serving_dtype(args.model, args.dtype, cache_dir=args.kernel_cache)
     lowbit = lowbit_kernels_run(dtype)
     layer, num_layers, lm_head = decode_shapes(args.model)
     torch.manual_seed(0)

@@ -60,6 +60,9 @@ INT4_OFFSET = 8
 # SmolLM2's projection shapes: see the module docstring). Float32: scalar kernels, 1 row.
 _KERNEL_MAX_TOKENS = {"int8pack_mm": 32, "int4pack_mm": 256}
 _VECTORISED_DTYPES = (torch.bfloat16, torch.float16)
+# Whether oneDNN runs bf16 GEMMs natively here (AVX512-BF16, AMX), read once at import: a
+# compiled graph reads a constant, not an op call.
+_NATIVE_BF16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 # Row dtypes Quiver's low-bit kernels take (bf16: AVX512-BF16; float32: AVX2 and FMA).
 _QUIVER_KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 
@@ -93,7 +96,13 @@ def int4_untiled(tiles: torch.Tensor) -> torch.Tensor:
     return torch.stack([columns & 0xF, columns >> 4], dim=-1).reshape(16 * num_tiles, 2 * pairs)
 
 
-def kernel_max_tokens(kernel: str, dtype: torch.dtype) -> int:
+def kernel_max_tokens(kernel: str, dtype: torch.dtype) -> int | None:
+    """Rows past which a call to torch's low-bit `kernel` rebuilds the float weight instead;
+    None: never (bf16 on a CPU that emulates it, where the rebuilt weight's GEMM is slow too:
+    on a 2-core AVX2 Zen 2, 1536 x 576, torch's int8 kernel 7.4 / 28 ms at 128 / 512 rows
+    against 38 / 142 ms rebuilding, int4 31 against 106 ms at 512)."""
+    if dtype == torch.bfloat16 and not _NATIVE_BF16:
+        return None
     return _KERNEL_MAX_TOKENS[kernel] if dtype in _VECTORISED_DTYPES else 1
 
 
@@ -190,8 +199,13 @@ class Int8Projection(Projection):
         if (packing is not Packing.KERNEL or self.kernel_scale is not None
                 or self.num_groups != 1 or self.zero_scales is not None
                 or self.padded_features != self.in_features  # one group wider than K
-                or self.scales.dtype not in _QUIVER_KERNEL_DTYPES or num_rows % 16
-                or self.in_features % 2):
+                or self.scales.dtype not in _QUIVER_KERNEL_DTYPES):
+            return
+        if num_rows % 16 or self.in_features % 2:
+            # `model_dtype` chose the dtype by scheme; shapes like this are rare (and slow
+            # in float32, where torch's kernel is a scalar loop)
+            logger.warning("an int8 weight [%d, %d] keeps torch's kernel: Quiver's takes "
+                           "N %% 16 == 0 and even K", num_rows, self.in_features)
             return
         if not lowbit_kernels_run(self.scales.dtype):
             return
@@ -211,7 +225,8 @@ class Int8Projection(Projection):
             return torch.ops.quiver.int8_linear(x, self.values, self.kernel_scale, self.bias)
         if self.padded_features != self.in_features:
             x = F.pad(x, (0, self.padded_features - self.in_features))
-        if x.shape[0] > kernel_max_tokens(self.kernel, x.dtype):
+        limit = kernel_max_tokens(self.kernel, x.dtype)
+        if limit is not None and x.shape[0] > limit:
             return F.linear(x, self.dequantized(x.dtype), self.bias)
         if self.num_groups == 1:
             output = torch._weight_int8pack_mm(x, self.values[0], self.scales[0])
@@ -261,8 +276,8 @@ def quiver_kernel_takes(args: WeightQuantArgs) -> bool:
 
 class Int4Projection(Projection):
     """`torch._weight_int4pack_mm_for_cpu` over a weight packed at load (uint8 `[N', K'/2]`),
-    or, once `prepack` repacked it (bf16 models, AVX512-BF16), `quiver::int4_linear` over
-    uint8 `[N'/16, K'/2, 16]` tiles."""
+    or, once `prepack` repacked it (bf16 models on AVX512-BF16, float32 ones on AVX2),
+    `quiver::int4_linear` over uint8 `[N'/16, K'/2, 16]` tiles."""
 
     kernel = "int4pack_mm"
 

@@ -13,6 +13,7 @@ import torch
 
 from serving.engine.config import default_cache_dir
 from serving.kernels.build import builds_panel_kernel, compiler
+from serving.kernels.ops import lowbit_kernels_run
 from serving.models.linear import onednn_supports
 
 
@@ -29,6 +30,7 @@ def test_every_shape_and_row_count_is_timed_against_onednn(tiny_model_dir, tmp_p
                  str(cache_dir), "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "linear_kernels.json").read_text())
     assert report["dtype"] == dtype
+    assert report["lowbit_kernels"] == lowbit_kernels_run(getattr(torch, dtype))
     config = json.loads((tiny_model_dir / "config.json").read_text())
     hidden = config["hidden_size"]
     shapes = {tuple(row["shape"]) for row in report["results"]}
@@ -38,8 +40,16 @@ def test_every_shape_and_row_count_is_timed_against_onednn(tiny_model_dir, tmp_p
         assert row["vs_onednn"]["onednn"] == 1.0 and all(t > 0 for t in row["us"].values())
         n, k = row["shape"]
         if dtype == "float32":  # a bf16 checkpoint upcast: oneDNN, F.linear and the panels
-            panels = builds_panel_kernel() and n % 16 == 0
-            assert set(row["us"]) == {"onednn", "f.linear"} | ({"panels"} if panels else set())
+            expected = {"onednn", "f.linear"}
+            if builds_panel_kernel() and n % 16 == 0:
+                expected.add("panels")
+            if report["lowbit_kernels"]:  # Quiver's on float32 rows, torch's up to 2 rows
+                torch_too = row["rows"] <= 2
+                if n % 16 == 0 and k % 2 == 0:
+                    expected |= {"int8", "int8-torch"} if torch_too else {"int8"}
+                if k % 64 == 0 and n % 64 == 0:
+                    expected |= {"int4", "int4-torch"} if torch_too else {"int4"}
+            assert set(row["us"]) == expected
             continue
         assert ("skinny" in row["us"]) == (row["rows"] <= 2)
         if report["lowbit_kernels"] and n % 16 == 0:

@@ -1,6 +1,6 @@
-// What Quiver's own linear kernels (skinny_linear.h, tile_linear.h, lowbit_linear.h) share:
-// bf16 rows of x in, a float32 bias, bf16 rows out, rows taken in blocks, a row's feature
-// pair broadcast for AVX512-BF16 dot products.
+// What Quiver's own linear kernels (skinny_linear.h, tile_linear.h, lowbit_linear.h,
+// lowbit_float.h) share: bf16 rows of x in, a float32 bias, the output in x's dtype, rows
+// taken in blocks, a row's feature pair broadcast for AVX512-BF16 dot products.
 
 #pragma once
 

@@ -8,10 +8,10 @@
 // panel_linear.h's sums, 4 rows x 16 columns in registers, one chain per column from three
 // rows up (a call of one or two rows splits features in two). Past kWidenRows rows in a chunk
 // a tile is widened once into a bf16 panel (panel_linear.h's layout) that every block of rows
-// reads, in the same order, so a row's result does not depend on which path its call took. The scale and
-// bias (int8) or the groups' scales and zero points (int4) apply to the float32 sums as in
-// the bf16 kernels. Before these, float32 rows went to torch's scalar low-bit kernels or,
-// past one row, rebuilt the float weight per call.
+// reads, in the same order, so a row's result does not depend on which path its call took.
+// The scale and bias (int8) or the groups' scales and zero points (int4) apply to the
+// float32 sums as in the bf16 kernels. Before these, float32 rows went to torch's scalar
+// low-bit kernels or, past one row, rebuilt the float weight per call.
 
 #pragma once
 

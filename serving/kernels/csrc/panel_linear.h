@@ -19,7 +19,7 @@
 // bytes: 18 KB at K = 576) stays in L1 while the row blocks pass over it; rows go in chunks of
 // 64 so the chunk of x stays in L2; threads split the panels, each reading a contiguous run
 // of the packed weight. Sums are float32 in feature order per row (two halves at one or two
-// rows), the bias added last. Built only where the CPU has AVX2 but not AVX-512: there
+// rows), the bias added last. Packed only where the CPU has AVX2 but not AVX-512: there
 // `auto` picks bf16 (oneDNN has bf16 kernels), and oneDNN's float32 GEMM with twice the
 // vector width was not measured against this kernel.
 
@@ -35,7 +35,7 @@
 #include <type_traits>
 #include <vector>
 #if defined(__AVX2__) && defined(__FMA__)
-#define QUIVER_AVX2_FMA 1  // the panel sums below (also lowbit_linear.h's float32 rows)
+#define QUIVER_AVX2_FMA 1  // the panel sums below (also lowbit_float.h's, on any AVX2 CPU)
 #include <immintrin.h>
 #if !defined(__AVX512F__)
 #define QUIVER_PANELS 1  // bf16 panels for float32 weights (with AVX-512, oneDNN's)

@@ -299,7 +299,8 @@ def test_int8_linear_is_the_scaled_integer_product(cpp_kernels, in_features, lea
     for b in (bias, None):
         exact = (x.double() @ values.double().t()) * scale.double()
         magnitude = (x.double().abs() @ values.double().abs().t()) * scale.double()
-        exact = exact if b is None else exact + b.double()
+        if b is not None:
+            exact, magnitude = exact + b.double(), magnitude + b.double().abs()
         output = torch.ops.quiver.int8_linear(x, int8_tiles(values), scale, b)
         assert output.shape == (*leading, 48) and output.dtype == dtype
         assert close_to_exact(output, exact, magnitude, in_features)

@@ -17,8 +17,9 @@
   per-channel weight (what `quiver optimize int8` writes) is packed at load for Quiver's
   own kernel instead (`quiver::int8_linear`; bf16 models on AVX512-BF16 CPUs, float32 models
   on AVX2 CPUs): in bf16 0.33-0.5x oneDNN bf16's time at one row, about even at 32, where
-  torch's kernel took 2-2.8x; in float32 0.14-0.35x oneDNN float32's at one row, 0.63-0.74x
-  at 32, where torch's scalar kernel took 1.3-3x at one row (`benchmarks/linear_kernels.py`).
+  torch's kernel took 2-2.8x; in float32 (AVX2 Zen 2) 0.12-0.26x oneDNN float32's at one
+  row, 0.6-0.8x at 32, where torch's scalar kernel took 1.1-2x at one row
+  (`benchmarks/linear_kernels.py`).
   A bf16 or float32 model's int4 weights are repacked alike for `quiver::int4_linear`.
 - `DequantProjection` (CUDA and other devices): keeps int8 values and dequantizes per call.
 
@@ -27,8 +28,9 @@ call rebuilds the float weight from the stored integers, runs the float GEMM and
 weight — pays a fixed rebuild first. Past `kernel_max_tokens` rows the rebuild wins: in
 bf16/fp16, 32 rows for int8 and 256 for int4 (whose unpacking costs ~3 ms a 1536x576 weight
 on a 2-core AVX-512 host, against ~0.011 ms per row in the kernel); in float32, whose
-torch low-bit kernels are scalar code, past one row. Quiver's own kernels take every batch
-(int4 in bf16: up to 256 rows).
+torch low-bit kernels are scalar code, past one row; never in bf16 where it is emulated
+(the rebuilt weight's GEMM is slower still). Quiver's own kernels take every batch (int4 in
+bf16: up to 256 rows).
 
 No path turns a quantized weight back into a stored float copy.
 """

@@ -148,13 +148,16 @@ def test_conversations_keep_to_one_replica_and_spread_over_all(three_fakes, tmp_
     gateway, key = gateway_for(three_fakes, tmp_path)
     try:
         homes = {}
-        for topic in range(24):
+        for topic in range(36):
             served = {ask(gateway, key, m) for m in conversation(f"topic {topic}", 3)}
             assert len(served) == 1, f"conversation {topic} moved: {served}"
             homes[topic] = served.pop()
         counts = {name: list(homes.values()).count(name) for name in ("r0", "r1", "r2")}
-        assert all(count >= 3 for count in counts.values()), counts
-        assert decisions(gateway) == {"preferred": 72, "spill": 0, "unkeyed": 0}
+        # the replicas' ports, and so the hash's choices, differ per run: with a fair hash
+        # some replica gets under 2 of 36 once in ~40,000 runs (under 3 of 24, the bound
+        # this had, once in ~70: it failed CI)
+        assert all(count >= 2 for count in counts.values()), counts
+        assert decisions(gateway) == {"preferred": 108, "spill": 0, "unkeyed": 0}
     finally:
         gateway.stop()
 

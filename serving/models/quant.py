@@ -47,7 +47,7 @@ from torch import nn
 
 from serving.kernels.ops import lowbit_kernels_run
 from serving.models.compressed import QuantizedTensor, WeightQuantArgs, dequantize
-from serving.models.linear import Packing, effective_packing, linear, prepack
+from serving.models.linear import Packing, effective_packing, linear, onednn_supports, prepack
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +64,7 @@ _KERNEL_MAX_TOKENS = {"int8pack_mm": 32, "int4pack_mm": 256}
 _VECTORISED_DTYPES = (torch.bfloat16, torch.float16)
 # Whether oneDNN runs bf16 GEMMs natively here (AVX512-BF16, AMX), read once at import: a
 # compiled graph reads a constant, not an op call.
-_NATIVE_BF16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-# Row dtypes Quiver's low-bit kernels take (bf16: AVX512-BF16; float32: AVX2 and FMA).
-_QUIVER_KERNEL_DTYPES = (torch.bfloat16, torch.float32)
+_NATIVE_BF16 = onednn_supports(torch.device("cpu"), torch.bfloat16)
 
 
 def int8_tiles(values: torch.Tensor) -> torch.Tensor:
@@ -201,15 +199,13 @@ class Int8Projection(Projection):
         if (packing is not Packing.KERNEL or self.kernel_scale is not None
                 or self.num_groups != 1 or self.zero_scales is not None
                 or self.padded_features != self.in_features  # one group wider than K
-                or self.scales.dtype not in _QUIVER_KERNEL_DTYPES):
+                or not lowbit_kernels_run(self.scales.dtype)):  # this dtype on this CPU
             return
         if num_rows % 16 or self.in_features % 2:
             # `model_dtype` chose the dtype by scheme; shapes like this are rare (and slow
             # in float32, where torch's kernel is a scalar loop)
             logger.warning("an int8 weight [%d, %d] keeps torch's kernel: Quiver's takes "
                            "N %% 16 == 0 and even K", num_rows, self.in_features)
-            return
-        if not lowbit_kernels_run(self.scales.dtype):
             return
         self.values = int8_tiles(self.values[0])
         self.kernel_scale = self.scales[0].float()
@@ -253,8 +249,9 @@ class Int8Projection(Projection):
         return weight.transpose(0, 1).reshape(-1, self.padded_features).to(dtype)
 
 
-def int4_kernel_group_size(weight: QuantizedTensor) -> int | None:
-    """The int4 kernel's group size for `weight`, or None where that kernel can't run it."""
+def int4_kernel_group_size(weight: QuantizedTensor | WeightQuantArgs) -> int | None:
+    """The int4 kernel's group size for `weight` (or weights quantized as it says), or None
+    where that kernel can't run it."""
     if weight.num_bits != 4:
         return None
     if weight.group_size is None:
@@ -270,10 +267,7 @@ def quiver_kernel_takes(args: WeightQuantArgs) -> bool:
     the int4 kernel runs where torch's int4 packing is one `unpack_int4` reads."""
     if args.num_bits == 8:
         return args.symmetric and args.group_size is None
-    if args.num_bits != 4 or int4_row_block() is None:
-        return False
-    return args.group_size is None or any(args.group_size % size == 0
-                                          for size in INT4_KERNEL_GROUP_SIZES)
+    return int4_kernel_group_size(args) is not None and int4_row_block() is not None
 
 
 class Int4Projection(Projection):
@@ -329,11 +323,8 @@ class Int4Projection(Projection):
         the kernel refuses for the model's dtype (bf16: no AVX512-BF16; float32: no AVX2 and
         FMA) or a torch whose layout is unknown keep torch's kernel; once repacked, a later
         `prepack` leaves the kernel as it is."""
-        dtype = self.scales_and_zeros.dtype
         if (packing is not Packing.KERNEL or self.kernel_scale is not None
-                or not self.row_blocked or dtype not in _QUIVER_KERNEL_DTYPES):
-            return
-        if not lowbit_kernels_run(dtype):
+                or not self.row_blocked or not lowbit_kernels_run(self.scales_and_zeros.dtype)):
             return
         scale, zero = self.scales_and_zeros.float().unbind(-1)  # [K' / group, N']
         self.kernel_scale = scale.contiguous()

@@ -19,17 +19,25 @@
 
 namespace quiver {
 
-// `x [..., K]` as contiguous `[rows, K]` bf16 values (`tensor` keeps them alive).
-struct Bf16Rows {
+// `x [..., K]` as contiguous `[rows, K]` values (`tensor` keeps them alive): bf16 as their
+// bits (`bf16_rows`), or float32 (`float_rows`).
+template <class T>
+struct Rows {
   at::Tensor tensor;
-  const uint16_t* data;
+  const T* data;
   int64_t rows;
 };
+using Bf16Rows = Rows<uint16_t>;
 
 inline Bf16Rows bf16_rows(const at::Tensor& x, int64_t k_size) {
   at::Tensor rows = x.reshape({-1, k_size}).contiguous();
   const auto* data = reinterpret_cast<const uint16_t*>(rows.data_ptr<c10::BFloat16>());
   return {rows, data, rows.size(0)};
+}
+
+inline Rows<float> float_rows(const at::Tensor& x, int64_t k_size) {
+  at::Tensor rows = x.reshape({-1, k_size}).contiguous();
+  return {rows, rows.data_ptr<float>(), rows.size(0)};
 }
 
 // A bf16 `bias` of `n_size` values as float32; empty when there is none.

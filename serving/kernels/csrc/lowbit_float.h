@@ -91,19 +91,14 @@ template <class Source, class RowsAgainst>
 inline void float_rows_against_tiles(const uint8_t* tiles, int64_t num_tiles,
                                      int64_t tile_bytes, int64_t k_size, int64_t num_rows,
                                      RowsAgainst&& rows_against) {
-  at::parallel_for(0, num_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint16_t> widened;
-    for (int64_t first = 0; first < num_rows; first += panel_detail::kChunkRows) {
-      const int64_t rows = std::min(panel_detail::kChunkRows, num_rows - first);
-      for (int64_t tile = begin; tile < end; ++tile) {
-        const Source source{reinterpret_cast<const decltype(Source::data)>(
-            tiles + tile * tile_bytes)};
-        if (rows > Source::kWidenRows) {
-          rows_against(widen_panel(source, k_size, widened), first, rows, tile);
-        } else {
-          rows_against(source, first, rows, tile);
-        }
-      }
+  panel_detail::for_panel_chunks(num_tiles, num_rows, [&](int64_t first, int64_t rows,
+                                                          int64_t tile,
+                                                          std::vector<uint16_t>& widened) {
+    const Source source{reinterpret_cast<const decltype(Source::data)>(tiles + tile * tile_bytes)};
+    if (rows > Source::kWidenRows) {
+      rows_against(widen_panel(source, k_size, widened), first, rows, tile);
+    } else {
+      rows_against(source, first, rows, tile);
     }
   });
 }
@@ -132,12 +127,12 @@ inline at::Tensor int8_linear_float(const at::Tensor& x, const at::Tensor& packe
                                     const at::Tensor& scale,
                                     const std::optional<at::Tensor>& bias) {
   const int64_t n_size = packed.size(0) * kPanelColumns, k_size = 2 * packed.size(1);
-  const at::Tensor rows = x.reshape({-1, k_size}).contiguous();
+  const Rows<float> x_rows = float_rows(x, k_size);
   const at::Tensor b = bias && bias->defined() ? bias->contiguous() : at::Tensor();
   at::Tensor out = linear_output(x, n_size);
-  const int64_t num_rows = rows.size(0);
+  const int64_t num_rows = x_rows.rows;
   if (num_rows == 0) return out;
-  const float* x_data = rows.data_ptr<float>();
+  const float* x_data = x_rows.data;
   const float* s_data = scale.data_ptr<float>();
   const float* b_data = b.defined() ? b.data_ptr<float>() : nullptr;
   float* o_data = out.data_ptr<float>();
@@ -172,11 +167,11 @@ inline at::Tensor int4_linear_float(const at::Tensor& x, const at::Tensor& packe
                                     const at::Tensor& offset) {
   const int64_t n_size = packed.size(0) * kPanelColumns, k_size = 2 * packed.size(1);
   const int64_t groups = k_size / group_size;
-  const at::Tensor rows = x.reshape({-1, k_size}).contiguous();
+  const Rows<float> x_rows = float_rows(x, k_size);
   at::Tensor out = linear_output(x, n_size);
-  const int64_t num_rows = rows.size(0);
+  const int64_t num_rows = x_rows.rows;
   if (num_rows == 0) return out;
-  const float* x_data = rows.data_ptr<float>();
+  const float* x_data = x_rows.data;
   const std::vector<float> sums_of_x = float_group_sums(x_data, num_rows, k_size, group_size);
   const float* s_data = scale.data_ptr<float>();
   const float* f_data = offset.data_ptr<float>();

@@ -25,9 +25,10 @@
 
 #pragma once
 
+#include "linear_io.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -180,6 +181,23 @@ inline void panel_row_blocks(int64_t rows, bool alone, Block&& block) {
   if (m < rows) block(One{}, One{}, m);
 }
 
+// `chunk_against_panel(first, rows, panel, scratch)` for every chunk of kChunkRows rows and
+// every panel: threads split the panels, each reading a contiguous run of the packed weight
+// while a chunk of x stays in cache; `scratch` is the thread's own buffer.
+template <class ChunkAgainstPanel>
+inline void for_panel_chunks(int64_t num_panels, int64_t num_rows,
+                             ChunkAgainstPanel&& chunk_against_panel) {
+  at::parallel_for(0, num_panels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint16_t> scratch;
+    for (int64_t first = 0; first < num_rows; first += kChunkRows) {
+      const int64_t rows = std::min(kChunkRows, num_rows - first);
+      for (int64_t panel = begin; panel < end; ++panel) {
+        chunk_against_panel(first, rows, panel, scratch);
+      }
+    }
+  });
+}
+
 // The 16 columns' sums of one row, plus `bias` (or not), to `out`.
 inline void store_panel_row(const __m256 (&sums)[2], const float* bias, float* out) {
   const __m256 bias_low = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
@@ -209,28 +227,20 @@ inline at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed,
               "[N] matching the packed weight");
 #if defined(QUIVER_PANELS)
   const int64_t k_size = packed.size(1), n_size = packed.size(0) * kPanelColumns;
-  const at::Tensor rows = x.reshape({-1, k_size}).contiguous();
-  const int64_t num_rows = rows.size(0);
-  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
-  sizes.back() = n_size;
-  at::Tensor out = at::empty(sizes, x.options());
-  if (num_rows == 0) return out;
+  const Rows<float> x_rows = float_rows(x, k_size);
+  at::Tensor out = linear_output(x, n_size);
+  if (x_rows.rows == 0) return out;
   const at::Tensor b = bias && bias->defined() ? bias->contiguous() : at::Tensor();
-  const float* x_data = rows.data_ptr<float>();
   const float* b_data = b.defined() ? b.data_ptr<float>() : nullptr;
   const auto* w_data = reinterpret_cast<const uint16_t*>(packed.data_ptr<c10::BFloat16>());
   float* o_data = out.data_ptr<float>();
-  at::parallel_for(0, packed.size(0), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t first = 0; first < num_rows; first += panel_detail::kChunkRows) {
-      const int64_t count = std::min(panel_detail::kChunkRows, num_rows - first);
-      for (int64_t p = begin; p < end; ++p) {
-        panel_detail::panel_rows(x_data + first * k_size, count, k_size,
-                                 w_data + p * k_size * kPanelColumns,
-                                 b_data ? b_data + p * kPanelColumns : nullptr,
-                                 o_data + first * n_size + p * kPanelColumns, n_size,
-                                 num_rows <= 2);
-      }
-    }
+  panel_detail::for_panel_chunks(packed.size(0), x_rows.rows,
+                                 [&](int64_t first, int64_t rows, int64_t p, auto&) {
+    panel_detail::panel_rows(x_rows.data + first * k_size, rows, k_size,
+                             w_data + p * k_size * kPanelColumns,
+                             b_data ? b_data + p * kPanelColumns : nullptr,
+                             o_data + first * n_size + p * kPanelColumns, n_size,
+                             x_rows.rows <= 2);
   });
   return out;
 #else

@@ -7,8 +7,9 @@
 // the nibbles, convert; integers that small are exact in float32) and go through
 // panel_linear.h's sums, 4 rows x 16 columns in registers, one chain per column from three
 // rows up (a call of one or two rows splits features in two). Past kWidenRows rows in a chunk
-// a tile is widened once into a bf16 panel (panel_linear.h's layout) that every block of rows
-// reads, in the same order, so a row's result does not depend on which path its call took.
+// a tile is widened once into a bf16 panel (panel_linear.h's layout) that blocks of up to 6
+// rows read, in the same order, so a row's result does not depend on which path its call
+// took.
 // The scale and bias (int8) or the groups' scales and zero points (int4) apply to the
 // float32 sums as in the bf16 kernels. Before these, float32 rows went to torch's scalar
 // low-bit kernels or, past one row, rebuilt the float weight per call.
@@ -24,6 +25,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace quiver {
@@ -34,6 +36,7 @@ namespace lowbit_detail {
 struct Int8PairsF32 {  // one int8 tile [K/2, 32]: column j's feature k at byte 2j, k + 1 at 2j + 1
   static constexpr int kFeatures = 2;
   static constexpr int64_t kWidenRows = 4;  // more rows in a chunk: the tile widened first
+  static constexpr int kBlockRows = 4;      // its 4 registers of weights leave room for 4 rows
   const int8_t* data;
   void load(int64_t k, __m256 (&w)[2][2]) const {
     const int8_t* pair = data + k * kPanelColumns;  // feature pair k / 2: 32 bytes
@@ -49,6 +52,7 @@ struct Int8PairsF32 {  // one int8 tile [K/2, 32]: column j's feature k at byte 
 struct Int4PairsF32 {  // one int4 tile [K/2, 16]: column j's feature k in byte j's low nibble
   static constexpr int kFeatures = 2;
   static constexpr int64_t kWidenRows = 16;
+  static constexpr int kBlockRows = 4;
   const uint8_t* data;
   void load(int64_t k, __m256 (&w)[2][2]) const {
     const uint8_t* pair = data + k * (kPanelColumns / 2);  // feature pair k / 2: 16 bytes
@@ -65,8 +69,8 @@ struct Int4PairsF32 {  // one int4 tile [K/2, 16]: column j's feature k in byte 
 // A whole tile as a bf16 panel (panel_pack's layout, [K, 16]) in `widened` (the thread's
 // own): integers this small are exact in bf16, and the bf16 panel (18 KB at K = 576) stays in
 // L1 where a float32 one would not (a float32 panel ran 32 rows at 1.3x this one's time).
-// Packing the top halves of columns 0-7 and 8-15 with `vpackusdw` interleaves them within
-// 128-bit halves: columns 0-3, 8-11, 4-7, 12-15, the order Bf16Panel widens back.
+// Word j holds column j's top half in its low 16 bits and column 8 + j's in its high 16 bits,
+// the order Bf16Panel widens back.
 template <class Source>
 inline panel_detail::Bf16Panel widen_panel(const Source& source, int64_t k_size,
                                            std::vector<uint16_t>& widened) {
@@ -76,9 +80,8 @@ inline panel_detail::Bf16Panel widen_panel(const Source& source, int64_t k_size,
     source.load(k, w);
     for (int f = 0; f < Source::kFeatures; ++f) {
       const __m256i low = _mm256_srli_epi32(_mm256_castps_si256(w[f][0]), 16);
-      const __m256i high = _mm256_srli_epi32(_mm256_castps_si256(w[f][1]), 16);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(widened.data() + (k + f) * kPanelColumns),
-                          _mm256_packus_epi32(low, high));
+                          _mm256_blend_epi16(low, _mm256_castps_si256(w[f][1]), 0xAA));
     }
   }
   return {widened.data()};
@@ -143,7 +146,9 @@ inline at::Tensor int8_linear_float(const at::Tensor& x, const at::Tensor& packe
         const int64_t column = tile * kPanelColumns;
         const __m256 scales[2] = {_mm256_loadu_ps(s_data + column),
                                   _mm256_loadu_ps(s_data + column + 8)};
-        panel_detail::panel_row_blocks(count, num_rows <= 2, [&](auto size, auto split,
+        using Source = std::decay_t<decltype(source)>;
+        panel_detail::panel_row_blocks<Source::kBlockRows>(count, num_rows <= 2,
+                                                           [&](auto size, auto split,
                                                                  int64_t m) {
           constexpr int R = decltype(size)::value;
           __m256 sums[R][2];
@@ -180,7 +185,9 @@ inline at::Tensor int4_linear_float(const at::Tensor& x, const at::Tensor& packe
       packed.data_ptr<uint8_t>(), packed.size(0), k_size * kPanelColumns / 2, k_size, num_rows,
       [&](const auto& source, int64_t first, int64_t count, int64_t tile) {
         const int64_t column = tile * kPanelColumns;
-        panel_detail::panel_row_blocks(count, num_rows <= 2, [&](auto size, auto split,
+        using Source = std::decay_t<decltype(source)>;
+        panel_detail::panel_row_blocks<Source::kBlockRows>(count, num_rows <= 2,
+                                                           [&](auto size, auto split,
                                                                  int64_t m) {
           constexpr int R = decltype(size)::value;
           const int64_t row = first + m;

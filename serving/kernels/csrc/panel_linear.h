@@ -10,11 +10,12 @@
 // half the bytes: a decode step, which streams every weight from memory, reads half as much,
 // and each product is the float32 product oneDNN's float32 GEMM would form. The weight is a
 // sequence of panels of 16 output columns, each input feature's 16 values together (32
-// bytes); interleaving a feature's values with zeros turns them into two registers of
-// float32 in one instruction each (the columns are stored in the order that makes those two
-// registers columns 0-7 and 8-15). A block of up to 4 rows keeps its 4 x 16 sums in 8
-// registers: per feature one weight load and two widenings feed 8 multiply-adds, each row's
-// feature broadcast once. One or two rows split the features between two sets of sums, so
+// bytes, columns j and 8 + j in one 32-bit word); a shift and a mask turn them into two
+// registers of float32, columns 0-7 and 8-15. A block of up to 6 rows keeps its 6 x 16 sums
+// in 12 registers: per feature one weight load and two widenings feed 12 multiply-adds, each
+// row's feature broadcast once — 12 independent chains, enough to keep both FMA units busy
+// through their latency (blocks of 4 rows, 8 chains, ran 32 rows at 1.2-1.3x this time and
+// 512 at 1.4x). One or two rows split the features between two sets of sums, so
 // no chain of dependent multiply-adds sets the pace while the weight streams. A panel (K x 32
 // bytes: 18 KB at K = 576) stays in L1 while the row blocks pass over it; rows go in chunks of
 // 64 so the chunk of x stays in L2; threads split the panels, each reading a contiguous run
@@ -62,18 +63,18 @@ inline bool panel_packable(const at::Tensor& weight) {
 #endif
 }
 
-// [N, K] float32 -> [N/16, K, 16] bf16: panel b, feature k holds columns 16b + {0-3, 8-11,
-// 4-7, 12-15}: the order in which widening a feature's 16 values (two interleavings with
-// zeros, each within 128-bit halves) yields columns 0-7 in one register and 8-15 in the other.
+// [N, K] float32 -> [N/16, K, 16] bf16: panel b, feature k holds columns 16b + j and
+// 16b + 8 + j in 32-bit word j (low and high half), the order in which a shift and a mask
+// widen a feature's 16 values into columns 0-7 in one register and 8-15 in the other.
 inline at::Tensor panel_pack(const at::Tensor& weight) {
   TORCH_CHECK(panel_packable(weight), "panel_pack: needs a float32 [N, K] weight of bf16 values, "
               "N % 16 == 0, on an AVX2 CPU without AVX-512");
   const int64_t n_size = weight.size(0), k_size = weight.size(1);
-  // column 8h + 4q + i (halves h, quarters q) goes to place 8q + 4h + i
+  // column 8h + j (halves h) goes to place 2j + h
   return weight.to(at::kBFloat16)
       .contiguous()
-      .view({n_size / kPanelColumns, 2, 2, 4, k_size})
-      .permute({0, 4, 2, 1, 3})
+      .view({n_size / kPanelColumns, 2, 8, k_size})
+      .permute({0, 3, 2, 1})
       .contiguous()
       .view({n_size / kPanelColumns, k_size, kPanelColumns});
 }
@@ -98,27 +99,32 @@ constexpr int64_t kChunkRows = 64;  // rows of x kept in cache while the panels 
 // columns 8-15 (in the order the source stores them; the caller writes them back in it).
 struct Bf16Panel {  // panel_pack's [K, 16] bf16
   static constexpr int kFeatures = 1;
+  static constexpr int kBlockRows = 6;  // 12 registers of sums, 2 of weights, 1 broadcast
   const uint16_t* data;
   void load(int64_t k, __m256 (&w)[1][2]) const {
-    const __m256i zero = _mm256_setzero_si256();
     const __m256i bits =
         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(data + k * kPanelColumns));
-    w[0][0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, bits));
-    w[0][1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, bits));
+    w[0][0] = _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
+    w[0][1] = _mm256_castsi256_ps(_mm256_and_si256(bits, _mm256_set1_epi32(0xFFFF0000)));
   }
 };
 
 // sums[r] = rows r of x (`k_size` apart) . the panel's columns over features [begin, end),
 // in feature order; kSplit sets of sums take alternate features (a call of one or two rows:
 // no chain of dependent multiply-adds sets the pace while the weight streams), added at the
-// end. R rows: more than 4 spilled registers (5 rows ran 1.3-1.7x slower).
+// end. R rows: up to 6 with one weight register pair (Bf16Panel), 4 with two (the low-bit
+// sources' feature pairs); 16 registers in all.
 template <int R, int kSplit, class Source>
 inline void panel_sums(const float* x, int64_t k_size, const Source& source, int64_t begin,
                        int64_t end, __m256 (&sums)[R][2]) {
   constexpr int kFeatures = Source::kFeatures;
   constexpr int kStep = kFeatures > kSplit ? kFeatures : kSplit;
+  // Every loop over the sums is unrolled: one left rolled keeps them in memory (GCC 12 then
+  // stores all 12 of a 6-row block every feature, at half the speed).
   __m256 acc[kSplit][R][2];
+#pragma GCC unroll 2
   for (int s = 0; s < kSplit; ++s)
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) acc[s][r][0] = acc[s][r][1] = _mm256_setzero_ps();
   int64_t k = begin;
   for (; k + kStep <= end; k += kStep) {
@@ -128,7 +134,7 @@ inline void panel_sums(const float* x, int64_t k_size, const Source& source, int
       source.load(k + j, w);
 #pragma GCC unroll 2
       for (int f = 0; f < kFeatures; ++f) {
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
           const __m256 xv = _mm256_broadcast_ss(x + r * k_size + k + j + f);
           __m256(&a)[2] = acc[(j + f) % kSplit][r];
@@ -143,7 +149,7 @@ inline void panel_sums(const float* x, int64_t k_size, const Source& source, int
     source.load(k, w);
 #pragma GCC unroll 2
     for (int f = 0; f < kFeatures; ++f) {
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const __m256 xv = _mm256_broadcast_ss(x + r * k_size + k + f);
         acc[0][r][0] = _mm256_fmadd_ps(xv, w[f][0], acc[0][r][0]);
@@ -151,9 +157,11 @@ inline void panel_sums(const float* x, int64_t k_size, const Source& source, int
       }
     }
   }
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     sums[r][0] = acc[0][r][0];
     sums[r][1] = acc[0][r][1];
+#pragma GCC unroll 2
     for (int s = 1; s < kSplit; ++s) {
       sums[r][0] = _mm256_add_ps(sums[r][0], acc[s][r][0]);
       sums[r][1] = _mm256_add_ps(sums[r][1], acc[s][r][1]);
@@ -163,22 +171,34 @@ inline void panel_sums(const float* x, int64_t k_size, const Source& source, int
 
 // `block(std::integral_constant<int, R>, std::integral_constant<int, kSplit>, m)` over rows
 // [0, rows) of one panel: a call of one or two rows in all (`alone`) splits their features
-// in two (memory-bound: the weight streams, nothing else waits); any other call runs blocks
-// of 4, then 2 and 1, one chain per column, so a row's sums do not depend on which rows
-// share its call.
-template <class Block>
+// in two (memory-bound: the weight streams, nothing else waits); any other call runs the
+// fewest blocks of at most kMaxRows rows, as even as they come (32 rows: 6, 6, 5, 5, 5, 5 —
+// not five 6s and a 2, whose 4 sums leave the multiply-adds waiting on each other), one
+// chain per column, so a row's sums do not depend on which rows share its call.
+template <int kMaxRows, class Block>
 inline void panel_row_blocks(int64_t rows, bool alone, Block&& block) {
+  static_assert(kMaxRows >= 1 && kMaxRows <= 6, "blocks of 1 to 6 rows");
   using One = std::integral_constant<int, 1>;
   using Two = std::integral_constant<int, 2>;
   if (alone && rows == 1) return block(One{}, Two{}, int64_t{0});
   if (alone && rows == 2) return block(Two{}, Two{}, int64_t{0});
+  const int64_t blocks = (rows + kMaxRows - 1) / kMaxRows;
   int64_t m = 0;
-  for (; m + 4 <= rows; m += 4) block(std::integral_constant<int, 4>{}, One{}, m);
-  if (m + 2 <= rows) {
-    block(Two{}, One{}, m);
-    m += 2;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t size = rows / blocks + (b < rows % blocks ? 1 : 0);
+    auto run = [&](auto r) {
+      if constexpr (decltype(r)::value <= kMaxRows) block(r, One{}, m);
+    };
+    switch (size) {
+      case 1: run(One{}); break;
+      case 2: run(Two{}); break;
+      case 3: run(std::integral_constant<int, 3>{}); break;
+      case 4: run(std::integral_constant<int, 4>{}); break;
+      case 5: run(std::integral_constant<int, 5>{}); break;
+      default: run(std::integral_constant<int, 6>{}); break;
+    }
+    m += size;
   }
-  if (m < rows) block(One{}, One{}, m);
 }
 
 // `chunk_against_panel(first, rows, panel, scratch)` for every chunk of kChunkRows rows and
@@ -209,7 +229,7 @@ inline void store_panel_row(const __m256 (&sums)[2], const float* bias, float* o
 // Every row of a chunk through one bf16 panel, the bias added to the sums.
 inline void panel_rows(const float* x, int64_t rows, int64_t k_size, const uint16_t* panel,
                        const float* bias, float* out, int64_t n_size, bool alone) {
-  panel_row_blocks(rows, alone, [&](auto size, auto split, int64_t m) {
+  panel_row_blocks<Bf16Panel::kBlockRows>(rows, alone, [&](auto size, auto split, int64_t m) {
     constexpr int R = decltype(size)::value;
     __m256 sums[R][2];
     panel_sums<R, decltype(split)::value>(x + m * k_size, k_size, Bf16Panel{panel}, 0, k_size,

@@ -185,14 +185,14 @@ def _bf16_valued(*shape: int, generator: torch.Generator) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("shape", [(16, 80), (960, 576), (576, 1536), (48, 7)])
-@pytest.mark.parametrize("leading", [(1,), (2,), (3,), (5,), (8,), (70,), (2, 9)])
+@pytest.mark.parametrize("leading", [(1,), (2,), (3,), (5,), (8,), (13,), (70,), (2, 9)])
 def test_panel_kernel_is_the_float32_product_of_bf16_weights(cpp_kernels, shape,
                                                               leading) -> None:
     """A float32 weight of bf16 values (a bf16 checkpoint served in float32) packs into bf16
-    panels and panel_linear.h's kernel multiplies float32 rows by it: every row block (4, 2,
-    1; one and two rows with split sums), a second chunk of rows (past 64), an odd row length,
-    3-D and non-contiguous x, with and without a bias — the float32 product, as accurate as
-    float32 sums can be."""
+    panels and panel_linear.h's kernel multiplies float32 rows by it: every row block (6 down
+    to 1 rows; one and two rows with split sums), a second chunk of rows (past 64), an odd
+    row length, 3-D and non-contiguous x, with and without a bias — the float32 product, as
+    accurate as float32 sums can be."""
     _panels_or_skip()
     out_features, in_features = shape
     generator = torch.Generator().manual_seed(out_features + in_features + sum(leading))
@@ -210,16 +210,17 @@ def test_panel_kernel_is_the_float32_product_of_bf16_weights(cpp_kernels, shape,
         assert ((output.double() - exact).abs() <= scale * in_features * 2.0**-23).all()
 
 
-def test_panel_kernel_answers_a_row_alike_in_blocks_of_four(cpp_kernels) -> None:
+def test_panel_kernel_answers_a_row_alike_in_any_block(cpp_kernels) -> None:
     """From three rows up a row's sums run in one chain per column in feature order: a
-    row's outputs are the same whichever block of rows, or chunk of 64, it is in."""
+    row's outputs are the same whichever block of rows (6 down to 1), or chunk of 64, it is
+    in."""
     _panels_or_skip()
     generator = torch.Generator().manual_seed(5)
     weight = _bf16_valued(64, 576, generator=generator)
     x = torch.randn(40, 576, generator=generator)
     torch.ops.quiver.pack_linear_weight(weight, 1)
     whole = torch.ops.quiver.linear(x, weight, None)
-    for first, rows in [(0, 3), (5, 4), (7, 13), (17, 23)]:
+    for first, rows in [(0, 3), (5, 4), (7, 13), (17, 23), (1, 5), (3, 6), (2, 32)]:
         part = torch.ops.quiver.linear(x[first:first + rows], weight, None)
         assert torch.equal(part, whole[first:first + rows]), (first, rows)
     # 66 rows: a second chunk of two rows keeps the one-chain sums of a longer call
@@ -286,7 +287,8 @@ def test_int8_linear_is_the_scaled_integer_product(cpp_kernels, in_features, lea
     length. bf16 rows: float32 sums rounded to bf16 once (blocks of 16, 8, 4, 2 and 1 rows;
     past 16, pairs of tiles widened into the bf16 tile kernel's blocks, in chunks of 256
     rows, the odd third tile of the 48 columns on its own). float32 rows: one or two rows
-    alone, blocks of 4, 2, 1, past 4 rows a chunk's tile widened first, chunks of 64."""
+    alone, blocks of up to 4 from the packing, past 4 rows a chunk's tile widened first and
+    blocks of up to 6, chunks of 64."""
     generator = torch.Generator().manual_seed(in_features + len(leading))
     values = torch.randint(-127, 128, (48, in_features), dtype=torch.int8, generator=generator)
     scale = torch.rand(48, generator=generator) * 0.02
@@ -320,7 +322,8 @@ def test_int4_linear_applies_group_scales_and_offsets_exactly(cpp_kernels, group
     row block. bf16 rows: float32 sums rounded to bf16 once (8, 4, 2, 1 rows; past 16 rows,
     pairs of tiles widened into blocks of 32 columns, 4, 2 and 1 rows at a time, in chunks
     of 256 rows, the odd third tile of the 48 columns on its own). float32 rows: one or two
-    alone, blocks of 4, 2, 1, past 16 rows a chunk's tile widened first, chunks of 64."""
+    alone, blocks of up to 4 from the packing, past 16 rows a chunk's tile widened first and
+    blocks of up to 6, chunks of 64."""
     generator = torch.Generator().manual_seed(group_size + len(leading))
     in_features = group_size * (3 if group_size < 256 else 2)
     unsigned = torch.randint(0, 16, (48, in_features), generator=generator)

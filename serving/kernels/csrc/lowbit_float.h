@@ -40,6 +40,7 @@ struct Int8PairsF32 {  // one int8 tile [K/2, 32]: column j's feature k at byte 
   const int8_t* data;
   void load(int64_t k, __m256 (&w)[2][2]) const {
     const int8_t* pair = data + k * kPanelColumns;  // feature pair k / 2: 32 bytes
+#pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {  // columns 8h to 8h + 7, both features, as 16-bit lanes
       const __m256i halves = _mm256_cvtepi8_epi16(
           _mm_loadu_si128(reinterpret_cast<const __m128i*>(pair + 16 * h)));
@@ -57,6 +58,7 @@ struct Int4PairsF32 {  // one int4 tile [K/2, 16]: column j's feature k in byte 
   void load(int64_t k, __m256 (&w)[2][2]) const {
     const uint8_t* pair = data + k * (kPanelColumns / 2);  // feature pair k / 2: 16 bytes
     const __m256i nibble = _mm256_set1_epi32(0xF);
+#pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
       const __m256i lanes = _mm256_cvtepu8_epi32(
           _mm_loadl_epi64(reinterpret_cast<const __m128i*>(pair + 8 * h)));
@@ -78,6 +80,7 @@ inline panel_detail::Bf16Panel widen_panel(const Source& source, int64_t k_size,
   for (int64_t k = 0; k < k_size; k += Source::kFeatures) {
     __m256 w[Source::kFeatures][2];
     source.load(k, w);
+#pragma GCC unroll 2
     for (int f = 0; f < Source::kFeatures; ++f) {
       const __m256i low = _mm256_srli_epi32(_mm256_castps_si256(w[f][0]), 16);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(widened.data() + (k + f) * kPanelColumns),
@@ -154,7 +157,9 @@ inline at::Tensor int8_linear_float(const at::Tensor& x, const at::Tensor& packe
           __m256 sums[R][2];
           panel_detail::panel_sums<R, decltype(split)::value>(
               x_data + (first + m) * k_size, k_size, source, 0, k_size, sums);
+#pragma GCC unroll 8
           for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 2
             for (int h = 0; h < 2; ++h) {
               const __m256 biases = b_data ? _mm256_loadu_ps(b_data + column + 8 * h)
                                            : _mm256_setzero_ps();
@@ -192,15 +197,18 @@ inline at::Tensor int4_linear_float(const at::Tensor& x, const at::Tensor& packe
           constexpr int R = decltype(size)::value;
           const int64_t row = first + m;
           __m256 y[R][2];
+#pragma GCC unroll 8
           for (int r = 0; r < R; ++r) y[r][0] = y[r][1] = _mm256_setzero_ps();
           for (int64_t g = 0; g < groups; ++g) {
             __m256 sums[R][2];
             panel_detail::panel_sums<R, decltype(split)::value>(
                 x_data + row * k_size, k_size, source, g * group_size, (g + 1) * group_size,
                 sums);
+#pragma GCC unroll 2
             for (int h = 0; h < 2; ++h) {
               const __m256 s = _mm256_loadu_ps(s_data + g * n_size + column + 8 * h);
               const __m256 o = _mm256_loadu_ps(f_data + g * n_size + column + 8 * h);
+#pragma GCC unroll 8
               for (int r = 0; r < R; ++r) {
                 y[r][h] = _mm256_fmadd_ps(sums[r][h], s, y[r][h]);
                 y[r][h] = _mm256_fmadd_ps(_mm256_set1_ps(sums_of_x[(row + r) * groups + g]), o,
@@ -208,7 +216,9 @@ inline at::Tensor int4_linear_float(const at::Tensor& x, const at::Tensor& packe
               }
             }
           }
+#pragma GCC unroll 8
           for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 2
             for (int h = 0; h < 2; ++h) {
               _mm256_storeu_ps(o_data + (row + r) * n_size + column + 8 * h, y[r][h]);
             }

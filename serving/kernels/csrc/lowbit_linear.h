@@ -171,13 +171,17 @@ inline void int8_tile_rows(const uint16_t* x, int64_t k_size, const void* tile,
                            int64_t out_stride) {
   constexpr int kSets = kAccumulatorSets<M>;
   __m512 acc[kSets][M];
+#pragma GCC unroll 4
   for (int s = 0; s < kSets; ++s)
+#pragma GCC unroll 16
     for (int m = 0; m < M; ++m) acc[s][m] = _mm512_setzero_ps();
   const int64_t pairs = k_size / 2;
   int64_t p = 0;
   for (; p + kSets <= pairs; p += kSets) {
+#pragma GCC unroll 4
     for (int s = 0; s < kSets; ++s) {
       const __m512bh w = tile_pairs<Int8Pairs, kWidened>(tile, p + s);
+#pragma GCC unroll 16
       for (int m = 0; m < M; ++m) {
         acc[s][m] = _mm512_dpbf16_ps(acc[s][m], broadcast_pair(x + m * k_size + 2 * (p + s)), w);
       }
@@ -185,14 +189,17 @@ inline void int8_tile_rows(const uint16_t* x, int64_t k_size, const void* tile,
   }
   for (; p < pairs; ++p) {
     const __m512bh w = tile_pairs<Int8Pairs, kWidened>(tile, p);
+#pragma GCC unroll 16
     for (int m = 0; m < M; ++m) {
       acc[0][m] = _mm512_dpbf16_ps(acc[0][m], broadcast_pair(x + m * k_size + 2 * p), w);
     }
   }
   const __m512 scales = _mm512_loadu_ps(scale);
   const __m512 biases = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+#pragma GCC unroll 16
   for (int m = 0; m < M; ++m) {
     __m512 sum = acc[0][m];
+#pragma GCC unroll 4
     for (int s = 1; s < kSets; ++s) sum = _mm512_add_ps(sum, acc[s][m]);
     const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_fmadd_ps(sum, scales, biases));
     std::memcpy(out + m * out_stride, &rounded, sizeof(rounded));  // nearest even
@@ -297,16 +304,21 @@ inline void int4_tile_rows(const uint16_t* x, int64_t k_size, const void* tile,
   constexpr int kSets = kAccumulatorSets<M>;
   const int64_t groups = k_size / (2 * group_pairs);
   __m512 y[M];
+#pragma GCC unroll 16
   for (int m = 0; m < M; ++m) y[m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     __m512 acc[kSets][M];
+#pragma GCC unroll 4
     for (int s = 0; s < kSets; ++s)
+#pragma GCC unroll 16
       for (int m = 0; m < M; ++m) acc[s][m] = _mm512_setzero_ps();
     const int64_t first = g * group_pairs, end = first + group_pairs;
     int64_t p = first;
     for (; p + kSets <= end; p += kSets) {
+#pragma GCC unroll 4
       for (int s = 0; s < kSets; ++s) {
         const __m512bh w = tile_pairs<Int4Pairs, kWidened>(tile, p + s);
+#pragma GCC unroll 16
         for (int m = 0; m < M; ++m) {
           acc[s][m] = _mm512_dpbf16_ps(acc[s][m], broadcast_pair(x + m * k_size + 2 * (p + s)),
                                        w);
@@ -315,19 +327,23 @@ inline void int4_tile_rows(const uint16_t* x, int64_t k_size, const void* tile,
     }
     for (; p < end; ++p) {
       const __m512bh w = tile_pairs<Int4Pairs, kWidened>(tile, p);
+#pragma GCC unroll 16
       for (int m = 0; m < M; ++m) {
         acc[0][m] = _mm512_dpbf16_ps(acc[0][m], broadcast_pair(x + m * k_size + 2 * p), w);
       }
     }
     const __m512 scales = _mm512_loadu_ps(scale + g * n_size);
     const __m512 offsets = _mm512_loadu_ps(offset + g * n_size);
+#pragma GCC unroll 16
     for (int m = 0; m < M; ++m) {
       __m512 sum = acc[0][m];
+#pragma GCC unroll 4
       for (int s = 1; s < kSets; ++s) sum = _mm512_add_ps(sum, acc[s][m]);
       y[m] = _mm512_fmadd_ps(sum, scales, y[m]);
       y[m] = _mm512_fmadd_ps(_mm512_set1_ps(group_sums[m * groups + g]), offsets, y[m]);
     }
   }
+#pragma GCC unroll 16
   for (int m = 0; m < M; ++m) {
     const __m256bh rounded = _mm512_cvtneps_pbh(y[m]);
     std::memcpy(out + m * n_size, &rounded, sizeof(rounded));  // nearest even
@@ -343,21 +359,26 @@ inline void int4_block_rows(const uint16_t* x, int64_t k_size, const uint16_t* b
                             int64_t n_size, const float* group_sums, c10::BFloat16* out) {
   const int64_t groups = k_size / (2 * group_pairs);
   __m512 y[M][2];
+#pragma GCC unroll 16
   for (int m = 0; m < M; ++m) y[m][0] = y[m][1] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     __m512 acc[M][2];
     tile_detail::pair_sums<M>(x, k_size, block, g * group_pairs, (g + 1) * group_pairs, acc);
     const float* scales = scale + g * n_size;
     const float* offsets = offset + g * n_size;
+#pragma GCC unroll 2
     for (int t = 0; t < 2; ++t) {
       const __m512 s = _mm512_loadu_ps(scales + 16 * t), o = _mm512_loadu_ps(offsets + 16 * t);
+#pragma GCC unroll 16
       for (int m = 0; m < M; ++m) {
         y[m][t] = _mm512_fmadd_ps(acc[m][t], s, y[m][t]);
         y[m][t] = _mm512_fmadd_ps(_mm512_set1_ps(group_sums[m * groups + g]), o, y[m][t]);
       }
     }
   }
+#pragma GCC unroll 16
   for (int m = 0; m < M; ++m) {
+#pragma GCC unroll 2
     for (int t = 0; t < 2; ++t) {
       const __m256bh rounded = _mm512_cvtneps_pbh(y[m][t]);
       std::memcpy(out + m * n_size + 16 * t, &rounded, sizeof(rounded));  // nearest even

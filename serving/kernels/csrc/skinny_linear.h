@@ -74,12 +74,16 @@ inline void dot_row(const uint16_t* x, const uint16_t* w, int64_t k_size, float 
                     c10::BFloat16* out, int64_t out_stride) {
   constexpr int kAccumulators = 4;
   __m512 acc[M][kAccumulators];
+#pragma GCC unroll 2
   for (int m = 0; m < M; ++m)
+#pragma GCC unroll 4
     for (int a = 0; a < kAccumulators; ++a) acc[m][a] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + kAccumulators * kChunk <= k_size; k += kAccumulators * kChunk) {
+#pragma GCC unroll 4
     for (int a = 0; a < kAccumulators; ++a) {
       const __m512i wv = _mm512_loadu_si512(w + k + a * kChunk);
+#pragma GCC unroll 2
       for (int m = 0; m < M; ++m) {
         acc[m][a] = dot_chunk(acc[m][a], _mm512_loadu_si512(x + m * k_size + k + a * kChunk),
                               wv);
@@ -90,12 +94,15 @@ inline void dot_row(const uint16_t* x, const uint16_t* w, int64_t k_size, float 
     const int64_t left = std::min<int64_t>(kChunk, k_size - k);
     const __mmask32 mask = left == kChunk ? ~0u : (1u << left) - 1u;
     const __m512i wv = _mm512_maskz_loadu_epi16(mask, w + k);
+#pragma GCC unroll 2
     for (int m = 0; m < M; ++m) {
       acc[m][0] = dot_chunk(acc[m][0], _mm512_maskz_loadu_epi16(mask, x + m * k_size + k), wv);
     }
   }
+#pragma GCC unroll 2
   for (int m = 0; m < M; ++m) {
     __m512 sum = acc[m][0];
+#pragma GCC unroll 4
     for (int a = 1; a < kAccumulators; ++a) sum = _mm512_add_ps(sum, acc[m][a]);
     out[m * out_stride] = c10::BFloat16(_mm512_reduce_add_ps(sum) + bias);  // nearest even
   }

@@ -5,6 +5,9 @@ bf16 kernels by `ONEDNN_MAX_CPU_ISA`; both can be capped below what this CPU has
 raised above it). Each level runs `pytest -m isa` (the modules marked as depending on
 kernels and rounding) in a fresh process with both caps set, so a developer on an AMX Xeon
 sees what an AVX2-only EPYC would, and the other way round as far as the hardware allows.
+Quiver's own C++ kernels are built for the host (`-march=native`); on a CPU with AVX-512 the
+avx2 level builds them for `x86-64-v3` too (`QUIVER_KERNEL_MARCH`, cached beside the native
+build), so their AVX2-only code — float32 panels, 8-lane attention — runs there as well.
 
     python scripts/isa_matrix.py [--levels avx2,avx512,avx512_bf16,amx] [-- PYTEST_ARGS]
 
@@ -31,14 +34,22 @@ class IsaLevel:
     aten: str  # ATEN_CPU_CAPABILITY
     onednn: str  # ONEDNN_MAX_CPU_ISA
     needs: frozenset[str]  # /proc/cpuinfo flags the level needs
+    kernel_march: str = ""  # QUIVER_KERNEL_MARCH where the host has AVX-512 (else native)
 
     @property
     def env(self) -> dict[str, str]:
         return {"ATEN_CPU_CAPABILITY": self.aten, "ONEDNN_MAX_CPU_ISA": self.onednn}
 
+    def env_on(self, host_flags: set[str]) -> dict[str, str]:
+        """The caps, and the kernels' target where the host's own would skip this level's
+        code (a native build on an AVX-512 CPU has no AVX2-only paths)."""
+        if self.kernel_march and "avx512f" in host_flags:
+            return {**self.env, "QUIVER_KERNEL_MARCH": self.kernel_march}
+        return self.env
+
 
 LEVELS = [
-    IsaLevel("avx2", "avx2", "AVX2", frozenset({"avx2"})),
+    IsaLevel("avx2", "avx2", "AVX2", frozenset({"avx2"}), kernel_march="x86-64-v3"),
     IsaLevel("avx512", "avx512", "AVX512_CORE", frozenset({"avx512f"})),
     IsaLevel("avx512_bf16", "avx512", "AVX512_CORE_BF16", frozenset({"avx512_bf16"})),
     IsaLevel("amx", "avx512", "AVX512_CORE_AMX", frozenset({"amx_bf16", "amx_tile"})),
@@ -67,11 +78,12 @@ def with_isa_marker(pytest_args: list[str]) -> list[str]:
 def run_level(level: IsaLevel, pytest_args: list[str]) -> tuple[int, float]:
     command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
                *with_isa_marker(pytest_args)]
-    print(f"\n=== {level.name}: {' '.join(f'{k}={v}' for k, v in level.env.items())} "
+    env = level.env_on(cpu_flags())
+    print(f"\n=== {level.name}: {' '.join(f'{k}={v}' for k, v in env.items())} "
           f"{' '.join(repr(part) if ' ' in part else part for part in command[1:])}",
           flush=True)
     began = time.monotonic()
-    returncode = subprocess.call(command, cwd=ROOT, env={**os.environ, **level.env})
+    returncode = subprocess.call(command, cwd=ROOT, env={**os.environ, **env})
     return returncode, time.monotonic() - began
 
 

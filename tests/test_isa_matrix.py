@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,3 +33,34 @@ def test_levels_cap_both_torch_and_onednn_and_need_the_hosts_flags():
     assert levels["avx2"].env == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
     assert levels["amx"].needs == {"amx_bf16", "amx_tile"}
     assert "avx2" in isa_matrix.cpu_flags()  # every host this project supports has AVX2
+
+
+def test_the_avx2_level_builds_the_kernels_for_avx2_on_an_avx512_host():
+    """A native build on an AVX-512 CPU has no AVX2-only kernel code (float32 panels, 8-lane
+    attention): there the avx2 level asks for an x86-64-v3 build; an AVX2 host's own build
+    already is one, and the other levels keep the native build."""
+    isa_matrix = load_script()
+    levels = {level.name: level for level in isa_matrix.LEVELS}
+    avx512_host = {"avx2", "fma", "avx512f", "avx512_bf16"}
+    assert levels["avx2"].env_on(avx512_host) == {
+        "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "QUIVER_KERNEL_MARCH": "x86-64-v3"}
+    assert levels["avx2"].env_on({"avx2", "fma"}) == levels["avx2"].env
+    assert "QUIVER_KERNEL_MARCH" not in levels["avx512_bf16"].env_on(avx512_host)
+
+
+def test_an_x86_64_v3_kernel_target_has_the_avx2_panel_kernel(monkeypatch):
+    """`QUIVER_KERNEL_MARCH` decides what the library holds, whatever the host: x86-64-v3
+    has the float32 panel kernel, an AVX-512 target does not; each is its own cache entry."""
+    from serving.kernels import build
+
+    if shutil.which(build.compiler()) is None:
+        pytest.skip(f"no C++ compiler ({build.compiler()}) to ask for its target's macros")
+    keys = {}
+    for march, panels in (("x86-64-v3", True), ("skylake-avx512", False)):
+        monkeypatch.setenv("QUIVER_KERNEL_MARCH", march)
+        assert build.target_arch() == march
+        assert f"-march={march}" in build.compile_flags()
+        assert build.builds_panel_kernel() is panels
+        keys[march] = build.cache_key()
+    assert keys["x86-64-v3"] != keys["skylake-avx512"]

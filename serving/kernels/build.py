@@ -1,8 +1,10 @@
 """Build Quiver's C++ CPU kernels once per host and load them, or say why not.
 
 The library is compiled with the host's C++ compiler (`CXX`, else `c++`) against the running
-torch, for this CPU (`-march=native`), and cached under `<cache_dir>/kernels/<key>/`, where
-the key hashes the sources, the compiler's version, torch's version and the CPU's flags: a
+torch, for this CPU (`-march=native`; `QUIVER_KERNEL_MARCH` names another target, e.g.
+`x86-64-v3` so an AVX-512 host builds and tests the AVX2 code paths), and cached under
+`<cache_dir>/kernels/<key>/`, where the key hashes the sources, the compiler's version,
+torch's version, the target and the CPU's flags: a
 restart loads it in milliseconds, and a cache dir shared by different hosts or torch
 versions never hands one of them the wrong binary. Builds take a file lock, so two servers
 starting together build once. A missing or failing compiler is not an error: `load_cpu_kernels`
@@ -20,6 +22,7 @@ import subprocess
 import sysconfig
 import tempfile
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -61,11 +64,16 @@ def compiler() -> str:
     return os.environ.get("CXX") or "c++"
 
 
+def target_arch() -> str:
+    """The `-march` the kernels are built for: this CPU unless `QUIVER_KERNEL_MARCH` says."""
+    return os.environ.get("QUIVER_KERNEL_MARCH", "").strip() or "native"
+
+
 def compile_flags() -> list[str]:
     from torch.utils import cpp_extension
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    return ["-fPIC", "-std=c++17", "-O3", "-march=native", "-fopenmp",
+    return ["-fPIC", "-std=c++17", "-O3", f"-march={target_arch()}", "-fopenmp",
             "-DTORCH_ASSERT_ONLY_METHOD_OPERATORS", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
             *(f"-I{path}" for path in cpp_extension.include_paths()),
             f"-I{sysconfig.get_paths()['include']}"]
@@ -84,6 +92,7 @@ def cache_key() -> str:
         digest.update(source.read_bytes())
     digest.update(torch.__version__.encode())
     digest.update(_compiler_version().encode())
+    digest.update(target_arch().encode())
     digest.update(_cpu_flags().encode())
     return digest.hexdigest()[:16]
 
@@ -167,10 +176,23 @@ def _compiler_version() -> str:
 
 
 def builds_panel_kernel() -> bool:
-    """Whether the library built here (-march=native) has `csrc/panel_linear.h`'s kernel: the
-    CPU has AVX2 and FMA but not AVX-512."""
-    flags = set(_cpu_flags().split())
-    return {"avx2", "fma"} <= flags and "avx512f" not in flags
+    """Whether the library built here has `csrc/panel_linear.h`'s kernel: its target has AVX2
+    and FMA but not AVX-512 (an AVX2-only CPU, or `QUIVER_KERNEL_MARCH=x86-64-v3`)."""
+    macros = _target_macros(target_arch())
+    return {"__AVX2__", "__FMA__"} <= macros and "__AVX512F__" not in macros
+
+
+@lru_cache(maxsize=4)
+def _target_macros(march: str) -> frozenset[str]:
+    """The macros the compiler defines for `-march=march` (empty: no working compiler)."""
+    try:
+        result = subprocess.run([compiler(), f"-march={march}", "-dM", "-E",
+                                 "-x", "c++", "/dev/null"], capture_output=True, text=True,
+                                timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return frozenset()
+    return frozenset(line.split()[1] for line in result.stdout.splitlines()
+                     if line.startswith("#define __") and len(line.split()) >= 2)
 
 
 def _cpu_flags() -> str:

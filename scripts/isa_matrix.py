@@ -41,11 +41,12 @@ class IsaLevel:
         return {"ATEN_CPU_CAPABILITY": self.aten, "ONEDNN_MAX_CPU_ISA": self.onednn}
 
     def env_on(self, host_flags: set[str]) -> dict[str, str]:
-        """The caps, and the kernels' target where the host's own would skip this level's
-        code (a native build on an AVX-512 CPU has no AVX2-only paths)."""
+        """The caps and the kernels' target: this level's own where the host's build would
+        skip its code (a native build on an AVX-512 CPU has no AVX2-only paths), else the
+        host's (an empty value: a target exported in the shell does not leak in)."""
         if self.kernel_march and "avx512f" in host_flags:
             return {**self.env, "QUIVER_KERNEL_MARCH": self.kernel_march}
-        return self.env
+        return {**self.env, "QUIVER_KERNEL_MARCH": ""}
 
 
 LEVELS = [

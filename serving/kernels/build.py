@@ -4,11 +4,11 @@ The library is compiled with the host's C++ compiler (`CXX`, else `c++`) against
 torch, for this CPU (`-march=native`; `QUIVER_KERNEL_MARCH` names another target, e.g.
 `x86-64-v3` so an AVX-512 host builds and tests the AVX2 code paths), and cached under
 `<cache_dir>/kernels/<key>/`, where the key hashes the sources, the compiler's version,
-torch's version, the target and the CPU's flags: a
-restart loads it in milliseconds, and a cache dir shared by different hosts or torch
-versions never hands one of them the wrong binary. Builds take a file lock, so two servers
-starting together build once. A missing or failing compiler is not an error: `load_cpu_kernels`
-returns None with the reason, and the engine runs its pure-torch fallback.
+torch's version, the target and the CPU's flags: a restart loads it in milliseconds, and a
+cache dir shared by different hosts or torch versions never hands one of them the wrong
+binary. Builds take a file lock, so two servers starting together build once. A missing or
+failing compiler is not an error: `load_cpu_kernels` returns None with the reason, and the
+engine runs its pure-torch fallback.
 """
 
 from __future__ import annotations
@@ -178,17 +178,22 @@ def _compiler_version() -> str:
 def builds_panel_kernel() -> bool:
     """Whether the library built here has `csrc/panel_linear.h`'s kernel: its target has AVX2
     and FMA but not AVX-512 (an AVX2-only CPU, or `QUIVER_KERNEL_MARCH=x86-64-v3`)."""
-    macros = _target_macros(target_arch())
+    macros = target_macros()
     return {"__AVX2__", "__FMA__"} <= macros and "__AVX512F__" not in macros
 
 
-@lru_cache(maxsize=4)
-def _target_macros(march: str) -> frozenset[str]:
-    """The macros the compiler defines for `-march=march` (empty: no working compiler)."""
+def target_macros(march: str | None = None) -> frozenset[str]:
+    """The macros the compiler defines for `-march=march` (default: the kernels' target);
+    empty where the compiler is missing or refuses the target."""
+    return _target_macros(compiler(), march or target_arch())
+
+
+@lru_cache(maxsize=8)
+def _target_macros(cxx: str, march: str) -> frozenset[str]:
     try:
-        result = subprocess.run([compiler(), f"-march={march}", "-dM", "-E",
-                                 "-x", "c++", "/dev/null"], capture_output=True, text=True,
-                                timeout=30, check=True)
+        result = subprocess.run([cxx, f"-march={march}", "-dM", "-E", "-x", "c++",
+                                 "/dev/null"], capture_output=True, text=True, timeout=30,
+                                check=True)
     except (OSError, subprocess.SubprocessError):
         return frozenset()
     return frozenset(line.split()[1] for line in result.stdout.splitlines()

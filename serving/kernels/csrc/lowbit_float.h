@@ -5,8 +5,8 @@
 // float32 rows. The same packed tiles serve them: a feature pair's 16 columns widen to
 // float32 in registers (int8: sign-extend, split the pair, convert; int4: zero-extend, split
 // the nibbles, convert; integers that small are exact in float32) and go through
-// panel_linear.h's sums, 4 rows x 16 columns in registers, one chain per column from three
-// rows up (a call of one or two rows splits features in two). Past kWidenRows rows in a chunk
+// panel_linear.h's sums, up to 4 rows x 16 columns in registers, one chain per column from
+// three rows up (a call of one or two rows splits features in two). Past kWidenRows rows in a chunk
 // a tile is widened once into a bf16 panel (panel_linear.h's layout) that blocks of up to 6
 // rows read, in the same order, so a row's result does not depend on which path its call
 // took.

@@ -211,7 +211,7 @@ struct CachedRows {
   const scalar_t* cache;  // the half's [num_slots, KV, D], offset to this KV head
   const int64_t* table;
   int64_t seq_len, block_size, row_size;
-  int block_shift;  // log2(block_size) where it is a power of two, else -1
+  int block_shift = -1;  // log2(block_size) where it is a power of two, else -1 (divide)
 
   // A position's block and place in it: a shift and a mask for the usual power-of-two block
   // size (a 64-bit division costs up to ~45 cycles, as much as a block of 8 positions' dot

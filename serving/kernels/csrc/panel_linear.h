@@ -20,9 +20,10 @@
 // bytes: 18 KB at K = 576) stays in L1 while the row blocks pass over it; rows go in chunks of
 // 64 so the chunk of x stays in L2; threads split the panels, each reading a contiguous run
 // of the packed weight. Sums are float32 in feature order per row (two halves at one or two
-// rows), the bias added last. Packed only where the CPU has AVX2 but not AVX-512: there
-// `auto` picks bf16 (oneDNN has bf16 kernels), and oneDNN's float32 GEMM with twice the
-// vector width was not measured against this kernel.
+// rows), the bias added last. Packed only where the library's target (-march: the CPU, or
+// QUIVER_KERNEL_MARCH) has AVX2 but not AVX-512; with AVX-512 `auto` picks bf16 (oneDNN has
+// bf16 kernels), and oneDNN's float32 GEMM with twice the vector width was not measured
+// against this kernel.
 
 #pragma once
 
@@ -49,7 +50,7 @@ namespace quiver {
 constexpr int64_t kPanelColumns = 16;  // output columns a panel: two AVX2 registers of sums
 
 // Whether `panel_pack` takes this weight: float32 [N, K], N a multiple of 16, every value a
-// bf16 number (its low 16 bits zero), on a CPU the kernel was built for (AVX2, no AVX-512).
+// bf16 number (its low 16 bits zero), in a library built for AVX2 without AVX-512.
 inline bool panel_packable(const at::Tensor& weight) {
 #if defined(QUIVER_PANELS)
   if (weight.scalar_type() != at::kFloat || weight.dim() != 2 || !weight.device().is_cpu() ||
@@ -68,7 +69,7 @@ inline bool panel_packable(const at::Tensor& weight) {
 // widen a feature's 16 values into columns 0-7 in one register and 8-15 in the other.
 inline at::Tensor panel_pack(const at::Tensor& weight) {
   TORCH_CHECK(panel_packable(weight), "panel_pack: needs a float32 [N, K] weight of bf16 values, "
-              "N % 16 == 0, on an AVX2 CPU without AVX-512");
+              "N % 16 == 0, in a library built for AVX2 without AVX-512");
   const int64_t n_size = weight.size(0), k_size = weight.size(1);
   // column 8h + j (halves h) goes to place 2j + h
   return weight.to(at::kBFloat16)
@@ -105,7 +106,8 @@ struct Bf16Panel {  // panel_pack's [K, 16] bf16
     const __m256i bits =
         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(data + k * kPanelColumns));
     w[0][0] = _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
-    w[0][1] = _mm256_castsi256_ps(_mm256_and_si256(bits, _mm256_set1_epi32(0xFFFF0000)));
+    const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+    w[0][1] = _mm256_castsi256_ps(_mm256_and_si256(bits, high));
   }
 };
 
@@ -186,6 +188,7 @@ inline void panel_row_blocks(int64_t rows, bool alone, Block&& block) {
   int64_t m = 0;
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t size = rows / blocks + (b < rows % blocks ? 1 : 0);
+    TORCH_INTERNAL_ASSERT(size >= 1 && size <= kMaxRows, "a block of ", size, " rows");
     auto run = [&](auto r) {
       if constexpr (decltype(r)::value <= kMaxRows) block(r, One{}, m);
     };
@@ -195,7 +198,7 @@ inline void panel_row_blocks(int64_t rows, bool alone, Block&& block) {
       case 3: run(std::integral_constant<int, 3>{}); break;
       case 4: run(std::integral_constant<int, 4>{}); break;
       case 5: run(std::integral_constant<int, 5>{}); break;
-      default: run(std::integral_constant<int, 6>{}); break;
+      case 6: run(std::integral_constant<int, 6>{}); break;
     }
     m += size;
   }

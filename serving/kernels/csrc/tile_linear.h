@@ -46,7 +46,8 @@ namespace quiver {
 constexpr int64_t kTileColumns = 32;  // output columns a block: two registers of float sums
 
 // Whether `tile_pack` takes this weight: bf16 [N, K] with N a multiple of 32 and K even, on a
-// CPU the kernel was built for (the library is built with -march=native).
+// CPU the kernel was built for (the library's -march: the CPU's own unless
+// QUIVER_KERNEL_MARCH names another).
 inline bool tile_packable(const at::Tensor& weight) {
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
   return weight.scalar_type() == at::kBFloat16 && weight.dim() == 2 && weight.device().is_cpu() &&

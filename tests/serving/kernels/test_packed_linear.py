@@ -175,8 +175,9 @@ def test_tiles_can_be_switched_off_for_later_packs(cpp_kernels) -> None:
 
 def _panels_or_skip() -> None:
     if not builds_panel_kernel():
-        pytest.skip("the panel kernel is built for CPUs with AVX2 + FMA but not AVX-512 "
-                    "(where --dtype auto runs bf16); this one is not")
+        pytest.skip("the panel kernel is built for targets with AVX2 + FMA but not AVX-512 "
+                    "(where --dtype auto runs bf16); this library's target (this CPU, or "
+                    "QUIVER_KERNEL_MARCH) is not one")
 
 
 def _bf16_valued(*shape: int, generator: torch.Generator) -> torch.Tensor:

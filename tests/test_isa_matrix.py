@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.file_modules import load_file_module
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("isa_matrix", ROOT / "scripts/isa_matrix.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("isa_matrix", module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_file_module(Path("scripts/isa_matrix.py"), "isa_matrix")
 
 
 def test_a_marker_expression_is_anded_with_isa():

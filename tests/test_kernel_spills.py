@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.file_modules import load_file_module
 
 ASSEMBLY = """\
 _Z9spillsv:
@@ -34,12 +32,7 @@ _Z8cleanv:
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("kernel_spills",
-                                                  ROOT / "scripts/kernel_spills.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("kernel_spills", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_file_module(Path("scripts/kernel_spills.py"), "kernel_spills")
 
 
 def test_only_self_looping_blocks_that_store_sums_are_reported():

@@ -4,13 +4,12 @@ real traffic is test_stack.py's job."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import promql_parser
 import pytest
 
+from tests.file_modules import load_file_module
 from tests.monitoring.promql import (
     DASHBOARDS,
     MONITORING,
@@ -21,12 +20,7 @@ from tests.monitoring.promql import (
 
 
 def load_generator():
-    path = MONITORING / "grafana" / "generate.py"
-    spec = importlib.util.spec_from_file_location("quiver_dashboards", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_file_module(MONITORING / "grafana" / "generate.py", "quiver_dashboards")
 
 
 def test_the_three_dashboards_are_current_with_their_generator():

@@ -97,7 +97,7 @@ constexpr int64_t kChunkRows = 64;  // rows of x kept in cache while the panels 
 
 // A panel's weights as the sums below read them: `load(k, w)` turns features k to
 // k + kFeatures - 1 of the panel's 16 columns into float32, w[f][0] columns 0-7 and w[f][1]
-// columns 8-15 (in the order the source stores them; the caller writes them back in it).
+// columns 8-15, in column order (the order of the output row).
 struct Bf16Panel {  // panel_pack's [K, 16] bf16
   static constexpr int kFeatures = 1;
   static constexpr int kBlockRows = 6;  // 12 registers of sums, 2 of weights, 1 broadcast

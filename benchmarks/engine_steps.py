@@ -19,6 +19,9 @@ Variants:
   panel layouts (`quiver::set_linear_tiles(False)` while it loads) and the one-or-two-row kernel
   switched off (`quiver::set_skinny_max_rows(0)` around its runs): oneDNN takes every
   projection.
+- `dynamo-guards`: the default engine (the same one) with dynamo checking the compiled
+  graphs' guards on every block call instead of once per block and step size
+  (`serving.models.graph_dispatch`).
 - `eager`: `--enforce-eager` (its own runner: C++ kernels, no compiled graphs; on CUDA no
   CUDA graphs).
 - `other-model`: the default engine on `--other-model DIR` (e.g. an int8 or w4a16 artifact
@@ -61,8 +64,9 @@ from serving.engine.sampler import Sampler  # noqa: E402
 from serving.engine.sampling_params import SamplingParams  # noqa: E402
 from serving.engine.scheduler import Scheduler  # noqa: E402
 from serving.kernels.build import load_cpu_kernels  # noqa: E402
+from serving.models.compiled import CompiledForward  # noqa: E402
 
-VARIANTS = ("default", "onednn-linear", "eager", "other-model")
+VARIANTS = ("default", "onednn-linear", "dynamo-guards", "eager", "other-model")
 BLOCK_SIZE = 16
 NUM_BLOCKS = 4096
 PROMPT_TOKENS = 128
@@ -74,19 +78,22 @@ class Variant:
     core: EngineCore
     vocab_size: int
     skinny_rows: int | None = None  # the linear kernel's row limit during its runs
+    guarded_by_dynamo: bool = False  # dynamo checks guards on every compiled block call
     steps_ms: dict[int, list[float]] = field(default_factory=dict)
     tokens_per_s: dict[int, list[float]] = field(default_factory=dict)
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
-        if self.skinny_rows is None:
+        with contextlib.ExitStack() as stack:
+            if self.guarded_by_dynamo:
+                forward = self.core._runner.forward
+                if not isinstance(forward, CompiledForward):
+                    raise SystemExit("the dynamo-guards variant needs the compiled engine")
+                stack.enter_context(forward.guarded_by_dynamo())
+            if self.skinny_rows is not None:
+                previous = torch.ops.quiver.set_skinny_max_rows(self.skinny_rows)
+                stack.callback(torch.ops.quiver.set_skinny_max_rows, previous)
             yield
-            return
-        previous = torch.ops.quiver.set_skinny_max_rows(self.skinny_rows)
-        try:
-            yield
-        finally:
-            torch.ops.quiver.set_skinny_max_rows(previous)
 
 
 @contextlib.contextmanager
@@ -146,7 +153,8 @@ def make_variants(model: Path, names: list[str], cache_dir: Path | None = None,
         vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
         onednn = name == "onednn-linear"
         variants.append(Variant(name, core(model_dir, name == "eager", not onednn), vocab_size,
-                                skinny_rows=0 if onednn else None))
+                                skinny_rows=0 if onednn else None,
+                                guarded_by_dynamo=name == "dynamo-guards"))
     return variants
 
 

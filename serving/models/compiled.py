@@ -17,6 +17,10 @@ projections switch kernels at a token count (`serving.models.quant`), which spli
 dynamic graph at that size; `warm_up` runs one step on each side of every split, so after
 it no request waits for a compile: a step that would need one runs eagerly (logged).
 
+Serving calls each block's compiled code through `GraphDispatch`
+(`serving.models.graph_dispatch`), which checks dynamo's guards once per block and step size
+rather than on every call; where that is unavailable dynamo guards every call as usual.
+
 Inductor's parallel compile workers are disabled: on a 2-core host they kept stealing the
 engine's cores after compiling.
 """
@@ -26,14 +30,17 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch._inductor.config
 
+from serving.models import graph_dispatch
 from serving.models.attention import AttentionMetadata
-from serving.models.llama import LlamaForCausalLM
+from serving.models.graph_dispatch import GraphDispatch, NoCompiledGraph
+from serving.models.llama import DecoderBlock, LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -86,11 +93,22 @@ class CompiledForward:
         self.model = model
         self.is_compiled = True
         self._is_warm = False
+        self._dispatch: GraphDispatch | None = None
         self._has_logged_fallback = False
 
     def run_eagerly(self) -> None:
         """Give up on the compiled layers for good (compiling failed)."""
         self.is_compiled = False
+
+    @contextmanager
+    def guarded_by_dynamo(self) -> Iterator[None]:
+        """Meanwhile dynamo checks every call's guards, as without `GraphDispatch` (for
+        benchmarks comparing the two)."""
+        dispatch, self._dispatch = self._dispatch, None
+        try:
+            yield
+        finally:
+            self._dispatch = dispatch
 
     def warm_up_sizes(self) -> list[int]:
         """Step sizes (tokens) covering every graph: 1, 2 (the dynamic one) and one past each
@@ -108,6 +126,9 @@ class CompiledForward:
             for num_tokens in sizes:
                 input_ids, positions, metadata = example_step(num_tokens)
                 self.model(input_ids, positions, kv_caches, metadata)
+            # a fresh dispatch: it must not keep code chosen for an earlier model state
+            self._dispatch = (GraphDispatch(DecoderBlock.forward) if graph_dispatch.available()
+                              else None)
             for num_tokens in sizes:
                 if (step := check_step(num_tokens)) is not None:
                     self._check_against_eager(kv_caches, step, num_tokens)
@@ -124,7 +145,7 @@ class CompiledForward:
         every warmed graph runs one step both ways at start: one request of `num_tokens`
         distinct tokens, each in its own KV slot (both runs write the same K/V there)."""
         input_ids, positions, metadata = step
-        compiled = self.model(input_ids, positions, kv_caches, metadata)
+        compiled = self._compiled(input_ids, positions, kv_caches, metadata)
         with torch.compiler.set_stance("force_eager"):
             eager = self.model(input_ids, positions, kv_caches, metadata)
         error = relative_error(compiled, eager)
@@ -141,16 +162,28 @@ class CompiledForward:
         if not self._is_warm:
             return self.model(input_ids, positions, kv_caches, metadata)
         try:
-            with torch.compiler.set_stance("fail_on_recompile"):
-                return self.model(input_ids, positions, kv_caches, metadata)
+            return self._compiled(input_ids, positions, kv_caches, metadata)
+        except NoCompiledGraph as exc:
+            reason = str(exc)
         except RuntimeError as exc:
             if "recompile" not in str(exc):
                 raise
-            if not self._has_logged_fallback:
-                logger.warning("a %d-token step needed a new compiled graph; steps like it run "
-                               "eagerly: %s", input_ids.shape[0], str(exc).splitlines()[0])
-                self._has_logged_fallback = True
+            reason = str(exc).splitlines()[0]
+        if not self._has_logged_fallback:
+            logger.warning("a %d-token step needed a new compiled graph; steps like it run "
+                           "eagerly: %s", input_ids.shape[0], reason)
+            self._has_logged_fallback = True
         return self._eager(input_ids, positions, kv_caches, metadata)
+
+    def _compiled(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                  kv_caches: list[torch.Tensor], metadata: AttentionMetadata) -> torch.Tensor:
+        """The step on the warmed graphs only: raises `NoCompiledGraph` (or dynamo's
+        recompile error) where none takes it."""
+        if self._dispatch is not None:
+            return self.model(input_ids, positions, kv_caches, metadata,
+                              run_block=self._dispatch)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            return self.model(input_ids, positions, kv_caches, metadata)
 
     def _eager(self, input_ids: torch.Tensor, positions: torch.Tensor,
                kv_caches: list[torch.Tensor], metadata: AttentionMetadata) -> torch.Tensor:

@@ -6,7 +6,7 @@ then `compute_logits` applies the (tied or separate) LM head only to the rows th
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -124,6 +124,19 @@ class DecoderBlock(nn.Module):
         return hidden_states
 
 
+# Runs one block of a step: (block, hidden_states, cos, sin, the block's KV caches, metadata)
+# -> hidden_states. The default calls the block; `serving.models.compiled` passes one that
+# runs the block's compiled code directly.
+BlockRunner = Callable[[DecoderBlock, torch.Tensor, torch.Tensor, torch.Tensor,
+                        list[torch.Tensor], AttentionMetadata], torch.Tensor]
+
+
+def call_block(block: DecoderBlock, hidden_states: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor, kv_caches: list[torch.Tensor],
+               metadata: AttentionMetadata) -> torch.Tensor:
+    return block(hidden_states, cos, sin, kv_caches, metadata)
+
+
 class LlamaForCausalLM(nn.Module):
     def __init__(
         self,
@@ -208,8 +221,11 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[torch.Tensor],
         metadata: AttentionMetadata,
+        *,
+        run_block: BlockRunner = call_block,
     ) -> torch.Tensor:
-        """Final-normed hidden states `[T, hidden]` of the flat batch `input_ids` `[T]`."""
+        """Final-normed hidden states `[T, hidden]` of the flat batch `input_ids` `[T]`;
+        `run_block` runs each block of layers."""
         hidden_states = F.embedding(input_ids, self.embed_tokens)
         cos, sin = self.rotary_emb.cos_sin(positions)
         if len(kv_caches) != len(self.layers):
@@ -217,7 +233,8 @@ class LlamaForCausalLM(nn.Module):
         start = 0
         for block in self.blocks:
             end = start + len(block.layers)
-            hidden_states = block(hidden_states, cos, sin, kv_caches[start:end], metadata)
+            hidden_states = run_block(block, hidden_states, cos, sin, kv_caches[start:end],
+                                      metadata)
             start = end
         return self.norm(hidden_states)
 

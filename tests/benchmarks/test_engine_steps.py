@@ -1,6 +1,6 @@
 """benchmarks/engine_steps.py: the in-process A/B drives real engine cores, packs only its
 onednn-linear variant's weights for oneDNN, and switches the one-or-two-row linear kernel
-only around that variant's runs."""
+(and, for dynamo-guards, the compiled graphs' dispatch) only around that variant's runs."""
 
 from __future__ import annotations
 
@@ -26,9 +26,11 @@ def test_variants_run_and_the_kernel_switch_is_scoped(tiny_model_dir):
     from benchmarks.engine_steps import make_variants, run
 
     # bf16 (the tiny model is float32): tiles where the CPU has them, as before dtype choice
-    default, onednn, eager = make_variants(tiny_model_dir, ["default", "onednn-linear", "eager"],
-                                           quiver_cache_dir, dtype="bfloat16")
+    default, onednn, eager, guarded = make_variants(
+        tiny_model_dir, ["default", "onednn-linear", "eager", "dynamo-guards"],
+        quiver_cache_dir, dtype="bfloat16")
     assert len({id(default.core), id(onednn.core), id(eager.core)}) == 3
+    assert guarded.core is default.core  # the same engine, its guards checked differently
 
     def layout(variant) -> str:
         return torch.ops.quiver.packed_linear_layout(
@@ -49,7 +51,11 @@ def test_variants_run_and_the_kernel_switch_is_scoped(tiny_model_dir):
         raise RuntimeError("a run that fails")
     assert torch.ops.quiver.set_skinny_max_rows(2) == 2, "the limit came back after a failure"
     rng = random.Random(0)
-    for variant in (default, onednn, eager):
+    forward = default.core._runner.forward
+    with guarded.active():
+        assert forward._dispatch is None, "dynamo guards every call during its runs"
+    assert forward._dispatch is not None, "the dispatch came back after its runs"
+    for variant in (default, onednn, eager, guarded):
         step_ms, tokens_per_s = run(variant, 3, 6, rng, f"test-{variant.name}")
         assert step_ms > 0 and tokens_per_s > 0
         assert not variant.core.has_unfinished_requests()

@@ -100,6 +100,11 @@ class CompiledForward:
         """Give up on the compiled layers for good (compiling failed)."""
         self.is_compiled = False
 
+    @property
+    def dispatches_directly(self) -> bool:
+        """Whether served steps run the blocks' compiled code through `GraphDispatch`."""
+        return self._dispatch is not None
+
     @contextmanager
     def guarded_by_dynamo(self) -> Iterator[None]:
         """Meanwhile dynamo checks every call's guards, as without `GraphDispatch` (for
@@ -143,7 +148,9 @@ class CompiledForward:
         A miscompile is rare but silent (seen: inductor's AVX2 code with the packed-linear op
         gave NaN hidden states), and serving garbage fast is worse than serving eagerly, so
         every warmed graph runs one step both ways at start: one request of `num_tokens`
-        distinct tokens, each in its own KV slot (both runs write the same K/V there)."""
+        distinct tokens, each in its own KV slot (both runs write the same K/V there). The
+        compiled run takes the warmed graphs only, as serving does: a check step that would
+        need a new graph fails the check."""
         input_ids, positions, metadata = step
         compiled = self._compiled(input_ids, positions, kv_caches, metadata)
         with torch.compiler.set_stance("force_eager"):

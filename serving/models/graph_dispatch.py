@@ -3,21 +3,27 @@
 Dynamo guards each compiled graph with ~700 checks (every parameter's dtype and shape, the
 KV caches' strides, the step's sizes, torch's global state) and evaluates them on every call
 before it runs the graph's code: with the code that gathers the inputs, ~200-300 us a call,
-ten calls a SmolLM2 step (2-core Zen 2: 2-3 ms of a 16 ms batch-1 forward pass).
+ten calls a SmolLM2 step (2-core Zen 2: 2-3 ms of a 16 ms batch-1 forward pass). torch's own
+`set_stance(skip_guard_eval_unsafe=True)` still pays dynamo's per-call frame handling: it
+saved ~0.4 ms of those.
 
-Within one engine everything those guards check stays put from step to step except the
-number of tokens: the same blocks with the same parameters, the same caches, the same
-metadata type, always under inference mode. So `GraphDispatch` checks the guards once per
-(block, token count) — with that call's own inputs, against every graph dynamo compiled for
-the block's code, as dynamo would — and from then on runs the code of the graph that passed
-directly. A token count no graph takes raises `NoCompiledGraph` (dynamo would compile
-there; the caller runs the step eagerly instead).
+Within one engine what those guards check stays put from step to step except the sizes of
+the step: the same blocks with the same parameters, the same caches, the same metadata type;
+the token count picks the graph (one token has its own; quantized kernels split the dynamic
+one at a size), and every other size that varies (the step index's length) is a dynamic
+size the graphs take whatever it is. So `GraphDispatch` checks the guards once per (block,
+token count, grad and inference mode) — with that call's own inputs, against every graph
+dynamo compiled for the block's code, in the order dynamo tries them — and from then on
+runs the code of the first graph that passed directly. A call no graph takes raises
+`NoCompiledGraph` (dynamo would compile there; the caller runs the step eagerly instead),
+and so do later calls like it, without checking again.
 
-What this assumes, and the caller guarantees: calls come under inference mode (grad mode
-is part of the guards checked once), and the model's modules are not swapped or repacked
-after the first call (`serving.models.compiled` builds a new dispatch with every warm-up).
-The cache entries come from a debugging hook of dynamo's (`available()` is False where this
-torch lacks it; the caller then leaves guarding to dynamo).
+What this assumes, and the caller guarantees: every block was compiled by the same
+`torch.compile` call (one backend), and the model's modules are not swapped, regrouped or
+repacked after the first call (`serving.models.compiled` builds a new dispatch with every
+warm-up). Steps served this way ignore `torch.compiler.set_stance` (eager runs call the
+blocks themselves). The cache entries come from a debugging hook of dynamo's (`available()`
+is False where this torch lacks it; the caller then leaves guarding to dynamo).
 """
 
 from __future__ import annotations
@@ -48,31 +54,41 @@ def available() -> bool:
 
 class GraphDispatch:
     """Calls `forward`'s compiled code for a module, its guards checked once per (module,
-    token count); the token count is the first tensor argument's first dimension."""
+    token count, grad and inference mode); the token count is the first tensor argument's
+    first dimension."""
 
     def __init__(self, forward: Callable[..., Any]) -> None:
         if not available():
             raise RuntimeError("this torch cannot list dynamo's compiled graphs")
-        self._code = forward.__code__
-        self._globals = forward.__globals__
+        self._forward = forward
         self._parameter_names = list(inspect.signature(forward).parameters)
-        self._functions: dict[tuple[int, int], Callable[..., Any]] = {}
+        # (id(module), tokens, grad, inference) -> (module, its graph's code or why none)
+        self._chosen: dict[tuple[int, int, bool, bool],
+                           tuple[torch.nn.Module, Callable[..., Any] | str]] = {}
+        self._by_code: dict[types.CodeType, Callable[..., Any]] = {}  # one function a graph
 
-    def __call__(self, module: torch.nn.Module, tokens: torch.Tensor, *args: Any) -> Any:
-        key = (id(module), tokens.shape[0])
-        function = self._functions.get(key)
-        if function is None:
-            function = self._functions[key] = self._resolve(module, tokens, *args)
-        return function(module, tokens, *args)
+    def __call__(self, module: torch.nn.Module, hidden_states: torch.Tensor, *args: Any) -> Any:
+        key = (id(module), hidden_states.shape[0], torch.is_grad_enabled(),
+               torch.is_inference_mode_enabled())
+        chosen = self._chosen.get(key)
+        if chosen is None or chosen[0] is not module:
+            chosen = self._chosen[key] = (module, self._resolve(module, hidden_states, *args))
+        if isinstance(chosen[1], str):
+            raise NoCompiledGraph(chosen[1])
+        return chosen[1](module, hidden_states, *args)
 
-    def _resolve(self, *args: Any) -> Callable[..., Any]:
+    def _resolve(self, *args: Any) -> Callable[..., Any] | str:
         """The code of the first compiled graph whose guards pass on this call's inputs, in
-        dynamo's own order, as a function of the forward's arguments."""
+        dynamo's own order, as a function of the forward's arguments; or why there is none."""
         frame_locals = dict(zip(self._parameter_names, args, strict=True))
+        num_tokens = args[1].shape[0]
         assert _debug_get_cache_entry_list is not None
-        for entry in _debug_get_cache_entry_list(self._code):
+        for entry in _debug_get_cache_entry_list(self._forward.__code__):
             if entry.guard_manager.check(frame_locals):
-                logger.debug("%d-token calls run compiled graph %s", args[1].shape[0],
+                logger.debug("%d-token calls run compiled graph %s", num_tokens,
                              entry.compile_id)
-                return types.FunctionType(entry.code, self._globals)
-        raise NoCompiledGraph(f"no compiled graph takes a {args[1].shape[0]}-token call")
+                if entry.code not in self._by_code:
+                    self._by_code[entry.code] = types.FunctionType(
+                        entry.code, self._forward.__globals__, closure=self._forward.__closure__)
+                return self._by_code[entry.code]
+        return f"no compiled graph takes a {num_tokens}-token call"

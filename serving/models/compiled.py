@@ -54,9 +54,10 @@ INDUCTOR_CONFIG = {"compile_threads": 1, "size_asserts": False}
 # call turned each of them into a tensor before running the graph (six a block of three
 # layers, ~0.3 ms of a batch-1 step).
 DYNAMO_CONFIG = {"specialize_float": True}
-# Each compiled graph's call costs ~75 us of dynamo and wrapper code, 30 of them a tenth of a
-# batch-1 step; three layers a graph cut a SmolLM2 decode step by 5-12 % at batch 1 and 3-9 %
-# at 32 (2-core Zen 4), at ~6 s more of a first compile. More layers a graph gained more
+# Each compiled graph's call cost ~75 us of dynamo and wrapper code (before GraphDispatch and
+# the two settings above trimmed it), 30 of them a tenth of a batch-1 step; three layers a
+# graph cut a SmolLM2 decode step by 5-12 % at batch 1 and 3-9 % at 32 (2-core Zen 4), at
+# ~6 s more of a first compile. More layers a graph gained more
 # (whole model: 18 %) but compiled for much longer (whole model: 87 s cold, 22 s warm).
 MAX_LAYERS_PER_GRAPH = 3
 # The largest error a compiled step may have against eager (L2 norm of the difference over

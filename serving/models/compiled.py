@@ -142,14 +142,24 @@ class CompiledForward:
             for num_tokens in sizes:
                 input_ids, positions, metadata = example_step(num_tokens)
                 self.model(input_ids, positions, kv_caches, metadata)
-            # a fresh dispatch: it must not keep code chosen for an earlier model state
-            self._dispatch = (GraphDispatch(DecoderBlock.forward) if graph_dispatch.available()
-                              else None)
+            self._dispatch = self._new_dispatch()
             for num_tokens in sizes:
                 if (step := check_step(num_tokens)) is not None:
                     self._check_against_eager(kv_caches, step, num_tokens)
         self._is_warm = True
         return time.perf_counter() - start
+
+    @staticmethod
+    def _new_dispatch() -> GraphDispatch | None:
+        """A fresh dispatch (it must not keep code chosen for an earlier model state), or
+        None where this torch cannot give one: dynamo then guards every call."""
+        if not graph_dispatch.available():
+            return None
+        try:
+            return GraphDispatch(DecoderBlock.forward)
+        except RuntimeError as exc:
+            logger.warning("dynamo checks the compiled graphs' guards on every call: %s", exc)
+            return None
 
     def _check_against_eager(self, kv_caches: list[torch.Tensor],
                              step: tuple[torch.Tensor, torch.Tensor, AttentionMetadata],

@@ -58,8 +58,18 @@ class GraphDispatch:
     first dimension."""
 
     def __init__(self, forward: Callable[..., Any]) -> None:
-        if not available():
+        """Raises RuntimeError where nothing is compiled for `forward` yet or this torch's
+        cache entries do not look as expected (a debugging hook may change with torch)."""
+        if _debug_get_cache_entry_list is None:
             raise RuntimeError("this torch cannot list dynamo's compiled graphs")
+        entries = _debug_get_cache_entry_list(forward.__code__)
+        if not entries:
+            raise RuntimeError(f"nothing compiled for {forward.__qualname__} yet")
+        if not all(isinstance(getattr(entry, "code", None), types.CodeType)
+                   and callable(getattr(getattr(entry, "guard_manager", None), "check", None))
+                   for entry in entries):
+            raise RuntimeError("this torch's compiled-graph entries have no code or guard "
+                               "check")
         self._forward = forward
         self._parameter_names = list(inspect.signature(forward).parameters)
         # (id(module), tokens, grad, inference) -> (module, its graph's code or why none)

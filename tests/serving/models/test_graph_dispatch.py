@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from serving.models import graph_dispatch
+from serving.models.compiled import relative_error
 from serving.models.graph_dispatch import GraphDispatch, NoCompiledGraph
 
 pytestmark = pytest.mark.skipif(not graph_dispatch.available(),
@@ -134,3 +135,30 @@ def test_a_step_no_graph_takes_runs_eagerly(tiny_model_dir: Path, compiled_confi
             eager = runner.model(*step[:2], runner.kv_caches, step[2])
     assert "a 5-token step needed a new compiled graph; steps like it run eagerly" in caplog.text
     torch.testing.assert_close(served, eager, atol=0, rtol=0)
+
+
+def test_a_torch_whose_graph_entries_look_different_keeps_dynamo_guarding(
+        tiny_model_dir: Path, compiled_config, monkeypatch, caplog):
+    """The entries come from a debugging hook of dynamo's: where they lack what the dispatch
+    reads, the runner stays compiled and lets dynamo check every call, rather than fall back
+    to eager or fail."""
+    from serving.engine.model_runner import ModelRunner
+    from serving.engine.sampler import Sampler
+
+    class Entry:  # what a future torch might hand back
+        code = None
+
+    monkeypatch.setattr(graph_dispatch, "_debug_get_cache_entry_list", lambda code: [Entry()])
+    with caplog.at_level(logging.WARNING):
+        runner = ModelRunner(tiny_model_dir, device="cpu", dtype=torch.float32, num_blocks=16,
+                             block_size=16, sampler=Sampler("cpu"), compilation=compiled_config)
+    assert "dynamo checks the compiled graphs' guards on every call: this torch's" in caplog.text
+    assert runner.is_compiled and not runner.forward.dispatches_directly
+    with torch.inference_mode():
+        step = runner._check_step(3, runner.kv_caches[0].shape[1])
+        assert step is not None
+        served = runner.forward(*step[:2], runner.kv_caches, step[2])
+        with torch.compiler.set_stance("force_eager"):
+            eager = runner.model(*step[:2], runner.kv_caches, step[2])
+    assert "needed a new compiled graph" not in caplog.text  # dynamo's graph, not eager
+    assert relative_error(served, eager) < 1e-3  # float32: fused code rounds a little apart

@@ -18,8 +18,9 @@ runs the code of the first graph that passed directly. A call no graph takes rai
 `NoCompiledGraph` (dynamo would compile there; the caller runs the step eagerly instead),
 and so do later calls like it, without checking again.
 
-What this assumes, and the caller guarantees: every block was compiled by the same
-`torch.compile` call (one backend), and the model's modules are not swapped, regrouped or
+What this assumes, and the caller guarantees: every block was compiled with the same backend
+and options (dynamo's own lookup also matches an entry's backend; this one does not), and
+the model's modules are not swapped, regrouped or
 repacked after the first call (`serving.models.compiled` builds a new dispatch with every
 warm-up). Steps served this way ignore `torch.compiler.set_stance` (eager runs call the
 blocks themselves). The cache entries come from a debugging hook of dynamo's (`available()`
@@ -49,6 +50,7 @@ class NoCompiledGraph(RuntimeError):
 
 
 def available() -> bool:
+    """Whether this torch lists dynamo's compiled graphs (the hook the dispatch reads)."""
     return _debug_get_cache_entry_list is not None
 
 

@@ -134,6 +134,7 @@ BlockRunner = Callable[[DecoderBlock, torch.Tensor, torch.Tensor, torch.Tensor,
 def call_block(block: DecoderBlock, hidden_states: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor, kv_caches: list[torch.Tensor],
                metadata: AttentionMetadata) -> torch.Tensor:
+    """The default `BlockRunner`: the block itself (through dynamo where it is compiled)."""
     return block(hidden_states, cos, sin, kv_caches, metadata)
 
 

@@ -1,7 +1,8 @@
 """GraphDispatch: a compiled module's code runs without dynamo's per-call guards, the guards
-checked once per (module, token count) on that call's own inputs; a call no compiled graph
-takes is refused, never run on a graph whose guards fail. The runner's compiled forward
-answers through it exactly as through dynamo, and runs a refused step eagerly."""
+checked once per (module, token count, grad and inference mode) on that call's own inputs;
+a call no compiled graph takes is refused, never run on a graph whose guards fail. The
+runner's compiled forward answers through it exactly as through dynamo, and runs a refused
+step eagerly."""
 
 from __future__ import annotations
 

@@ -38,7 +38,6 @@ import torch
 import torch._dynamo.config
 import torch._inductor.config
 
-from serving.models import graph_dispatch
 from serving.models.attention import AttentionMetadata
 from serving.models.graph_dispatch import GraphDispatch, NoCompiledGraph
 from serving.models.llama import DecoderBlock, LlamaForCausalLM
@@ -158,8 +157,6 @@ class CompiledForward:
     def _new_dispatch() -> GraphDispatch | None:
         """A fresh dispatch (it must not keep code chosen for an earlier model state), or
         None where this torch cannot give one: dynamo then guards every call."""
-        if not graph_dispatch.available():
-            return None
         try:
             return GraphDispatch(DecoderBlock.forward)
         except RuntimeError as exc:
@@ -179,8 +176,7 @@ class CompiledForward:
         need a new graph fails the check."""
         input_ids, positions, metadata = step
         compiled = self._compiled(input_ids, positions, kv_caches, metadata)
-        with torch.compiler.set_stance("force_eager"):
-            eager = self.model(input_ids, positions, kv_caches, metadata)
+        eager = self._eager(input_ids, positions, kv_caches, metadata)
         error = relative_error(compiled, eager)
         logger.debug("compiled %d-token step: relative error %.2g against eager", num_tokens,
                      error)

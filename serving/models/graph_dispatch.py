@@ -20,11 +20,12 @@ and so do later calls like it, without checking again.
 
 What this assumes, and the caller guarantees: every block was compiled with the same backend
 and options (dynamo's own lookup also matches an entry's backend; this one does not), and
-the model's modules are not swapped, regrouped or
-repacked after the first call (`serving.models.compiled` builds a new dispatch with every
-warm-up). Steps served this way ignore `torch.compiler.set_stance` (eager runs call the
-blocks themselves). The cache entries come from a debugging hook of dynamo's (`available()`
-is False where this torch lacks it; the caller then leaves guarding to dynamo).
+the model's modules are not swapped, regrouped or repacked after the first call
+(`serving.models.compiled` builds a new dispatch with every warm-up). Steps served this way
+ignore `torch.compiler.set_stance` (eager runs call the blocks themselves). The cache
+entries come from a debugging hook of dynamo's: where this torch lacks it, or its entries
+look different, building a `GraphDispatch` raises RuntimeError and the caller leaves
+guarding to dynamo.
 """
 
 from __future__ import annotations

@@ -6,10 +6,10 @@
 // float32 in registers (int8: sign-extend, split the pair, convert; int4: zero-extend, split
 // the nibbles, convert; integers that small are exact in float32) and go through
 // panel_linear.h's sums, up to 4 rows x 16 columns in registers, one chain per column from
-// three rows up (a call of one or two rows splits features in two). Past kWidenRows rows in a chunk
-// a tile is widened once into a bf16 panel (panel_linear.h's layout) that blocks of up to 6
-// rows read, in the same order, so a row's result does not depend on which path its call
-// took.
+// three rows up (a call of one or two rows splits features in two). Past kWidenRows rows in
+// a chunk, its first block (kWideningRows rows) also writes what it widens into a bf16
+// panel (panel_linear.h's layout) that the chunk's other rows read in blocks of up to 6, in
+// the same order, so a row's result does not depend on which path its call took.
 // The scale and bias (int8) or the groups' scales and zero points (int4) apply to the
 // float32 sums as in the bf16 kernels. Before these, float32 rows went to torch's scalar
 // low-bit kernels or, past one row, rebuilt the float weight per call.
@@ -35,8 +35,12 @@ namespace lowbit_detail {
 
 struct Int8PairsF32 {  // one int8 tile [K/2, 32]: column j's feature k at byte 2j, k + 1 at 2j + 1
   static constexpr int kFeatures = 2;
-  static constexpr int64_t kWidenRows = 4;  // more rows in a chunk: the tile widened first
+  static constexpr int64_t kWidenRows = 5;  // more rows in a chunk: the tile widened as read
   static constexpr int kBlockRows = 4;      // its 4 registers of weights leave room for 4 rows
+  // rows of the block that widens the tile: 10 chains of sums in 15 registers (GCC spills
+  // a value or two; measured against 4 rows: alike at 8-64 rows, and 6 rows a chunk then go
+  // 5 + 1 instead of 4 + 2)
+  static constexpr int kWideningRows = 5;
   const int8_t* data;
   void load(int64_t k, __m256 (&w)[2][2]) const {
     const int8_t* pair = data + k * kPanelColumns;  // feature pair k / 2: 32 bytes
@@ -52,8 +56,9 @@ struct Int8PairsF32 {  // one int8 tile [K/2, 32]: column j's feature k at byte 
 
 struct Int4PairsF32 {  // one int4 tile [K/2, 16]: column j's feature k in byte j's low nibble
   static constexpr int kFeatures = 2;
-  static constexpr int64_t kWidenRows = 16;
+  static constexpr int64_t kWidenRows = 8;
   static constexpr int kBlockRows = 4;
+  static constexpr int kWideningRows = 4;  // 5 spilled the groups' running outputs: +6 % at 32
   const uint8_t* data;
   void load(int64_t k, __m256 (&w)[2][2]) const {
     const uint8_t* pair = data + k * (kPanelColumns / 2);  // feature pair k / 2: 16 bytes
@@ -68,44 +73,71 @@ struct Int4PairsF32 {  // one int4 tile [K/2, 16]: column j's feature k in byte 
   }
 };
 
-// A whole tile as a bf16 panel (panel_pack's layout, [K, 16]) in `widened` (the thread's
-// own): integers this small are exact in bf16, and the bf16 panel (18 KB at K = 576) stays in
-// L1 where a float32 one would not (a float32 panel ran 32 rows at 1.3x this one's time).
-// Word j holds column j's top half in its low 16 bits and column 8 + j's in its high 16 bits,
-// the order Bf16Panel widens back.
-template <class Source>
-inline panel_detail::Bf16Panel widen_panel(const Source& source, int64_t k_size,
-                                           std::vector<uint16_t>& widened) {
-  widened.resize(k_size * kPanelColumns);
-  for (int64_t k = 0; k < k_size; k += Source::kFeatures) {
-    __m256 w[Source::kFeatures][2];
-    source.load(k, w);
+// Features k to k + kFeatures - 1 as widened (`w`, columns 0-7 and 8-15 in float32) into a
+// bf16 panel (panel_pack's layout, [K, 16]): integers this small are exact in bf16. Word j
+// holds column j's top half in its low 16 bits and column 8 + j's in its high 16 bits, the
+// order Bf16Panel widens back.
+template <int kFeatures>
+inline void store_bf16_features(const __m256 (&w)[kFeatures][2], uint16_t* panel, int64_t k) {
 #pragma GCC unroll 2
-    for (int f = 0; f < Source::kFeatures; ++f) {
-      const __m256i low = _mm256_srli_epi32(_mm256_castps_si256(w[f][0]), 16);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(widened.data() + (k + f) * kPanelColumns),
-                          _mm256_blend_epi16(low, _mm256_castps_si256(w[f][1]), 0xAA));
-    }
+  for (int f = 0; f < kFeatures; ++f) {
+    const __m256i low = _mm256_srli_epi32(_mm256_castps_si256(w[f][0]), 16);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(panel + (k + f) * kPanelColumns),
+                        _mm256_blend_epi16(low, _mm256_castps_si256(w[f][1]), 0xAA));
   }
-  return {widened.data()};
 }
 
+// The packing, read by a chunk's first block of rows, writing each feature it widens into
+// `panel` (the thread's own bf16 panel, 18 KB at K = 576: it stays in L1 where a float32 one
+// would not — a float32 panel ran 32 rows at 1.3x this one's time) for the blocks after it.
+// The first block reads every feature once, so the panel is whole when it ends; the
+// widening rides along with that block's multiply-adds instead of a pass of its own (which
+// cost 3-8 % of a 32-row call). Same values, same order: a row's sums do not depend on
+// which of the two its block read.
+template <class Source>
+struct WideningSource {
+  static constexpr int kFeatures = Source::kFeatures;
+  static constexpr int kBlockRows = Source::kWideningRows;
+  Source source;
+  uint16_t* panel;
+  void load(int64_t k, __m256 (&w)[kFeatures][2]) const {
+    source.load(k, w);
+    store_bf16_features<kFeatures>(w, panel, k);
+  }
+};
+
 // `x [..., K]` float32 against every tile: threads split the tiles, rows go in chunks that
-// stay in cache, and `rows_against(source, first, rows, tile)` runs a chunk's rows against
-// one tile, `source` reading the packing as it goes or its widened panel.
+// stay in cache, and `rows_against(source, first, rows, tile)` runs rows of a chunk against
+// one tile, `source` reading the packing as it goes (a chunk of up to kWidenRows rows) or
+// its bf16 panel. A longer chunk widens the tile while its first kWideningRows rows read it
+// (WideningSource), unless that block would leave the rest one block more than the panel's
+// blocks of 6 need for the whole chunk (12 rows: 5, 4, 3 against 6, 6 — 1.2x the time):
+// then the tile is widened first and every row reads the panel.
 template <class Source, class RowsAgainst>
 inline void float_rows_against_tiles(const uint8_t* tiles, int64_t num_tiles,
                                      int64_t tile_bytes, int64_t k_size, int64_t num_rows,
                                      RowsAgainst&& rows_against) {
+  using Widening = WideningSource<Source>;
+  static_assert(Source::kWidenRows >= Widening::kBlockRows, "the panel's rows follow a block");
+  constexpr int64_t kPanelRows = panel_detail::Bf16Panel::kBlockRows;
+  const auto blocks = [](int64_t rows) { return (rows + kPanelRows - 1) / kPanelRows; };
   panel_detail::for_panel_chunks(num_tiles, num_rows, [&](int64_t first, int64_t rows,
                                                           int64_t tile,
                                                           std::vector<uint16_t>& widened) {
     const Source source{reinterpret_cast<const decltype(Source::data)>(tiles + tile * tile_bytes)};
-    if (rows > Source::kWidenRows) {
-      rows_against(widen_panel(source, k_size, widened), first, rows, tile);
-    } else {
-      rows_against(source, first, rows, tile);
+    if (rows <= Source::kWidenRows) return rows_against(source, first, rows, tile);
+    widened.resize(k_size * kPanelColumns);
+    const panel_detail::Bf16Panel panel{widened.data()};
+    if (1 + blocks(rows - Widening::kBlockRows) > blocks(rows)) {
+      for (int64_t k = 0; k < k_size; k += Source::kFeatures) {
+        __m256 w[Source::kFeatures][2];
+        source.load(k, w);
+        store_bf16_features<Source::kFeatures>(w, widened.data(), k);
+      }
+      return rows_against(panel, first, rows, tile);
     }
+    rows_against(Widening{source, widened.data()}, first, Widening::kBlockRows, tile);
+    rows_against(panel, first + Widening::kBlockRows, rows - Widening::kBlockRows, tile);
   });
 }
 

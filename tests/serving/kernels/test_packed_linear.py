@@ -280,16 +280,16 @@ def close_to_exact(output: torch.Tensor, exact: torch.Tensor, magnitude: torch.T
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("in_features", [64, 176, 578])
-@pytest.mark.parametrize("leading", [(1,), (2,), (3,), (5,), (15,), (31,), (37,), (300,),
-                                     (2, 8)])
+@pytest.mark.parametrize("leading", [(1,), (2,), (3,), (5,), (6,), (12,), (15,), (31,), (37,),
+                                     (300,), (2, 8)])
 def test_int8_linear_is_the_scaled_integer_product(cpp_kernels, in_features, leading,
                                                    dtype) -> None:
     """Per-channel int8 weights: (x @ q^T) * scale + bias for any row count and any even row
     length. bf16 rows: float32 sums rounded to bf16 once (blocks of 16, 8, 4, 2 and 1 rows;
     past 16, pairs of tiles widened into the bf16 tile kernel's blocks, in chunks of 256
     rows, the odd third tile of the 48 columns on its own). float32 rows: one or two rows
-    alone, blocks of up to 4 from the packing, past 4 rows a chunk's tile widened first and
-    blocks of up to 6, chunks of 64."""
+    alone, blocks of up to 4 from the packing, past 5 rows a chunk's tile widened into a bf16
+    panel (while 5 rows read it, or first) and blocks of up to 6 from it, chunks of 64."""
     generator = torch.Generator().manual_seed(in_features + len(leading))
     values = torch.randint(-127, 128, (48, in_features), dtype=torch.int8, generator=generator)
     scale = torch.rand(48, generator=generator) * 0.02
@@ -323,8 +323,8 @@ def test_int4_linear_applies_group_scales_and_offsets_exactly(cpp_kernels, group
     row block. bf16 rows: float32 sums rounded to bf16 once (8, 4, 2, 1 rows; past 16 rows,
     pairs of tiles widened into blocks of 32 columns, 4, 2 and 1 rows at a time, in chunks
     of 256 rows, the odd third tile of the 48 columns on its own). float32 rows: one or two
-    alone, blocks of up to 4 from the packing, past 16 rows a chunk's tile widened first and
-    blocks of up to 6, chunks of 64."""
+    alone, blocks of up to 4 from the packing, past 8 rows a chunk's tile widened into a bf16
+    panel (while 4 rows read it, or first) and blocks of up to 6 from it, chunks of 64."""
     generator = torch.Generator().manual_seed(group_size + len(leading))
     in_features = group_size * (3 if group_size < 256 else 2)
     unsigned = torch.randint(0, 16, (48, in_features), generator=generator)
@@ -351,8 +351,9 @@ def test_int4_linear_applies_group_scales_and_offsets_exactly(cpp_kernels, group
 
 def test_float32_lowbit_rows_do_not_depend_on_their_call(cpp_kernels) -> None:
     """From three rows up, a float32 row's int8 or int4 product is the same bits whichever
-    rows share its call: read from the packing (few rows), from a widened panel (more), in
-    a later chunk of 64 — the seeded-sampling guarantee the bf16 panels also keep."""
+    rows share its call: read from the packing (few rows), by the block that widens it into
+    a bf16 panel or from that panel (more; 12 and 18 rows widen it first), in a later chunk of
+    64 — the seeded-sampling guarantee the bf16 panels also keep."""
     if not lowbit_kernels_run(torch.float32):
         pytest.skip("float32 low-bit kernels need AVX2 and FMA; this CPU lacks them")
     generator = torch.Generator().manual_seed(3)
@@ -367,7 +368,8 @@ def test_float32_lowbit_rows_do_not_depend_on_their_call(cpp_kernels) -> None:
                                                          offset4)]
     for kernel in kernels:
         whole = kernel(x)
-        for first, count in [(0, 3), (0, 4), (1, 5), (10, 17), (0, 20), (64, 6), (60, 10)]:
+        for first, count in [(0, 3), (0, 4), (1, 5), (0, 6), (10, 17), (0, 12), (6, 18),
+                             (0, 20), (64, 6), (60, 10)]:
             assert torch.equal(kernel(x[first:first + count]), whole[first:first + count])
 
 

@@ -106,8 +106,11 @@ struct WideningSource {
   }
 };
 
-// `x [..., K]` float32 against every tile: threads split the tiles, rows go in chunks that
-// stay in cache, and `rows_against(source, first, rows, tile)` runs rows of a chunk against
+// `x [..., K]` float32 against every tile: threads split the tiles, rows go in chunks of
+// about 1 MiB of x (64 to 256 rows: 256 at K = 576, 170 at 1,536), longer than the bf16
+// panels' 64 because each chunk widens every tile again (at 512 rows, chunks of 64 put int8
+// at 1.08-1.09x the panels' time, of 256 at 1.03-1.04x; x then comes from L3 rather than
+// L2), and `rows_against(source, first, rows, tile)` runs rows of a chunk against
 // one tile, `source` reading the packing as it goes (a chunk of up to kWidenRows rows) or
 // its bf16 panel. A longer chunk widens the tile while its first kWideningRows rows read it
 // (WideningSource), unless that block would leave the rest one block more than the panel's
@@ -138,7 +141,8 @@ inline void float_rows_against_tiles(const uint8_t* tiles, int64_t num_tiles,
     }
     rows_against(Widening{source, widened.data()}, first, Widening::kBlockRows, tile);
     rows_against(panel, first + Widening::kBlockRows, rows - Widening::kBlockRows, tile);
-  });
+  }, std::clamp<int64_t>((int64_t{1} << 20) / (4 * k_size), panel_detail::kChunkRows,
+                         4 * panel_detail::kChunkRows));
 }
 
 // Each row's sum of x over each group (`rows` x `groups`), 8 lanes then the lanes in order.

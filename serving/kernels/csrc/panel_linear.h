@@ -204,16 +204,17 @@ inline void panel_row_blocks(int64_t rows, bool alone, Block&& block) {
   }
 }
 
-// `chunk_against_panel(first, rows, panel, scratch)` for every chunk of kChunkRows rows and
-// every panel: threads split the panels, each reading a contiguous run of the packed weight
-// while a chunk of x stays in cache; `scratch` is the thread's own buffer.
+// `chunk_against_panel(first, rows, panel, scratch)` for every chunk of `chunk_rows` rows
+// and every panel: threads split the panels, each reading a contiguous run of the packed
+// weight while a chunk of x stays in cache; `scratch` is the thread's own buffer.
 template <class ChunkAgainstPanel>
 inline void for_panel_chunks(int64_t num_panels, int64_t num_rows,
-                             ChunkAgainstPanel&& chunk_against_panel) {
+                             ChunkAgainstPanel&& chunk_against_panel,
+                             int64_t chunk_rows = kChunkRows) {
   at::parallel_for(0, num_panels, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint16_t> scratch;
-    for (int64_t first = 0; first < num_rows; first += kChunkRows) {
-      const int64_t rows = std::min(kChunkRows, num_rows - first);
+    for (int64_t first = 0; first < num_rows; first += chunk_rows) {
+      const int64_t rows = std::min(chunk_rows, num_rows - first);
       for (int64_t panel = begin; panel < end; ++panel) {
         chunk_against_panel(first, rows, panel, scratch);
       }

@@ -289,7 +289,7 @@ def test_int8_linear_is_the_scaled_integer_product(cpp_kernels, in_features, lea
     past 16, pairs of tiles widened into the bf16 tile kernel's blocks, in chunks of 256
     rows, the odd third tile of the 48 columns on its own). float32 rows: one or two rows
     alone, blocks of up to 4 from the packing, past 5 rows a chunk's tile widened into a bf16
-    panel (while 5 rows read it, or first) and blocks of up to 6 from it, chunks of 64."""
+    panel (while 5 rows read it, or first) and blocks of up to 6 from it, chunks of 256."""
     generator = torch.Generator().manual_seed(in_features + len(leading))
     values = torch.randint(-127, 128, (48, in_features), dtype=torch.int8, generator=generator)
     scale = torch.rand(48, generator=generator) * 0.02
@@ -324,7 +324,8 @@ def test_int4_linear_applies_group_scales_and_offsets_exactly(cpp_kernels, group
     pairs of tiles widened into blocks of 32 columns, 4, 2 and 1 rows at a time, in chunks
     of 256 rows, the odd third tile of the 48 columns on its own). float32 rows: one or two
     alone, blocks of up to 4 from the packing, past 8 rows a chunk's tile widened into a bf16
-    panel (while 4 rows read it, or first) and blocks of up to 6 from it, chunks of 64."""
+    panel (while 4 rows read it, or first) and blocks of up to 6 from it, chunks of 64 to
+    256 rows (about 1 MiB of x)."""
     generator = torch.Generator().manual_seed(group_size + len(leading))
     in_features = group_size * (3 if group_size < 256 else 2)
     unsigned = torch.randint(0, 16, (48, in_features), generator=generator)
@@ -352,8 +353,9 @@ def test_int4_linear_applies_group_scales_and_offsets_exactly(cpp_kernels, group
 def test_float32_lowbit_rows_do_not_depend_on_their_call(cpp_kernels) -> None:
     """From three rows up, a float32 row's int8 or int4 product is the same bits whichever
     rows share its call: read from the packing (few rows), by the block that widens it into
-    a bf16 panel or from that panel (more; 12 and 18 rows widen it first), in a later chunk of
-    64 — the seeded-sampling guarantee the bf16 panels also keep."""
+    a bf16 panel or from that panel (more; 12 and 18 rows widen it first), in a later chunk
+    (256 rows at this row length) — the seeded-sampling guarantee the bf16 panels also
+    keep."""
     if not lowbit_kernels_run(torch.float32):
         pytest.skip("float32 low-bit kernels need AVX2 and FMA; this CPU lacks them")
     generator = torch.Generator().manual_seed(3)
@@ -362,14 +364,14 @@ def test_float32_lowbit_rows_do_not_depend_on_their_call(cpp_kernels) -> None:
     scale8 = torch.rand(32, generator=generator)
     scale4, offset4 = torch.rand(2, 32, generator=generator), torch.randn(2, 32,
                                                                           generator=generator)
-    x = torch.randn(70, 128, generator=generator)
+    x = torch.randn(270, 128, generator=generator)
     kernels = [lambda rows: torch.ops.quiver.int8_linear(rows, int8_tiles(values), scale8, None),
                lambda rows: torch.ops.quiver.int4_linear(rows, int4_tiles(unsigned), 64, scale4,
                                                          offset4)]
     for kernel in kernels:
         whole = kernel(x)
         for first, count in [(0, 3), (0, 4), (1, 5), (0, 6), (10, 17), (0, 12), (6, 18),
-                             (0, 20), (64, 6), (60, 10)]:
+                             (0, 20), (64, 6), (256, 6), (250, 20)]:
             assert torch.equal(kernel(x[first:first + count]), whole[first:first + count])
 
 

@@ -76,27 +76,15 @@ struct Int4PairsF32 {  // one int4 tile [K/2, 16]: column j's feature k in byte 
   }
 };
 
-// Features k to k + kFeatures - 1 as widened (`w`, columns 0-7 and 8-15 in float32) into a
-// bf16 panel (panel_pack's layout, [K, 16]): integers this small are exact in bf16. Word j
-// holds column j's top half in its low 16 bits and column 8 + j's in its high 16 bits, the
-// order Bf16Panel widens back.
-template <int kFeatures>
-inline void store_bf16_features(const __m256 (&w)[kFeatures][2], uint16_t* panel, int64_t k) {
-#pragma GCC unroll 2
-  for (int f = 0; f < kFeatures; ++f) {
-    const __m256i low = _mm256_srli_epi32(_mm256_castps_si256(w[f][0]), 16);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(panel + (k + f) * kPanelColumns),
-                        _mm256_blend_epi16(low, _mm256_castps_si256(w[f][1]), 0xAA));
-  }
-}
-
 // The packing, read by a chunk's first block of rows, writing each feature it widens into
-// `panel` (the thread's own bf16 panel, 18 KB at K = 576: it stays in L1 where a float32 one
-// would not — a float32 panel ran 32 rows at 1.3x this one's time) for the blocks after it.
-// The first block reads every feature once, so the panel is whole when it ends; the
-// widening rides along with that block's multiply-adds instead of a pass of its own (which
-// cost 3-8 % of a 32-row call). Same values, same order: a row's sums do not depend on
-// which of the two its block read.
+// `panel` (the thread's own bf16 panel, panel_pack's layout [K, 16], 18 KB at K = 576: it
+// stays in L1 where a float32 one would not — a float32 panel ran 32 rows at 1.3x this one's
+// time) for the blocks after it; integers this small are exact in bf16. Word j holds column
+// j's top half in its low 16 bits and column 8 + j's in its high 16 bits, the order
+// Bf16Panel widens back. The first block reads every feature once, so the panel is whole
+// when it ends; the widening rides along with that block's multiply-adds instead of a pass
+// of its own (which cost 3-8 % of a 32-row call). Same values, same order: a row's sums do
+// not depend on which of the two its block read.
 template <class Source>
 struct WideningSource {
   static constexpr int kFeatures = Source::kFeatures;
@@ -105,7 +93,12 @@ struct WideningSource {
   uint16_t* panel;
   void load(int64_t k, __m256 (&w)[kFeatures][2]) const {
     source.load(k, w);
-    store_bf16_features<kFeatures>(w, panel, k);
+#pragma GCC unroll 2
+    for (int f = 0; f < kFeatures; ++f) {
+      const __m256i low = _mm256_srli_epi32(_mm256_castps_si256(w[f][0]), 16);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(panel + (k + f) * kPanelColumns),
+                          _mm256_blend_epi16(low, _mm256_castps_si256(w[f][1]), 0xAA));
+    }
   }
 };
 
@@ -133,16 +126,16 @@ inline void float_rows_against_tiles(const uint8_t* tiles, int64_t num_tiles,
     const Source source{reinterpret_cast<const decltype(Source::data)>(tiles + tile * tile_bytes)};
     if (rows <= Source::kWidenRows) return rows_against(source, first, rows, tile);
     widened.resize(k_size * kPanelColumns);
+    const Widening widening{source, widened.data()};
     const panel_detail::Bf16Panel panel{widened.data()};
     if (1 + blocks(rows - Widening::kBlockRows) > blocks(rows)) {
       for (int64_t k = 0; k < k_size; k += Source::kFeatures) {
         __m256 w[Source::kFeatures][2];
-        source.load(k, w);
-        store_bf16_features<Source::kFeatures>(w, widened.data(), k);
+        widening.load(k, w);
       }
       return rows_against(panel, first, rows, tile);
     }
-    rows_against(Widening{source, widened.data()}, first, Widening::kBlockRows, tile);
+    rows_against(widening, first, Widening::kBlockRows, tile);
     rows_against(panel, first + Widening::kBlockRows, rows - Widening::kBlockRows, tile);
   }, std::clamp<int64_t>((int64_t{1} << 20) / (4 * k_size), panel_detail::kChunkRows,
                          4 * panel_detail::kChunkRows));

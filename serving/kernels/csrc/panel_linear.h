@@ -111,23 +111,19 @@ struct Bf16Panel {  // panel_pack's [K, 16] bf16
   }
 };
 
-// sums[r] = rows r of x (`k_size` apart) . the panel's columns over features [begin, end),
+// acc[s][r] += rows r of x (`k_size` apart) . the panel's columns over features [begin, end),
 // in feature order; kSplit sets of sums take alternate features (a call of one or two rows:
-// no chain of dependent multiply-adds sets the pace while the weight streams), added at the
-// end. R rows: up to 6 with one weight register pair (Bf16Panel), 4 with two (the low-bit
-// sources' feature pairs); 16 registers in all.
+// no chain of dependent multiply-adds sets the pace while the weight streams). R rows: up to
+// 6 with one weight register pair (Bf16Panel), 4 with two (the low-bit sources' feature
+// pairs); 16 registers in all. Ranges that follow each other continue the same chains.
+// Always inlined: a call keeps `acc` in memory, stored on every pass of the loop.
 template <int R, int kSplit, class Source>
-inline void panel_sums(const float* x, int64_t k_size, const Source& source, int64_t begin,
-                       int64_t end, __m256 (&sums)[R][2]) {
+[[gnu::always_inline]] inline void panel_accumulate(const float* x, int64_t k_size, const Source& source, int64_t begin,
+                             int64_t end, __m256 (&acc)[kSplit][R][2]) {
   constexpr int kFeatures = Source::kFeatures;
   constexpr int kStep = kFeatures > kSplit ? kFeatures : kSplit;
   // Every loop over the sums is unrolled: one left rolled keeps them in memory (GCC 12 then
   // stores all 12 of a 6-row block every feature, at half the speed).
-  __m256 acc[kSplit][R][2];
-#pragma GCC unroll 2
-  for (int s = 0; s < kSplit; ++s)
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) acc[s][r][0] = acc[s][r][1] = _mm256_setzero_ps();
   int64_t k = begin;
   for (; k + kStep <= end; k += kStep) {
 #pragma GCC unroll 2
@@ -159,6 +155,19 @@ inline void panel_sums(const float* x, int64_t k_size, const Source& source, int
       }
     }
   }
+}
+
+template <int R, int kSplit>
+[[gnu::always_inline]] inline void zero_sums(__m256 (&acc)[kSplit][R][2]) {
+#pragma GCC unroll 2
+  for (int s = 0; s < kSplit; ++s)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[s][r][0] = acc[s][r][1] = _mm256_setzero_ps();
+}
+
+// sums[r] = the kSplit sets of sums of row r added in order.
+template <int R, int kSplit>
+[[gnu::always_inline]] inline void add_split_sums(const __m256 (&acc)[kSplit][R][2], __m256 (&sums)[R][2]) {
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     sums[r][0] = acc[0][r][0];
@@ -169,6 +178,17 @@ inline void panel_sums(const float* x, int64_t k_size, const Source& source, int
       sums[r][1] = _mm256_add_ps(sums[r][1], acc[s][r][1]);
     }
   }
+}
+
+// sums[r] = rows r of x . the panel's columns over features [begin, end) (panel_accumulate
+// from zero, the split sets added at the end).
+template <int R, int kSplit, class Source>
+inline void panel_sums(const float* x, int64_t k_size, const Source& source, int64_t begin,
+                       int64_t end, __m256 (&sums)[R][2]) {
+  __m256 acc[kSplit][R][2];
+  zero_sums<R, kSplit>(acc);
+  panel_accumulate<R, kSplit>(x, k_size, source, begin, end, acc);
+  add_split_sums<R, kSplit>(acc, sums);
 }
 
 // `block(std::integral_constant<int, R>, std::integral_constant<int, kSplit>, m)` over rows

@@ -288,8 +288,9 @@ def test_int8_linear_is_the_scaled_integer_product(cpp_kernels, in_features, lea
     length. bf16 rows: float32 sums rounded to bf16 once (blocks of 16, 8, 4, 2 and 1 rows;
     past 16, pairs of tiles widened into the bf16 tile kernel's blocks, in chunks of 256
     rows, the odd third tile of the 48 columns on its own). float32 rows: one or two rows
-    alone, blocks of up to 4 from the packing, past 5 rows a chunk's tile widened into a bf16
-    panel (while 5 rows read it, or first) and blocks of up to 6 from it, chunks of 256."""
+    alone, blocks of up to 4 from the packing, past 5 rows a chunk's tile widened into a
+    float32 panel (while 5 rows read it, or first) and blocks of up to 6 from it, chunks of
+    256."""
     generator = torch.Generator().manual_seed(in_features + len(leading))
     values = torch.randint(-127, 128, (48, in_features), dtype=torch.int8, generator=generator)
     scale = torch.rand(48, generator=generator) * 0.02
@@ -323,9 +324,10 @@ def test_int4_linear_applies_group_scales_and_offsets_exactly(cpp_kernels, group
     row block. bf16 rows: float32 sums rounded to bf16 once (8, 4, 2, 1 rows; past 16 rows,
     pairs of tiles widened into blocks of 32 columns, 4, 2 and 1 rows at a time, in chunks
     of 256 rows, the odd third tile of the 48 columns on its own). float32 rows: one or two
-    alone, blocks of up to 4 from the packing, past 8 rows a chunk's tile widened into a bf16
-    panel (while 4 rows read it, or first) and blocks of up to 6 from it, chunks of 64 to
-    256 rows (about 1 MiB of x)."""
+    alone summing x . u per group, scaled after; from three rows up every weight dequantized
+    as it is read (one rounding) in blocks of up to 4 from the packing, past 8 rows a chunk's
+    tile dequantized into a float32 panel (while 3 rows read it, or first) and blocks of up
+    to 6 from it, chunks of 64 to 256 rows (about 1 MiB of x)."""
     generator = torch.Generator().manual_seed(group_size + len(leading))
     in_features = group_size * (3 if group_size < 256 else 2)
     unsigned = torch.randint(0, 16, (48, in_features), generator=generator)
@@ -340,7 +342,8 @@ def test_int4_linear_applies_group_scales_and_offsets_exactly(cpp_kernels, group
     per_column = lambda t: t.double().t().repeat_interleave(group_size, 1)  # noqa: E731
     weight = unsigned.double() * per_column(scale) + per_column(offset)
     exact = x.double() @ weight.t()
-    # the kernel sums x . u per group, then scales: bound each group's terms
+    # bf16 rows and one or two float32 rows sum x . u per group, then scale; more float32
+    # rows dequantize each weight first: either way each term is bounded by this
     magnitude = (x.double().abs() @ (unsigned.double() * per_column(scale).abs()
                                      + per_column(offset).abs()).t())
     output = torch.ops.quiver.int4_linear(x, int4_tiles(unsigned), group_size, scale, offset)
@@ -353,8 +356,8 @@ def test_int4_linear_applies_group_scales_and_offsets_exactly(cpp_kernels, group
 def test_float32_lowbit_rows_do_not_depend_on_their_call(cpp_kernels) -> None:
     """From three rows up, a float32 row's int8 or int4 product is the same bits whichever
     rows share its call: read from the packing (few rows), by the block that widens it into
-    a bf16 panel or from that panel (more; 12 and 18 rows widen it first), in a later chunk
-    (256 rows at this row length) — the seeded-sampling guarantee the bf16 panels also
+    a float32 panel or from that panel (more; 12 and 18 rows widen it first), in a later
+    chunk (256 rows at this row length) — the seeded-sampling guarantee the bf16 panels also
     keep."""
     if not lowbit_kernels_run(torch.float32):
         pytest.skip("float32 low-bit kernels need AVX2 and FMA; this CPU lacks them")
@@ -370,8 +373,8 @@ def test_float32_lowbit_rows_do_not_depend_on_their_call(cpp_kernels) -> None:
                                                          offset4)]
     for kernel in kernels:
         whole = kernel(x)
-        for first, count in [(0, 3), (0, 4), (1, 5), (0, 6), (10, 17), (0, 12), (6, 18),
-                             (0, 20), (64, 6), (256, 6), (250, 20)]:
+        for first, count in [(0, 3), (0, 4), (1, 5), (0, 6), (2, 8), (0, 9), (10, 17),
+                             (0, 12), (6, 18), (0, 20), (64, 6), (256, 6), (250, 20)]:
             assert torch.equal(kernel(x[first:first + count]), whole[first:first + count])
 
 

@@ -11,9 +11,10 @@ builds with, `-march` swapped) and lists every self-looping block that does mult
 is found. A target the compiler does not know is reported and skipped.
 
 Not every hit is a defect: where more values are live than there are registers, a spill is
-the compiler's answer, and the alternative can be slower (the float32 int4 kernel's running
-outputs, kept in the output rows instead, made it 7-9 % slower). What matters is a loop
-that stores all of its sums on every pass; time a change with benchmarks/linear_kernels.py.
+the compiler's answer, and the alternative can be slower (the float32 int4 kernel's
+per-group running outputs, kept in the output rows instead, made it 7-9 % slower). What
+matters is a loop that stores all of its sums on every pass; time a change with
+benchmarks/linear_kernels.py.
 """
 
 from __future__ import annotations

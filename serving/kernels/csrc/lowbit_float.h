@@ -5,7 +5,7 @@
 // float32 rows. The same packed tiles serve them: a feature pair's 16 columns widen to
 // float32 in registers (int8: sign-extend, split the pair, convert; int4: zero-extend, split
 // the nibbles, convert, then dequantize, u * scale + offset of the feature's group in one
-// rounding) and go through panel_linear.h's sums, up to 4 rows x 16 columns in registers,
+// rounding) and go through panel_linear.h's sums, 4 rows x 16 columns at a time in registers,
 // one chain per column over all K from three rows up (a call of one or two rows splits
 // features in two, and int4 there sums x . u per group, scaling the sums: see
 // int4_rows_alone). Past kWidenRows rows in a chunk, its first block (kWideningRows rows)
@@ -47,8 +47,8 @@ struct Int8PairsF32 {  // one int8 tile [K/2, 32]: column j's feature k at byte 
   static constexpr int kFeatures = 2;
   static constexpr int64_t kWidenRows = 5;  // more rows in a chunk: the tile widened to a panel
   static constexpr int kBlockRows = 4;      // its 4 registers of weights leave room for 4 rows
-  // rows of the block that widens the tile: 10 chains of sums in 15 registers (GCC spills
-  // a value or two). Against 4 rows: alike at 8-64 rows, and a 5-row chunk reads the
+  // rows of the block that widens the tile: 10 chains of sums in 15 registers. Against 4
+  // rows (on the bf16 panel it had before): alike at 8-64 rows, and a 5-row chunk reads the
   // packing directly (1.0x the panels' time) instead of widening the tile for one more row
   // (1.3x).
   static constexpr int kWideningRows = 5;
@@ -104,7 +104,9 @@ struct Int4PairsF32 {  // one int4 tile, group by group
   static constexpr int kFeatures = 2;
   static constexpr int64_t kWidenRows = 8;
   static constexpr int kBlockRows = 4;
-  static constexpr int kWideningRows = 3;  // 4 rows spill: 12 rows at 1.05x, 32 at 1.04x
+  // 3 rows with their dequantizing: 4 ran alike (32 rows at 0.94x the panels' time with
+  // either) but need 17 registers
+  static constexpr int kWideningRows = 3;
   const uint8_t* data;
   const float* scale;   // [groups, N] at the tile's first column
   const float* offset;  // likewise
@@ -118,7 +120,7 @@ struct Int4PairsF32 {  // one int4 tile, group by group
 
 // A tile widened to float32, [K, 16] (36 KB at K = 576: read from L2 as the rows pass).
 // int4's dequantized weights need it; int8 on the bf16 panel of its integers it had before
-// ran 32 to 2,048 rows at 1.02-1.04x the bf16 model's panels, on this one 1.00-1.03x.
+// ran 32 to 2,048 rows at 1.02-1.05x the bf16 model's panels, on this one 1.00-1.03x.
 struct F32Panel {
   static constexpr int kFeatures = 1;
   static constexpr int kBlockRows = 6;  // 12 registers of sums, 2 of weights, 1 broadcast

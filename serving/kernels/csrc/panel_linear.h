@@ -114,12 +114,14 @@ struct Bf16Panel {  // panel_pack's [K, 16] bf16
 // acc[s][r] += rows r of x (`k_size` apart) . the panel's columns over features [begin, end),
 // in feature order; kSplit sets of sums take alternate features (a call of one or two rows:
 // no chain of dependent multiply-adds sets the pace while the weight streams). R rows: up to
-// 6 with one weight register pair (Bf16Panel), 4 with two (the low-bit sources' feature
-// pairs); 16 registers in all. Ranges that follow each other continue the same chains.
+// 6 with one weight register pair (Bf16Panel, lowbit_float.h's F32Panel), 3 to 5 with two
+// (the low-bit sources' feature pairs), to fit the 16 registers (scripts/kernel_spills.py
+// finds loops that do not). Ranges that follow each other continue the same chains.
 // Always inlined: a call keeps `acc` in memory, stored on every pass of the loop.
 template <int R, int kSplit, class Source>
-[[gnu::always_inline]] inline void panel_accumulate(const float* x, int64_t k_size, const Source& source, int64_t begin,
-                             int64_t end, __m256 (&acc)[kSplit][R][2]) {
+[[gnu::always_inline]] inline void panel_accumulate(const float* x, int64_t k_size,
+                                                    const Source& source, int64_t begin,
+                                                    int64_t end, __m256 (&acc)[kSplit][R][2]) {
   constexpr int kFeatures = Source::kFeatures;
   constexpr int kStep = kFeatures > kSplit ? kFeatures : kSplit;
   // Every loop over the sums is unrolled: one left rolled keeps them in memory (GCC 12 then
@@ -224,20 +226,16 @@ inline void panel_row_blocks(int64_t rows, bool alone, Block&& block) {
   }
 }
 
-// `chunk_against_panel(first, rows, panel, scratch)` for every chunk of `chunk_rows` rows
-// and every panel: threads split the panels, each reading a contiguous run of the packed
-// weight while a chunk of x stays in cache; `scratch` is the thread's own buffer.
+// `chunk_against_panel(first, rows, panel)` for every chunk of kChunkRows rows and every
+// panel: threads split the panels, each reading a contiguous run of the packed weight while
+// a chunk of x stays in cache.
 template <class ChunkAgainstPanel>
 inline void for_panel_chunks(int64_t num_panels, int64_t num_rows,
-                             ChunkAgainstPanel&& chunk_against_panel,
-                             int64_t chunk_rows = kChunkRows) {
+                             ChunkAgainstPanel&& chunk_against_panel) {
   at::parallel_for(0, num_panels, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint16_t> scratch;
-    for (int64_t first = 0; first < num_rows; first += chunk_rows) {
-      const int64_t rows = std::min(chunk_rows, num_rows - first);
-      for (int64_t panel = begin; panel < end; ++panel) {
-        chunk_against_panel(first, rows, panel, scratch);
-      }
+    for (int64_t first = 0; first < num_rows; first += kChunkRows) {
+      const int64_t rows = std::min(kChunkRows, num_rows - first);
+      for (int64_t panel = begin; panel < end; ++panel) chunk_against_panel(first, rows, panel);
     }
   });
 }
@@ -279,7 +277,7 @@ inline at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed,
   const auto* w_data = reinterpret_cast<const uint16_t*>(packed.data_ptr<c10::BFloat16>());
   float* o_data = out.data_ptr<float>();
   panel_detail::for_panel_chunks(packed.size(0), x_rows.rows,
-                                 [&](int64_t first, int64_t rows, int64_t p, auto&) {
+                                 [&](int64_t first, int64_t rows, int64_t p) {
     panel_detail::panel_rows(x_rows.data + first * k_size, rows, k_size,
                              w_data + p * k_size * kPanelColumns,
                              b_data ? b_data + p * kPanelColumns : nullptr,

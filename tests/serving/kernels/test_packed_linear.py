@@ -316,8 +316,8 @@ def test_int8_linear_is_the_scaled_integer_product(cpp_kernels, in_features, lea
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256])
-@pytest.mark.parametrize("leading", [(1,), (2,), (7,), (8,), (9,), (11,), (15,), (17,), (37,),
-                                     (300,), (2, 8)])
+@pytest.mark.parametrize("leading", [(1,), (2,), (3,), (5,), (7,), (8,), (9,), (11,), (15,),
+                                     (17,), (37,), (300,), (2, 8)])
 def test_int4_linear_applies_group_scales_and_offsets_exactly(cpp_kernels, group_size,
                                                              leading, dtype) -> None:
     """Grouped int4 with zero points, w = u * scale + offset per group and column, for every
@@ -353,28 +353,31 @@ def test_int4_linear_applies_group_scales_and_offsets_exactly(cpp_kernels, group
         torch.ops.quiver.int4_linear(x, int4_tiles(unsigned), 33, scale, offset)
 
 
-def test_float32_lowbit_rows_do_not_depend_on_their_call(cpp_kernels) -> None:
+@pytest.mark.parametrize("in_features", [128, 2048])
+def test_float32_lowbit_rows_do_not_depend_on_their_call(cpp_kernels, in_features) -> None:
     """From three rows up, a float32 row's int8 or int4 product is the same bits whichever
     rows share its call: read from the packing (few rows), by the block that widens it into
     a float32 panel or from that panel (more; 12 and 18 rows widen it first), in a later
-    chunk (256 rows at this row length) — the seeded-sampling guarantee the bf16 panels also
-    keep."""
+    chunk (256 rows at K = 128, 128 at K = 2,048; 257 rows leave a chunk of one) — the
+    seeded-sampling guarantee the bf16 panels also keep."""
     if not lowbit_kernels_run(torch.float32):
         pytest.skip("float32 low-bit kernels need AVX2 and FMA; this CPU lacks them")
     generator = torch.Generator().manual_seed(3)
-    values = torch.randint(-127, 128, (32, 128), dtype=torch.int8, generator=generator)
-    unsigned = torch.randint(0, 16, (32, 128), generator=generator)
+    groups = in_features // 64
+    values = torch.randint(-127, 128, (32, in_features), dtype=torch.int8, generator=generator)
+    unsigned = torch.randint(0, 16, (32, in_features), generator=generator)
     scale8 = torch.rand(32, generator=generator)
-    scale4, offset4 = torch.rand(2, 32, generator=generator), torch.randn(2, 32,
-                                                                          generator=generator)
-    x = torch.randn(270, 128, generator=generator)
+    scale4 = torch.rand(groups, 32, generator=generator)
+    offset4 = torch.randn(groups, 32, generator=generator)
+    x = torch.randn(270, in_features, generator=generator)
     kernels = [lambda rows: torch.ops.quiver.int8_linear(rows, int8_tiles(values), scale8, None),
                lambda rows: torch.ops.quiver.int4_linear(rows, int4_tiles(unsigned), 64, scale4,
                                                          offset4)]
     for kernel in kernels:
         whole = kernel(x)
         for first, count in [(0, 3), (0, 4), (1, 5), (0, 6), (2, 8), (0, 9), (10, 17),
-                             (0, 12), (6, 18), (0, 20), (64, 6), (256, 6), (250, 20)]:
+                             (0, 12), (6, 18), (0, 20), (64, 6), (120, 20), (256, 6),
+                             (250, 20), (0, 257)]:
             assert torch.equal(kernel(x[first:first + count]), whole[first:first + count])
 
 

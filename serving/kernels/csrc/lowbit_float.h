@@ -66,7 +66,9 @@ struct Int8PairsF32 {  // one int8 tile [K/2, 32]: column j's feature k at byte 
   static constexpr bool kGrouped = false;
 };
 
-struct Int4Nibbles {  // an int4 tile [K/2, 16] as it is: column j's feature k in byte j's low nibble
+// An int4 tile [K/2, 16] as it is: column j's feature k in byte j's low nibble, k + 1 in its
+// high nibble.
+struct Int4Nibbles {
   static constexpr int kFeatures = 2;
   const uint8_t* data;
   void load(int64_t k, __m256 (&w)[2][2]) const {

@@ -169,7 +169,8 @@ template <int R, int kSplit>
 
 // sums[r] = the kSplit sets of sums of row r added in order.
 template <int R, int kSplit>
-[[gnu::always_inline]] inline void add_split_sums(const __m256 (&acc)[kSplit][R][2], __m256 (&sums)[R][2]) {
+[[gnu::always_inline]] inline void add_split_sums(const __m256 (&acc)[kSplit][R][2],
+                                                  __m256 (&sums)[R][2]) {
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     sums[r][0] = acc[0][r][0];

@@ -64,6 +64,7 @@ struct Int8PairsF32 {  // one int8 tile [K/2, 32]: column j's feature k at byte 
     }
   }
   static constexpr bool kGrouped = false;
+  void prefetch(int64_t) const {}  // its scales are the tile's 16 columns of one row
 };
 
 // An int4 tile [K/2, 16] as it is: column j's feature k in byte j's low nibble, k + 1 in its
@@ -117,6 +118,17 @@ struct Int4PairsF32 {  // one int4 tile, group by group
   int64_t group_size() const { return group_features; }
   Int4GroupF32 group(int64_t g) const {
     return {{data}, scale + g * n_size, offset + g * n_size};
+  }
+  // A tile's scales and offsets sit a row of N floats apart per group (12 KB at N = 3,072),
+  // a stride the hardware prefetcher missed: each group's first loads stalled, and 3,072
+  // columns at 32 rows took 1.04x the float32 panels' time (0.93-0.94x prefetched; a layer's
+  // four projections 0.97-1.01x -> 0.94x, 8 rows 0.88-0.90x -> 0.86-0.87x). The tile loop
+  // asks for the next tile's while this one runs.
+  void prefetch(int64_t k_size) const {
+    for (int64_t g = 0; g < k_size / group_features; ++g) {
+      _mm_prefetch(reinterpret_cast<const char*>(scale + g * n_size), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(offset + g * n_size), _MM_HINT_T0);
+    }
   }
 };
 
@@ -206,6 +218,7 @@ inline void float_rows_against_tiles(int64_t num_tiles, int64_t k_size, int64_t 
       const int64_t rows = std::min(chunk_rows, num_rows - first);
       for (int64_t tile = begin; tile < end; ++tile) {
         const Source source = source_of(tile);
+        if (tile + 1 < end) source_of(tile + 1).prefetch(k_size);
         if (rows <= Source::kWidenRows) {
           rows_against(source, first, rows, tile);
           continue;

@@ -463,21 +463,30 @@ void decode_attention(const DecodeArgs<scalar_t>& args, const CachedQuery* queri
   // Threads take the next task as they finish one: a chunk's rows differ in length (its
   // context + 1 up to context + its length), so an even split of the list would leave one
   // thread the long ones. Tasks go from the end of the list, a chunk's longest rows first,
-  // so the last tasks taken are short.
-  const int64_t num_tasks = count * num_kv_heads;
+  // so the last tasks taken are short. A task is a row's KV heads one after another where
+  // there are rows for every thread, else one (row, KV head): a position's heads share cache
+  // lines and pages, and split between threads each core also pulled in lines of heads it
+  // did not read. float32 decodes over 190 positions, the cache streaming from memory (AVX2,
+  // 2 cores), a layer: 32 rows 0.84 -> 0.67-0.71 ms, 8 rows 0.23 -> 0.19, 2 rows 0.039 ->
+  // 0.030; one row as one task ran on one core, 0.021 -> 0.026.
+  const int64_t heads_per_task = count >= at::get_num_threads() ? num_kv_heads : 1;
+  const int64_t num_tasks = count * num_kv_heads / heads_per_task;
   std::atomic<int64_t> taken{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     std::vector<float> scratch;
     for (int64_t n = taken.fetch_add(1); n < num_tasks; n = taken.fetch_add(1)) {
-      const int64_t i = num_tasks - 1 - n;
-      const CachedQuery& query = queries[i / num_kv_heads];
-      const int64_t kv_head = i % num_kv_heads, offset = kv_head * kChunks * kLanes;
-      const CachedRows<scalar_t> keys{k_cache + offset, query.table, query.seq_len, block_size,
-                                      row_size, block_shift};
-      const CachedRows<scalar_t> values{v_cache + offset, query.table, query.seq_len,
+      const int64_t first = (num_tasks - 1 - n) * heads_per_task;  // of the (row, head) pairs
+      const CachedQuery& query = queries[first / num_kv_heads];
+      for (int64_t kv_head = first % num_kv_heads;
+           kv_head < first % num_kv_heads + heads_per_task; ++kv_head) {
+        const int64_t offset = kv_head * kChunks * kLanes;
+        const CachedRows<scalar_t> keys{k_cache + offset, query.table, query.seq_len,
                                         block_size, row_size, block_shift};
-      decode_task<scalar_t, kChunks>(args.query, args.out, keys, values, query.row,
-                                     kv_head * group, group, scale, scratch);
+        const CachedRows<scalar_t> values{v_cache + offset, query.table, query.seq_len,
+                                          block_size, row_size, block_shift};
+        decode_task<scalar_t, kChunks>(args.query, args.out, keys, values, query.row,
+                                       kv_head * group, group, scale, scratch);
+      }
     }
   });
 }

@@ -127,6 +127,27 @@ def test_cpp_kernel_attends_long_chunks_row_by_row(cpp_attention, dtype) -> None
     torch.testing.assert_close(output.float(), expected.float(), atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_kernel_rows_do_not_depend_on_their_step(cpp_attention, dtype) -> None:
+    """A step of one row splits it by KV head across threads, a step with rows for every
+    thread gives each task a whole row: a decode's output bits are the same either way (what
+    batch-independent sampling stands on)."""
+    seq_lens = [40, 300, 17, 129, 64, 1, 33, 90]
+    step = make_step(query_lens=[1] * len(seq_lens), seq_lens=seq_lens, num_heads=9,
+                     num_kv_heads=3, head_dim=64, block_size=16, dtype=dtype, seed=3)
+    together, _ = step.run(cpp_attention)
+    index = StepIndex.unpack(step.metadata)
+    for row, seq_len in enumerate(seq_lens):
+        table = index.block_tables[row][:-(-seq_len // step.block_size)].tolist()
+        alone = Step(step.query[row:row + 1], step.key[row:row + 1], step.value[row:row + 1],
+                     step.kv_cache, pack_step_index(query_lens=[1], seq_lens=[seq_len],
+                                                    block_tables=[table],
+                                                    block_size=step.block_size),
+                     step.block_size, step.scale)
+        output, _ = alone.run(cpp_attention)
+        assert torch.equal(output[0], together[row]), f"row {row}"
+
+
 def test_cpp_kernel_refuses_an_index_that_points_outside(cpp_attention) -> None:
     """The kernel reads rows and blocks through raw pointers, so an index whose rows do
     not cover the step, whose request is longer than its table, or whose table names a

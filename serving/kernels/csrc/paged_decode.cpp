@@ -2,8 +2,9 @@
 // row, decode or prefill, attends to its request's cached keys and values up to its own
 // position, read in place block by block.
 //
-// One task per (query row, KV head) serves the query heads that share that KV head (GQA), in
-// tiles of up to `max_tile` heads per pass over the keys and values, in float32:
+// Each (query row, KV head) serves the query heads that share that KV head (GQA), in tiles of
+// up to `max_tile` heads per pass over the keys and values, in float32 (a thread's task is one
+// such pair or a whole row's, see decode_attention):
 //   1. scores: kLanes positions at a time (16 with AVX-512, 8 with AVX2); each position's
 //      dot products stay kLanes-lane vectors until shuffle-and-add levels fold them into one
 //      vector of kLanes scores (one horizontal sum per position would cost more than its
@@ -421,7 +422,8 @@ struct Tile {
 template <int64_t kChunks>
 constexpr int64_t kMaxTile = std::max<int64_t>(1, std::min<int64_t>(4, kLanes / kChunks));
 
-// One task: the `group` query heads of query row `seq` sharing KV head `kv_head`, tile by tile.
+// The `group` query heads of query row `seq` from `first_head`, which share one KV head (the
+// one `keys` and `values` read), tile by tile.
 template <typename scalar_t, int64_t kChunks>
 void decode_task(const Rows<scalar_t>& query, const Rows<scalar_t>& out,
                  const CachedRows<scalar_t>& keys, const CachedRows<scalar_t>& values,
@@ -464,21 +466,31 @@ void decode_attention(const DecodeArgs<scalar_t>& args, const CachedQuery* queri
   // context + 1 up to context + its length), so an even split of the list would leave one
   // thread the long ones. Tasks go from the end of the list, a chunk's longest rows first,
   // so the last tasks taken are short. A task is a row's KV heads one after another where
-  // there are rows for every thread, else one (row, KV head): a position's heads share cache
-  // lines and pages, and split between threads each core also pulled in lines of heads it
-  // did not read. float32 decodes over 190 positions, the cache streaming from memory (AVX2,
-  // 2 cores), a layer: 32 rows 0.84 -> 0.67-0.71 ms, 8 rows 0.23 -> 0.19, 2 rows 0.039 ->
-  // 0.030; one row as one task ran on one core, 0.021 -> 0.026.
-  const int64_t heads_per_task = count >= at::get_num_threads() ? num_kv_heads : 1;
+  // the rows can keep every thread busy, else one (row, KV head): a position's heads share
+  // cache lines and pages, and split between threads each core also pulled in lines of heads
+  // it did not read. float32 decodes over 190 positions, the cache streaming from memory
+  // (AVX2, 2 cores), a layer: 32 rows 0.84 -> 0.67-0.71 ms, 8 rows 0.23 -> 0.19, 2 rows
+  // 0.039 -> 0.030; one row as one task ran on one core, 0.021 -> 0.026. So fewer rows than
+  // threads still split by KV head, and so do rows of which one is longer than a thread's
+  // share of all positions (a long context among short ones would hold one core).
+  const int64_t threads = at::get_num_threads();
+  int64_t positions = 0, longest = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    positions += queries[i].seq_len;
+    longest = std::max(longest, queries[i].seq_len);
+  }
+  // (fewer rows than threads fail this too: their positions are under threads * longest)
+  const int64_t heads_per_task = longest * threads <= positions ? num_kv_heads : 1;
   const int64_t num_tasks = count * num_kv_heads / heads_per_task;
   std::atomic<int64_t> taken{0};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     std::vector<float> scratch;
     for (int64_t n = taken.fetch_add(1); n < num_tasks; n = taken.fetch_add(1)) {
       const int64_t first = (num_tasks - 1 - n) * heads_per_task;  // of the (row, head) pairs
       const CachedQuery& query = queries[first / num_kv_heads];
-      for (int64_t kv_head = first % num_kv_heads;
-           kv_head < first % num_kv_heads + heads_per_task; ++kv_head) {
+      const int64_t first_kv_head = first % num_kv_heads;
+      for (int64_t kv_head = first_kv_head; kv_head < first_kv_head + heads_per_task;
+           ++kv_head) {
         const int64_t offset = kv_head * kChunks * kLanes;
         const CachedRows<scalar_t> keys{k_cache + offset, query.table, query.seq_len,
                                         block_size, row_size, block_shift};

@@ -127,12 +127,24 @@ def test_cpp_kernel_attends_long_chunks_row_by_row(cpp_attention, dtype) -> None
     torch.testing.assert_close(output.float(), expected.float(), atol=tolerance, rtol=tolerance)
 
 
+@pytest.fixture
+def two_threads():
+    """torch's pool at two threads (the kernel's split between them depends on the count)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpp_kernel_rows_do_not_depend_on_their_step(cpp_attention, dtype) -> None:
-    """A step of one row splits it by KV head across threads, a step with rows for every
-    thread gives each task a whole row: a decode's output bits are the same either way (what
+@pytest.mark.parametrize("seq_lens", [[40, 300, 17, 129, 64, 1, 33, 90], [900, 12, 30]],
+                         ids=["whole-rows", "one-long-row"])
+def test_cpp_kernel_rows_do_not_depend_on_their_step(cpp_attention, two_threads, dtype,
+                                                     seq_lens) -> None:
+    """On two threads a step of one row splits it by KV head, a step whose rows can keep both
+    threads busy gives each task a whole row, and one with a row longer than half of all
+    positions splits again: a decode's output bits are the same every way (what
     batch-independent sampling stands on)."""
-    seq_lens = [40, 300, 17, 129, 64, 1, 33, 90]
     step = make_step(query_lens=[1] * len(seq_lens), seq_lens=seq_lens, num_heads=9,
                      num_kv_heads=3, head_dim=64, block_size=16, dtype=dtype, seed=3)
     together, _ = step.run(cpp_attention)

@@ -7,10 +7,10 @@
 within an hour) lands between them and can swamp a change of a few percent. Here every
 variant lives in one process and the runs interleave — round after round, each variant in
 turn at each concurrency — so drift hits all of them alike. Each run drives the engine core
-directly (no HTTP): `concurrency` requests of distinct random 128-token prompts, `--output`
-tokens each, greedy, EOS ignored; it records the median decode step over the run's last
-steps and the run's output tokens/s. Reported per variant: the median over rounds and the
-ratio to the first variant.
+directly (no HTTP): `concurrency` requests of distinct random prompts of `--prompt` tokens
+(128; longer ones weigh attention more), `--output` tokens each, greedy, EOS ignored; it
+records the median decode step over the run's last steps and the run's output tokens/s.
+Reported per variant: the median over rounds and the ratio to the first variant.
 
 Variants:
 - `default`: the engine as `quiver serve` builds it (compiled, C++ kernels; with
@@ -159,11 +159,11 @@ def make_variants(model: Path, names: list[str], cache_dir: Path | None = None,
 
 
 def run(variant: Variant, concurrency: int, output_tokens: int, rng: random.Random,
-        tag: str) -> tuple[float, float]:
+        tag: str, prompt_tokens: int = PROMPT_TOKENS) -> tuple[float, float]:
     """(median decode step in ms over the last steps, output tokens/s) of one run."""
     core = variant.core
     for i in range(concurrency):
-        prompt = [rng.randrange(variant.vocab_size) for _ in range(PROMPT_TOKENS)]
+        prompt = [rng.randrange(variant.vocab_size) for _ in range(prompt_tokens)]
         params = SamplingParams(max_tokens=output_tokens, ignore_eos=True, temperature=0.0)
         core.add_request(Request(request_id=f"{tag}-{i}", prompt_token_ids=prompt,
                                  sampling_params=params))
@@ -189,6 +189,8 @@ def main() -> int:
                         type=lambda text: [int(c) for c in text.split(",")])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--output", type=int, default=64, help="output tokens a request")
+    parser.add_argument("--prompt", type=int, default=PROMPT_TOKENS,
+                        help="prompt tokens a request (long contexts: attention's share grows)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--compile-cache-dir", type=Path, default=None,
                         help="built kernels and compiled graphs (default: quiver serve's)")
@@ -205,12 +207,13 @@ def main() -> int:
     rng = random.Random(0)
     for concurrency in args.concurrency:  # warm-up: first-use costs stay out of the rounds
         for variant in variants:
-            run(variant, concurrency, 8, rng, f"warm-{variant.name}-{concurrency}")
+            run(variant, concurrency, 8, rng, f"warm-{variant.name}-{concurrency}", args.prompt)
     for round_index in range(args.rounds):
         for concurrency in args.concurrency:
             for variant in variants:
                 step_ms, tokens_per_s = run(variant, concurrency, args.output, rng,
-                                            f"r{round_index}-{variant.name}-{concurrency}")
+                                            f"r{round_index}-{variant.name}-{concurrency}",
+                                            args.prompt)
                 variant.steps_ms.setdefault(concurrency, []).append(round(step_ms, 2))
                 variant.tokens_per_s.setdefault(concurrency, []).append(round(tokens_per_s, 1))
     rows = []
@@ -234,7 +237,7 @@ def main() -> int:
     (args.out / "engine_steps.json").write_text(json.dumps(
         {"cpu": cpu, "dtype": str(variants[0].core._runner.dtype).removeprefix("torch."),
          "rounds": args.rounds, "output_tokens": args.output,
-         "prompt_tokens": PROMPT_TOKENS, "results": rows}, indent=2) + "\n")
+         "prompt_tokens": args.prompt, "results": rows}, indent=2) + "\n")
     return 0
 
 

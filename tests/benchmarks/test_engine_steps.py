@@ -18,7 +18,7 @@ from serving.kernels.ops import lowbit_kernels_run
 from serving.models.linear import onednn_supports
 
 
-def test_variants_run_and_the_kernel_switch_is_scoped(tiny_model_dir):
+def test_variants_run_and_the_kernel_switch_is_scoped(tiny_model_dir, monkeypatch):
     # the serving tests' cache (tests/serving/conftest.py): kernels built once a run
     quiver_cache_dir = Path(os.environ.get("QUIVER_TEST_CACHE_DIR") or default_cache_dir())
     if shutil.which(compiler()) is None:
@@ -59,6 +59,12 @@ def test_variants_run_and_the_kernel_switch_is_scoped(tiny_model_dir):
         step_ms, tokens_per_s = run(variant, 3, 6, rng, f"test-{variant.name}")
         assert step_ms > 0 and tokens_per_s > 0
         assert not variant.core.has_unfinished_requests()
+    prompt_lengths = []  # --prompt: every request's prompt that long
+    add_request = default.core.add_request
+    monkeypatch.setattr(default.core, "add_request", lambda request: (
+        prompt_lengths.append(len(request.prompt_token_ids)), add_request(request))[1])
+    run(default, 2, 3, rng, "test-prompt", prompt_tokens=40)
+    assert prompt_lengths == [40, 40] and not default.core.has_unfinished_requests()
     with pytest.raises(SystemExit, match="unknown variant 'fast'"):
         make_variants(tiny_model_dir, ["fast"], quiver_cache_dir)
     with pytest.raises(SystemExit, match="needs --other-model"):

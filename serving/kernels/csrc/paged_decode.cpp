@@ -3,8 +3,8 @@
 // position, read in place block by block.
 //
 // Each (query row, KV head) serves the query heads that share that KV head (GQA), in tiles of
-// up to `max_tile` heads per pass over the keys and values, in float32 (a thread's task is one
-// such pair or a whole row's, see decode_attention):
+// up to kMaxTile heads, in float32 (a thread's task is one such pair or a whole row's KV
+// heads, see decode_attention):
 //   1. scores: kLanes positions at a time (16 with AVX-512, 8 with AVX2); each position's
 //      dot products stay kLanes-lane vectors until shuffle-and-add levels fold them into one
 //      vector of kLanes scores (one horizontal sum per position would cost more than its
@@ -12,8 +12,10 @@
 //   2. softmax numerators over the scores, kLanes at a time;
 //   3. values: each position's value row, weighted by its probability, added into the
 //      tile's accumulators; one division by the softmax sum at the end.
-// Keys and values are read once per tile; with at most kLanes / (head_dim / kLanes) heads
-// per tile the accumulators and queries stay in the vector registers.
+// With at most kLanes / (head_dim / kLanes) heads per tile the accumulators and queries stay
+// in the vector registers. Steps 1 and 3 go span by span (kSpan positions) where a task has
+// several tiles: every tile of every KV head takes a span before the next, so the cache is
+// read from memory once a task and each tile reads the span from L1.
 
 #include "paged_attention.h"
 
@@ -372,48 +374,49 @@ struct Tile {
 #endif
   }
 
-  // out[g] = sum over positions of probs[g][pos] * value row / sums[g].
-  void values(const CachedRows<scalar_t>& rows, const float* probs, int64_t padded_len,
-              const float* sums, scalar_t* const* out) const {
-    fvec acc[kTile][kChunks] = {};
-    for (int64_t start = 0; start < rows.seq_len; start += rows.block_size) {
-      const scalar_t* row = rows.block_rows(start);
-      const int64_t count = rows.block_count(start);
-      for (int64_t i = 0; i < count; ++i, row += rows.row_size) {
+  // Scores of positions [begin, end) into scores[g * padded_len + pos]; begin is a multiple of
+  // kLanes, and so is end unless it is the request's last position.
+  void scores(const CachedRows<scalar_t>& keys, int64_t begin, int64_t end, float scale,
+              float* scores, int64_t padded_len) const {
+    const scalar_t* rows[kLanes];
+    for (int64_t first = begin; first < end; first += kLanes) {
+      keys.gather(first, rows);
+      scores_block(rows, scale, scores + first, padded_len);
+    }
+  }
+
+  // acc[g] += probs[g][pos] * value row over positions [begin, end), in position order: the
+  // tile's kHeadDim-float accumulators wait in memory between spans, so the sums are the
+  // same whatever the spans.
+  void add_values(const CachedRows<scalar_t>& rows, int64_t begin, int64_t end,
+                  const float* probs, int64_t padded_len, float* acc_rows) const {
+    fvec acc[kTile][kChunks];
+    for (int64_t g = 0; g < kTile; ++g) {
+      for (int64_t c = 0; c < kChunks; ++c) {
+        acc[g][c] = load_lanes(acc_rows + (g * kChunks + c) * kLanes);
+      }
+    }
+    for (int64_t pos = begin; pos < end;) {
+      const int64_t place = rows.place_in_block(pos);
+      const scalar_t* row = rows.block_rows(pos) + place * rows.row_size;
+      const int64_t stop = std::min(end, pos - place + rows.block_size);
+      for (; pos < stop; ++pos, row += rows.row_size) {
         fvec value[kChunks];
 #pragma GCC unroll 8
         for (int64_t c = 0; c < kChunks; ++c) value[c] = load_lanes(row + c * kLanes);
 #pragma GCC unroll 4
         for (int64_t g = 0; g < kTile; ++g) {
-          const fvec p = broadcast(probs[g * padded_len + start + i]);
+          const fvec p = broadcast(probs[g * padded_len + pos]);
 #pragma GCC unroll 8
           for (int64_t c = 0; c < kChunks; ++c) acc[g][c] += p * value[c];
         }
       }
     }
     for (int64_t g = 0; g < kTile; ++g) {
-      const float inverse = 1.0f / sums[g];
-      for (int64_t c = 0; c < kChunks; ++c) store_lanes(out[g] + c * kLanes, acc[g][c] * inverse);
+      for (int64_t c = 0; c < kChunks; ++c) {
+        store_lanes(acc_rows + (g * kChunks + c) * kLanes, acc[g][c]);
+      }
     }
-  }
-
-  // Attention of query rows q_rows[0..kTile) over one request's KV head, into out rows.
-  static void run(const scalar_t* const* q_rows, scalar_t* const* out,
-                  const CachedRows<scalar_t>& keys, const CachedRows<scalar_t>& values,
-                  float scale, std::vector<float>& scratch) {
-    const Tile tile(q_rows);
-    const int64_t padded_len = (keys.seq_len + kLanes - 1) / kLanes * kLanes;
-    scratch.resize(kTile * padded_len);
-    const scalar_t* rows[kLanes];
-    for (int64_t first = 0; first < keys.seq_len; first += kLanes) {
-      keys.gather(first, rows);
-      tile.scores_block(rows, scale, scratch.data() + first, padded_len);
-    }
-    float sums[kTile];
-    for (int64_t g = 0; g < kTile; ++g) {
-      sums[g] = softmax_numerators(scratch.data() + g * padded_len, keys.seq_len, padded_len);
-    }
-    tile.values(values, scratch.data(), padded_len, sums, out);
   }
 };
 
@@ -422,46 +425,92 @@ struct Tile {
 template <int64_t kChunks>
 constexpr int64_t kMaxTile = std::max<int64_t>(1, std::min<int64_t>(4, kLanes / kChunks));
 
-// The `group` query heads of query row `seq` from `first_head`, which share one KV head (the
-// one `keys` and `values` read), tile by tile.
+// Positions a pass covers before the next head or tile takes them: over this many positions
+// one KV head's keys (or values) fill 16 KB, which stay in L1 while every tile of its group
+// reads them, and a position's KV heads, side by side in the cache, come in from memory once
+// for all the task's heads. Without spans AVX2 (one 64-dim head a tile: its queries and
+// accumulators fill the 16 registers) read SmolLM2's keys and values three times a KV head,
+// from memory where a row's context outgrew L2.
 template <typename scalar_t, int64_t kChunks>
-void decode_task(const Rows<scalar_t>& query, const Rows<scalar_t>& out,
-                 const CachedRows<scalar_t>& keys, const CachedRows<scalar_t>& values,
-                 int64_t seq, int64_t first_head, int64_t group, float scale,
-                 std::vector<float>& scratch) {
+constexpr int64_t kSpan = std::max<int64_t>(
+    kLanes, 16384 / (kChunks * kLanes * static_cast<int64_t>(sizeof(scalar_t))) / kLanes * kLanes);
+
+// Query row `query` over KV heads [first_kv_head, first_kv_head + kv_heads) and the query
+// heads sharing them: every tile's scores span by span, the softmaxes, then every tile's
+// weighted values span by span, each head divided by its softmax sum at the end.
+template <typename scalar_t, int64_t kChunks>
+void decode_task(const DecodeArgs<scalar_t>& args, const CachedQuery& query,
+                 int64_t first_kv_head, int64_t kv_heads, std::vector<float>& scratch) {
   constexpr int64_t kHeadDim = kChunks * kLanes;
-  for (int64_t done = 0; done < group;) {
-    const int64_t tile = std::min(group - done, kMaxTile<kChunks>);
-    const scalar_t* q_rows[kMaxGroup];
-    scalar_t* out_rows[kMaxGroup];
-    for (int64_t g = 0; g < tile; ++g) {
-      q_rows[g] = query.row(seq) + (first_head + done + g) * kHeadDim;
-      out_rows[g] = out.row(seq) + (first_head + done + g) * kHeadDim;
+  const int64_t group = args.num_heads / args.num_kv_heads;
+  const int64_t heads = kv_heads * group, first_head = first_kv_head * group;
+  const int64_t seq_len = query.seq_len, block_size = args.block_size;
+  const int64_t row_size = args.num_kv_heads * kHeadDim;
+  const scalar_t* k_cache = args.kv_cache;
+  const scalar_t* v_cache = k_cache + args.num_slots * row_size;
+  const float scale = static_cast<float>(args.scale);
+  const int block_shift = power_of_two_shift(block_size);
+  const int64_t padded_len = (seq_len + kLanes - 1) / kLanes * kLanes;
+  // one tile over one KV head needs no spans: its accumulators stay in registers throughout
+  const bool one_pass = kv_heads == 1 && group <= kMaxTile<kChunks>;
+  const int64_t span = one_pass ? padded_len : kSpan<scalar_t, kChunks>;
+  scratch.resize(heads * (padded_len + kHeadDim + 1));
+  float* const scores = scratch.data();
+  float* const acc = scores + heads * padded_len;
+  float* const sums = acc + heads * kHeadDim;
+  std::fill(acc, acc + heads * kHeadDim, 0.0f);
+  const scalar_t* q_rows[kMaxGroup];
+
+  // f(tile, rows of its KV head, its first head among the task's) for every tile, span by span
+  auto each_tile = [&](const scalar_t* cache, auto&& f) {
+    for (int64_t begin = 0; begin < seq_len; begin += span) {
+      const int64_t end = std::min(seq_len, begin + span);
+      for (int64_t kv = 0; kv < kv_heads; ++kv) {
+        const CachedRows<scalar_t> rows{cache + (first_kv_head + kv) * kHeadDim, query.table,
+                                        seq_len, block_size, row_size, block_shift};
+        for (int64_t g = 0; g < group; ++g) {
+          q_rows[g] = args.query.row(query.row) + (first_head + kv * group + g) * kHeadDim;
+        }
+        for (int64_t done = 0; done < group;) {
+          const int64_t tile = std::min(group - done, kMaxTile<kChunks>);
+          const int64_t head = kv * group + done;
+          switch (tile) {
+            case 1: f(Tile<scalar_t, kChunks, 1>(q_rows + done), rows, begin, end, head); break;
+            case 2: f(Tile<scalar_t, kChunks, 2>(q_rows + done), rows, begin, end, head); break;
+            case 3: f(Tile<scalar_t, kChunks, 3>(q_rows + done), rows, begin, end, head); break;
+            default: f(Tile<scalar_t, kChunks, kMaxTile<kChunks>>(q_rows + done), rows, begin,
+                       end, head);
+          }
+          done += tile;
+        }
+      }
     }
-    switch (tile) {
-      case 1: Tile<scalar_t, kChunks, 1>::run(q_rows, out_rows, keys, values, scale, scratch);
-        break;
-      case 2: Tile<scalar_t, kChunks, 2>::run(q_rows, out_rows, keys, values, scale, scratch);
-        break;
-      case 3: Tile<scalar_t, kChunks, 3>::run(q_rows, out_rows, keys, values, scale, scratch);
-        break;
-      default: Tile<scalar_t, kChunks, kMaxTile<kChunks>>::run(q_rows, out_rows, keys, values,
-                                                              scale, scratch);
+  };
+  each_tile(k_cache, [&](const auto& tile, const CachedRows<scalar_t>& keys, int64_t begin,
+                         int64_t end, int64_t head) {
+    tile.scores(keys, begin, end, scale, scores + head * padded_len, padded_len);
+  });
+  for (int64_t h = 0; h < heads; ++h) {
+    sums[h] = softmax_numerators(scores + h * padded_len, seq_len, padded_len);
+  }
+  each_tile(v_cache, [&](const auto& tile, const CachedRows<scalar_t>& values, int64_t begin,
+                         int64_t end, int64_t head) {
+    tile.add_values(values, begin, end, scores + head * padded_len, padded_len,
+                    acc + head * kHeadDim);
+  });
+  for (int64_t h = 0; h < heads; ++h) {
+    const float inverse = 1.0f / sums[h];
+    scalar_t* const out_row = args.out.row(query.row) + (first_head + h) * kHeadDim;
+    for (int64_t c = 0; c < kChunks; ++c) {
+      store_lanes(out_row + c * kLanes, load_lanes(acc + h * kHeadDim + c * kLanes) * inverse);
     }
-    done += tile;
   }
 }
 
 template <typename scalar_t, int64_t kChunks>
 void decode_attention(const DecodeArgs<scalar_t>& args, const CachedQuery* queries,
                       int64_t count) {
-  const int64_t num_kv_heads = args.num_kv_heads, block_size = args.block_size;
-  const int block_shift = power_of_two_shift(block_size);
-  const int64_t row_size = num_kv_heads * kChunks * kLanes;
-  const int64_t group = args.num_heads / num_kv_heads;
-  const scalar_t* k_cache = args.kv_cache;
-  const scalar_t* v_cache = k_cache + args.num_slots * row_size;
-  const float scale = static_cast<float>(args.scale);
+  const int64_t num_kv_heads = args.num_kv_heads;
   // Threads take the next task as they finish one: a chunk's rows differ in length (its
   // context + 1 up to context + its length), so an even split of the list would leave one
   // thread the long ones. Tasks go from the end of the list, a chunk's longest rows first,
@@ -487,18 +536,8 @@ void decode_attention(const DecodeArgs<scalar_t>& args, const CachedQuery* queri
     std::vector<float> scratch;
     for (int64_t n = taken.fetch_add(1); n < num_tasks; n = taken.fetch_add(1)) {
       const int64_t first = (num_tasks - 1 - n) * heads_per_task;  // of the (row, head) pairs
-      const CachedQuery& query = queries[first / num_kv_heads];
-      const int64_t first_kv_head = first % num_kv_heads;
-      for (int64_t kv_head = first_kv_head; kv_head < first_kv_head + heads_per_task;
-           ++kv_head) {
-        const int64_t offset = kv_head * kChunks * kLanes;
-        const CachedRows<scalar_t> keys{k_cache + offset, query.table, query.seq_len,
-                                        block_size, row_size, block_shift};
-        const CachedRows<scalar_t> values{v_cache + offset, query.table, query.seq_len,
-                                          block_size, row_size, block_shift};
-        decode_task<scalar_t, kChunks>(args.query, args.out, keys, values, query.row,
-                                       kv_head * group, group, scale, scratch);
-      }
+      decode_task<scalar_t, kChunks>(args, queries[first / num_kv_heads], first % num_kv_heads,
+                                     heads_per_task, scratch);
     }
   });
 }

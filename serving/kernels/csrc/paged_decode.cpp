@@ -195,11 +195,20 @@ inline fvec exp_lanes(fvec x) {
 // exp(x - max) in place over [0, n), zero up to padded_len; returns the sum.
 float softmax_numerators(float* x, int64_t n, int64_t padded_len) {
   constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
+  // the maximum kLanes at a time (one scalar chain of compares cost ~10 % of a long prefill
+  // row's attention); max is exact, so the lanes' order does not matter
+  fvec lanes = broadcast(kMinusInf);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const fvec x_lanes = load_lanes(x + i);
+    lanes = lanes < x_lanes ? x_lanes : lanes;
+  }
   float max_value = kMinusInf;
-  for (int64_t i = 0; i < n; ++i) max_value = std::max(max_value, x[i]);
+  for (int64_t lane = 0; lane < kLanes; ++lane) max_value = std::max(max_value, lanes[lane]);
+  for (; i < n; ++i) max_value = std::max(max_value, x[i]);
   for (int64_t i = n; i < padded_len; ++i) x[i] = kMinusInf;
   fvec sum = {};
-  for (int64_t i = 0; i < padded_len; i += kLanes) {
+  for (i = 0; i < padded_len; i += kLanes) {
     const fvec scores = load_lanes(x + i);
     const fvec e = scores == kMinusInf ? fvec{} : exp_lanes(scores - max_value);
     store_lanes(x + i, e);

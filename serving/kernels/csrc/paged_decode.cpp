@@ -195,8 +195,8 @@ inline fvec exp_lanes(fvec x) {
 // exp(x - max) in place over [0, n), zero up to padded_len; returns the sum.
 float softmax_numerators(float* x, int64_t n, int64_t padded_len) {
   constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
-  // the maximum kLanes at a time (one scalar chain of compares cost ~10 % of a long prefill
-  // row's attention); max is exact, so the lanes' order does not matter
+  // the maximum kLanes at a time, not as one scalar chain of compares (~3 % of a long
+  // prefill chunk's attention); max is exact, so the lanes' order does not matter
   fvec lanes = broadcast(kMinusInf);
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
@@ -383,14 +383,14 @@ struct Tile {
 #endif
   }
 
-  // Scores of positions [begin, end) into scores[g * padded_len + pos]; begin is a multiple of
+  // Scores of positions [begin, end) into into[g * padded_len + pos]; begin is a multiple of
   // kLanes, and so is end unless it is the request's last position.
   void scores(const CachedRows<scalar_t>& keys, int64_t begin, int64_t end, float scale,
-              float* scores, int64_t padded_len) const {
+              float* into, int64_t padded_len) const {
     const scalar_t* rows[kLanes];
     for (int64_t first = begin; first < end; first += kLanes) {
       keys.gather(first, rows);
-      scores_block(rows, scale, scores + first, padded_len);
+      scores_block(rows, scale, into + first, padded_len);
     }
   }
 

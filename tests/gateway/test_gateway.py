@@ -16,6 +16,9 @@ from tests.gateway.conftest import GatewayProcess, create_key, start_gateway
 ADMIN_KEY = "admin-secret-for-tests"
 REFRESH_S = 0.2
 MESSAGES = [{"role": "user", "content": "Name three rivers."}]
+# Tests that count tokens ignore EOS: the tiny model samples at temperature 1 and can draw its
+# EOS early (a completion of 3 tokens stopped at 2 in a CI-like run, 2026-12-06).
+NO_EOS = {"ignore_eos": True}
 
 
 @dataclass
@@ -85,12 +88,13 @@ def test_stream_passes_through_with_usage_only_when_asked(stack, tiny_servers):
     client = stack.client(stack.key("streamer"))
     with_usage = list(client.chat.completions.create(
         model="tiny", messages=MESSAGES, max_tokens=6, temperature=1.0, stream=True,
-        stream_options={"include_usage": True}))
+        stream_options={"include_usage": True}, extra_body=NO_EOS))
     assert with_usage[-1].usage.completion_tokens == 6 and with_usage[-1].choices == []
     text = "".join(c.choices[0].delta.content or "" for c in with_usage if c.choices)
     assert text
     without = list(client.chat.completions.create(
-        model="tiny", messages=MESSAGES, max_tokens=6, temperature=1.0, stream=True))
+        model="tiny", messages=MESSAGES, max_tokens=6, temperature=1.0, stream=True,
+        extra_body=NO_EOS))
     assert all(c.choices for c in without)          # the usage-only chunk was dropped
     assert without[-1].choices[0].finish_reason == "length"
     # and the chunks have the shape the model server gives when usage is not asked for
@@ -105,7 +109,7 @@ def test_n_choices_stream_through(stack):
     client = stack.client(stack.key("many"))
     chunks = list(client.chat.completions.create(
         model="tiny", messages=MESSAGES, max_tokens=4, n=2, temperature=1.0, stream=True,
-        stream_options={"include_usage": True}))
+        stream_options={"include_usage": True}, extra_body=NO_EOS))
     finished = {c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason}
     assert finished == {0, 1}
     assert chunks[-1].usage.completion_tokens == 8
@@ -113,8 +117,10 @@ def test_n_choices_stream_through(stack):
 
 def test_completions_endpoint_and_model_lookup(stack):
     client = stack.client(stack.key("legacy"))
-    completion = client.completions.create(model="tiny", prompt="Once upon", max_tokens=3)
+    completion = client.completions.create(model="tiny", prompt="Once upon", max_tokens=3,
+                                           extra_body=NO_EOS)
     assert completion.usage.completion_tokens == 3
+    assert completion.choices[0].finish_reason == "length"
     assert client.models.retrieve("tiny").id == "tiny"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("absent")

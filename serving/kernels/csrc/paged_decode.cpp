@@ -206,7 +206,7 @@ float softmax_numerators(float* x, int64_t n, int64_t padded_len) {
   float max_value = kMinusInf;
   for (int64_t lane = 0; lane < kLanes; ++lane) max_value = std::max(max_value, lanes[lane]);
   for (; i < n; ++i) max_value = std::max(max_value, x[i]);
-  for (int64_t i = n; i < padded_len; ++i) x[i] = kMinusInf;
+  for (int64_t j = n; j < padded_len; ++j) x[j] = kMinusInf;
   fvec sum = {};
   for (i = 0; i < padded_len; i += kLanes) {
     const fvec scores = load_lanes(x + i);

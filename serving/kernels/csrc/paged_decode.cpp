@@ -261,16 +261,19 @@ inline int power_of_two_shift(int64_t n) {
   return n > 0 && (n & (n - 1)) == 0 ? __builtin_ctzll(static_cast<unsigned long long>(n)) : -1;
 }
 
-// Dot products of a tile's `kTile` query heads (`kChunks` * kLanes dims) with one key row, as
-// kLanes-lane vectors of partial sums, in float32 on any CPU.
+// Dot products of a tile's `kTile` query heads (`kChunks` * kLanes dims each, side by side
+// from `q_heads`) with one key row, as kLanes-lane vectors of partial sums, in float32 on any
+// CPU.
 template <typename scalar_t, int64_t kChunks, int64_t kTile>
 struct FloatDots {
   using Key = std::array<fvec, kChunks>;
   fvec q[kTile][kChunks];
 
-  explicit FloatDots(const scalar_t* const* q_rows) {
+  explicit FloatDots(const scalar_t* q_heads) {
     for (int64_t g = 0; g < kTile; ++g) {
-      for (int64_t c = 0; c < kChunks; ++c) q[g][c] = load_lanes(q_rows[g] + c * kLanes);
+      for (int64_t c = 0; c < kChunks; ++c) {
+        q[g][c] = load_lanes(q_heads + (g * kChunks + c) * kLanes);
+      }
     }
   }
   static Key load(const scalar_t* row) {
@@ -294,9 +297,11 @@ struct Bf16Dots {
   using Key = std::array<__m512bh, kPairs>;
   __m512bh q[kTile][kPairs];
 
-  explicit Bf16Dots(const c10::BFloat16* const* q_rows) {
+  explicit Bf16Dots(const c10::BFloat16* q_heads) {
     for (int64_t g = 0; g < kTile; ++g) {
-      for (int64_t c = 0; c < kPairs; ++c) q[g][c] = load32(q_rows[g] + c * 2 * kLanes);
+      for (int64_t c = 0; c < kPairs; ++c) {
+        q[g][c] = load32(q_heads + (g * kPairs + c) * 2 * kLanes);
+      }
     }
   }
   static __m512bh load32(const c10::BFloat16* p) {
@@ -327,7 +332,7 @@ template <typename scalar_t, int64_t kChunks, int64_t kTile>
 struct Tile {
   Dots<scalar_t, kChunks, kTile> dots;
 
-  explicit Tile(const scalar_t* const* q_rows) : dots(q_rows) {}
+  explicit Tile(const scalar_t* q_heads) : dots(q_heads) {}
 
   // scores[g][first + i] for the kLanes rows: each row's dot vectors folded level by level.
   void scores_block(const scalar_t* const* rows, float scale, float* scores,
@@ -468,7 +473,7 @@ void decode_task(const DecodeArgs<scalar_t>& args, const CachedQuery& query,
   float* const acc = scores + heads * padded_len;
   float* const sums = acc + heads * kHeadDim;
   std::fill(acc, acc + heads * kHeadDim, 0.0f);
-  const scalar_t* q_rows[kMaxGroup];
+  const scalar_t* const q_heads = args.query.row(query.row) + first_head * kHeadDim;
 
   // f(tile, rows of its KV head, its first head among the task's) for every tile, span by span
   auto each_tile = [&](const scalar_t* cache, auto&& f) {
@@ -477,18 +482,15 @@ void decode_task(const DecodeArgs<scalar_t>& args, const CachedQuery& query,
       for (int64_t kv = 0; kv < kv_heads; ++kv) {
         const CachedRows<scalar_t> rows{cache + (first_kv_head + kv) * kHeadDim, query.table,
                                         seq_len, block_size, row_size, block_shift};
-        for (int64_t g = 0; g < group; ++g) {
-          q_rows[g] = args.query.row(query.row) + (first_head + kv * group + g) * kHeadDim;
-        }
         for (int64_t done = 0; done < group;) {
           const int64_t tile = std::min(group - done, kMaxTile<kChunks>);
           const int64_t head = kv * group + done;
+          const scalar_t* const q = q_heads + head * kHeadDim;
           switch (tile) {
-            case 1: f(Tile<scalar_t, kChunks, 1>(q_rows + done), rows, begin, end, head); break;
-            case 2: f(Tile<scalar_t, kChunks, 2>(q_rows + done), rows, begin, end, head); break;
-            case 3: f(Tile<scalar_t, kChunks, 3>(q_rows + done), rows, begin, end, head); break;
-            default: f(Tile<scalar_t, kChunks, kMaxTile<kChunks>>(q_rows + done), rows, begin,
-                       end, head);
+            case 1: f(Tile<scalar_t, kChunks, 1>(q), rows, begin, end, head); break;
+            case 2: f(Tile<scalar_t, kChunks, 2>(q), rows, begin, end, head); break;
+            case 3: f(Tile<scalar_t, kChunks, 3>(q), rows, begin, end, head); break;
+            default: f(Tile<scalar_t, kChunks, kMaxTile<kChunks>>(q), rows, begin, end, head);
           }
           done += tile;
         }
@@ -523,7 +525,7 @@ void decode_attention(const DecodeArgs<scalar_t>& args, const CachedQuery* queri
   // Threads take the next task as they finish one: a chunk's rows differ in length (its
   // context + 1 up to context + its length), so an even split of the list would leave one
   // thread the long ones. Tasks go from the end of the list, a chunk's longest rows first,
-  // so the last tasks taken are short. A task is a row's KV heads one after another where
+  // so the last tasks taken are short. A task is a row's KV heads, span by span, where
   // the rows can keep every thread busy, else one (row, KV head): a position's heads share
   // cache lines and pages, and split between threads each core also pulled in lines of heads
   // it did not read. float32 decodes over 190 positions, the cache streaming from memory
